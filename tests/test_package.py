@@ -1,0 +1,42 @@
+"""Packaging: manifest, console script, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_manifest_copies_are_identical() -> None:
+    top = (REPO_ROOT / "napari.yaml").read_text()
+    packaged = (REPO_ROOT / "src" / "napari_muvit" / "napari.yaml").read_text()
+    assert top == packaged, "napari.yaml at the top level and in the package must be the same"
+
+
+def test_npe2_validates_manifest() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "napari-muvit"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid" in (result.stdout + result.stderr).lower()
+
+
+def test_import_does_not_import_torch_or_qt() -> None:
+    code = (
+        "import sys, napari_muvit; "
+        "bad = [m for m in ('torch', 'qtpy', 'PyQt5', 'napari') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_cli_version() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "napari_muvit", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip().startswith("napari-muvit 0.")
