@@ -1,0 +1,368 @@
+"""Benchmark the prediction engine: throughput vs a naive loop, prefetch, seams, bounded RSS.
+
+Sections (``--section``, default all):
+
+* ``throughput``: on an 8192² Synthetic-rings pyramid (levels 1, 2, …, 32) with a fixed small
+  MuViT[1, 8, 32] model, the :class:`~napari_muvit.engine.Predictor` over a central region vs a
+  naive baseline in the same process: a per-tile loop that reads each tile's level crops
+  straight from full resolution (``lazy_levels=False``: every 32× crop area-averages a 4096²
+  window), batch 1, no cache, no prefetch. Reports Mpx/s, the ratio and the peak RSS of each
+  phase; then the engine with the prefetch thread on/off and several batch sizes, and a cache
+  re-run of a panned region.
+* ``seams``: the same region with ``overlap`` 0, 16 and 32: label disagreement and mean
+  total-variation distance of the class probabilities between horizontally/vertically
+  adjacent pixels, across tile-cell borders vs inside cells. Seams show up as border/interior
+  ratios above 1.
+* ``rss``: whole-image zarr prediction (a :class:`~napari_muvit.engine.ZarrSink` spanning the
+  full image) of lazy dask pyramids of 4096², 16384² and 65536², each in a fresh subprocess,
+  stopped (cancel token) after a fixed number of tiles because a full 64k² run takes hours on
+  2 CPU cores. Reports the peak RSS during prediction, which must not depend on the image size.
+
+Run: ``python benchmarks/bench_predict.py [--section throughput|seams|rss|all] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from napari_muvit.data import PyramidSource, centered_nested_bboxes, plan_tiles, synthetic_rings
+from napari_muvit.engine import CancelToken, Predictor
+from napari_muvit.engine.predict import create_zarr_sink
+from napari_muvit.errors import CancelledError
+from napari_muvit.model import MuViTEncoder, MuViTSegmenter
+
+LEVELS = (1, 8, 32)
+TILE = 128
+NORM = {"kind": "divide", "low": 0.0, "high": 255.0}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def bench_model(seed: int = 0) -> MuViTSegmenter:
+    """The fixed small model: MuViT[1, 8, 32], dim 64, 2 layers, 2 heads, UNETR 32, 3 classes."""
+    torch.manual_seed(seed)
+    enc = MuViTEncoder(in_channels=1, levels=LEVELS, patch_size=8, dim=64, num_layers=2, heads=2)
+    seg = MuViTSegmenter(enc, num_classes=3, head_dim=32, label_values=[0, 1, 2],
+                         normalization=NORM, meta={"crop_size": TILE}).eval()
+    with torch.no_grad():  # sharpen the untrained output layer so labels vary in space
+        seg.head.out.weight.mul_(20.0)
+        seg.head.out.bias.zero_()
+    return seg
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+@contextmanager
+def peak_rss(out: dict[str, float], interval: float = 0.005) -> Iterator[None]:
+    """Sample this process's RSS in a thread; ``out`` gets ``start`` and ``peak`` (MiB)."""
+    stop = threading.Event()
+    out["start"] = out["peak"] = rss_mb()
+
+    def sample() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], rss_mb())
+            stop.wait(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        out["peak"] = max(out["peak"], rss_mb())
+
+
+def naive_predict(model: MuViTSegmenter, full_res: PyramidSource, tiles: list) -> np.ndarray:
+    """The baseline: per tile, read every level from full resolution, batch 1, no cache."""
+    lut = np.asarray(model.label_values)
+    levels = tuple(float(v) for v in model.levels)
+    out = []
+    for tile in tiles:
+        bb = centered_nested_bboxes(tile.origin, TILE, levels)
+        crops, _ = full_res.read_nested(bb, levels, TILE)
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(crops)[None], torch.from_numpy(bb)[None])
+        out.append(lut[logits.argmax(1)[0].numpy()])
+    return np.stack(out)
+
+
+def central_region(shape: tuple[int, int], side: int) -> np.ndarray:
+    c = np.asarray(shape) // 2
+    return np.stack([c - side // 2, c + side // 2])
+
+
+def timed(fn: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    res = fn()
+    return res, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# throughput
+# --------------------------------------------------------------------------------------------
+
+
+def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
+    size = args.size
+    t0 = time.perf_counter()
+    img = synthetic_rings(size, seed=0, min_level_size=128)
+    print(f"synthetic {size}² pyramid factors {img.factors} in {time.perf_counter() - t0:.1f} s")
+    pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
+    full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
+    model = bench_model()
+    region = central_region(pyramid.shape, args.region)
+    tiles = plan_tiles(region, TILE, pyramid.shape)
+    n_naive = min(args.naive_tiles, len(tiles))
+    px_tile = TILE * TILE
+
+    # warm-up (first oneDNN calls are slow) on a corner tile, not counted
+    Predictor(model, device="cpu", batch_size=8, cache_tiles=0).predict(pyramid, [[0, 0], [TILE, TILE]])
+    naive_predict(model, full_res, tiles[:1])
+
+    rows: dict[str, Any] = {}
+    mem: dict[str, float] = {}
+    with peak_rss(mem):
+        ref, dt = timed(lambda: naive_predict(model, full_res, tiles[:n_naive]))
+    rows["naive"] = dict(tiles=n_naive, seconds=dt, mpx_s=n_naive * px_tile / dt / 1e6,
+                         peak_rss_mb=mem["peak"], start_rss_mb=mem["start"])
+
+    results = {}
+    for name, kw in [
+        ("engine", dict(batch_size=8, prefetch=True)),
+        ("engine-no-prefetch", dict(batch_size=8, prefetch=False)),
+        ("engine-batch1", dict(batch_size=1, prefetch=True)),
+        ("engine-batch16", dict(batch_size=16, prefetch=True)),
+    ]:
+        pred = Predictor(model, device="cpu", cache_tiles=512, **kw)
+        mem = {}
+        with peak_rss(mem):
+            sink, dt = timed(lambda: pred.predict(pyramid, region))
+        results[name] = sink.labels
+        rows[name] = dict(tiles=len(tiles), seconds=dt, mpx_s=len(tiles) * px_tile / dt / 1e6,
+                          peak_rss_mb=mem["peak"], start_rss_mb=mem["start"],
+                          read_s=pred.stats["read_s"], compute_s=pred.stats["compute_s"],
+                          wait_s=pred.stats["wait_s"])
+        if name == "engine":
+            # the user pans by a quarter of the region: only the new tiles are computed
+            panned = region + args.region // 4
+            pred.reset_stats()
+            _, dt_pan = timed(lambda: pred.predict(pyramid, panned))
+            rows["engine-pan"] = dict(
+                tiles=len(plan_tiles(panned, TILE, pyramid.shape)), seconds=dt_pan,
+                computed=pred.stats["tiles_computed"], cache_hits=pred.stats["cache_hits"],
+            )
+    # the engine reproduces the naive loop exactly on the tiles both computed
+    eng = results["engine"]
+    same = all(
+        np.array_equal(ref[i], eng[t.core[0, 0] - region[0, 0] : t.core[1, 0] - region[0, 0],
+                                   t.core[0, 1] - region[0, 1] : t.core[1, 1] - region[0, 1]])
+        for i, t in enumerate(tiles[:n_naive])
+    )
+    same_all = all(np.array_equal(eng, v) for v in results.values())
+    ratio = rows["engine"]["mpx_s"] / rows["naive"]["mpx_s"]
+    prefetch_gain = rows["engine"]["mpx_s"] / rows["engine-no-prefetch"]["mpx_s"]
+    print(f"\nthroughput on {size}², central {args.region}² region, tile {TILE}, levels {LEVELS}")
+    print(f"{'case':<20}{'tiles':>7}{'s':>9}{'Mpx/s':>9}{'peak RSS MiB':>14}"
+          f"{'read s':>9}{'model s':>9}{'wait s':>8}")
+    for name, r in rows.items():
+        if name == "engine-pan":
+            continue
+        print(f"{name:<20}{r['tiles']:>7}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['peak_rss_mb']:>14.0f}"
+              f"{r.get('read_s', float('nan')):>9.2f}{r.get('compute_s', float('nan')):>9.2f}"
+              f"{r.get('wait_s', float('nan')):>8.2f}")
+    pan = rows["engine-pan"]
+    print(f"pan by {args.region // 4} px: {pan['tiles']} tiles, {pan['computed']} computed, "
+          f"{pan['cache_hits']} from cache, {pan['seconds']:.2f} s")
+    print(f"engine / naive throughput: {ratio:.1f}x   prefetch on/off: {prefetch_gain:.2f}x   "
+          f"identical labels: naive {same}, all engine variants {same_all}")
+    return {"rows": rows, "ratio": ratio, "prefetch_gain": prefetch_gain, "identical": same}
+
+
+# --------------------------------------------------------------------------------------------
+# seams
+# --------------------------------------------------------------------------------------------
+
+
+def seam_stats(labels: np.ndarray, probs: np.ndarray, origin: np.ndarray, step: int) -> dict[str, float]:
+    """Label disagreement and probability TV distance of adjacent pixel pairs, across cell
+    borders (world coordinate of the right/lower pixel a multiple of ``step``) vs inside."""
+    p = probs.astype(np.float32)
+    out: dict[str, list[np.ndarray]] = {"lab_b": [], "lab_i": [], "tv_b": [], "tv_i": []}
+    for axis in (0, 1):
+        n = labels.shape[axis]
+        border = (np.arange(1, n) + origin[axis]) % step == 0
+        lab = np.diff(labels.astype(np.int64), axis=axis) != 0
+        tv = 0.5 * np.abs(np.diff(p, axis=axis + 1)).sum(0)
+        sel_b = (slice(None), border) if axis == 1 else (border, slice(None))
+        sel_i = (slice(None), ~border) if axis == 1 else (~border, slice(None))
+        out["lab_b"].append(lab[sel_b].ravel())
+        out["lab_i"].append(lab[sel_i].ravel())
+        out["tv_b"].append(tv[sel_b].ravel())
+        out["tv_i"].append(tv[sel_i].ravel())
+    m = {k: float(np.concatenate(v).mean()) for k, v in out.items()}
+    m["lab_ratio"] = m["lab_b"] / max(m["lab_i"], 1e-12)
+    m["tv_ratio"] = m["tv_b"] / max(m["tv_i"], 1e-12)
+    return m
+
+
+def section_seams(args: argparse.Namespace) -> dict[str, Any]:
+    img = synthetic_rings(args.size, seed=0, min_level_size=128)
+    src = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
+    model = bench_model()
+    region = central_region(src.shape, args.region)
+    print(f"\nseams on {args.size}², central {args.region}² region (borders = tile-cell edges)")
+    print(f"{'overlap':>8}{'tiles':>7}{'s':>8}{'label diff border':>19}{'interior':>10}{'ratio':>7}"
+          f"{'prob TV border':>16}{'interior':>10}{'ratio':>7}")
+    rows = {}
+    for ov in (0, 16, 32):
+        pred = Predictor(model, device="cpu", batch_size=8, overlap=ov, cache_tiles=0)
+        sink, dt = timed(lambda: pred.predict(src, region, probabilities=True))
+        m = seam_stats(sink.labels, sink.probs, region[0], TILE - ov)
+        m.update(tiles=pred.stats["tiles_computed"], seconds=dt)
+        rows[ov] = m
+        print(f"{ov:>8}{m['tiles']:>7}{dt:>8.2f}{m['lab_b']:>19.4f}{m['lab_i']:>10.4f}"
+              f"{m['lab_ratio']:>7.2f}{m['tv_b']:>16.4f}{m['tv_i']:>10.4f}{m['tv_ratio']:>7.2f}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# bounded memory
+# --------------------------------------------------------------------------------------------
+
+
+def lazy_pyramid(size: int, chunk: int = 1024) -> list[Any]:
+    """Dask pyramid (levels 1, 8, 32) of a cheap analytic ring pattern, rendered on demand."""
+    import dask.array as da
+
+    levels = []
+    for f in LEVELS:
+        n = -(-size // f)
+        chunks = tuple(tuple(min(chunk, n - i) for i in range(0, n, chunk)) for _ in range(2))
+
+        def block(block_info: dict | None = None, f: int = f) -> np.ndarray:
+            (y0, y1), (x0, x1) = block_info[None]["array-location"]
+            y = (np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5) * f
+            x = (np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5) * f
+            r = np.hypot(y - size / 2, x - size / 2)
+            v = 120 + 60 * np.sin(r * (12 * np.pi / size)) + 25 * np.sin(x * 0.21) * np.sin(y * 0.17)
+            return np.clip(v, 0, 255).astype(np.uint8)
+
+        levels.append(da.map_blocks(block, dtype=np.uint8, chunks=chunks,
+                                    meta=np.empty((0, 0), np.uint8)))
+    return levels
+
+
+def rss_child(size: int, tiles: int) -> dict[str, Any]:
+    """One whole-image zarr prediction, cancelled after ``tiles`` tiles (runs in a subprocess)."""
+    import resource
+
+    torch.set_num_threads(2)
+    src = PyramidSource(lazy_pyramid(size), downsample_factors=LEVELS, normalization=NORM)
+    model = bench_model()
+    pred = Predictor(model, device="cpu", batch_size=8, cache_tiles=0)
+    token = CancelToken()
+    with tempfile.TemporaryDirectory() as tmp:
+        sink = create_zarr_sink(pred, src, Path(tmp) / "out.zarr")
+        state = {"done": 0}
+
+        def progress(done: int, total: int, message: str) -> None:
+            state.update(done=done, total=total)
+            if done >= tiles:
+                token.cancel()
+
+        mem: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with peak_rss(mem):
+            try:
+                pred.predict(src, sink=sink, progress=progress, cancel=token)
+            except CancelledError:
+                pass
+        dt = time.perf_counter() - t0
+        chunks = sink.chunks_written
+        store_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
+    return dict(size=size, tiles=state["done"], total=state["total"], seconds=dt,
+                tiles_s=state["done"] / dt, start_rss_mb=mem["start"], peak_rss_mb=mem["peak"],
+                ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                chunks_written=chunks, store_mb=store_mb)
+
+
+def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    print(f"\nwhole-image zarr prediction, lazy dask pyramid, stopped after {args.rss_tiles} tiles")
+    print(f"{'image':>8}{'tiles done':>11}{'of':>11}{'tiles/s':>9}{'RSS before MiB':>16}"
+          f"{'peak MiB':>10}{'delta MiB':>11}{'chunks':>8}")
+    for size in args.rss_sizes:
+        cmd = [sys.executable, __file__, "--rss-child", str(size), "--rss-tiles", str(args.rss_tiles)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{size:>7}²{row['tiles']:>11}{row['total']:>11}{row['tiles_s']:>9.1f}"
+              f"{row['start_rss_mb']:>16.0f}{row['peak_rss_mb']:>10.0f}"
+              f"{row['peak_rss_mb'] - row['start_rss_mb']:>11.0f}{row['chunks_written']:>8}")
+    peaks = [r["peak_rss_mb"] for r in rows]
+    print(f"peak RSS spread across sizes: {max(peaks) - min(peaks):.0f} MiB "
+          f"({max(peaks) / min(peaks):.2f}x) for a {args.rss_sizes[-1] ** 2 / args.rss_sizes[0] ** 2:.0f}x "
+          "larger image")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=("throughput", "seams", "rss", "all"), default="all")
+    parser.add_argument("--size", type=int, default=8192, help="synthetic pyramid side")
+    parser.add_argument("--region", type=int, default=1024, help="central region side")
+    parser.add_argument("--naive-tiles", type=int, default=16)
+    parser.add_argument("--rss-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--rss-tiles", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.rss_child is not None:
+        print(json.dumps(rss_child(args.rss_child, args.rss_tiles)))
+        return
+    if args.quick:
+        args.size, args.region, args.naive_tiles = 2048, 512, 4
+        args.rss_sizes, args.rss_tiles = [2048, 8192], 32
+    print(f"{platform.platform()} | {platform.processor() or platform.machine()} | "
+          f"{os.cpu_count()} CPUs | torch {torch.__version__} threads {torch.get_num_threads()}")
+    out: dict[str, Any] = {}
+    if args.section in ("throughput", "all"):
+        out["throughput"] = section_throughput(args)
+    if args.section in ("seams", "all"):
+        out["seams"] = section_seams(args)
+    if args.section in ("rss", "all"):
+        out["rss"] = section_rss(args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

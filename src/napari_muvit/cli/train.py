@@ -1,0 +1,447 @@
+"""``napari-muvit train`` and ``napari-muvit pretrain``: fine-tuning and MAE pre-training.
+
+Examples::
+
+    napari-muvit train slide.ome.zarr --labels scribbles.npy --out my_model
+    napari-muvit train a.tif b.tif --labels a_labels.tif b_labels.tif --out my_model \\
+        --init pretrained_mae/ --levels 1,8,32 --steps 2000
+    napari-muvit train slide.zarr --labels scribbles.zarr --out my_model --resume
+    napari-muvit pretrain slide1.zarr slide2.zarr --levels 1,8,32 --out my_mae --steps 20000
+
+Checkpoints are written atomically to --out (every 60 s by default); Ctrl-C stops after the
+current step and writes one (a second Ctrl-C aborts at once). Re-running the same command with
+--resume continues where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from napari_muvit.errors import InputError, MuViTError
+
+DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
+EXIT_CANCELLED = 130
+
+
+# ------------------------------------------------------------------------------ parsing
+def parse_interval(text: str) -> tuple[float, str]:
+    """``"60"``/``"60s"``/``"5m"`` -> seconds; ``"200steps"`` -> steps."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|steps?)?\s*", text.lower())
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"--checkpoint-every: expected e.g. 60s, 5m or 200steps, got {text!r}")
+    value, unit = float(match.group(1)), match.group(2) or "s"
+    if unit.startswith("step"):
+        return float(max(1, round(value))), "steps"
+    return (value * 60.0 if unit.startswith("m") else value), "seconds"
+
+
+def parse_region(text: str) -> list[list[float]]:
+    """``"y0,x0,y1,x1"`` -> ``[[y0, x0], [y1, x1]]``."""
+    try:
+        y0, x0, y1, x1 = (float(p) for p in text.split(","))
+    except ValueError:
+        raise InputError(f"--val-region: expected four numbers y0,x0,y1,x1, got {text!r}") from None
+    if y1 <= y0 or x1 <= x0:
+        raise InputError(f"--val-region: expected y0 < y1 and x0 < x1, got {text!r}")
+    return [[y0, x0], [y1, x1]]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ progress
+class ProgressLine:
+    """One status line per step (redrawn in place on a terminal, every ``log_interval``
+    seconds in logs): step, loss, learning rate, speed and time left."""
+
+    def __init__(
+        self, stream: TextIO | None = None, interval: float = 0.2, log_interval: float = 10.0
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if self.tty else log_interval
+        self._last = -1e9
+        self._first: tuple[int, float] | None = None
+        self._drawn = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        now = time.monotonic()
+        step, steps = int(info["step"]), int(info["steps"])
+        if self._first is None:
+            self._first = (step, now)  # a resumed run starts counting its speed here
+        final = info.get("status") not in (None, "running")
+        if now - self._last < self.interval and not final:
+            return
+        self._last = now
+        self._write(self._format(info, step, steps, now))
+
+    def _format(self, info: dict[str, Any], step: int, steps: int, now: float) -> str:
+        first_step, first_time = self._first or (step, now)
+        rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
+        eta = _clock((steps - step) / rate) if rate > 0 else "--:--"
+        line = (
+            f"step {step}/{steps} loss {info['loss']:.4f} lr {info['lr']:.2e} "
+            f"{rate:5.2f} steps/s ETA {eta}"
+        )
+        if "val_dice" in info:
+            line += f" val Dice {info['val_dice']:.3f}"
+        return line
+
+    def _write(self, line: str) -> None:
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """End the line on a terminal."""
+        if self._drawn and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+@contextlib.contextmanager
+def graceful_interrupt(cancel: Any, stream: TextIO) -> Iterator[None]:
+    """First Ctrl-C cancels ``cancel`` (the run checkpoints and stops after the current step);
+    a second one raises KeyboardInterrupt as usual."""
+    if sys.platform == "win32" or not _main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.cancelled:
+            raise KeyboardInterrupt
+        cancel.cancel()
+        stream.write(
+            "\ninterrupt: stopping after this step and writing a checkpoint "
+            "(Ctrl-C again to abort)\n"
+        )
+        stream.flush()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# ------------------------------------------------------------------------------ parsers
+def _common(p: argparse.ArgumentParser) -> None:
+    """Options shared by train and pretrain."""
+    p.add_argument(
+        "--out",
+        metavar="FOLDER",
+        required=True,
+        help="output model folder (checkpoints are written here)",
+    )
+    p.add_argument(
+        "--init",
+        metavar="FOLDER",
+        default=None,
+        help="starting model: encoder, MAE or segmenter folder (ours or official "
+        "muvit); default: the bundled encoder, or a fresh --preset",
+    )
+    p.add_argument(
+        "--levels",
+        metavar="1,8,32",
+        default=None,
+        help="downsampling factors (a subset of --init's levels)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=("tiny", "small", "paper"),
+        default=None,
+        help="size of a fresh, randomly initialised encoder (when no --init)",
+    )
+    p.add_argument(
+        "--crop",
+        type=_positive_int,
+        default=None,
+        metavar="S",
+        help="crop size in pixels per level (default: the model's, else 128)",
+    )
+    p.add_argument("--steps", type=_positive_int, default=None, metavar="N")
+    p.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="default 8")
+    p.add_argument("--lr", type=_positive_float, default=None, metavar="X")
+    p.add_argument(
+        "--checkpoint-every",
+        default="60s",
+        metavar="60s|200steps",
+        help="checkpoint interval in seconds (60s, 5m) or steps (default 60s)",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "bf16", "fp16", "off"),
+        help="mixed precision on CUDA (default auto)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run checkpointed in --out (starts fresh if there is none)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing napari-muvit model/run in --out",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` and ``pretrain`` sub-commands."""
+    t = subparsers.add_parser(
+        "train",
+        help="fine-tune a segmenter on painted (sparse) or dense labels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="OME-Zarr/zarr, TIFF or .npy image(s)"
+    )
+    t.add_argument(
+        "--labels",
+        nargs="+",
+        required=True,
+        metavar="LABELS",
+        help="one label image per IMAGE (.npy, TIFF, zarr); 0 = not annotated",
+    )
+    _common(t)
+    t.add_argument("--head", choices=("unetr", "mask2former"), default="unetr")
+    t.add_argument(
+        "--encoder-lr-factor",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="encoder learning rate = F x --lr (default 0.1)",
+    )
+    t.add_argument("--freeze-encoder", action="store_true", help="train the head only")
+    t.add_argument(
+        "--dense",
+        action="store_true",
+        help="labels are dense: 0 is a class (background), not 'unannotated'",
+    )
+    t.add_argument(
+        "--naive-bbox",
+        action="store_true",
+        help="the paper's naive-bbox ablation (concentric boxes)",
+    )
+    t.add_argument(
+        "--pseudo-labels",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="MUSE-style pseudo-labels on unannotated pixels (default: TrainConfig)",
+    )
+    t.add_argument(
+        "--val-region",
+        metavar="Y0,X0,Y1,X1",
+        default=None,
+        help="hold out the annotations in this box of the first image; report Dice",
+    )
+    t.set_defaults(func=run_train)
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pre-train an encoder with the multi-resolution MAE (no labels)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="OME-Zarr/zarr, TIFF or .npy")
+    _common(p)
+    p.add_argument(
+        "--mask-ratio",
+        type=float,
+        default=0.75,
+        metavar="R",
+        help="fraction of tokens masked (default 0.75)",
+    )
+    p.set_defaults(func=run_pretrain)
+
+
+# ------------------------------------------------------------------------------ commands
+def _guarded(fn: Any, args: argparse.Namespace) -> int:
+    """Run ``fn(args)``: user errors stay MuViTError, anything else becomes one line."""
+    try:
+        return fn(args)
+    except (MuViTError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # the CLI promises one line, never a traceback
+        if os.environ.get(DEBUG_ENV):
+            raise
+        raise MuViTError(
+            f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)"
+        ) from None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Execute ``train``; returns 0 when finished, 130 when interrupted (checkpoint written)."""
+    return _guarded(_train, args)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Execute ``pretrain``; returns 0 when finished, 130 when interrupted."""
+    return _guarded(_pretrain, args)
+
+
+def _check_paths(paths: list[str], what: str) -> None:
+    for path in paths:
+        if not Path(path).exists():
+            raise InputError(f"{what} {path!r} does not exist")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_muvit.engine.cancel import CancelToken
+    from napari_muvit.engine.train import TrainConfig, train
+
+    _check_paths(args.images, "IMAGE")
+    _check_paths(args.labels, "--labels")
+    if len(args.labels) != len(args.images):
+        raise InputError(
+            f"--labels: expected one label image per IMAGE ({len(args.images)}), "
+            f"got {len(args.labels)}"
+        )
+    every, unit = parse_interval(args.checkpoint_every)
+    config = TrainConfig(
+        batch_size=args.batch,
+        crop_size=args.crop,
+        encoder_lr_factor=args.encoder_lr_factor,
+        dense=args.dense,
+        naive_bbox=args.naive_bbox,
+        freeze_encoder=args.freeze_encoder,
+        checkpoint_every=every,
+        checkpoint_unit=unit,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+        head=args.head,
+        val_region=parse_region(args.val_region) if args.val_region else None,
+    )
+    overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    cancel = CancelToken()
+    bar = None if args.quiet else ProgressLine()
+    with graceful_interrupt(cancel, sys.stderr):
+        try:
+            model = train(
+                args.images,
+                args.labels,
+                out=args.out,
+                init=args.init,
+                levels=args.levels,
+                preset=args.preset,
+                config=config,
+                progress=bar,
+                cancel=cancel,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    return _finish("train", model, args)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from napari_muvit.engine.cancel import CancelToken
+    from napari_muvit.engine.pretrain import PretrainConfig, pretrain
+
+    _check_paths(args.images, "IMAGE")
+    every, unit = parse_interval(args.checkpoint_every)
+    config = PretrainConfig(
+        batch_size=args.batch,
+        crop_size=args.crop,
+        lr=args.lr,
+        masking_ratio=args.mask_ratio,
+        checkpoint_every=every,
+        checkpoint_unit=unit,
+        device=args.device,
+        amp=args.amp,
+        seed=args.seed,
+    )
+    if args.steps is not None:
+        config = replace(config, steps=args.steps)
+    cancel = CancelToken()
+    bar = None if args.quiet else ProgressLine()
+    with graceful_interrupt(cancel, sys.stderr):
+        try:
+            model = pretrain(
+                args.images,
+                levels=args.levels,
+                out=args.out,
+                preset=args.preset,
+                init=args.init,
+                config=config,
+                progress=bar,
+                cancel=cancel,
+                resume=args.resume,
+                overwrite=args.overwrite,
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+    return _finish("pretrain", model, args)
+
+
+def _finish(command: str, model: Any, args: argparse.Namespace) -> int:
+    """Print warnings and a summary; the exit code tells finished (0) from cancelled (130)."""
+    history = model.meta.get("history", {})
+    for warning in history.get("warnings", []):
+        print(f"napari-muvit {command}: warning: {warning}", file=sys.stderr)
+    status, step = history.get("status"), history.get("step")
+    loss = history.get("loss") or [float("nan")]
+    if status == "cancelled":
+        print(
+            f"napari-muvit {command}: stopped at step {step}; checkpoint in {args.out} "
+            "(add --resume to continue)",
+            file=sys.stderr,
+        )
+        return EXIT_CANCELLED
+    if not args.quiet:
+        print(
+            f"napari-muvit {command}: {step} steps, final loss {loss[-1]:.4f}; model in {args.out}",
+            file=sys.stderr,
+        )
+    print(args.out)
+    return 0

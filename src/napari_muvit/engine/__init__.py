@@ -1,0 +1,30 @@
+"""Inference and training engines: no Qt, progress callbacks and cancel tokens only."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "CancelToken": "napari_muvit.engine.cancel",
+    "resolve_device": "napari_muvit.engine.device",
+    "Predictor": "napari_muvit.engine.predict",
+    "TileResult": "napari_muvit.engine.predict",
+    "predict": "napari_muvit.engine.predict",
+    "MemorySink": "napari_muvit.engine.sinks",
+    "ZarrSink": "napari_muvit.engine.sinks",
+    "predict_distributed": "napari_muvit.engine.distributed",
+    "TrainConfig": "napari_muvit.engine.train",
+    "Trainer": "napari_muvit.engine.train",
+    "train": "napari_muvit.engine.train",
+    "pretrain": "napari_muvit.engine.pretrain",
+    "PretrainConfig": "napari_muvit.engine.pretrain",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_muvit.engine' has no attribute {name!r}")

@@ -1,0 +1,940 @@
+"""Tiled MuViT prediction: nested context crops, batching, caching, blending and sinks.
+
+The :class:`Predictor` covers a region with level-1 tiles on the global tile grid
+(:func:`~napari_muvit.data.geometry.plan_tiles`), reads each tile's nested context crops
+(:func:`~napari_muvit.data.geometry.centered_nested_bboxes`), runs the segmenter in batches
+and hands :class:`TileResult` objects (the labels of the output pixels each tile owns) to a
+sink. Because tiles sit on a global grid, the same tile always gets the same bboxes, which makes
+three things cheap:
+
+* a tile cache (LRU) so that re-requesting an overlapping region (the user panned) only
+  computes new tiles;
+* resuming a zarr prediction (a tile's cell is either done or not);
+* identical results from the single-process and the Dask paths.
+
+It knows nothing of Qt: progress is a ``progress(done, total, message)`` callback and
+cancellation a :class:`~napari_muvit.engine.cancel.CancelToken` checked before every batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import time
+import uuid
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_muvit.data.geometry import Tile, blend_weights, centered_nested_bboxes, plan_tiles
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.device import (
+    autocast,
+    free_memory_bytes,
+    is_out_of_memory,
+    release_cached_memory,
+    resolve_amp,
+    resolve_device,
+)
+from napari_muvit.engine.sinks import MemorySink, ZarrSink, as_region, label_dtype
+from napari_muvit.errors import CheckpointError, InputError, MuViTError
+
+__all__ = ["Predictor", "TileResult", "TileCache", "predict", "resolve_model", "model_digest"]
+
+Progress = Callable[[int, int, str], Any]
+
+DEFAULT_TILE_SIZE = 128
+DEFAULT_EMPTY_STD = 0.02  # normalised units: 2% of the 1-99.8 percentile range
+CPU_BATCH = 8
+MAX_AUTO_BATCH = 64
+
+
+# --------------------------------------------------------------------------------------------
+# results and cache
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TileResult:
+    """Prediction of one tile's core (the output pixels the tile owns).
+
+    Attributes
+    ----------
+    tile
+        The :class:`~napari_muvit.data.geometry.Tile`; ``tile.core`` is where ``labels`` go.
+    labels
+        ``(h, w)`` label values (``label_values[argmax]``; 0 for skipped empty tiles).
+    probs
+        ``(K, h, w)`` float16 class probabilities, or ``None`` when not requested.
+    skipped
+        The tile was judged empty (``skip_empty``) and not run through the model.
+    cached
+        Every tile this result depends on came from the tile cache.
+    """
+
+    tile: Tile
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+    skipped: bool = False
+    cached: bool = False
+
+
+@dataclass
+class _TileOutput:
+    """Full ``S×S`` model output of one tile (the cache value)."""
+
+    labels: np.ndarray  # (S, S) label values, argmax of float32 logits
+    probs: np.ndarray | None  # (K, S, S) float16
+    skipped: bool = False
+    cached: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.labels.nbytes + (0 if self.probs is None else self.probs.nbytes)
+
+
+class TileCache:
+    """LRU cache of tile outputs keyed by model version, source, normalisation and bboxes."""
+
+    def __init__(self, max_tiles: int = 512) -> None:
+        self.max_tiles = max(0, int(max_tiles))
+        self._data: OrderedDict[tuple, _TileOutput] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple, need_probs: bool) -> _TileOutput | None:
+        """The cached output, or ``None`` (also when probabilities are needed but absent)."""
+        out = self._data.get(key)
+        if out is None or (need_probs and out.probs is None and not out.skipped):
+            self.misses += 1
+            return None
+        self._data.move_to_end(key)
+        self.hits += 1
+        return out
+
+    def put(self, key: tuple, out: _TileOutput) -> None:
+        if self.max_tiles == 0:
+            return
+        self._data[key] = out
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_tiles:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# identity tokens that never collide when Python reuses an object id
+_TOKENS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _token(obj: Any) -> str:
+    try:
+        tok = _TOKENS.get(obj)
+        if tok is None:
+            tok = uuid.uuid4().hex
+            _TOKENS[obj] = tok
+        return tok
+    except TypeError:  # not weak-referenceable
+        return f"id:{id(obj)}"
+
+
+def _model_version(model: torch.nn.Module) -> tuple[int, int]:
+    """Changes whenever weights change in place (optimizer steps, load_state_dict) or are
+    replaced: tensor version counters and storage addresses."""
+    version = 0
+    address = 0
+    for t in (*model.parameters(), *model.buffers()):
+        version += int(t._version)
+        address ^= int(t.data_ptr())
+    return version, address
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's weights (names, dtypes, shapes, bytes): identifies a model for
+    resuming a zarr prediction, whatever folder it was loaded from."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        arr = t.detach().to("cpu").contiguous().reshape(-1)  # 0-d buffers cannot be viewed
+        h.update(f"{name}:{arr.dtype}:{tuple(t.shape)}".encode())
+        h.update(arr.view(torch.uint8).numpy().tobytes() if arr.numel() else b"")
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# jobs: one block of target tiles and the tiles they need
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Need:
+    tile: Tile
+    bboxes: np.ndarray  # (L, 2, 2)
+    key: tuple
+
+
+@dataclass
+class _Job:
+    """Targets of one block, the tiles they depend on, and outputs available so far."""
+
+    targets: list[Tile]
+    contributors: dict[tuple[int, int], list[tuple[int, int]]]
+    needs: dict[tuple[int, int], _Need]
+    batches: list[list[_Need]] = field(default_factory=list)
+    avail: dict[tuple[int, int], _TileOutput] = field(default_factory=dict)
+    refs: dict[tuple[int, int], int] = field(default_factory=dict)
+    waiting: list[Tile] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    job: _Job
+    needs: list[_Need]
+    crops: np.ndarray | None = None  # (B, L, C, S, S) of the non-empty tiles
+    bboxes: np.ndarray | None = None  # (B, L, 2, 2)
+    empty: np.ndarray | None = None  # (n,) bool over needs
+    read_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# predictor
+# --------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Tiled, batched, cached MuViT inference.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_muvit.model.MuViTSegmenter` (moved to ``device``).
+    device
+        ``"auto"`` (CUDA > MPS > CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
+    batch_size
+        Tiles per forward pass; ``None`` adapts to free GPU memory (8 on CPU/MPS). A CUDA
+        out-of-memory error halves it and retries the batch.
+    amp
+        ``"auto"`` (bf16/fp16 autocast on CUDA, float32 elsewhere), ``"bf16"``, ``"fp16"``,
+        ``"off"``.
+    overlap
+        Pixels shared by neighbouring tiles; probabilities are blended with
+        :func:`~napari_muvit.data.geometry.blend_weights` (raised cosine) to remove seams.
+    skip_empty
+        Skip tiles whose coarsest context crop is flat (std of normalised intensities below
+        ``0.02``, or below the given float); they get label 0 ("not predicted").
+    cache_tiles
+        Capacity of the LRU tile cache (0 disables it).
+    tile_size
+        Level-1 tile size ``S``; default ``model.meta["crop_size"]`` (the training crop) or 128.
+    prefetch
+        Read the next batch's crops in a background thread while the model runs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+        amp: str | bool | None = "auto",
+        overlap: int = 0,
+        skip_empty: bool | float = False,
+        cache_tiles: int = 512,
+        tile_size: int | None = None,
+        prefetch: bool = True,
+    ) -> None:
+        _check_segmenter(model)
+        self.device = resolve_device(device)
+        self.amp_dtype = resolve_amp(amp, self.device)
+        self.model = model.to(self.device)
+        self.tile_size = _tile_size(model, tile_size)
+        self.levels = tuple(float(v) for v in model.levels)
+        if self.levels[0] != 1:
+            raise InputError(
+                f"model levels {tuple(model.levels)}: the finest level must be 1 (the labels are "
+                "predicted at full resolution)"
+            )
+        self.overlap = int(overlap)
+        if self.overlap != overlap or not 0 <= self.overlap < self.tile_size // 2 + 1:
+            raise InputError(
+                f"overlap: expected an integer in [0, {self.tile_size // 2}] (at most half the "
+                f"tile size {self.tile_size}), got {overlap!r}"
+            )
+        self.step = self.tile_size - self.overlap
+        self.empty_std = _empty_threshold(skip_empty)
+        if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+            raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
+        self.batch_size = int(batch_size) if batch_size is not None else self._auto_batch_size()
+        self.cache = TileCache(cache_tiles)
+        self.prefetch = bool(prefetch)
+        self.num_classes = int(model.num_classes)
+        self.label_values = [int(v) for v in model.label_values]
+        self._lut = torch.as_tensor(self.label_values, dtype=torch.int64, device=self.device)
+        self._label_dtype = label_dtype(self.num_classes, self.label_values)
+        self._weights = (
+            blend_weights(self.tile_size, self.overlap) if self.overlap else None
+        )
+        self._sources: weakref.WeakKeyDictionary[Any, tuple[str, Any]] = weakref.WeakKeyDictionary()
+        self.stats: dict[str, float] = {}
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def reset_stats(self) -> None:
+        """Zero the counters in :attr:`stats` (model calls, tiles, cache hits, timings)."""
+        self.stats = {
+            "model_calls": 0, "tiles_computed": 0, "tiles_skipped": 0, "cache_hits": 0,
+            "batches": 0, "oom_retries": 0, "read_s": 0.0, "compute_s": 0.0, "wait_s": 0.0,
+        }
+
+    def clear_cache(self) -> None:
+        """Forget all cached tiles (e.g. after the image data changed in place)."""
+        self.cache.clear()
+
+    def _auto_batch_size(self) -> int:
+        """Batch size from free accelerator memory (a conservative activation estimate)."""
+        free = free_memory_bytes(self.device)
+        if free is None:
+            return CPU_BATCH
+        enc = self.model.encoder
+        tokens = len(self.levels) * (self.tile_size // self.model.patch_size) ** 2
+        bytes_per = 2 if self.amp_dtype is not None else 4
+        # residual stream + MLP + qkv per layer kept alive, plus head feature maps
+        per_tile = bytes_per * tokens * enc.dim * 12 + 4 * self.num_classes * self.tile_size**2 * 4
+        per_tile += bytes_per * 64 * self.tile_size**2  # decoder activations at full resolution
+        return int(max(1, min(MAX_AUTO_BATCH, 0.5 * free // max(per_tile, 1))))
+
+    def check_source(self, source: Any) -> None:
+        """Raise :class:`InputError` if ``source`` cannot feed this model (before any work)."""
+        if source.channels != self.model.in_channels:
+            raise InputError(
+                f"image has {source.channels} channel(s) but the model expects "
+                f"{self.model.in_channels}; pick a matching model or image"
+            )
+        source.check_levels(self.levels)
+        coarsest = self.levels[-1]
+        if coarsest > max(source.shape):
+            raise InputError(
+                f"model level {coarsest:g} is coarser than the whole image {tuple(source.shape)}: "
+                f"one pixel of that level covers more than the image; use a model with "
+                f"levels up to {max(source.shape)} or a larger image"
+            )
+
+    def _reading_source(self, source: Any) -> tuple[str, Any]:
+        """(cache key, source to read from) with the model's normalisation if it has one.
+
+        A shallow copy keeps the caller's source untouched while sharing its pyramid levels.
+        """
+        want = getattr(self.model, "normalization", None)
+        cached = self._sources.get(source) if _weakrefable(source) else None
+        if cached is not None and cached[0] == _norm_key(want, source, cached[1]):
+            return cached
+        if want is None:
+            reader = source
+        else:
+            from napari_muvit.data.normalization import Normalization
+
+            norm = Normalization.from_dict(want)
+            reader = source if source.normalization == norm else copy.copy(source)
+            reader.normalization = norm
+        entry = (_norm_key(want, source, reader), reader)
+        if _weakrefable(source):
+            self._sources[source] = entry
+        return entry
+
+    # ---------------------------------------------------------------- planning
+
+    def plan(self, source: Any, region: Any = None) -> list[Tile]:
+        """Tiles covering ``region`` (default: whole image), centre-first."""
+        reg = as_region(region, source.shape)
+        return plan_tiles(reg, self.tile_size, source.shape, self.overlap)
+
+    def _cell_count(self, region: np.ndarray) -> int:
+        rows = (int(region[1, 0]) - 1) // self.step - int(region[0, 0]) // self.step + 1
+        cols = (int(region[1, 1]) - 1) // self.step - int(region[0, 1]) // self.step + 1
+        return rows * cols
+
+    def _make_job(
+        self, source: Any, src_key: tuple, block: np.ndarray,
+        is_done: Callable[[Tile], bool], need_probs: bool,
+    ) -> _Job | None:
+        """Plan one block: its targets, the tiles they need, cache hits and batches."""
+        targets = [t for t in plan_tiles(block, self.tile_size, source.shape, self.overlap)
+                   if not is_done(t)]
+        if not targets:
+            return None
+        contributors, pool = self._contributors(source, block, targets)
+        needs = {g: self._need(t, src_key) for g, t in pool.items()}
+        job = _Job(targets=targets, contributors=contributors, needs=needs, waiting=list(targets))
+        for grids in contributors.values():
+            for g in grids:
+                job.refs[g] = job.refs.get(g, 0) + 1
+        misses = []
+        for g in _order(pool, targets):
+            hit = self.cache.get(needs[g].key, need_probs)
+            if hit is None:
+                misses.append(needs[g])
+            else:
+                job.avail[g] = _TileOutput(hit.labels, hit.probs, hit.skipped, cached=True)
+                self.stats["cache_hits"] += 1
+        b = self.batch_size
+        job.batches = [misses[i : i + b] for i in range(0, len(misses), b)]
+        return job
+
+    def _contributors(
+        self, source: Any, block: np.ndarray, targets: list[Tile]
+    ) -> tuple[dict[tuple[int, int], list[tuple[int, int]]], dict[tuple[int, int], Tile]]:
+        """For every target, the grid cells of the tiles whose bbox covers part of its core."""
+        if self.overlap == 0:
+            return {t.grid: [t.grid] for t in targets}, {t.grid: t for t in targets}
+        margin = (math.ceil(self.tile_size / self.step) + 1) * self.step
+        shape = np.asarray(source.shape, dtype=np.int64)
+        grown = np.stack([np.maximum(block[0] - margin, 0), np.minimum(block[1] + margin, shape)])
+        around = {t.grid: t for t in plan_tiles(grown, self.tile_size, source.shape, self.overlap)}
+        r = math.ceil(self.tile_size / self.step) + 1
+        contributors: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        pool: dict[tuple[int, int], Tile] = {}
+        for t in targets:
+            grids = []
+            for dy in range(-r, r + 1):
+                for dx in range(-r, r + 1):
+                    g = (t.grid[0] + dy, t.grid[1] + dx)
+                    other = around.get(g)
+                    if other is not None and _overlaps(other.bbox, t.core):
+                        grids.append(g)
+                        pool[g] = other
+            contributors[t.grid] = sorted(grids)  # canonical order: bit-identical blending
+        return contributors, pool
+
+    def _need(self, tile: Tile, src_key: tuple) -> _Need:
+        bboxes = centered_nested_bboxes(tile.origin, self.tile_size, self.levels)
+        key = (*src_key, self.amp_dtype, self.tile_size, tile.bbox.tobytes(), bboxes.tobytes())
+        return _Need(tile, bboxes, key)
+
+    # ---------------------------------------------------------------- reading
+
+    def _read(self, reader: Any, batch: _Batch) -> _Batch:
+        """Read the nested crops of a batch (runs in the prefetch thread)."""
+        t0 = time.perf_counter()
+        n = len(batch.needs)
+        empty = np.zeros(n, dtype=bool)
+        if self.empty_std is not None:
+            for i, need in enumerate(batch.needs):
+                empty[i] = self._is_empty(reader, need)
+        keep = [need for need, e in zip(batch.needs, empty) if not e]
+        s, L = self.tile_size, len(self.levels)
+        crops = np.empty((len(keep), L, reader.channels, s, s), dtype=np.float32)
+        bbs = np.empty((len(keep), L, 2, 2), dtype=np.float64)
+        for i, need in enumerate(keep):
+            crops[i], _valid = reader.read_nested(need.bboxes, self.levels, s)
+            bbs[i] = need.bboxes
+        batch.crops, batch.bboxes, batch.empty = crops, bbs, empty
+        batch.read_s = time.perf_counter() - t0
+        return batch
+
+    def _is_empty(self, reader: Any, need: _Need) -> bool:
+        """Coarsest context crop flat (std below the threshold over its in-image pixels)."""
+        crop, valid = reader.read(
+            need.bboxes[-1], self.levels[-1], self.tile_size, return_valid=True
+        )
+        if not valid.any():
+            return True
+        return bool(crop[:, valid].std(axis=1).max() < self.empty_std)
+
+    # ---------------------------------------------------------------- model
+
+    def _forward(self, crops: np.ndarray, bboxes: np.ndarray, need_probs: bool
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One forward pass: label values (B, S, S) and float16 probabilities (B, K, S, S)."""
+        x = torch.from_numpy(crops).to(self.device, non_blocking=True)
+        bb = torch.from_numpy(bboxes).to(self.device)
+        if self.device.type == "mps":
+            bb = bb.float()  # MPS has no float64
+        self.stats["model_calls"] += 1
+        with torch.inference_mode(), autocast(self.device, self.amp_dtype):
+            logits = self.model(x, bb)
+        logits = logits.float()
+        labels = self._lut[logits.argmax(1)].to("cpu").numpy().astype(self._label_dtype)
+        probs = None
+        if need_probs:
+            probs = torch.softmax(logits, dim=1).to(torch.float16).to("cpu").numpy()
+        return labels, probs
+
+    def _run_model(self, crops: np.ndarray, bboxes: np.ndarray, need_probs: bool
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Forward the batch in sub-batches of :attr:`batch_size`; on out-of-memory halve the
+        batch size and retry (never crash unless a single tile does not fit)."""
+        n = len(crops)
+        labels: list[np.ndarray] = []
+        probs: list[np.ndarray] = []
+        i = 0
+        while i < n:
+            m = min(self.batch_size, n - i)
+            try:
+                lab, pr = self._forward(crops[i : i + m], bboxes[i : i + m], need_probs)
+            except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+                if not is_out_of_memory(err):
+                    raise
+                release_cached_memory(self.device)
+                if m == 1:
+                    raise MuViTError(
+                        f"out of memory on {self.device} even with batch size 1 at tile size "
+                        f"{self.tile_size}; use a smaller model, --device cpu or free GPU memory"
+                    ) from None
+                self.batch_size = max(1, m // 2)
+                self.stats["oom_retries"] += 1
+                continue
+            labels.append(lab)
+            if pr is not None:
+                probs.append(pr)
+            i += m
+        lab_all = np.concatenate(labels) if labels else np.zeros((0,), self._label_dtype)
+        return lab_all, (np.concatenate(probs) if probs else None)
+
+    def _compute(self, batch: _Batch, need_probs: bool) -> list[tuple[_Need, _TileOutput]]:
+        """Model outputs of a read batch (empty tiles get a skipped output)."""
+        t0 = time.perf_counter()
+        labels = probs = None
+        if len(batch.crops):
+            with _eval_mode(self.model):
+                labels, probs = self._run_model(batch.crops, batch.bboxes, need_probs)
+        out = []
+        j = 0
+        s = self.tile_size
+        for need, empty in zip(batch.needs, batch.empty):
+            if empty:
+                res = _TileOutput(np.zeros((s, s), self._label_dtype), None, skipped=True)
+                self.stats["tiles_skipped"] += 1
+            else:
+                res = _TileOutput(labels[j], None if probs is None else probs[j])
+                j += 1
+                self.stats["tiles_computed"] += 1
+            self.cache.put(need.key, res)
+            out.append((need, res))
+        self.stats["batches"] += 1
+        self.stats["compute_s"] += time.perf_counter() - t0
+        return out
+
+    # ---------------------------------------------------------------- assembling results
+
+    def _result(self, job: _Job, target: Tile, need_probs: bool) -> TileResult:
+        """The target's core from its own output, or blended from its contributors."""
+        grids = job.contributors[target.grid]
+        outs = [job.avail[g] for g in grids]
+        cached = all(o.cached for o in outs)
+        if self.overlap == 0:
+            o = outs[0]
+            sl = target.core_in_tile
+            probs = None
+            if need_probs:
+                probs = (np.zeros((self.num_classes, *o.labels[sl].shape), np.float16)
+                         if o.probs is None else o.probs[(slice(None), *sl)].copy())
+            return TileResult(target, o.labels[sl].copy(), probs, o.skipped, cached)
+        return self._blend(job, target, grids, outs, need_probs, cached)
+
+    def _blend(self, job: _Job, target: Tile, grids: list, outs: list[_TileOutput],
+               need_probs: bool, cached: bool) -> TileResult:
+        core = target.core
+        h, w = (int(v) for v in core[1] - core[0])
+        acc = np.zeros((self.num_classes, h, w), dtype=np.float32)
+        wsum = np.zeros((h, w), dtype=np.float32)
+        for g, o in zip(grids, outs):
+            if o.skipped or o.probs is None:
+                continue
+            other = job.needs[g].tile
+            dst, src = _overlap_slices(core, np.asarray(other.origin), self.tile_size)
+            wt = self._weights[src]
+            acc[(slice(None), *dst)] += wt * o.probs[(slice(None), *src)].astype(np.float32)
+            wsum[dst] += wt
+        covered = wsum > 0
+        probs = acc / np.where(covered, wsum, 1.0)
+        labels = np.where(covered, np.asarray(self.label_values)[probs.argmax(0)], 0)
+        return TileResult(
+            target,
+            labels.astype(self._label_dtype),
+            probs.astype(np.float16) if need_probs else None,
+            skipped=not covered.any(),
+            cached=cached,
+        )
+
+    def _ready(self, job: _Job, need_probs: bool) -> list[TileResult]:
+        """Emit (and forget) every waiting target whose contributors are all available."""
+        out, still = [], []
+        for t in job.waiting:
+            if all(g in job.avail for g in job.contributors[t.grid]):
+                out.append(self._result(job, t, need_probs))
+                for g in job.contributors[t.grid]:
+                    job.refs[g] -= 1
+                    if job.refs[g] == 0:
+                        job.avail.pop(g, None)  # free memory as soon as nobody needs it
+            else:
+                still.append(t)
+        job.waiting = still
+        return out
+
+    # ---------------------------------------------------------------- the pipeline
+
+    def _batches(
+        self, source: Any, reader_key: tuple, blocks: Iterable[np.ndarray],
+        is_done: Callable[[Tile], bool], need_probs: bool,
+    ) -> Iterator[_Batch]:
+        """Batches of all blocks; an empty batch marks cache-only progress / a job's start."""
+        for block in blocks:
+            job = self._make_job(source, reader_key, np.asarray(block), is_done, need_probs)
+            if job is None:
+                continue
+            yield _Batch(job, [])  # lets cached targets out before any compute
+            for needs in job.batches:
+                yield _Batch(job, needs)
+
+    def _stream(
+        self, source: Any, blocks: Iterable[np.ndarray], is_done: Callable[[Tile], bool],
+        need_probs: bool, total: int, progress: Progress | None, cancel: CancelToken | None,
+    ) -> Iterator[TileResult]:
+        """Run all blocks, reading the next batch while the current one computes."""
+        key, reader = self._reading_source(source)
+        src_key = (_token(self.model), _model_version(self.model), _token(source), key)
+        # full-tile probabilities are needed for blending even if the caller wants labels only
+        tile_probs = need_probs or self.overlap > 0
+        batches = self._batches(source, src_key, blocks, is_done, tile_probs)
+        done = 0
+        _report(progress, 0, total, "starting")
+        pool = ThreadPoolExecutor(1, thread_name_prefix="napari-muvit-read") if self.prefetch else None
+        try:
+            pending = self._submit(pool, reader, next(batches, None))
+            while pending is not None:
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                t0 = time.perf_counter()
+                batch = pending.result() if isinstance(pending, Future) else pending
+                self.stats["wait_s"] += time.perf_counter() - t0
+                self.stats["read_s"] += batch.read_s
+                pending = self._submit(pool, reader, next(batches, None))
+                for need, out in self._compute(batch, tile_probs) if batch.needs else []:
+                    batch.job.avail[need.tile.grid] = out
+                results = self._ready(batch.job, need_probs)
+                for res in results:
+                    yield res
+                done += len(results)
+                if results:
+                    _report(progress, done, total, f"{done}/{total} tiles")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _submit(self, pool: ThreadPoolExecutor | None, reader: Any, batch: _Batch | None
+                ) -> Future | _Batch | None:
+        if batch is None:
+            return None
+        if pool is None or not batch.needs:
+            return self._read(reader, batch) if batch.needs else _empty_batch(batch)
+        return pool.submit(self._read, reader, batch)
+
+    # ---------------------------------------------------------------- public API
+
+    def iter_tiles(
+        self, source: Any, region: Any = None, progress: Progress | None = None,
+        cancel: CancelToken | None = None, probabilities: bool = False,
+    ) -> Iterator[TileResult]:
+        """Yield :class:`TileResult` for every tile of ``region``, centre-first, as they finish.
+
+        The input is validated when this is called (not at the first ``next``). Iterating
+        raises :class:`~napari_muvit.errors.CancelledError` (within one batch) when ``cancel``
+        is triggered; every result yielded before is complete.
+        """
+        self.check_source(source)
+        reg = as_region(region, source.shape)
+        return self._stream(
+            source, [reg], lambda t: False, probabilities, self._cell_count(reg), progress, cancel
+        )
+
+    def predict(
+        self, source: Any, region: Any = None, sink: Any = None, probabilities: bool = False,
+        progress: Progress | None = None, cancel: CancelToken | None = None,
+    ) -> Any:
+        """Predict ``region`` into ``sink`` (default: a new :class:`MemorySink`) and return it.
+
+        With a :class:`ZarrSink`, ``region`` (default: the store's region) is processed chunk by
+        chunk, skipping tiles already done; the store is marked complete when nothing is
+        missing. On cancel or error the sink is flushed (all written tiles stay valid) and the
+        exception propagates.
+        """
+        self.check_source(source)
+        if sink is None:
+            reg = as_region(region, source.shape)
+            sink = MemorySink(reg, self.num_classes, probabilities, self.label_values)
+        else:
+            reg = None if region is None else as_region(region, source.shape)
+            self._check_sink(source, sink)
+        blocks = sink.blocks(reg)
+        remaining = sink.remaining(reg)
+        total = remaining if remaining is not None else sum(self._cell_count(b) for b in blocks)
+        need_probs = bool(sink.wants_probabilities)
+        try:
+            for res in self._stream(source, blocks, sink.is_done, need_probs, total, progress, cancel):
+                sink.write(res)
+        except BaseException:
+            sink.close(complete=False)
+            raise
+        sink.close()
+        return sink
+
+    def _check_sink(self, source: Any, sink: Any) -> None:
+        if isinstance(sink, ZarrSink):
+            if tuple(sink.image_shape) != tuple(source.shape):
+                raise InputError(
+                    f"output store {sink.path} is for an image of shape {sink.image_shape}, "
+                    f"the image has shape {tuple(source.shape)}"
+                )
+            if (sink.tile_size, sink.overlap) != (self.tile_size, self.overlap):
+                raise InputError(
+                    f"output store {sink.path} uses tile size {sink.tile_size} / overlap "
+                    f"{sink.overlap}, the predictor {self.tile_size} / {self.overlap}"
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode for the forward pass, restoring every submodule's own flag afterwards (the
+    widget may predict with a model that is being trained, possibly partly frozen)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _report(progress: Progress | None, done: int, total: int, message: str) -> None:
+    if progress is not None:
+        progress(done, total, message)
+
+
+def _empty_batch(batch: _Batch) -> _Batch:
+    batch.crops = np.zeros((0,), np.float32)
+    batch.empty = np.zeros(0, dtype=bool)
+    return batch
+
+
+def _weakrefable(obj: Any) -> bool:
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _norm_key(want: dict | None, source: Any, reader: Any) -> str:
+    """Cache-key text of the normalisation actually applied to the crops."""
+    norm = want if want is not None else reader.normalization.to_dict()
+    return json.dumps(norm, sort_keys=True, default=str)
+
+
+def _order(pool: dict[tuple[int, int], Tile], targets: list[Tile]) -> list[tuple[int, int]]:
+    """Needed tiles in target order (centre-first), then the remaining margin tiles."""
+    seen: dict[tuple[int, int], None] = {}
+    for t in targets:
+        if t.grid in pool:
+            seen[t.grid] = None
+    centre = np.mean([t.centre for t in targets], axis=0)
+    rest = sorted((g for g in pool if g not in seen),
+                  key=lambda g: (round(float(np.hypot(*(pool[g].centre - centre))), 6), g))
+    return [*seen, *rest]
+
+
+def _overlaps(bbox: np.ndarray, core: np.ndarray) -> bool:
+    return bool(np.all(np.maximum(bbox[0], core[0]) < np.minimum(bbox[1], core[1])))
+
+
+def _overlap_slices(core: np.ndarray, origin: np.ndarray, size: int
+                    ) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Slices into the core and into an ``S×S`` tile at ``origin`` of their intersection."""
+    lo = np.maximum(core[0], origin)
+    hi = np.minimum(core[1], origin + size)
+    dst = tuple(slice(int(lo[a] - core[0, a]), int(hi[a] - core[0, a])) for a in range(2))
+    src = tuple(slice(int(lo[a] - origin[a]), int(hi[a] - origin[a])) for a in range(2))
+    return dst, src  # type: ignore[return-value]
+
+
+def _check_segmenter(model: Any) -> None:
+    missing = [a for a in ("levels", "num_classes", "label_values", "in_channels", "patch_size")
+               if not hasattr(model, a)]
+    if not isinstance(model, torch.nn.Module) or missing:
+        raise InputError(
+            f"model: expected a MuViTSegmenter (or a segmenter folder), got {type(model).__name__}"
+        )
+
+
+def _tile_size(model: Any, tile_size: int | None) -> int:
+    meta = getattr(model, "meta", None) or {}
+    size = tile_size if tile_size is not None else meta.get("crop_size", DEFAULT_TILE_SIZE)
+    try:
+        s = int(size)
+    except (TypeError, ValueError):
+        raise InputError(f"tile_size: expected a positive integer, got {size!r}") from None
+    p = int(model.patch_size)
+    if s != size or s < p or s % p:
+        raise InputError(
+            f"tile_size: expected a positive multiple of the patch size {p}, got {size!r}"
+        )
+    return s
+
+
+def _empty_threshold(skip_empty: bool | float) -> float | None:
+    if skip_empty is False or skip_empty is None:
+        return None
+    if skip_empty is True:
+        return DEFAULT_EMPTY_STD
+    value = float(skip_empty)
+    if not value > 0:
+        raise InputError(f"skip_empty: expected True/False or a positive std threshold, got {skip_empty!r}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# convenience API
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(model: Any = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A segmenter from an instance, a model folder, or ``None`` (the bundled default)."""
+    if isinstance(model, torch.nn.Module):
+        _check_segmenter(model)
+        return model
+    from napari_muvit.model.checkpoint import load_model
+
+    if model is None:
+        from napari_muvit.weights import default_model_path
+
+        folder = default_model_path()
+    else:
+        folder = Path(model).expanduser()
+        if not folder.exists():
+            raise CheckpointError(f"model folder {str(folder)!r} does not exist")
+    loaded = load_model(folder, map_location="cpu")
+    if not hasattr(loaded, "num_classes"):
+        raise CheckpointError(
+            f"model folder {str(folder)!r} holds a {type(loaded).__name__}, not a segmenter; "
+            "fine-tune it into a segmenter first"
+        )
+    return loaded
+
+
+def predict(
+    image_or_source: Any,
+    model: Any = None,
+    region: Any = None,
+    out: str | Path | None = None,
+    device: str | torch.device = "auto",
+    batch_size: int | None = None,
+    overlap: int = 0,
+    probabilities: bool = False,
+    progress: Progress | None = None,
+    cancel: CancelToken | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    *,
+    overwrite: bool = False,
+    skip_empty: bool | float = False,
+    tile_size: int | None = None,
+    amp: str | bool | None = "auto",
+) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
+    """Segment an image with a MuViT segmenter.
+
+    Parameters
+    ----------
+    image_or_source
+        A path (OME-Zarr/zarr, TIFF, ``.npy``), an array, a list of pyramid levels or a
+        :class:`~napari_muvit.data.PyramidSource`.
+    model
+        A ``MuViTSegmenter``, a model folder, or ``None`` for the bundled default model.
+    region
+        World bbox ``[[y0, x0], [y1, x1]]`` (default: the whole image).
+    out
+        ``None``: return the labels as numpy (``(labels, probs)`` with ``probabilities``).
+        A path: write a resumable OME-Zarr there and return its path.
+    scheduler, workers
+        Run on Dask (a scheduler address, or a ``LocalCluster`` with ``workers`` processes);
+        needs ``out``.
+    overwrite
+        Replace an existing napari-muvit output at ``out`` (foreign data is never deleted).
+
+    The other arguments are those of :class:`Predictor`. Bad input raises
+    :class:`~napari_muvit.errors.InputError` before any tile is computed.
+    """
+    if out is None and (scheduler is not None or workers is not None):
+        raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
+    if out is not None and (scheduler is not None or workers is not None):
+        from napari_muvit.engine.distributed import predict_distributed
+
+        return predict_distributed(
+            image_or_source, model, out, scheduler=scheduler, workers=workers, region=region,
+            device=device, batch_size=batch_size, overlap=overlap, probabilities=probabilities,
+            progress=progress, cancel=cancel, overwrite=overwrite, skip_empty=skip_empty,
+            tile_size=tile_size, amp=amp,
+        )
+    from napari_muvit.data import open_image
+
+    source = open_image(image_or_source)
+    seg = resolve_model(model)
+    pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
+                     skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
+                     tile_size=tile_size)
+    pred.check_source(source)
+    if out is None:
+        sink = pred.predict(source, region, probabilities=probabilities, progress=progress,
+                            cancel=cancel)
+        return (sink.labels, sink.probs) if probabilities else sink.labels
+    sink = create_zarr_sink(pred, source, out, region=region, probabilities=probabilities,
+                            overwrite=overwrite)
+    pred.predict(source, sink=sink, progress=progress, cancel=cancel)
+    return sink.path
+
+
+def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
+    """What must match for a zarr store to be resumed: model weights, levels, normalisation,
+    tile plan and image geometry (not the device: results agree across devices up to
+    precision)."""
+    key, _reader = pred._reading_source(source)
+    return {
+        "model_sha256": model_digest(pred.model),
+        "levels": list(pred.levels),
+        "normalization": json.loads(key),
+        "skip_empty": pred.empty_std,
+        "channels": int(source.channels),
+    }
+
+
+def create_zarr_sink(
+    pred: Predictor, source: Any, out: str | Path, region: Any = None,
+    probabilities: bool = False, overwrite: bool = False, write_pyramid: bool = True,
+    chunk_size: int | None = None,
+) -> ZarrSink:
+    """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one)."""
+    model = pred.model
+    return ZarrSink.create(
+        out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
+        region=as_region(region, source.shape), label_values=pred.label_values,
+        class_names=getattr(model, "class_names", None),
+        class_colors=getattr(model, "class_colors", None), probabilities=probabilities,
+        fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
+        write_pyramid=write_pyramid, chunk_size=chunk_size,
+    )

@@ -1,0 +1,821 @@
+"""Where predicted tiles go: an in-memory array or a resumable OME-Zarr labels image.
+
+A *sink* receives :class:`~napari_muvit.engine.predict.TileResult` objects (labels, and
+optionally class probabilities, of one tile's *core*, i.e. the output pixels that tile owns)
+from the :class:`~napari_muvit.engine.predict.Predictor`. Two sinks exist:
+
+* :class:`MemorySink`: numpy arrays for a region (the viewer and the Python API).
+* :class:`ZarrSink`: a zarr v3 OME-Zarr (NGFF 0.5) labels image on disk with a nearest-neighbour
+  multiscale pyramid, an optional probability array, and a per-tile ``done`` record so that an
+  interrupted run resumes where it stopped. Tiles are buffered per zarr chunk and each chunk is
+  written whole once its tiles are in, so memory stays bounded by a few chunks whatever the
+  image size, no chunk is read-modify-written by two processes (Dask workers own whole chunks),
+  and a tile is marked done only after its pixels are on disk.
+
+The store layout (all world = level-1 pixel coordinates, the full image extent, so it overlays
+the image in napari without any translation; pixels outside the predicted region are 0)::
+
+    OUT.zarr/            group, attrs: ome (multiscales + image-label), napari_muvit (status)
+      0, 1, 2, ...       labels (Y, X), (Y/2, X/2), ... uint8/uint16/uint32
+      probabilities/0    float16 (K, Y, X)        only with probabilities=True
+      done               bool (ceil(Y/step), ceil(X/step))   one flag per tile grid cell
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_muvit.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import zarr
+
+    from napari_muvit.data.geometry import Tile
+    from napari_muvit.engine.predict import TileResult
+
+STORE_FORMAT = "napari-muvit-prediction"
+STORE_FORMAT_VERSION = 1
+STATUS_INCOMPLETE = "incomplete"
+STATUS_COMPLETE = "complete"
+NGFF_VERSION = "0.5"
+DEFAULT_CHUNK = 512
+MIN_PYRAMID_SIZE = 256
+
+__all__ = [
+    "MemorySink",
+    "ZarrSink",
+    "label_dtype",
+    "read_store_info",
+    "STORE_FORMAT",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def label_dtype(num_classes: int, label_values: Sequence[int] | None = None) -> np.dtype:
+    """Smallest unsigned integer dtype holding every output label value."""
+    values = list(label_values) if label_values is not None else list(range(num_classes + 1))
+    if any(int(v) < 0 for v in values):
+        raise InputError(f"label_values: expected non-negative integers, got {values}")
+    top = max((int(v) for v in values), default=0)
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise InputError(f"label_values: {top} does not fit a 32-bit label image")
+
+
+def as_region(region: np.ndarray | Sequence | None, image_shape: Sequence[int]) -> np.ndarray:
+    """``region`` as an int64 ``(2, 2)`` bbox clipped to the image (``None`` = whole image).
+
+    Raises :class:`InputError` for malformed or empty regions, before any work starts.
+    """
+    shape = np.asarray(image_shape, dtype=np.int64).reshape(-1)[-2:]
+    if region is None:
+        return np.array([[0, 0], shape], dtype=np.int64)
+    reg = np.asarray(region, dtype=np.float64)
+    if reg.shape == (4,):
+        reg = reg.reshape(2, 2)
+    if reg.shape != (2, 2) or not np.all(np.isfinite(reg)):
+        raise InputError(f"region: expected [[y0, x0], [y1, x1]], got {np.asarray(region).tolist()}")
+    lo = np.maximum(np.floor(reg[0]), 0).astype(np.int64)
+    hi = np.minimum(np.ceil(reg[1]), shape).astype(np.int64)
+    if np.any(hi <= lo):
+        raise InputError(
+            f"region: {reg.tolist()} is empty or lies outside the image of shape "
+            f"{tuple(int(s) for s in shape)} (need y0 < y1, x0 < x1 inside the image)"
+        )
+    return np.stack([lo, hi])
+
+
+def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    lo = np.maximum(a[0], b[0])
+    hi = np.minimum(a[1], b[1])
+    if np.any(hi <= lo):
+        return None
+    return np.stack([lo, hi]).astype(np.int64)
+
+
+def _core_and_offsets(
+    result: TileResult, region: np.ndarray
+) -> tuple[np.ndarray, tuple[slice, slice]] | None:
+    """Part of the result's core inside ``region`` and the matching slices into the result."""
+    core = np.asarray(result.tile.core, dtype=np.int64)
+    part = _intersect(core, region)
+    if part is None:
+        return None
+    src = (
+        slice(int(part[0, 0] - core[0, 0]), int(part[1, 0] - core[0, 0])),
+        slice(int(part[0, 1] - core[0, 1]), int(part[1, 1] - core[0, 1])),
+    )
+    return part, src
+
+
+def _pyramid_shapes(image_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Level shapes of the nearest-neighbour pyramid (factor 2), coarsest <= MIN_PYRAMID_SIZE."""
+    y, x = (int(v) for v in image_shape)
+    shapes = [(y, x)]
+    while max(y, x) > MIN_PYRAMID_SIZE:
+        y, x = math.ceil(y / 2), math.ceil(x / 2)
+        shapes.append((y, x))
+    return shapes
+
+
+def _downsample_slices(lo: int, hi: int, factor: int) -> tuple[int, int, int]:
+    """Level-k index range ``[a, b)`` sampling world ``[lo, hi)`` at multiples of ``factor``,
+    and the offset of the first sample inside ``[lo, hi)``.
+
+    Nearest-neighbour level k keeps world pixels ``i·2^k``; a world interval owns exactly the
+    samples that fall inside it, so chunks written independently never overlap in level k.
+    """
+    a = -(-lo // factor)
+    b = -(-hi // factor)
+    return a, b, a * factor - lo
+
+
+# --------------------------------------------------------------------------------------------
+# memory
+# --------------------------------------------------------------------------------------------
+
+
+class MemorySink:
+    """Prediction of a region held in numpy arrays.
+
+    Parameters
+    ----------
+    region
+        Integer world bbox ``[[y0, x0], [y1, x1]]`` of the output.
+    num_classes
+        Number of model classes ``K`` (size of the probability axis).
+    probabilities
+        Also keep ``(K, h, w)`` float16 class probabilities in :attr:`probs`.
+    label_values
+        Output label values (to choose the smallest label dtype); default ``0..K``.
+
+    Attributes
+    ----------
+    labels
+        ``(h, w)`` label image of the region (0 where nothing was predicted yet).
+    probs
+        ``(K, h, w)`` float16 or ``None``.
+    written
+        ``(h, w)`` bool: pixels written so far (useful after a cancel).
+    """
+
+    def __init__(
+        self,
+        region: np.ndarray | Sequence,
+        num_classes: int,
+        probabilities: bool = False,
+        label_values: Sequence[int] | None = None,
+    ) -> None:
+        reg = np.asarray(region, dtype=np.int64)
+        if reg.shape != (2, 2) or np.any(reg[1] <= reg[0]):
+            raise InputError(f"region: expected a non-empty [[y0, x0], [y1, x1]], got {reg.tolist()}")
+        self.region = reg
+        self.num_classes = int(num_classes)
+        self.wants_probabilities = bool(probabilities)
+        h, w = (int(v) for v in reg[1] - reg[0])
+        self.labels = np.zeros((h, w), dtype=label_dtype(self.num_classes, label_values))
+        self.probs = (
+            np.zeros((self.num_classes, h, w), dtype=np.float16) if probabilities else None
+        )
+        self.written = np.zeros((h, w), dtype=bool)
+
+    def blocks(self, region: np.ndarray | None = None) -> list[np.ndarray]:
+        """The region in one block (everything fits in memory by construction)."""
+        reg = self.region if region is None else _intersect(self.region, np.asarray(region))
+        return [] if reg is None else [reg]
+
+    def is_done(self, tile: Tile) -> bool:
+        """Memory sinks start empty: nothing to resume."""
+        return False
+
+    def remaining(self, region: np.ndarray | None = None) -> int | None:
+        """Unknown up-front (the planner counts tiles)."""
+        return None
+
+    def write(self, result: TileResult) -> None:
+        """Copy the part of the tile's core inside the region."""
+        hit = _core_and_offsets(result, self.region)
+        if hit is None:
+            return
+        part, src = hit
+        dst = (
+            slice(int(part[0, 0] - self.region[0, 0]), int(part[1, 0] - self.region[0, 0])),
+            slice(int(part[0, 1] - self.region[0, 1]), int(part[1, 1] - self.region[0, 1])),
+        )
+        self.labels[dst] = result.labels[src]
+        self.written[dst] = True
+        if self.probs is not None and result.probs is not None:
+            self.probs[(slice(None), *dst)] = result.probs[(slice(None), *src)]
+
+    def close(self, complete: bool | None = None) -> None:
+        """Nothing to flush."""
+
+
+# --------------------------------------------------------------------------------------------
+# zarr
+# --------------------------------------------------------------------------------------------
+
+
+def read_store_info(path: str | Path) -> dict[str, Any] | None:
+    """The ``napari_muvit`` attributes of a prediction store, or ``None`` if ``path`` is not one.
+
+    Never raises for foreign data: anything that is not our store returns ``None``.
+    """
+    import json
+
+    meta_file = Path(path) / "zarr.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError):
+        return None
+    info = meta.get("attributes", {}).get("napari_muvit") if isinstance(meta, dict) else None
+    if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
+        return None
+    return info
+
+
+def _check_writable(path: Path) -> None:
+    """Raise :class:`InputError` if ``path`` cannot be created (before any work starts)."""
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"output {str(path)!r}: cannot create folder {str(parent)!r}: {err}") from None
+    if not parent.is_dir():
+        raise InputError(f"output {str(path)!r}: {str(parent)!r} is not a folder")
+    probe = parent / f".napari-muvit-write-test-{path.name}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"output {str(path)!r}: folder {str(parent)!r} is not writable ({err})") from None
+
+
+def _ngff_attrs(
+    name: str,
+    n_levels: int,
+    label_values: Sequence[int],
+    class_names: Sequence[str] | None,
+    class_colors: Sequence[Sequence[float]] | None,
+) -> dict[str, Any]:
+    datasets = [
+        {
+            "path": str(k),
+            # level k keeps world pixels i·2^k (nearest): pixel centres line up with scale only
+            "coordinateTransformations": [{"type": "scale", "scale": [2.0**k, 2.0**k]}],
+        }
+        for k in range(n_levels)
+    ]
+    properties = []
+    colors = []
+    for i, value in enumerate(label_values):
+        prop: dict[str, Any] = {"label-value": int(value)}
+        if class_names is not None and i < len(class_names):
+            prop["class"] = str(class_names[i])
+        properties.append(prop)
+        if class_colors is not None and i < len(class_colors):
+            rgba = [float(c) for c in class_colors[i]]
+            if len(rgba) == 3:
+                rgba.append(1.0)
+            colors.append({"label-value": int(value), "rgba": [int(round(255 * c)) for c in rgba]})
+    label_meta: dict[str, Any] = {"version": NGFF_VERSION, "properties": properties}
+    if colors:
+        label_meta["colors"] = colors
+    return {
+        "version": NGFF_VERSION,
+        "multiscales": [
+            {
+                "name": name,
+                "axes": [
+                    {"name": "y", "type": "space", "unit": "pixel"},
+                    {"name": "x", "type": "space", "unit": "pixel"},
+                ],
+                "datasets": datasets,
+                "type": "nearest",
+                "metadata": {"method": "numpy slicing [::2, ::2] (nearest neighbour)"},
+            }
+        ],
+        "image-label": label_meta,
+    }
+
+
+class _ChunkBuffer:
+    """Labels (and probabilities) of one level-0 chunk being filled by tiles."""
+
+    def __init__(self, bbox: np.ndarray, labels: np.ndarray, probs: np.ndarray | None) -> None:
+        self.bbox = bbox
+        self.labels = labels
+        self.probs = probs
+        self.pending: set[tuple[int, int]] = set()
+        self.missing: set[tuple[int, int]] = set()
+
+
+class ZarrSink:
+    """Resumable OME-Zarr (zarr v3, NGFF 0.5) labels output; see the module docstring.
+
+    Create with :meth:`create` (checks the path, refuses to clobber, resumes a matching
+    incomplete store) or attach to an existing store with :meth:`open` (Dask workers).
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, write_pyramid: bool = True,
+                 max_buffered_chunks: int = 8, resumed: bool = False,
+                 finalize: bool = True) -> None:
+        info = dict(group.attrs["napari_muvit"])
+        self.path = path
+        self.group = group
+        self.info = info
+        self.image_shape = tuple(int(v) for v in info["image_shape"])
+        self.tile_size = int(info["tile_size"])
+        self.overlap = int(info["overlap"])
+        self.step = self.tile_size - self.overlap
+        self.chunk_size = int(info["chunk_size"])
+        self.region = np.asarray(info["region"], dtype=np.int64)
+        self.num_classes = int(info["num_classes"])
+        self.label_values = [int(v) for v in info["label_values"]]
+        self.wants_probabilities = bool(info["probabilities"])
+        self.n_levels = int(info["pyramid_levels"])
+        self.write_pyramid = write_pyramid
+        self.max_buffered_chunks = max(1, int(max_buffered_chunks))
+        self.resumed = resumed
+        # only the process that created the store may declare it complete (not Dask workers)
+        self.finalize = finalize
+        self._levels = [group[str(k)] for k in range(self.n_levels)]
+        self._probs = group["probabilities/0"] if self.wants_probabilities else None
+        self._done = group["done"]
+        self._buffers: OrderedDict[tuple[int, int], _ChunkBuffer] = OrderedDict()
+        # done flags of the chunks touched recently, one small block per chunk (bounded LRU)
+        self._done_blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cells_per_chunk = self.chunk_size // self.step
+        self.chunks_written = 0
+
+    # ---------------------------------------------------------------- creation / opening
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        image_shape: Sequence[int],
+        tile_size: int,
+        num_classes: int,
+        *,
+        overlap: int = 0,
+        region: np.ndarray | Sequence | None = None,
+        label_values: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        class_colors: Sequence[Sequence[float]] | None = None,
+        probabilities: bool = False,
+        chunk_size: int | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        overwrite: bool = False,
+        resume: bool = True,
+        write_pyramid: bool = True,
+        name: str = "labels",
+    ) -> ZarrSink:
+        """Create (or resume) a prediction store at ``path``.
+
+        * ``path`` does not exist (or is an empty folder): a new store, marked incomplete.
+        * ``path`` is an *incomplete* napari-muvit store with the same fingerprint, region,
+          tile plan and outputs, and ``resume=True``: it is reopened and only missing tiles are
+          computed.
+        * ``path`` is another napari-muvit store: replaced only with ``overwrite=True``.
+        * anything else (user data): always refused, even with ``overwrite=True``.
+        """
+        import zarr
+
+        path = Path(path).expanduser().absolute()
+        shape = tuple(int(v) for v in image_shape)
+        reg = as_region(region, shape)
+        values = list(range(num_classes)) if label_values is None else [int(v) for v in label_values]
+        if len(values) != num_classes:
+            raise InputError(f"label_values: expected {num_classes} values, got {len(values)}")
+        step = int(tile_size) - int(overlap)
+        chunk = _chunk_size(step, chunk_size)
+        wanted = {
+            "format": STORE_FORMAT,
+            "format_version": STORE_FORMAT_VERSION,
+            "image_shape": list(shape),
+            "region": reg.tolist(),
+            "tile_size": int(tile_size),
+            "overlap": int(overlap),
+            "chunk_size": chunk,
+            "num_classes": int(num_classes),
+            "label_values": values,
+            "class_names": list(class_names) if class_names is not None else None,
+            "probabilities": bool(probabilities),
+            "pyramid_levels": len(_pyramid_shapes(shape)),
+            "fingerprint": fingerprint or {},
+        }
+        existing = _existing_kind(path)
+        if existing == "ours":
+            info = read_store_info(path) or {}
+            if resume and info.get("status") == STATUS_INCOMPLETE and _matches(info, wanted):
+                group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+                return cls(path, group, write_pyramid=write_pyramid, resumed=True)
+            if not overwrite:
+                why = (
+                    "a finished prediction"
+                    if info.get("status") == STATUS_COMPLETE
+                    else "an unfinished prediction with different settings"
+                )
+                raise InputError(
+                    f"output {str(path)!r} already exists ({why}); pass overwrite=True "
+                    "(--overwrite) to replace it or choose another path"
+                )
+            shutil.rmtree(path)
+        elif existing == "foreign":
+            raise InputError(
+                f"output {str(path)!r} already exists and is not a napari-muvit prediction; "
+                "refusing to touch it (even with overwrite) - choose another path"
+            )
+        _check_writable(path)
+        attrs = {
+            "ome": _ngff_attrs(name, wanted["pyramid_levels"], values, class_names, class_colors),
+            "napari_muvit": {**wanted, "status": STATUS_INCOMPLETE},
+        }
+        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        _create_arrays(group, shape, chunk, step, num_classes, values, probabilities)
+        return cls(path, group, write_pyramid=write_pyramid)
+
+    @classmethod
+    def open(cls, path: str | Path, write_pyramid: bool = False,
+             max_buffered_chunks: int = 8) -> ZarrSink:
+        """Attach to an existing prediction store for writing (Dask workers, inspection)."""
+        import zarr
+
+        path = Path(path).expanduser().absolute()
+        if read_store_info(path) is None:
+            raise InputError(f"{str(path)!r} is not a napari-muvit prediction store")
+        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        return cls(path, group, write_pyramid=write_pyramid,
+                   max_buffered_chunks=max_buffered_chunks, finalize=False)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def complete(self) -> bool:
+        """Whether the store is marked complete (re-read from disk)."""
+        info = read_store_info(self.path) or {}
+        return info.get("status") == STATUS_COMPLETE
+
+    def labels(self, level: int = 0) -> zarr.Array:
+        """The zarr array of pyramid level ``level`` (0 = full resolution)."""
+        return self._levels[level]
+
+    @property
+    def probabilities(self) -> zarr.Array | None:
+        """The ``(K, Y, X)`` float16 probability array, if requested."""
+        return self._probs
+
+    def cell_range(self, region: np.ndarray | None = None) -> tuple[range, range]:
+        """Grid cells (rows, columns) whose cores intersect ``region`` (default: the store's)."""
+        reg = self.region if region is None else region
+        return (
+            range(int(reg[0, 0]) // self.step, (int(reg[1, 0]) - 1) // self.step + 1),
+            range(int(reg[0, 1]) // self.step, (int(reg[1, 1]) - 1) // self.step + 1),
+        )
+
+    def done_mask(self, region: np.ndarray | None = None) -> np.ndarray:
+        """Done flags of the cells of ``region`` (2-D bool)."""
+        rows, cols = self.cell_range(region)
+        return np.asarray(self._done[rows.start : rows.stop, cols.start : cols.stop], dtype=bool)
+
+    def _done_block(self, key: tuple[int, int]) -> np.ndarray:
+        """Done flags of chunk ``key``'s cells (cached; the owner of a chunk keeps it current)."""
+        block = self._done_blocks.get(key)
+        if block is None:
+            n = self._cells_per_chunk
+            block = np.asarray(
+                self._done[key[0] * n : (key[0] + 1) * n, key[1] * n : (key[1] + 1) * n], dtype=bool
+            ).copy()
+            self._done_blocks[key] = block
+            while len(self._done_blocks) > 4 * self.max_buffered_chunks:
+                self._done_blocks.popitem(last=False)
+        else:
+            self._done_blocks.move_to_end(key)
+        return block
+
+    def _cell_done(self, iy: int, ix: int) -> bool:
+        n = self._cells_per_chunk
+        return bool(self._done_block(self._chunk_of(iy, ix))[iy % n, ix % n])
+
+    def is_done(self, tile: Tile) -> bool:
+        """Whether ``tile``'s cell is already written (this run, an earlier flush or run)."""
+        iy, ix = tile.grid
+        buf = self._buffers.get(self._chunk_of(iy, ix))
+        if buf is not None and (iy, ix) in buf.pending:
+            return True
+        return self._cell_done(iy, ix)
+
+    def remaining(self, region: np.ndarray | None = None) -> int:
+        """Number of cells in ``region`` (∩ the store's region) still to compute."""
+        reg = self.region if region is None else _intersect(self.region, np.asarray(region))
+        if reg is None:
+            return 0
+        return int((~self.done_mask(reg)).sum())
+
+    def blocks(self, region: np.ndarray | None = None) -> list[np.ndarray]:
+        """Level-0 chunks (∩ region) with missing cells, centre-first.
+
+        The predictor plans and flushes one chunk at a time, so memory never depends on the
+        image size and every chunk is written whole, once.
+        """
+        reg = self.region if region is None else _intersect(self.region, np.asarray(region))
+        if reg is None:
+            return []
+        c = self.chunk_size
+        cy = range(int(reg[0, 0]) // c, (int(reg[1, 0]) - 1) // c + 1)
+        cx = range(int(reg[0, 1]) // c, (int(reg[1, 1]) - 1) // c + 1)
+        # one read of the region's flags (cells, not pixels: ~step² times smaller than labels)
+        done = self.done_mask(reg)
+        rows0, cols0 = (r.start for r in self.cell_range(reg))
+        centre = reg.mean(axis=0)
+        out = []
+        for iy in cy:
+            for ix in cx:
+                box = _intersect(reg, np.array([[iy * c, ix * c], [(iy + 1) * c, (ix + 1) * c]]))
+                if box is None:
+                    continue
+                rows, cols = self.cell_range(box)
+                sub = done[rows.start - rows0 : rows.stop - rows0, cols.start - cols0 : cols.stop - cols0]
+                if sub.all():
+                    continue
+                d = float(np.hypot(*(box.mean(axis=0) - centre)))
+                out.append((round(d, 6), iy, ix, box))
+        out.sort(key=lambda t: t[:3])
+        return [t[3] for t in out]
+
+    # ---------------------------------------------------------------- writing
+
+    def _chunk_of(self, iy: int, ix: int) -> tuple[int, int]:
+        return iy // self._cells_per_chunk, ix // self._cells_per_chunk
+
+    def _chunk_bbox(self, key: tuple[int, int]) -> np.ndarray:
+        c = self.chunk_size
+        lo = np.array([key[0] * c, key[1] * c], dtype=np.int64)
+        hi = np.minimum(lo + c, np.asarray(self.image_shape, dtype=np.int64))
+        return np.stack([lo, hi])
+
+    def _expected_cells(self, key: tuple[int, int]) -> set[tuple[int, int]]:
+        box = _intersect(self._chunk_bbox(key), self.region)
+        if box is None:
+            return set()
+        rows, cols = self.cell_range(box)
+        return {(r, q) for r in rows for q in cols}
+
+    def _buffer(self, key: tuple[int, int]) -> _ChunkBuffer:
+        buf = self._buffers.get(key)
+        if buf is not None:
+            self._buffers.move_to_end(key)
+            return buf
+        bbox = self._chunk_bbox(key)
+        sl = (slice(int(bbox[0, 0]), int(bbox[1, 0])), slice(int(bbox[0, 1]), int(bbox[1, 1])))
+        cells = self._expected_cells(key)
+        missing = {c for c in cells if not self._cell_done(*c)}
+        # a chunk with finished cells from an earlier run/flush keeps them: start from disk
+        if len(missing) < len(cells):
+            labels = np.asarray(self._levels[0][sl])
+            probs = np.asarray(self._probs[(slice(None), *sl)]) if self._probs is not None else None
+        else:
+            labels = np.zeros(tuple(bbox[1] - bbox[0]), dtype=self._levels[0].dtype)
+            probs = (
+                np.zeros((self.num_classes, *labels.shape), dtype=np.float16)
+                if self._probs is not None
+                else None
+            )
+        buf = _ChunkBuffer(bbox, labels, probs)
+        buf.missing = missing
+        self._buffers[key] = buf
+        while len(self._buffers) > self.max_buffered_chunks:
+            old_key = next(iter(self._buffers))
+            self._flush(old_key)
+        return buf
+
+    def write(self, result: TileResult) -> None:
+        """Buffer a tile; its chunk is written (and the tile marked done) once complete."""
+        core = np.asarray(result.tile.core, dtype=np.int64)
+        if _intersect(core, self.region) is None:
+            return
+        iy, ix = result.tile.grid
+        key = self._chunk_of(iy, ix)
+        buf = self._buffer(key)
+        hit = _core_and_offsets(result, np.asarray(buf.bbox))
+        if hit is None:  # pragma: no cover - cores lie inside their cell's chunk by construction
+            raise RuntimeError(f"tile {result.tile.grid} core {core.tolist()} outside its chunk")
+        part, src = hit
+        dst = (
+            slice(int(part[0, 0] - buf.bbox[0, 0]), int(part[1, 0] - buf.bbox[0, 0])),
+            slice(int(part[0, 1] - buf.bbox[0, 1]), int(part[1, 1] - buf.bbox[0, 1])),
+        )
+        buf.labels[dst] = result.labels[src]
+        if buf.probs is not None and result.probs is not None:
+            buf.probs[(slice(None), *dst)] = result.probs[(slice(None), *src)]
+        buf.pending.add((iy, ix))
+        if buf.pending >= buf.missing:
+            self._flush(key)
+
+    def _flush(self, key: tuple[int, int]) -> None:
+        """Write one chunk buffer: pixels first, then pyramid, then the done flags."""
+        buf = self._buffers.pop(key, None)
+        if buf is None or not buf.pending:
+            return
+        (y0, x0), (y1, x1) = buf.bbox.tolist()
+        self._levels[0][y0:y1, x0:x1] = buf.labels
+        if self._probs is not None and buf.probs is not None:
+            self._probs[:, y0:y1, x0:x1] = buf.probs
+        if self.write_pyramid:
+            for k in range(1, self.n_levels):
+                f = 2**k
+                a, b, oy = _downsample_slices(y0, y1, f)
+                c, d, ox = _downsample_slices(x0, x1, f)
+                if b > a and d > c:
+                    self._levels[k][a:b, c:d] = buf.labels[oy::f, ox::f]
+        # flags last: a crash before this line only costs recomputing the chunk on resume
+        n = self._cells_per_chunk
+        block = self._done_block(key)
+        for r, q in buf.pending:
+            block[r % n, q % n] = True
+        r0, q0 = key[0] * n, key[1] * n
+        rows = min(n, self._done.shape[0] - r0)
+        cols = min(n, self._done.shape[1] - q0)
+        self._done[r0 : r0 + rows, q0 : q0 + cols] = block[:rows, :cols]
+        self.chunks_written += 1
+
+    def flush(self) -> None:
+        """Write every buffered chunk (partial ones too: their finished tiles stay valid)."""
+        for key in list(self._buffers):
+            self._flush(key)
+
+    def build_pyramid(self, region: np.ndarray | None = None) -> None:
+        """Recompute pyramid levels >= 1 over ``region`` from level 0 (after parallel writes).
+
+        Each level is derived from the previous one (``[::2, ::2]``), equal to sampling level 0
+        at multiples of ``2^k``; processed one output chunk at a time (bounded memory).
+        """
+        reg = self.region if region is None else region
+        for k in range(1, self.n_levels):
+            for box in pyramid_chunk_boxes(self, k, reg):
+                build_pyramid_chunk(self, k, box)
+
+    def close(self, complete: bool | None = None) -> bool:
+        """Flush, then mark the store complete if every cell of the region is done.
+
+        ``complete=False`` keeps it incomplete (e.g. a cancelled run); a sink attached with
+        :meth:`open` (a Dask worker) only flushes. Returns whether the store is now complete.
+        """
+        self.flush()
+        if complete is False or not self.finalize:
+            return False
+        if self.remaining() > 0:
+            return False
+        if not self.write_pyramid:
+            self.build_pyramid()
+        self.mark(STATUS_COMPLETE)
+        return True
+
+    def mark(self, status: str) -> None:
+        """Set the store status in one atomic metadata write (zarr writes via rename)."""
+        info = dict(self.group.attrs["napari_muvit"])
+        info["status"] = status
+        self.group.attrs.update({"napari_muvit": info})
+        self.info = info
+
+
+def pyramid_chunk_boxes(sink: ZarrSink, level: int, region: np.ndarray) -> list[np.ndarray]:
+    """Level-``level`` chunk bboxes (level pixels) covering world ``region``."""
+    f = 2**level
+    arr = sink.labels(level)
+    cy, cx = arr.chunks
+    a0, a1 = -(-int(region[0, 0]) // f) // cy * cy, -(-int(region[1, 0]) // f)
+    b0, b1 = -(-int(region[0, 1]) // f) // cx * cx, -(-int(region[1, 1]) // f)
+    boxes = []
+    for y in range(a0, a1, cy):
+        for x in range(b0, b1, cx):
+            boxes.append(
+                np.array([[y, x], [min(y + cy, arr.shape[0]), min(x + cx, arr.shape[1])]])
+            )
+    return boxes
+
+
+def build_pyramid_chunk(sink: ZarrSink, level: int, box: np.ndarray) -> None:
+    """Write one chunk of pyramid ``level`` from level ``level - 1`` (one writer per chunk)."""
+    (y0, x0), (y1, x1) = np.asarray(box).tolist()
+    prev = sink.labels(level - 1)
+    sink.labels(level)[y0:y1, x0:x1] = np.asarray(prev[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2])
+
+
+def _chunk_size(step: int, chunk_size: int | None) -> int:
+    """Chunk edge: a multiple of the tile step (so chunks own whole tiles), ~DEFAULT_CHUNK."""
+    target = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
+    if target < 1:
+        raise InputError(f"chunk_size: expected a positive integer, got {chunk_size!r}")
+    return step * max(1, round(target / step))
+
+
+def _existing_kind(path: Path) -> str:
+    """'none' (free or empty folder), 'ours' (a napari-muvit store) or 'foreign'."""
+    if not path.exists() and not path.is_symlink():
+        return "none"
+    if path.is_dir() and not path.is_symlink():
+        if read_store_info(path) is not None:
+            return "ours"
+        if not any(path.iterdir()):
+            return "none"
+    return "foreign"
+
+
+def _matches(info: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    keys = (
+        "format_version", "image_shape", "region", "tile_size", "overlap", "chunk_size",
+        "num_classes", "label_values", "probabilities", "pyramid_levels", "fingerprint",
+    )
+    return all(info.get(k) == wanted.get(k) for k in keys)
+
+
+def _create_arrays(
+    group: zarr.Group,
+    shape: tuple[int, int],
+    chunk: int,
+    step: int,
+    num_classes: int,
+    values: Sequence[int],
+    probabilities: bool,
+) -> None:
+    dtype = label_dtype(num_classes, values)
+    for k, level_shape in enumerate(_pyramid_shapes(shape)):
+        group.create_array(
+            str(k),
+            shape=level_shape,
+            chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=("y", "x"),
+        )
+    if probabilities:
+        sub = group.create_group(
+            "probabilities",
+            attributes={
+                "ome": {
+                    "version": NGFF_VERSION,
+                    "multiscales": [
+                        {
+                            "name": "probabilities",
+                            "axes": [
+                                {"name": "c", "type": "channel"},
+                                {"name": "y", "type": "space", "unit": "pixel"},
+                                {"name": "x", "type": "space", "unit": "pixel"},
+                            ],
+                            "datasets": [
+                                {
+                                    "path": "0",
+                                    "coordinateTransformations": [
+                                        {"type": "scale", "scale": [1.0, 1.0, 1.0]}
+                                    ],
+                                }
+                            ],
+                        }
+                    ],
+                }
+            },
+        )
+        sub.create_array(
+            "0",
+            shape=(num_classes, *shape),
+            chunks=(num_classes, min(chunk, shape[0]), min(chunk, shape[1])),
+            dtype=np.float16,
+            fill_value=0,
+            dimension_names=("c", "y", "x"),
+        )
+    cells = (-(-shape[0] // step), -(-shape[1] // step))
+    per_chunk = chunk // step
+    group.create_array(
+        "done",
+        shape=cells,
+        # one done-chunk per label chunk: the process that owns a label chunk owns its flags
+        chunks=(min(per_chunk, cells[0]), min(per_chunk, cells[1])),
+        dtype=bool,
+        fill_value=False,
+        dimension_names=("cell_y", "cell_x"),
+    )
+
+
+def iter_chunks(sink: ZarrSink, region: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """All level-0 chunk bboxes (∩ region), done or not, row-major (for tools and tests)."""
+    reg = sink.region if region is None else region
+    c = sink.chunk_size
+    for y in range(int(reg[0, 0]) // c * c, int(reg[1, 0]), c):
+        for x in range(int(reg[0, 1]) // c * c, int(reg[1, 1]), c):
+            box = _intersect(reg, np.array([[y, x], [y + c, x + c]]))
+            if box is not None:
+                yield box

@@ -1,0 +1,930 @@
+"""Fine-tuning a MuViT segmenter on sparse (napari-painted) or dense labels.
+
+The recipe follows the MuViT supplement B.3: nested multi-resolution crops sampled around the
+annotated pixels with the paper's augmentations, CE + 0.1·Dice on annotated pixels only,
+AdamW with asymmetric learning rates (encoder 0.1× head), gradient clipping 0.5 and a cosine
+schedule (after a short linear warm-up).  Optionally, MUSE-style pseudo-labels: confident
+predictions of an EMA teacher on the *unlabelled* pixels of each crop are learnt under a
+consistency loss whose weight ramps up from 0.
+
+No Qt here: progress is a callback receiving one dict per step, cancellation a
+:class:`~napari_muvit.engine.cancel.CancelToken`.  With ``out`` set, the run is checkpointed
+atomically every ``checkpoint_every`` seconds (or steps) and at the end, and can be resumed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from napari_muvit.engine import _checkpointing as ckpt
+from napari_muvit.engine._labels import LabelIndex
+from napari_muvit.engine._loop import (
+    Progress,
+    TrainingDivergedError,
+    TrainingLoop,
+    cpu_state,
+    thin_history,
+)
+from napari_muvit.engine._models import (
+    adapt_channels,
+    default_class_names,
+    fresh_encoder,
+    load_start,
+    new_segmenter,
+    parse_levels,
+    preset_for,
+    select_levels,
+)
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.device import autocast
+from napari_muvit.errors import InputError
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "TrainingDivergedError",
+    "open_labels",
+    "prepare_start_model",
+    "train",
+]
+
+Bbox = Sequence[Sequence[float]] | np.ndarray
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a fine-tuning run (defaults: MuViT supplement B.3).
+
+    ``crop_size=None`` takes the starting model's ``meta["crop_size"]`` or 128.
+    ``warmup_steps=None`` warms up linearly for 5 % of the steps (at most 100).
+    ``checkpoint_every`` is in ``checkpoint_unit`` (``"seconds"`` or ``"steps"``).
+    ``val_region`` is a bbox ``[[y0, x0], [y1, x1]]`` of image ``val_pair`` whose annotations are
+    held out from training and scored (mean Dice over classes) every ``val_every`` steps.
+    Pseudo-labels: pixels of a crop that are not annotated get the teacher's class where its
+    softmax is ``>= pseudo_threshold``; their cross-entropy is added with a weight that ramps
+    from 0 to ``pseudo_weight`` over ``pseudo_ramp_steps`` (sigmoid ramp, Laine & Aila).
+    """
+
+    steps: int = 500
+    batch_size: int = 8
+    crop_size: int | None = None
+    lr: float = 1e-4
+    encoder_lr_factor: float = 0.1
+    weight_decay: float = 0.05
+    clip: float = 0.5
+    warmup_steps: int | None = None
+    min_lr_factor: float = 0.01
+    head: str = "unetr"
+    dense: bool = False
+    naive_bbox: bool = False
+    freeze_encoder: bool = False
+    augment: bool = True
+    anchor_prob: float = 0.9
+    dice_weight: float = 0.1
+    class_weights: list[float] | None = None
+    pseudo_labels: bool = False
+    pseudo_threshold: float = 0.9
+    pseudo_ramp_steps: int = 200
+    pseudo_weight: float = 1.0
+    pseudo_teacher: str = "ema"
+    ema_decay: float = 0.99
+    checkpoint_every: float = 60.0
+    checkpoint_unit: str = "seconds"
+    device: str = "auto"
+    amp: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    val_region: list[list[float]] | None = None
+    val_pair: int = 0
+    val_every: int = 100
+
+    def __post_init__(self) -> None:
+        positive = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "checkpoint_every": self.checkpoint_every,
+            "val_every": self.val_every,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise InputError(f"{name}: expected a positive number, got {value!r}")
+        if self.crop_size is not None and (
+            int(self.crop_size) != self.crop_size or self.crop_size < 8
+        ):
+            raise InputError(f"crop_size: expected an integer >= 8, got {self.crop_size!r}")
+        if self.checkpoint_unit not in ("seconds", "steps"):
+            raise InputError(
+                f"checkpoint_unit: expected 'seconds' or 'steps', got {self.checkpoint_unit!r}"
+            )
+        if self.pseudo_teacher not in ("ema", "model"):
+            raise InputError(
+                f"pseudo_teacher: expected 'ema' or 'model', got {self.pseudo_teacher!r}"
+            )
+        if not 0.0 < self.pseudo_threshold <= 1.0:
+            raise InputError(
+                f"pseudo_threshold: expected a value in (0, 1], got {self.pseudo_threshold!r}"
+            )
+        if not 0.0 <= self.anchor_prob <= 1.0:
+            raise InputError(f"anchor_prob: expected a value in [0, 1], got {self.anchor_prob!r}")
+        if self.clip < 0 or self.weight_decay < 0 or self.encoder_lr_factor < 0:
+            raise InputError("clip, weight_decay and encoder_lr_factor must be >= 0")
+        if self.num_workers < 0:
+            raise InputError(f"num_workers: expected >= 0, got {self.num_workers!r}")
+        if self.head not in ("unetr", "mask2former"):
+            raise InputError(f"head: expected 'unetr' or 'mask2former', got {self.head!r}")
+        if self.val_region is not None:
+            region = np.asarray(self.val_region, dtype=np.float64)
+            if region.shape != (2, 2) or np.any(region[1] <= region[0]):
+                raise InputError(
+                    f"val_region: expected [[y0, x0], [y1, x1]], got {self.val_region!r}"
+                )
+            self.val_region = region.tolist()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (YAML/JSON/``weights_only``-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`, ignoring unknown keys (older/newer versions)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ============================================================================ labels
+def open_labels(labels: Any) -> Any:
+    """Labels as a 2-D integer array: numpy/zarr/dask as is, or a path (.npy, TIFF, zarr).
+
+    Large files stay lazy (memory-mapped .npy, zarr); napari multiscale labels give level 0.
+    """
+    if isinstance(labels, (list, tuple)):
+        labels = labels[0]
+    if not isinstance(labels, (str, os.PathLike)):
+        if not hasattr(labels, "shape"):
+            labels = np.asarray(labels)
+        return labels
+    path = Path(labels)
+    if not path.exists():
+        raise InputError(f"labels: file or folder {path} does not exist")
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        return np.load(path, mmap_mode="r")
+    if name.endswith((".tif", ".tiff")):
+        import tifffile
+
+        return tifffile.imread(path)
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as err:  # zarr raises several types for non-zarr folders
+        raise InputError(f"labels: expected .npy, TIFF or zarr, got {path} ({err})") from err
+    if hasattr(node, "array_keys"):  # a group (e.g. OME-Zarr labels): its first array
+        keys = sorted(node.array_keys())
+        if not keys:
+            raise InputError(f"labels: the zarr group {path} holds no array")
+        node = node[keys[0]]
+    return node
+
+
+def _squeeze_labels(labels: Any, i: int) -> Any:
+    """Drop leading singleton axes (napari labels of a (1, Y, X) stack); must end 2-D."""
+    while len(labels.shape) > 2 and labels.shape[0] == 1:
+        labels = labels[0]
+    if len(labels.shape) != 2:
+        raise InputError(
+            f"labels[{i}]: expected a 2-D (Y, X) array, got shape {tuple(labels.shape)}"
+        )
+    return labels
+
+
+def _check_pair(source: Any, labels: Any, i: int) -> Any:
+    """Validate one (image, labels) pair; returns the 2-D labels."""
+    labels = _squeeze_labels(labels, i)
+    if np.dtype(labels.dtype).kind not in "iub":
+        raise InputError(f"labels[{i}]: expected an integer label image, got dtype {labels.dtype}")
+    lshape, ishape = tuple(int(s) for s in labels.shape), tuple(source.shape)
+    if lshape == ishape:
+        return labels
+    hint = ""
+    if all(a >= b for a, b in zip(lshape, ishape)):
+        inside = np.asarray(labels[: ishape[0], : ishape[1]]).any()
+        if not inside and np.asarray(labels).any():
+            hint = " (all painted pixels lie outside the image, in the padding)"
+    raise InputError(
+        f"labels[{i}]: expected the image's level-1 shape {ishape}, got {lshape}{hint}"
+    )
+
+
+# ============================================================================ sampling
+def _crop_dataset_class() -> type:
+    """:class:`NestedCropDataset` whose anchors come from the trainer's live label index.
+
+    Defined lazily so that importing this module does not import the sampler's dependencies.
+    The data package's sampler does everything else (nested bboxes, reading, targets through
+    the label mapping, augmentations); only the choice of the anchor pixel is replaced, so that
+    newly painted pixels are used without rebuilding the dataset.
+    """
+    from napari_muvit.data.sampler import NestedCropDataset
+
+    class _AnchoredCrops(NestedCropDataset):
+        # per class index: [(source index, (N, 2) points)], set by Trainer._refresh_anchors
+        anchor_table: list[list[tuple[int, np.ndarray]]]
+
+        def _anchor(self, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
+            table = getattr(self, "anchor_table", None)
+            if table and rng.random() < self.anchor_prob:
+                per_class = table[int(rng.integers(len(table)))]  # balance classes
+                counts = np.array([len(p) for _, p in per_class], dtype=np.float64)
+                j = int(rng.choice(len(per_class), p=counts / counts.sum()))
+                src, points = per_class[j]
+                y, x = points[int(rng.integers(len(points)))]
+                return src, (int(y), int(x))
+            return int(rng.choice(len(self.sources), p=self._area_probs)), None
+
+    return _AnchoredCrops
+
+
+def _collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+# ============================================================================ pseudo-label ramp
+def _ramp(step: int, ramp_steps: int) -> float:
+    """Sigmoid ramp-up ``exp(-5 (1 - t)^2)`` from ~0 to 1 over ``ramp_steps`` (0 at step 0)."""
+    if step <= 0:
+        return 0.0
+    t = min(1.0, step / max(1, ramp_steps))
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+# ============================================================================ model setup
+def prepare_start_model(
+    init: str | os.PathLike[str] | nn.Module | None = None,
+    levels: str | Sequence[float] | None = None,
+    preset: str | None = None,
+    in_channels: int = 1,
+    seed: int = 0,
+) -> tuple[nn.Module, list[str]]:
+    """The model training starts from, and notes on what was done to it.
+
+    * ``init`` (folder or module): our encoder/segmenter/MAE folder or an official muvit folder
+      (an MAE gives its encoder); restricted to ``levels`` with ``select_levels``.
+    * no ``init`` and no ``preset``: the bundled, MAE-pretrained default encoder (falls back to
+      a random ``small`` encoder if the installation has none);
+    * ``preset`` without ``init``: a random encoder of that size on ``levels`` (default 1,4).
+    """
+    from napari_muvit.model import MuViTMAE
+
+    lv = parse_levels(levels)
+    notes: list[str] = []
+    if init is None and preset is None:
+        init, notes = _default_encoder_or_none()
+        preset = None if init is not None else "small"
+    if init is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model: nn.Module = fresh_encoder(preset or "small", in_channels, lv)
+        notes.append(f"start: randomly initialised {preset} encoder, levels {list(model.levels)}")
+        return model, notes
+    model = load_start(init)
+    if isinstance(model, MuViTMAE):
+        encoder = model.encoder
+        encoder.meta = {**getattr(encoder, "meta", {}), **model.meta}
+        model = encoder
+        notes.append("start: the encoder of an MAE checkpoint (decoder dropped)")
+    model, level_notes = select_levels(model, lv)
+    return model, notes + level_notes
+
+
+def _default_encoder_or_none() -> tuple[Path | None, list[str]]:
+    from napari_muvit.errors import CheckpointError
+    from napari_muvit.weights import DEFAULT_ENCODER, default_model_path
+
+    try:
+        path = default_model_path(DEFAULT_ENCODER)
+    except CheckpointError as err:
+        return None, [f"no bundled default encoder ({err}); using a random 'small' encoder"]
+    return path, [f"start: bundled default encoder {path.name}"]
+
+
+# ============================================================================ trainer
+class Trainer(TrainingLoop):
+    """Fine-tune a segmenter (or a fresh head on an encoder) on ``(image, labels)`` pairs.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_muvit.model.MuViTEncoder` (a fresh ``config.head`` is added for the
+        painted classes) or a :class:`~napari_muvit.model.MuViTSegmenter` (its head is kept if
+        it knows all painted values, else replaced, with a warning in the history).
+    pairs
+        ``[(PyramidSource, labels)]``; labels numpy/zarr/dask with the image's level-1 shape.
+    config
+        :class:`TrainConfig`.
+    progress
+        Called after every step with ``{step, steps, loss, lr, elapsed, val_dice?, status}``.
+    cancel
+        :class:`CancelToken`; cancelling stops after the current step and checkpoints.
+    out
+        Checkpoint folder (``None``: nothing is written).
+    resume
+        Continue the run checkpointed in ``out`` (weights, optimizer, schedule, step).
+    class_names
+        ``{label value: name}`` for a fresh head.
+    provenance
+        Extra provenance recorded in the history (image/label paths, init model...).
+    notes
+        Messages from model preparation (recorded as history events).
+    """
+
+    curve_keys = (
+        "steps",
+        "loss",
+        "lr",
+        "elapsed",
+        "loss_supervised",
+        "loss_pseudo",
+        "pseudo_fraction",
+    )
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pairs: Sequence[tuple[Any, Any]],
+        config: TrainConfig | None = None,
+        progress: Progress | None = None,
+        cancel: CancelToken | None = None,
+        out: str | os.PathLike[str] | None = None,
+        *,
+        resume: bool = False,
+        class_names: Mapping[int, str] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        notes: Iterable[str] = (),
+    ) -> None:
+        super().__init__(config or TrainConfig(), progress, cancel, out, provenance)
+        self.history["val"] = []
+        for note in notes:
+            self._event("setup", note)
+        self.pairs = self._check_pairs(pairs)
+        self.indexes = self._build_indexes()
+        self.model = self._setup_model(model, class_names)
+        self.crop_size = self._resolve_crop_size()
+        self._check_annotations()
+        self._lock = threading.Lock()
+        self._pending: list[tuple[int, list[Bbox] | None]] = []
+        self.dataset = self._build_dataset()
+        self._refresh_anchors()
+        self._init_optimizer(self._param_groups())
+        self.teacher = self._build_teacher()
+        if resume:
+            self._restore()
+
+    # ------------------------------------------------------------------ setup
+    def _check_pairs(self, pairs: Sequence[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        from napari_muvit.data import open_image
+
+        if not pairs:
+            raise InputError("pairs: expected at least one (image, labels) pair, got none")
+        out = []
+        for i, (image, labels) in enumerate(pairs):
+            source = open_image(image)
+            out.append((source, _check_pair(source, open_labels(labels), i)))
+        channels = {s.channels for s, _ in out}
+        if len(channels) > 1:
+            raise InputError(
+                f"images: expected the same channel count for all images, got {sorted(channels)}"
+            )
+        if self.config.val_region is not None and not 0 <= self.config.val_pair < len(out):
+            raise InputError(
+                f"val_pair: expected an index < {len(out)}, got {self.config.val_pair}"
+            )
+        return out
+
+    def _build_indexes(self) -> list[LabelIndex]:
+        cfg = self.config
+        return [
+            LabelIndex(
+                labels,
+                dense=cfg.dense,
+                seed=cfg.seed + i,
+                exclude=cfg.val_region if (cfg.val_region and i == cfg.val_pair) else None,
+            )
+            for i, (_, labels) in enumerate(self.pairs)
+        ]
+
+    def painted_values(self) -> list[int]:
+        """Label values painted anywhere (sorted; includes 0 in dense mode)."""
+        return sorted({v for idx in self.indexes for v in idx.values})
+
+    def _setup_model(self, model: nn.Module, class_names: Mapping[int, str] | None) -> nn.Module:
+        from napari_muvit.model import MuViTEncoder, MuViTMAE, MuViTSegmenter
+
+        if isinstance(model, MuViTMAE):
+            model = model.encoder
+        if not isinstance(model, (MuViTEncoder, MuViTSegmenter)):
+            raise InputError(
+                f"model: expected a MuViTEncoder or MuViTSegmenter, got {type(model).__name__}"
+            )
+        source = self.pairs[0][0]
+        model, notes = adapt_channels(model, source.channels)
+        for note in notes:
+            self._event("channel_adaptation", note, warning=True)
+        for src, _ in self.pairs:
+            src.check_levels(model.levels)
+            self._check_level_extent(src, model)
+        values = self.painted_values()
+        if not values:
+            raise InputError(self._no_annotation_message())
+        if isinstance(model, MuViTEncoder):
+            model = self._fresh_head(model, values, class_names, reason="")
+        elif not set(values) <= set(model.label_values):
+            new = sorted(set(values) - set(model.label_values))
+            model = self._fresh_head(
+                model.encoder,
+                values,
+                class_names,
+                reason=f"painted label value(s) {new} are not classes of the starting segmenter "
+                f"(label_values {model.label_values}); its head was replaced by a new one",
+            )
+        model.normalization = source.normalization.to_dict()
+        return model.to(self.device)
+
+    def _fresh_head(
+        self,
+        encoder: nn.Module,
+        values: list[int],
+        class_names: Mapping[int, str] | None,
+        reason: str,
+    ) -> nn.Module:
+        preset = preset_for(encoder.dim)
+        names = default_class_names(values, self.config.dense)
+        if class_names:
+            names = [class_names.get(v, n) for v, n in zip(values, names)]
+        # a fixed seed for the head's initialisation makes runs reproducible without touching
+        # the caller's global RNG stream
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            seg = new_segmenter(encoder, values, self.config.head, preset, names, self.config.dense)
+        if reason:
+            self._event("new_head", reason, warning=True)
+        self._event("head", f"new {self.config.head} head for label values {values}")
+        return seg
+
+    def _check_level_extent(self, source: Any, model: nn.Module) -> None:
+        """Refuse levels whose pixels are larger than the image; warn when mostly padding."""
+        size = self.config.crop_size or model.meta.get("crop_size") or 128
+        coarsest = float(model.levels[-1])
+        if coarsest > max(source.shape):
+            raise InputError(
+                f"levels: the model's coarsest level {coarsest:g} needs an image larger than "
+                f"{coarsest:g} px per side, this image is {tuple(source.shape)} (one pixel of that "
+                f"level would exceed the image); start from fewer levels (--levels)"
+            )
+        if coarsest * size > 8 * max(source.shape):
+            self._event(
+                "levels",
+                f"level {coarsest:g} covers {coarsest * size:g} px, more than 8x the image "
+                f"{tuple(source.shape)}: its crops are mostly padding (consider fewer levels)",
+                warning=True,
+            )
+
+    def _no_annotation_message(self) -> str:
+        where = " outside the validation region" if self.config.val_region is not None else ""
+        kind = "pixels" if self.config.dense else "painted pixels (label values > 0)"
+        return (
+            f"labels: found no annotated {kind}{where} in {len(self.pairs)} label image(s); "
+            "paint at least a few strokes per class before training"
+        )
+
+    def _resolve_crop_size(self) -> int:
+        size = self.config.crop_size or self.model.meta.get("crop_size") or 128
+        size, patch = int(size), int(self.model.patch_size)
+        if size % patch:
+            raise InputError(
+                f"crop_size: expected a multiple of the patch size {patch}, got {size}"
+            )
+        return size
+
+    def _check_annotations(self) -> None:
+        values = set(self.painted_values())
+        unpainted = [v for v in self.model.label_values if v not in values]
+        if 0 in unpainted and not self.config.dense:
+            self._event(
+                "background_not_trainable",
+                "the model has a class with label value 0, which means 'not annotated' in sparse "
+                "mode; it is kept unchanged (train with dense=True / --dense to train it)",
+                warning=True,
+            )
+            unpainted.remove(0)
+        if unpainted:
+            self._event(
+                "unpainted_classes",
+                f"class(es) with label value(s) {unpainted} of the model are never painted; they "
+                "are kept but get no training signal (paint some pixels to train them)",
+                warning=True,
+            )
+
+    @property
+    def label_mapping(self) -> dict[int, int]:
+        """``{label value: class index}`` of the model's trainable classes.
+
+        In sparse mode value 0 means "not annotated", so a class with label value 0 (a dense
+        model fine-tuned on scribbles) is not mapped: it keeps its weights but gets no signal.
+        """
+        dense = self.config.dense
+        return {int(v): k for k, v in enumerate(self.model.label_values) if dense or v != 0}
+
+    def _build_dataset(self) -> Any:
+        cfg = self.config
+        cls = _crop_dataset_class()
+        return cls(
+            [s for s, _ in self.pairs],
+            [lab for _, lab in self.pairs],
+            size=self.crop_size,
+            levels=self.model.levels,
+            length=cfg.steps * cfg.batch_size,
+            weighted=False,
+            augment=cfg.augment,
+            naive=cfg.naive_bbox,
+            seed=cfg.seed,
+            label_mapping=self.label_mapping,
+            anchor_prob=cfg.anchor_prob,
+        )
+
+    def _refresh_anchors(self) -> None:
+        """Rebuild the per-class anchor table from the label indexes."""
+        mapping = self.label_mapping
+        table: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, index in enumerate(self.indexes):
+            for value, points in index.points_by_value().items():
+                if value in mapping and len(points):
+                    table.setdefault(mapping[value], []).append((i, points))
+        self.dataset.anchor_table = [table[k] for k in sorted(table)]
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Head at ``lr``, encoder at ``lr·encoder_lr_factor`` (or frozen)."""
+        cfg = self.config
+        enc_params = list(self.model.encoder.parameters())
+        enc_ids = {id(p) for p in enc_params}
+        head_params = [p for p in self.model.parameters() if id(p) not in enc_ids]
+        groups = [{"params": head_params, "lr": cfg.lr, "name": "head"}]
+        if cfg.freeze_encoder:
+            for p in enc_params:
+                p.requires_grad_(False)
+            self._event("freeze", "encoder frozen: only the head is trained")
+        else:
+            groups.append(
+                {"params": enc_params, "lr": cfg.lr * cfg.encoder_lr_factor, "name": "encoder"}
+            )
+        return groups
+
+    def _build_teacher(self) -> nn.Module | None:
+        cfg = self.config
+        if not cfg.pseudo_labels or cfg.pseudo_teacher != "ema":
+            return None
+        teacher = copy.deepcopy(self.model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    # ------------------------------------------------------------------ labels
+    def update_labels(self, regions: Iterable[Bbox] | None = None, pair: int = 0) -> None:
+        """Tell the trainer that labels changed (thread-safe; applied before the next step).
+
+        ``regions``: pixel bboxes ``[[y0, x0], [y1, x1]]`` that were painted (only the label
+        tiles they touch are rescanned); ``None`` rescans the whole label image ``pair``.
+        """
+        if not 0 <= pair < len(self.pairs):
+            raise InputError(f"pair: expected an index < {len(self.pairs)}, got {pair}")
+        with self._lock:
+            self._pending.append((pair, None if regions is None else list(regions)))
+
+    def _before_step(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for pair, regions in pending:
+            self.indexes[pair].update(regions)
+        if pending:
+            self._refresh_anchors()
+            self._event("labels_updated", f"labels re-indexed: {self.annotated_counts()}")
+
+    def annotated_counts(self) -> dict[int, int]:
+        """Indexed annotated pixels per label value over all pairs."""
+        total: dict[int, int] = {}
+        for index in self.indexes:
+            for v, n in index.counts().items():
+                total[v] = total.get(v, 0) + n
+        return total
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        valid: Tensor,
+        teacher_logits: Tensor | None = None,
+        step: int | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Supervised CE + Dice on annotated pixels, plus the ramped pseudo-label term.
+
+        ``target`` (B, H, W) class indices, -1 = not annotated/padding; ``valid`` (B, H, W)
+        False on padding. Unannotated pixels contribute nothing unless they become confident
+        pseudo-labels.
+        """
+        cfg = self.config
+        sup = _supervised_loss(logits, target, cfg)
+        parts = {"loss_supervised": float(sup.detach())}
+        weight = cfg.pseudo_weight * _ramp(
+            self.step if step is None else step, cfg.pseudo_ramp_steps
+        )
+        if teacher_logits is None or weight <= 0:
+            return sup, parts
+        pseudo, frac = _pseudo_label_loss(
+            logits, teacher_logits, target, valid, cfg.pseudo_threshold
+        )
+        parts.update(loss_pseudo=float(pseudo.detach()), pseudo_fraction=frac)
+        return sup + weight * pseudo, parts
+
+    # ------------------------------------------------------------------ one step
+    def _batch(self, step: int) -> dict[str, Tensor]:
+        """The samples of ``step`` (a pure function of seed and step: resumable, reproducible)."""
+        b = self.config.batch_size
+        return _collate([self.dataset[i] for i in range(step * b, (step + 1) * b)])
+
+    def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
+        """One optimisation step; raises :class:`TrainingDivergedError` on NaN/inf."""
+        self.model.train()
+        dev = self.device
+        x = batch["image"].to(dev, non_blocking=True)
+        bbox = batch["bbox"].to(dev)
+        target = batch["target"].to(dev)
+        valid = batch["valid"][:, 0].to(dev)
+        with autocast(dev, self.amp_dtype):
+            logits = self.model(x, bbox)
+            teacher_logits = self._teacher_logits(x, bbox)
+        loss, parts = self.compute_loss(logits.float(), target, valid, teacher_logits)
+        norm = self._optimize(loss)
+        self._update_teacher()
+        return {"loss": float(loss.detach()), **parts, "grad_norm": norm}
+
+    def _teacher_logits(self, x: Tensor, bbox: Tensor) -> Tensor | None:
+        cfg = self.config
+        if (
+            not cfg.pseudo_labels
+            or _ramp(self.step, cfg.pseudo_ramp_steps) * cfg.pseudo_weight <= 0
+        ):
+            return None
+        net = self.teacher if self.teacher is not None else self.model
+        was_training = net.training
+        net.eval()
+        with torch.no_grad():
+            out = net(x, bbox).float()
+        net.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def _update_teacher(self) -> None:
+        if self.teacher is None:
+            return
+        d = self.config.ema_decay
+        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+            t.mul_(d).add_(s.detach(), alpha=1 - d)
+        for t, s in zip(self.teacher.buffers(), self.model.buffers()):
+            t.copy_(s)
+
+    # ------------------------------------------------------------------ validation
+    def _after_record(self) -> None:
+        if self.config.val_region is not None and self.step % self.config.val_every == 0:
+            self.validate()
+
+    def _after_run(self) -> None:
+        val = self.history["val"]
+        if self.config.val_region is not None and (not val or val[-1]["step"] != self.step):
+            self.validate()
+
+    def _report_extra(self) -> dict[str, Any]:
+        return {"val_dice": self.history["val"][-1]["dice"]} if self.history["val"] else {}
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean Dice over classes on the annotated pixels of the validation region."""
+        cfg = self.config
+        source, labels = self.pairs[cfg.val_pair]
+        pred, truth = _predict_region(
+            self.model,
+            source,
+            labels,
+            cfg.val_region,
+            self.crop_size,
+            self.label_mapping,
+            self.device,
+            self.amp_dtype,
+        )
+        dice = _mean_dice(pred, truth)
+        self.history["val"].append({"step": self.step, "dice": dice})
+        return dice
+
+    # ------------------------------------------------------------------ checkpoints
+    def _update_meta(self) -> None:
+        self.model.meta.update(
+            crop_size=self.crop_size,
+            dense=self.config.dense,
+            naive_bbox=self.config.naive_bbox,
+            train_config=self.config.to_dict(),
+            history=thin_history(self.history, ("val",)),
+            provenance=self.history["provenance"],
+        )
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {
+            "teacher": None if self.teacher is None else cpu_state(self.teacher),
+            "label_values": list(self.model.label_values),
+        }
+
+    def _load_extra_state(self, state: Mapping[str, Any]) -> None:
+        if list(state["label_values"]) != list(self.model.label_values):
+            raise InputError(
+                f"resume: the run in {self.out} trains label values {state['label_values']}, "
+                f"the model now has {self.model.label_values}; start a new run (--overwrite)"
+            )
+        if self.teacher is not None and state.get("teacher") is not None:
+            self.teacher.load_state_dict(state["teacher"])
+
+
+# ============================================================================ helpers
+def _supervised_loss(logits: Tensor, target: Tensor, cfg: TrainConfig) -> Tensor:
+    """CE + ``dice_weight``·Dice on annotated pixels (model.segmentation_loss, ignore -1)."""
+    from napari_muvit.model import segmentation_loss
+
+    # The paper leaves background out of Dice; only dense labels say which class that is
+    # (label value 0 = class 0). Sparse scribbles have no known background class.
+    exclude = (0,) if cfg.dense else ()
+    return segmentation_loss(
+        logits,
+        target,
+        ignore_index=-1,
+        dice_weight=cfg.dice_weight,
+        class_weights=cfg.class_weights,
+        dice_exclude=exclude,
+    )
+
+
+def _pseudo_label_loss(
+    logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor, threshold: float
+) -> tuple[Tensor, float]:
+    """CE towards the teacher's confident classes on unannotated, in-image pixels."""
+    conf, pseudo = torch.softmax(teacher_logits.float(), 1).max(1)
+    use = (target < 0) & valid & (conf >= threshold)
+    frac = float(use.float().mean())
+    if not bool(use.any()):
+        return logits.sum() * 0.0, frac
+    pseudo_target = torch.where(use, pseudo, torch.full_like(pseudo, -1))
+    return F.cross_entropy(logits, pseudo_target, ignore_index=-1), frac
+
+
+def _predict_region(
+    model: nn.Module,
+    source: Any,
+    labels: Any,
+    region: Bbox,
+    size: int,
+    mapping: Mapping[int, int],
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class indices and mapped labels of the pixels of ``region`` (flat arrays)."""
+    from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
+
+    model.eval()
+    preds, truths = [], []
+    top = max(mapping) + 1
+    lut = np.full(top + 1, -1, np.int64)  # lut[top] = every value outside the mapping
+    for v, k in mapping.items():
+        lut[v] = k
+    for tile in plan_tiles(region, size, source.shape):
+        bboxes = centered_nested_bboxes(tile.origin, size, model.levels)
+        crops, _ = source.read_nested(bboxes, model.levels, size)
+        x = torch.from_numpy(crops)[None].to(device)
+        with autocast(device, amp_dtype):
+            logits = model(x, torch.from_numpy(bboxes)[None].to(device))
+        pred = logits.argmax(1)[0].cpu().numpy()[tile.core_in_tile]
+        (y0, x0), (y1, x1) = tile.core
+        lab = np.asarray(labels[y0:y1, x0:x1]).astype(np.int64)
+        truths.append(lut[np.where((lab >= 0) & (lab < top), lab, top)].ravel())
+        preds.append(pred.ravel())
+    model.train()
+    return np.concatenate(preds), np.concatenate(truths)
+
+
+def _mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the classes present in ``truth`` (pixels with truth -1 are ignored)."""
+    keep = truth >= 0
+    pred, truth = pred[keep], truth[keep]
+    scores = []
+    for k in np.unique(truth):
+        p, t = pred == k, truth == k
+        scores.append(2.0 * np.sum(p & t) / max(1, p.sum() + t.sum()))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+# ============================================================================ convenience
+def train(
+    images: Any,
+    labels: Any,
+    out: str | os.PathLike[str] | None = None,
+    init: str | os.PathLike[str] | nn.Module | None = None,
+    levels: str | Sequence[float] | None = None,
+    preset: str | None = None,
+    head: str | None = None,
+    config: TrainConfig | None = None,
+    progress: Progress | None = None,
+    cancel: CancelToken | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    class_names: Mapping[int, str] | None = None,
+) -> nn.Module:
+    """Train a segmenter on images and their (sparse or dense) labels; returns the segmenter.
+
+    ``images``/``labels``: one or a list of each (paths, arrays or PyramidSources; labels as
+    arrays or .npy/TIFF/zarr paths).  ``init``/``levels``/``preset``: see
+    :func:`prepare_start_model`; ``head`` overrides ``config.head`` (default ``"unetr"``).
+    With ``out``, checkpoints are written there; an existing ``out`` is resumed with
+    ``resume=True``, replaced with ``overwrite=True`` and otherwise refused (a folder that is
+    not a napari-muvit model is never written to).
+    """
+    from dataclasses import replace
+
+    from napari_muvit.data import open_image
+
+    config = config or TrainConfig()
+    if head is not None:
+        config = replace(config, head=head)
+    images, labels = _pair_lists(images, labels)
+    sources = [open_image(i) for i in images]
+    resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
+    if resuming:
+        from napari_muvit.model import load_model
+
+        model, notes = load_model(out), [f"resuming the run in {out}"]
+    else:
+        model, notes = prepare_start_model(init, levels, preset, sources[0].channels, config.seed)
+    provenance = {
+        "init": _describe(init) if not resuming else str(out),
+        "images": [_describe(i) for i in images],
+        "labels": [_describe(lab) for lab in labels],
+        "steps": config.steps,
+        "preset": preset,
+    }
+    trainer = Trainer(
+        model,
+        list(zip(sources, labels)),
+        config,
+        progress,
+        cancel,
+        out,
+        resume=resuming,
+        class_names=class_names,
+        provenance=provenance,
+        notes=notes,
+    )
+    trainer.run()
+    return trainer.model
+
+
+def _pair_lists(images: Any, labels: Any) -> tuple[list[Any], list[Any]]:
+    """One image + one labels, or lists of both (a labels list for one image is napari
+    multiscale labels, of which level 0 is used)."""
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(images) == 1 and not (isinstance(labels, (list, tuple)) and len(labels) == 1):
+        labels = [labels]
+    labels = list(labels) if isinstance(labels, (list, tuple)) else [labels]
+    if len(labels) != len(images):
+        raise InputError(
+            f"labels: expected one label image per image ({len(images)}), got {len(labels)}"
+        )
+    return images, labels
+
+
+def _describe(obj: Any) -> str | None:
+    """Provenance text for a path, an array or a model."""
+    if obj is None or isinstance(obj, (str, os.PathLike)):
+        return None if obj is None else str(Path(obj).resolve())
+    if isinstance(obj, nn.Module):
+        return str(getattr(obj, "meta", {}).get("init", type(obj).__name__))
+    shape = getattr(obj, "shape", None)
+    return f"{type(obj).__name__}{tuple(shape) if shape is not None else ''} (in memory)"

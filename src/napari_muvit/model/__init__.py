@@ -1,0 +1,43 @@
+"""Pure-PyTorch MuViT model core (no napari/Qt imports).
+
+* :class:`MuViTEncoder` — multi-resolution ViT encoder with world-coordinate axial RoPE;
+* :class:`MuViTSegmenter` — encoder + UNETR / Mask2Former head → level-1 logits;
+* :class:`MuViTMAE` — multi-resolution masked auto-encoder pre-training;
+* :func:`segmentation_loss` — CE + 0.1·Dice with ignore index;
+* :func:`load_model` / :func:`save_model` — our folder format and official muvit folders.
+"""
+
+from __future__ import annotations
+
+from napari_muvit.model.checkpoint import (
+    count_parameters,
+    is_official_folder,
+    load_encoder,
+    load_model,
+    read_config,
+    save_model,
+    save_official,
+)
+from napari_muvit.model.encoder import MuViTEncoder
+from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
+from napari_muvit.model.losses import segmentation_loss, soft_dice_loss
+from napari_muvit.model.mae import MuViTMAE
+from napari_muvit.model.segmenter import MuViTSegmenter
+
+__all__ = [
+    "MuViTEncoder",
+    "MuViTSegmenter",
+    "MuViTMAE",
+    "UNETRHead",
+    "Mask2FormerHead",
+    "segmentation_loss",
+    "soft_dice_loss",
+    "load_model",
+    "load_encoder",
+    "save_model",
+    "save_official",
+    "read_config",
+    "is_official_folder",
+    "count_parameters",
+    "default_skips",
+]

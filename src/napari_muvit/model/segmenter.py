@@ -1,0 +1,169 @@
+"""MuViT encoder + segmentation head → per-pixel class logits of the level-1 crop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from napari_muvit.errors import InputError
+from napari_muvit.model.encoder import MuViTEncoder
+from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
+
+__all__ = ["MuViTSegmenter", "HEAD_TYPES"]
+
+HEAD_TYPES = ("unetr", "mask2former")
+
+
+class MuViTSegmenter(nn.Module):
+    """Semantic segmenter: :class:`MuViTEncoder` + UNETR or Mask2Former head.
+
+    Args:
+        encoder: the (usually pre-trained) encoder.
+        head: ``"unetr"`` or ``"mask2former"``.
+        num_classes: K output classes (class index k is written as ``label_values[k]``).
+        head_dim: decoder width (256 in the paper).
+        class_names: K names (default ``"class 0"`` ...).
+        label_values: K label values written to the output (default ``0..K-1``).
+        normalization: the input normalisation dict the model was trained with (or None).
+        meta: free-form provenance/history dict, stored in the checkpoint.
+        class_colors: optional K colours (any YAML-able value, e.g. ``[r, g, b, a]``).
+        head_options: extra head kwargs (``skips``; Mask2Former: ``num_queries``,
+            ``num_decoder_layers``, ``heads``, ``ff_mult``).
+
+    ``seg(x, bbox)`` with ``x`` (B, L, C, H, W), ``bbox`` (B, L, 2, 2) returns (B, K, H, W)
+    logits for the level-1 (first) crop.
+    """
+
+    def __init__(
+        self,
+        encoder: MuViTEncoder,
+        head: str = "unetr",
+        num_classes: int = 2,
+        head_dim: int = 256,
+        class_names: list[str] | None = None,
+        label_values: list[int] | None = None,
+        normalization: dict | None = None,
+        meta: dict | None = None,
+        class_colors: list | None = None,
+        head_options: dict | None = None,
+    ):
+        super().__init__()
+        if head not in HEAD_TYPES:
+            raise InputError(f"head: expected one of {HEAD_TYPES}, got {head!r}")
+        K = int(num_classes)
+        if K < 1:
+            raise InputError(f"num_classes: expected >= 1, got {num_classes}")
+        class_names = [f"class {k}" for k in range(K)] if class_names is None else list(class_names)
+        label_values = list(range(K)) if label_values is None else [int(v) for v in label_values]
+        for name, val in (("class_names", class_names), ("label_values", label_values)):
+            if len(val) != K:
+                raise InputError(f"{name}: expected {K} entries (num_classes), got {len(val)}")
+        if class_colors is not None and len(class_colors) != K:
+            raise InputError(f"class_colors: expected {K} entries, got {len(class_colors)}")
+        if normalization is not None and not isinstance(normalization, dict):
+            to_dict = getattr(normalization, "to_dict", None)
+            if to_dict is None:
+                raise InputError(
+                    f"normalization: expected a dict or Normalization, got {type(normalization).__name__}"
+                )
+            normalization = to_dict()
+        opts = dict(head_options or {})
+        opts.setdefault("skips", default_skips(encoder.num_layers))
+        opts["skips"] = [int(s) for s in opts["skips"]]
+        for s in opts["skips"]:
+            if not 0 <= s < encoder.num_layers:
+                raise InputError(
+                    f"head_options.skips: expected layer indices in [0, {encoder.num_layers}), got {s}"
+                )
+        self.encoder = encoder
+        self.head_type = head
+        self.num_classes = K
+        self.head_dim = int(head_dim)
+        self.head_options = opts
+        self.class_names = class_names
+        self.label_values = label_values
+        self.class_colors = None if class_colors is None else list(class_colors)
+        self.normalization = normalization
+        self.meta = dict(meta or {})
+        common = dict(
+            dim=encoder.dim, in_channels=encoder.in_channels, patch_size=encoder.patch_size,
+            num_classes=K, head_dim=self.head_dim,
+        )
+        if head == "unetr":
+            self.head: nn.Module = UNETRHead(**common, **opts)
+        else:
+            opts.setdefault("rotary_base", encoder.rotary_base)
+            self.head = Mask2FormerHead(**common, **opts)
+            self.head_options["num_queries"] = self.head.num_queries
+            self.head_options["heads"] = self.head.heads
+
+    # -------------------------------------------------------------------------- properties
+    @property
+    def levels(self) -> tuple[float | int, ...]:
+        return self.encoder.levels
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.encoder.in_channels
+
+    @property
+    def head_config(self) -> dict[str, Any]:
+        """The ``head`` section of the checkpoint config."""
+        return {"type": self.head_type, "num_classes": self.num_classes,
+                "head_dim": self.head_dim, **self.head_options}
+
+    # -------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
+        """Logits (B, K, H, W) for the level-1 crop ``x[:, 0]``."""
+        enc = self.encoder
+        skips = self.head_options["skips"]
+        x = enc.check_input(x)
+        coords = enc.token_coords(bbox, x.shape, x.device)
+        tokens0, _ = enc.embed(x)
+        level_idx = None
+        B, L, C, H, W = x.shape
+        P = enc.patch_size
+        h, w = H // P, W // P
+        if enc.attention_mode != "all":
+            level_idx = enc.level_index(h * w, x.device)
+        feats, inter = enc.run_layers(tokens0, coords, skips, level_idx)
+        n = h * w
+        maps = [t[:, :n].reshape(B, h, w, -1).permute(0, 3, 1, 2) for t in inter]
+        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+
+    @torch.no_grad()
+    def predict_labels(self, x: Tensor, bbox: Any = None) -> Tensor:
+        """Label values (B, H, W) int64 (argmax mapped through ``label_values``)."""
+        idx = self.forward(x, bbox).argmax(1)
+        lut = torch.as_tensor(self.label_values, device=idx.device)
+        return lut[idx]
+
+    # -------------------------------------------------------------------------- I/O
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.yaml`` + ``model.safetensors`` (kind ``segmenter``)."""
+        from napari_muvit.model.checkpoint import save_model
+
+        return save_model(self, folder, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MuViTSegmenter:
+        """Load a segmenter folder written by :meth:`save`."""
+        from napari_muvit.errors import CheckpointError
+        from napari_muvit.model.checkpoint import load_model
+
+        model = load_model(folder, map_location=map_location)
+        if not isinstance(model, cls):
+            raise CheckpointError(
+                f"{Path(folder) / 'config.yaml'}: expected a segmenter checkpoint (kind: "
+                f"segmenter), got {type(model).__name__}; fine-tune it first or use load_model"
+            )
+        return model

@@ -1,0 +1,28 @@
+"""napari dock widgets of napari-muvit (the only Qt/napari code of the package besides samples).
+
+* :class:`PredictWidget`: segment the view (once or live) or the whole image.
+* :class:`TrainWidget`: fine-tune a model on painted labels with a live loss curve.
+
+Both are thin: they read layers, start workers that run :mod:`napari_muvit.engine` and put the
+results back into layers.  Heavy modules are imported when a widget class is first used, so
+that napari can list the plugin's contributions without importing torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_LAZY = {
+    "PredictWidget": "napari_muvit.widgets._predict",
+    "TrainWidget": "napari_muvit.widgets._train",
+    "LossPlot": "napari_muvit.widgets._loss_plot",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'napari_muvit.widgets' has no attribute {name!r}")

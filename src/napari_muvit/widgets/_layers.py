@@ -1,0 +1,522 @@
+"""napari layers ↔ napari-muvit data: planes, transforms, the camera, and writing results back.
+
+Everything here is plumbing between napari's layer model and the engine's conventions; it holds
+no compute.  The rules it implements:
+
+* **Which plane.**  A MuViT model is 2-D.  For a layer with more dimensions the plane shown in
+  the viewer is used: the two displayed data axes (in ascending data order, so the engine sees
+  ``(y, x)`` even when the viewer shows the plane transposed) at the current slider position.
+  For multiscale layers whose pyramid also shrinks the non-displayed axes, the slider index is
+  mapped to each level.
+* **Channels.**  RGB(A) layers give 3/4 channels (the trailing colour axis).  A grayscale layer
+  whose leading, non-displayed axis has as many entries as the model has input channels is read
+  as a multi-channel image (napari's one-layer representation of ``(C, Y, X)`` data).
+* **Coordinates.**  MuViT world coordinates are the level-0 *data* coordinates of the layer
+  with pixel *edges* at integers (pixel ``i`` covers ``[i, i+1)``); napari puts pixel centres
+  at integers.  :func:`data_to_world_edges` folds that half-pixel shift into the layer's
+  data→world affine so that the visible bbox is exact.
+* **Output layers** get the image layer's scale, translate, rotate, shear and affine so that they
+  overlay the image pixel-for-pixel, and have the same level shapes (minus colour/channel axes)
+  for multiscale images.  Large outputs live in (sparse) zarr arrays so that a gigapixel
+  prediction of a small view costs memory only where it was computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_muvit.data.geometry import visible_data_bbox
+from napari_muvit.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import napari
+    from napari.layers import Image, Labels
+
+# Beyond this many level-0 pixels an output plane is stored in a sparse in-memory zarr array
+# instead of numpy: a view-sized prediction of a gigapixel image must not allocate gigabytes.
+DENSE_OUTPUT_MAX_PIXELS = 1 << 26  # 64 Mpx (a uint8 8k x 8k plane)
+OUTPUT_CHUNK = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# planes
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlane:
+    """The 2-D plane of an image layer that a model sees.
+
+    Attributes
+    ----------
+    displayed
+        The two displayed data axes of the layer, ascending (the engine's ``(y, x)``).
+    transposed
+        Whether the viewer shows them as ``(x, y)``.
+    index
+        Level-0 index of every other (non-displayed, non-channel) data axis.
+    channel_axis
+        Data axis read as channels (only ever 0), or None.
+    rgb
+        Whether the layer is RGB(A) (trailing colour axis, not a layer dimension).
+    level_shapes
+        Per pyramid level, the layer's data shape without the colour axis.
+    """
+
+    displayed: tuple[int, int]
+    transposed: bool
+    index: dict[int, int]
+    channel_axis: int | None
+    rgb: bool
+    level_shapes: tuple[tuple[int, ...], ...]
+    ndim: int = field(default=2)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Level-0 ``(Y, X)`` of the plane (the MuViT world shape)."""
+        s = self.level_shapes[0]
+        return int(s[self.displayed[0]]), int(s[self.displayed[1]])
+
+    @property
+    def multiscale(self) -> bool:
+        return len(self.level_shapes) > 1
+
+    @property
+    def out_axes(self) -> tuple[int, ...]:
+        """Data axes kept by the output layers (all but the channel axis)."""
+        return tuple(a for a in range(self.ndim) if a != self.channel_axis)
+
+    def level_index(self, level: int) -> dict[int, int]:
+        """The non-displayed indices mapped to pyramid ``level`` (axes may shrink too)."""
+        base, shape = self.level_shapes[0], self.level_shapes[level]
+        return {
+            axis: min(int(i * shape[axis] // max(1, base[axis])), shape[axis] - 1)
+            for axis, i in self.index.items()
+        }
+
+    def level_factors(self, level: int) -> tuple[float, float]:
+        """Downsampling factor of pyramid ``level`` along the plane's ``(y, x)``."""
+        base, shape = self.level_shapes[0], self.level_shapes[level]
+        return tuple(base[a] / shape[a] for a in self.displayed)  # type: ignore[return-value]
+
+    def key(self) -> tuple:
+        """Hashable identity of the plane (what a cached prediction belongs to)."""
+        return (self.displayed, tuple(sorted(self.index.items())), self.channel_axis)
+
+
+def layer_levels(layer: Image) -> list[Any]:
+    """The pyramid levels of an image layer (a one-element list for non-multiscale layers)."""
+    return list(layer.data) if layer.multiscale else [layer.data]
+
+
+def layer_plane(
+    viewer: napari.Viewer | None, layer: Image, in_channels: int | None = None
+) -> LayerPlane:
+    """The plane of ``layer`` currently displayed in ``viewer`` (or the last two axes).
+
+    ``in_channels`` (the model's) decides whether a leading axis is a channel axis.
+    Raises :class:`InputError` for 3-D rendering or layers with fewer than two dimensions.
+    """
+    levels = layer_levels(layer)
+    rgb = bool(getattr(layer, "rgb", False))
+    shapes = tuple(tuple(int(s) for s in (a.shape[:-1] if rgb else a.shape)) for a in levels)
+    ndim = len(shapes[0])
+    if ndim < 2:
+        raise InputError(f"layer {layer.name!r} has {ndim} dimension(s); MuViT needs 2-D images")
+    if viewer is not None and viewer.dims.ndisplay != 2:
+        raise InputError("MuViT predicts 2-D planes: switch the viewer to 2-D display")
+    if viewer is not None:
+        displayed_world = list(viewer.dims.displayed)
+        offset = viewer.dims.ndim - ndim  # layer axes are the trailing world axes
+        displayed = [d - offset for d in displayed_world]
+        if any(d < 0 for d in displayed):
+            raise InputError(f"layer {layer.name!r}: its axes are not the displayed ones")
+        point = np.asarray(layer.world_to_data(viewer.dims.point), dtype=np.float64)
+    else:
+        displayed = [ndim - 2, ndim - 1]
+        point = np.zeros(ndim)
+    transposed = displayed[0] > displayed[1]
+    dy, dx = sorted(displayed)
+    channel_axis = None
+    if (
+        in_channels is not None
+        and in_channels > 1
+        and not rgb
+        and ndim >= 3
+        and 0 not in (dy, dx)
+        and shapes[0][0] == in_channels
+    ):
+        channel_axis = 0
+    index = {}
+    for axis in range(ndim):
+        if axis in (dy, dx) or axis == channel_axis:
+            continue
+        index[axis] = int(np.clip(np.round(point[axis]), 0, shapes[0][axis] - 1))
+    return LayerPlane(
+        displayed=(dy, dx),
+        transposed=transposed,
+        index=index,
+        channel_axis=channel_axis,
+        rgb=rgb,
+        level_shapes=shapes,
+        ndim=ndim,
+    )
+
+
+def plane_arrays(layer: Image, plane: LayerPlane) -> list[Any]:
+    """Per pyramid level, the plane as a lazily indexable array.
+
+    Shapes are ``(Y, X)``, ``(C, Y, X)`` (channel axis) or ``(Y, X, C)`` (RGB).  numpy data is
+    sliced into views; anything else (zarr, dask, tensorstore...) is wrapped in dask so that
+    selecting the plane does not read it: the engine only reads the crops it needs.
+    """
+    out = []
+    for level, arr in enumerate(layer_levels(layer)):
+        key: list[Any] = [slice(None)] * len(plane.level_shapes[level])
+        for axis, i in plane.level_index(level).items():
+            key[axis] = i
+        if plane.rgb:
+            key.append(slice(None))
+        if not key or all(isinstance(k, slice) for k in key):
+            out.append(arr if isinstance(arr, np.ndarray) else _lazy(arr))
+            continue
+        if isinstance(arr, np.ndarray):
+            out.append(arr[tuple(key)])
+        else:
+            out.append(_lazy(arr)[tuple(key)])
+    return out
+
+
+def _lazy(arr: Any) -> Any:
+    import dask.array as da
+
+    if isinstance(arr, da.Array):
+        return arr
+    chunks = getattr(arr, "chunks", None)
+    if not (isinstance(chunks, tuple) and all(isinstance(c, int) for c in chunks)):
+        chunks = "auto"
+    return da.from_array(arr, chunks=chunks, asarray=False, fancy=False)
+
+
+def plane_source(layer: Image, plane: LayerPlane, normalization: Any = None) -> Any:
+    """A :class:`~napari_muvit.data.PyramidSource` over the plane (lazy, nothing is read).
+
+    ``normalization`` is the model's (a dict or ``Normalization``); None lets the source compute
+    percentiles once from a coarse level.
+    """
+    from napari_muvit.data import PyramidSource
+
+    arrays = plane_arrays(layer, plane)
+    return PyramidSource.from_layer_data(
+        arrays if plane.multiscale else arrays[0],
+        multiscale=plane.multiscale,
+        rgb=plane.rgb,
+        channel_axis=plane.channel_axis,
+        normalization=normalization,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms and the camera
+# ---------------------------------------------------------------------------------------------
+
+
+def data_to_world_2d(layer: Any, plane: LayerPlane) -> np.ndarray:
+    """3×3 data→world affine of the plane's ``(y, x)`` axes (scale, translate, rotate, shear
+    and affine composed, exactly as napari renders the layer)."""
+    full = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    rows = list(plane.displayed)
+    sub = np.eye(3)
+    sub[:2, :2] = full[np.ix_(rows, rows)]
+    sub[:2, 2] = full[rows, -1]
+    return sub
+
+
+def data_to_world_edges(layer: Any, plane: LayerPlane) -> np.ndarray:
+    """Like :func:`data_to_world_2d` but for MuViT's edge coordinates (pixel centres at
+    ``i + 0.5``): napari maps data coordinate ``i`` to the *centre* of pixel ``i``."""
+    shift = np.eye(3)
+    shift[:2, 2] = -0.5
+    return data_to_world_2d(layer, plane) @ shift
+
+
+def camera(viewer: napari.Viewer) -> Any:
+    """The viewer's camera model (``viewer.scene.camera`` since napari 0.9)."""
+    scene = getattr(viewer, "scene", None)
+    cam = getattr(scene, "camera", None)
+    return cam if cam is not None else viewer.camera
+
+
+def canvas_size(viewer: napari.Viewer) -> tuple[int, int]:
+    """``(height, width)`` of the viewer's canvas in screen pixels."""
+    model = getattr(getattr(viewer, "canvas", None), "size", None)  # napari >= 0.9 model
+    if model is not None and not callable(model) and len(model) == 2:
+        return int(model[0]), int(model[1])
+    qt_viewer = getattr(viewer.window, "_qt_viewer", None)
+    canvas = getattr(qt_viewer, "canvas", None)
+    size = getattr(canvas, "size", None)
+    if size is not None and not callable(size):
+        return int(size[0]), int(size[1])
+    legacy = getattr(viewer, "_canvas_size", None)  # older napari
+    if legacy is not None:
+        return int(legacy[0]), int(legacy[1])
+    raise InputError("cannot determine the size of the napari canvas")
+
+
+def visible_bbox(viewer: napari.Viewer, layer: Any, plane: LayerPlane) -> np.ndarray:
+    """The MuViT-world bbox ``[[y0, x0], [y1, x1]]`` of the plane visible on the canvas.
+
+    Clipped to the image; zero extent when the image is off-screen.
+    """
+    cam = camera(viewer)
+    center = np.asarray(cam.center, dtype=np.float64)[-2:]
+    size = np.asarray(canvas_size(viewer), dtype=np.float64)
+    if plane.transposed:
+        # The canvas shows (x, y): camera centre and canvas height follow the displayed order.
+        center, size = center[::-1], size[::-1]
+    return visible_data_bbox(
+        center, cam.zoom, size, data_to_world_edges(layer, plane), plane.shape
+    )
+
+
+def transform_kwargs(layer: Any, plane: LayerPlane) -> dict[str, Any]:
+    """Layer keyword arguments that put an output layer exactly over ``layer``'s plane."""
+    if plane.channel_axis is None:
+        return {
+            "scale": np.asarray(layer.scale),
+            "translate": np.asarray(layer.translate),
+            "rotate": np.asarray(layer.rotate),
+            "shear": np.asarray(layer.shear),
+            "affine": np.asarray(layer.affine.affine_matrix),
+        }
+    # Dropping the (leading) channel axis: the composed transform of the remaining axes.
+    full = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    keep = [*plane.out_axes, full.shape[0] - 1]
+    return {"affine": full[np.ix_(keep, keep)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# output arrays and writing tiles into layers
+# ---------------------------------------------------------------------------------------------
+
+
+def label_dtype(label_values: Sequence[int]) -> np.dtype:
+    """The smallest unsigned dtype holding every label value (and 0, background)."""
+    top = max([0, *(int(v) for v in label_values)])
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    return np.dtype(np.int64)
+
+
+def output_level_shapes(plane: LayerPlane) -> list[tuple[int, ...]]:
+    """Per level, the shape of an output array (the image level without channel axis)."""
+    return [tuple(s[a] for a in plane.out_axes) for s in plane.level_shapes]
+
+
+def allocate_levels(
+    plane: LayerPlane, dtype: Any, *, store: Any = None, dense: bool | None = None
+) -> list[Any]:
+    """Zero-filled output arrays, one per pyramid level.
+
+    numpy when small (fast display), else zarr arrays (sparse: unwritten chunks take no memory)
+    in ``store`` (default: a fresh in-memory store).
+    """
+    shapes = output_level_shapes(plane)
+    if dense is None:
+        dense = int(np.prod(plane.shape)) <= DENSE_OUTPUT_MAX_PIXELS and store is None
+    if dense:
+        return [np.zeros(s, dtype=dtype) for s in shapes]
+    import zarr
+
+    root = zarr.open_group(store if store is not None else zarr.storage.MemoryStore(), mode="a")
+    out = []
+    for level, shape in enumerate(shapes):
+        chunks = tuple(
+            min(OUTPUT_CHUNK, n) if axis in _out_displayed(plane) else 1
+            for axis, n in enumerate(shape)
+        )
+        out.append(
+            root.create_array(
+                str(level), shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
+                overwrite=True,
+            )
+        )
+    return out
+
+
+def _out_displayed(plane: LayerPlane) -> tuple[int, int]:
+    """The plane's ``(y, x)`` axes in output-array axis numbering."""
+    axes = plane.out_axes
+    return axes.index(plane.displayed[0]), axes.index(plane.displayed[1])
+
+
+def _level_rows(start: int, stop: int, factor: float, size: int) -> tuple[int, int, np.ndarray]:
+    """Level pixels ``i`` whose sample point ``floor((i + .5)·f)`` lies in ``[start, stop)``.
+
+    Every coarse pixel is taken from exactly one level-0 pixel, so tiles written independently
+    fill each pyramid level seamlessly (nearest-neighbour downsampling, right for labels).
+    Returns ``(i0, i1, sample offsets relative to start)``.
+    """
+    i0 = max(0, int(np.floor(start / factor - 0.5)) - 1)
+    i1 = min(size, int(np.ceil(stop / factor)) + 1)
+    idx = np.arange(i0, i1)
+    samples = np.floor((idx + 0.5) * factor).astype(np.int64)
+    keep = (samples >= start) & (samples < stop)
+    idx, samples = idx[keep], samples[keep]
+    if idx.size == 0:
+        return 0, 0, samples
+    return int(idx[0]), int(idx[-1]) + 1, samples - start
+
+
+class LevelWriter:
+    """Writes 2-D results of the plane into per-level output arrays (nearest downsampling)."""
+
+    def __init__(self, plane: LayerPlane, levels: list[Any]) -> None:
+        self.plane = plane
+        self.levels = levels
+        self._axes = _out_displayed(plane)
+        self._index = [
+            {plane.out_axes.index(a): i for a, i in plane.level_index(level).items()}
+            for level in range(len(levels))
+        ]
+
+    def slice_key(self, level: int, ys: slice, xs: slice) -> tuple[Any, ...]:
+        """Full-ND index of a 2-D region of ``level`` (length-1 slices on the other axes, as
+        napari's own paint code uses them: basic indexing works on every backend)."""
+        key: list[Any] = [slice(None)] * self.levels[level].ndim
+        for axis, i in self._index[level].items():
+            key[axis] = slice(i, i + 1)
+        key[self._axes[0]], key[self._axes[1]] = ys, xs
+        return tuple(key)
+
+    def write(self, core: np.ndarray, values: np.ndarray) -> list[tuple[int, tuple]]:
+        """Write ``values`` (the level-0 region ``core`` = ``[[y0, x0], [y1, x1]]``) into every
+        level; returns ``(level, slice_key)`` of what was written."""
+        (y0, x0), (y1, x1) = np.asarray(core, dtype=np.int64)
+        written = []
+        for level, arr in enumerate(self.levels):
+            fy, fx = self.plane.level_factors(level)
+            if level == 0 or (fy == 1 and fx == 1):
+                ys, xs, block = slice(y0, y1), slice(x0, x1), values
+            else:
+                shape = arr.shape
+                i0, i1, sy = _level_rows(y0, y1, fy, shape[self._axes[0]])
+                j0, j1, sx = _level_rows(x0, x1, fx, shape[self._axes[1]])
+                if i1 <= i0 or j1 <= j0:
+                    continue
+                ys, xs, block = slice(i0, i1), slice(j0, j1), values[np.ix_(sy, sx)]
+            key = self.slice_key(level, ys, xs)
+            arr[key] = block.reshape(_expanded_shape(arr.ndim, self._axes, block.shape))
+            written.append((level, key))
+        return written
+
+
+def _expanded_shape(ndim: int, axes: tuple[int, int], shape2d: tuple[int, ...]) -> tuple:
+    out = [1] * ndim
+    out[axes[0]], out[axes[1]] = shape2d
+    return tuple(out)
+
+
+def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
+    """Show new data written into ``layer.data[slice_key]`` with as little work as possible.
+
+    For a non-multiscale Labels layer only the changed part of the displayed texture is updated
+    (napari's own partial-refresh path for painting; a full ``refresh`` re-colours the whole
+    plane, which takes tens of ms for large planes and would stall the event loop on every
+    tile).  Other layers fall back to ``refresh()``.  Uses napari internals defensively: any
+    surprise falls back to the full refresh.
+    """
+    try:
+        _partial_labels_refresh(layer, slice_key)
+    except Exception:  # noqa: BLE001 - private napari API: never worse than a full refresh
+        layer.refresh()
+
+
+def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
+    from napari.layers import Labels
+
+    if not isinstance(layer, Labels) or layer.multiscale:
+        layer.refresh()
+        return
+    if not layer._slicing_state.loaded or layer._slice.empty:
+        return  # a pending slice load will read the new data anyway
+    upd = layer._get_update_slices(slice_key)
+    if upd is None:
+        return  # not on the displayed plane
+    region_slices, view_slices = upd
+    region = np.asarray(layer.data[slice_key])
+    visible = region[tuple(region_slices)]
+    visible, _ = layer._align_data_to_view(visible, visible)
+    data, image = layer.data, layer._slice.image
+    if not (isinstance(data, np.ndarray) and np.shares_memory(data, image.raw)):
+        image.raw[tuple(view_slices)] = visible
+    if layer.contour == 0 and not (
+        isinstance(data, np.ndarray) and np.shares_memory(data, image.view)
+    ):
+        image.view[tuple(view_slices)] = layer.colormap._data_to_texture(visible)
+    layer._accumulate_updated_slice(slice_key)
+    layer._partial_labels_refresh()
+
+
+def labels_colormap(
+    label_values: Sequence[int], class_colors: Sequence[Any] | None = None
+) -> Any:
+    """A napari ``DirectLabelColormap``: the model's class colours (else napari's label colours)
+    for its label values, background (0) transparent."""
+    from napari.utils.colormaps import DirectLabelColormap, label_colormap
+
+    default = label_colormap(max(2, len(label_values) + 1))
+    colors: dict[int | None, Any] = {None: np.zeros(4), 0: np.zeros(4)}
+    for k, value in enumerate(label_values):
+        if int(value) == 0:
+            continue  # dense models write class 0 as 0: napari's background
+        if class_colors is not None and k < len(class_colors) and class_colors[k] is not None:
+            colors[int(value)] = class_colors[k]
+        else:
+            colors[int(value)] = default.map(np.array([int(value)]))[0]
+    return DirectLabelColormap(color_dict=colors)
+
+
+def class_features(label_values: Sequence[int], class_names: Sequence[str]) -> Any:
+    """Labels ``features`` table: napari's status bar shows the class name under the cursor."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {"index": [int(v) for v in label_values], "class": [str(n) for n in class_names]}
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# painting events → changed regions
+# ---------------------------------------------------------------------------------------------
+
+
+def painted_bboxes(atoms: Iterable[Any], displayed: Sequence[int] | None = None) -> list[np.ndarray]:
+    """2-D ``[[y0, x0], [y1, x1]]`` of every undo atom of a Labels ``paint`` event.
+
+    napari ≥0.6 stores mask paints as ``_MaskedPaintAtom(slice_key, ...)`` and older/fancy edits
+    as ``(indices, old_values, new_values)``; both are understood.  ``displayed`` selects the
+    plane axes (default: the last two).
+    """
+    out = []
+    for atom in atoms:
+        key = getattr(atom, "slice_key", None)
+        if key is not None:
+            axes = list(displayed) if displayed is not None else [len(key) - 2, len(key) - 1]
+            lo = [key[a].start for a in axes]
+            hi = [key[a].stop for a in axes]
+        else:
+            indices = atom[0]
+            axes = list(displayed) if displayed is not None else [len(indices) - 2, len(indices) - 1]
+            idx = [np.asarray(indices[a]) for a in axes]
+            if idx[0].size == 0:
+                continue
+            lo = [int(i.min()) for i in idx]
+            hi = [int(i.max()) + 1 for i in idx]
+        out.append(np.array([lo, hi], dtype=np.float64))
+    return out

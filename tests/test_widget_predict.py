@@ -1,0 +1,371 @@
+"""PredictWidget in a real napari viewer (run under Xvfb; see README).
+
+Tiny model (dim 48, 1 layer, tile 32) on small images so that the whole file stays within a few
+tens of seconds on two CPU cores.  Each test drives the widget through its scripting surface
+(``predict_view``/``set_live``/``predict_image``/``cancel``) and checks the numbers: where the
+labels land, how many tiles the engine computed, what is on disk, how long the event loop
+stalled.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from qtpy.QtCore import QTimer  # noqa: E402
+
+from napari_muvit.data import PyramidSource, synthetic_rings  # noqa: E402
+from napari_muvit.engine.predict import Predictor  # noqa: E402
+from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+TILE = 32
+SCALE = (0.5, 0.75)
+TRANSLATE = (10.0, -20.0)
+
+
+def _tiny_segmenter(label_values=(1, 2, 3), seed=0) -> MuViTSegmenter:
+    import torch
+
+    torch.manual_seed(seed)
+    enc = MuViTEncoder(1, (1, 4), patch_size=8, dim=48, num_layers=1, heads=2)
+    return MuViTSegmenter(
+        enc,
+        num_classes=3,
+        head_dim=32,
+        class_names=["background", "outer", "inner"],
+        # Sparse-style values (never 0): every predicted pixel is non-zero, so "written"
+        # is visible in the layer data.
+        label_values=list(label_values),
+        meta={"crop_size": TILE},
+    )
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("models")
+    a = _tiny_segmenter(seed=0).save(root / "tiny_a")
+    b = _tiny_segmenter(seed=1).save(root / "tiny_b")
+    return Path(a), Path(b)
+
+
+@pytest.fixture(scope="module")
+def rings() -> list[np.ndarray]:
+    return synthetic_rings(512, seed=3, min_level_size=128).pyramid
+
+
+class Heartbeat:
+    """Records the longest gap between ticks of a 10 ms QTimer (= event-loop stall)."""
+
+    def __init__(self, interval_ms: int = 10) -> None:
+        self.interval = interval_ms / 1000
+        self.timer = QTimer()
+        self.timer.setInterval(interval_ms)
+        self.timer.timeout.connect(self._tick)
+        self.last = None
+        self.max_gap = 0.0
+        self.ticks = 0
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.max_gap = max(self.max_gap, now - self.last)
+        self.last = now
+        self.ticks += 1
+
+    def start(self) -> None:
+        self.last = None
+        self.timer.start()
+
+    def stop(self) -> float:
+        self.timer.stop()
+        return max(0.0, self.max_gap - self.interval)
+
+
+def qtbot_process_events() -> None:
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(3):
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def _viewer_with_widget(make_napari_viewer, model_dir, data, **image_kwargs):
+    from napari_muvit.widgets import PredictWidget
+
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.add_image(data, name="rings", **image_kwargs)
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MuViT predict")
+    viewer.window._qt_window.resize(1100, 800)
+    qtbot_process_events()
+    widget.set_model(model_dir)
+    widget.device_combo.setCurrentText("cpu")
+    widget.image_layer = layer
+    return viewer, layer, widget
+
+
+def _wait_worker(qtbot, worker, timeout=60_000) -> None:
+    if worker is None:
+        return
+    if not worker.is_running and worker not in type(worker)._worker_set:
+        return
+    with qtbot.waitSignal(worker.finished, timeout=timeout, raising=False):
+        pass
+    qtbot.wait(20)
+
+
+def _wait_idle(qtbot, widget, timeout=60_000) -> None:
+    qtbot.waitUntil(lambda: not widget.busy, timeout=timeout)
+    qtbot.wait(50)  # let queued tile signals and the finished handler run
+
+
+def _expected_bbox(viewer, layer) -> np.ndarray:
+    """Visible region in MuViT edge coordinates, computed independently of the widget."""
+    h, w = viewer.window._qt_viewer.canvas.size  # the vispy canvas itself
+    cy, cx = viewer.scene.camera.center[-2:]
+    z = viewer.scene.camera.zoom
+    world = np.array([[cy - h / (2 * z), cx - w / (2 * z)], [cy + h / (2 * z), cx + w / (2 * z)]])
+    data = (world - np.asarray(layer.translate)) / np.asarray(layer.scale) + 0.5
+    shape = np.asarray(layer.data[0].shape if layer.multiscale else layer.data.shape)
+    return np.clip(data, 0, shape)
+
+
+def _cells(bbox: np.ndarray, step: int) -> set[tuple[int, int]]:
+    y0, x0 = np.floor(bbox[0]).astype(int)
+    y1, x1 = np.ceil(bbox[1]).astype(int)
+    return {
+        (r, c)
+        for r in range(y0 // step, (y1 - 1) // step + 1)
+        for c in range(x0 // step, (x1 - 1) // step + 1)
+    }
+
+
+def _cell_mask(cells, shape, step) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for r, c in cells:
+        mask[r * step : (r + 1) * step, c * step : (c + 1) * step] = True
+    return mask
+
+
+def test_predict_view_lands_exactly_on_visible_region(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, layer, widget = _viewer_with_widget(
+        make_napari_viewer, model_dirs[0], rings, multiscale=True, scale=SCALE, translate=TRANSLATE
+    )
+    viewer.scene.camera.zoom = 6.0
+    viewer.scene.camera.center = (60.0, 40.0)
+    qtbot.wait(10)
+    worker = widget.predict_view()
+    assert worker is not None
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+
+    expected = _expected_bbox(viewer, layer)
+    region = widget._view_job.request.region
+    np.testing.assert_allclose(region, expected, atol=1e-9)
+    assert np.all(expected[1] - expected[0] > TILE)  # a real partial view, not the whole image
+
+    labels = widget.labels_layer()
+    assert labels is not None and labels.multiscale
+    # same data->world mapping as the image: overlays pixel for pixel
+    np.testing.assert_allclose(labels._data_to_world.affine_matrix, layer._data_to_world.affine_matrix)
+    assert [a.shape for a in labels.data] == [a.shape for a in layer.data]
+
+    out = np.asarray(labels.data[0])
+    cells = _cells(expected, TILE)
+    written = out > 0
+    np.testing.assert_array_equal(written, _cell_mask(cells, out.shape, TILE))
+
+    # identical to the engine run on the same region (grown to whole tiles)
+    model = load_model(model_dirs[0])
+    source = PyramidSource.from_layer_data(layer.data, multiscale=True, rgb=False)
+    rows = [r for r, _ in cells]
+    cols = [c for _, c in cells]
+    y0, y1 = min(rows) * TILE, min((max(rows) + 1) * TILE, out.shape[0])
+    x0, x1 = min(cols) * TILE, min((max(cols) + 1) * TILE, out.shape[1])
+    sink = Predictor(model, device="cpu").predict(source, region=[[y0, x0], [y1, x1]])
+    np.testing.assert_array_equal(out[y0:y1, x0:x1], sink.labels)
+
+    # coarse pyramid level: nearest samples of level 0
+    coarse = np.asarray(labels.data[1])
+    np.testing.assert_array_equal(coarse[y0 // 2 + 1 : y1 // 2 - 1, x0 // 2 + 1 : x1 // 2 - 1],
+                                  out[1::2, 1::2][y0 // 2 + 1 : y1 // 2 - 1, x0 // 2 + 1 : x1 // 2 - 1])
+
+    # class names and colours from the model
+    assert list(labels.features["class"]) == ["background", "outer", "inner"]
+    assert list(labels.features["index"]) == [1, 2, 3]
+    assert labels.colormap.map(np.array([2]))[0][3] > 0
+    assert "device cpu" in widget.model_info.text() and "tile 32 px" in widget.model_info.text()
+
+
+def test_live_pan_computes_only_new_tiles_and_stays_responsive(
+    make_napari_viewer, qtbot, model_dirs, rings
+):
+    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
+    viewer.scene.camera.zoom = 8.0
+    viewer.scene.camera.center = (100.0, 100.0)
+    widget.cap_spin.setValue(500)
+    beat = Heartbeat()
+    beat.start()
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    pred = widget.predictor
+    first = _cells(widget._view_job.request.region, TILE)
+    assert pred.stats["tiles_computed"] == len(first)
+    calls_before = pred.stats["model_calls"]
+
+    # pan by exactly one tile (world = data here): one new row/column of tiles
+    viewer.scene.camera.center = (100.0 + TILE, 100.0 + TILE)
+    qtbot.wait(400)  # debounce (300 ms) fires
+    _wait_idle(qtbot, widget)
+    second = _cells(widget._view_job.request.region, TILE)
+    new = second - first
+    assert 0 < len(new) < len(second)
+    assert pred.stats["tiles_computed"] == len(first) + len(new)
+    assert pred.stats["model_calls"] > calls_before
+
+    # panning back: nothing to compute, nothing even started
+    computed = pred.stats["tiles_computed"]
+    viewer.scene.camera.center = (100.0, 100.0)
+    qtbot.wait(400)
+    _wait_idle(qtbot, widget)
+    assert pred.stats["tiles_computed"] == computed
+    assert "up to date" in widget.status
+
+    # several quick pans: only the last view is predicted (debounced + superseded)
+    for k in range(5):
+        viewer.scene.camera.center = (140.0 + 3 * k, 60.0 + 3 * k)
+        qtbot.wait(30)
+    qtbot.wait(400)
+    _wait_idle(qtbot, widget)
+    stall = beat.stop()
+    last = _cells(widget._view_job.request.region, TILE)
+    out = np.asarray(widget.labels_layer().data)
+    assert np.all(_cell_mask(last, out.shape, TILE) <= (out > 0))
+    print(f"max event-loop stall during live prediction: {stall * 1000:.1f} ms")
+    assert stall < 0.100, f"event loop stalled {stall * 1000:.0f} ms"
+    widget.set_live(False)
+
+
+def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
+    widget.cap_spin.setValue(4)
+    viewer.reset_view()  # whole 256² image: 64 tiles
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert "more than the cap of 4" in widget.status
+    assert widget.predictor.stats["tiles_computed"] == 0
+    assert not np.any(np.asarray(widget.labels_layer().data))
+
+
+def test_cancel_view_leaves_consistent_layer(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[1])
+    widget.cap_spin.setValue(1000)
+    widget.batch_spin.setValue(2)
+    viewer.reset_view()
+    worker = widget.predict_view()
+    qtbot.waitUntil(lambda: widget._view_job.painted >= 2, timeout=30_000)
+    widget.cancel()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    job = widget._view_job
+    assert job.token.cancelled and 2 <= job.painted < 64
+    target = widget._targets[id(layer)]
+    out = np.asarray(widget.labels_layer().data)
+    painted = {cell for _, cell in target.painted}
+    # every painted tile is complete, nothing else was written
+    np.testing.assert_array_equal(out > 0, _cell_mask(painted, out.shape, TILE))
+    assert "cancelled" in widget.status
+    # predicting again fills in only the rest
+    before = widget.predictor.stats["tiles_computed"]
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert np.all(np.asarray(widget.labels_layer().data) > 0)
+    assert widget.predictor.stats["tiles_computed"] - before == 64 - len(painted)
+
+
+def test_switch_models_and_layers_mid_run(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[2])
+    other = viewer.add_image(rings[2][::-1].copy(), name="flipped")
+    widget.cap_spin.setValue(1000)
+    widget.batch_spin.setValue(2)
+    viewer.reset_view()
+    w1 = widget.predict_view()
+    qtbot.waitUntil(lambda: widget._view_job.painted >= 1, timeout=30_000)
+    widget.set_model(model_dirs[1])  # switch model mid-run
+    w2 = widget.predict_view()
+    widget.image_layer = other  # and the layer
+    w3 = widget.predict_view()
+    for w in (w1, w2, w3):
+        _wait_worker(qtbot, w)
+    _wait_idle(qtbot, widget)
+    # the last job finished the other layer with model B
+    model_b = load_model(model_dirs[1])
+    source = PyramidSource.from_layer_data(other.data, multiscale=False, rgb=False)
+    expected = Predictor(model_b, device="cpu").predict(source).labels
+    np.testing.assert_array_equal(np.asarray(widget.labels_layer(other).data), expected)
+    # the first layer's output belongs to a single model: either empty or model B's tiles only
+    out_a = np.asarray(widget.labels_layer(layer).data)
+    target_a = widget._targets[id(layer)]
+    assert target_a.identity[0].value == str(model_dirs[1])
+    painted = {cell for _, cell in target_a.painted}
+    np.testing.assert_array_equal(out_a > 0, _cell_mask(painted, out_a.shape, TILE))
+
+
+def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, model_dirs, rings, tmp_path):
+    from napari_muvit.engine.sinks import read_store_info
+
+    viewer, layer, widget = _viewer_with_widget(
+        make_napari_viewer, model_dirs[0], rings[1:], multiscale=True, scale=SCALE, translate=TRANSLATE
+    )
+    widget.batch_spin.setValue(4)
+    out = tmp_path / "rings_muvit.zarr"
+    worker = widget.predict_image(out)
+    assert worker is not None
+    qtbot.waitUntil(lambda: widget._image_job.painted >= 8, timeout=60_000)
+    widget.cancel()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    job = widget._image_job
+    assert read_store_info(out)["status"] == "incomplete"
+    assert "resume" in widget.status
+    lab_layer = job.target
+    assert lab_layer.multiscale
+    np.testing.assert_allclose(lab_layer._data_to_world.affine_matrix, layer._data_to_world.affine_matrix)
+    level0 = np.asarray(lab_layer.data[0])
+    done_cells = int(np.asarray(job.sink.group["done"]).sum())
+    # consistent: exactly the done tiles are on disk
+    assert 0 < done_cells < 64
+    assert int((level0 > 0).sum()) == done_cells * TILE * TILE
+
+    # resume: only the missing tiles, then complete and identical to the engine
+    worker = widget.predict_image(out)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert read_store_info(out)["status"] == "complete"
+    assert widget._image_job.total == 64 - done_cells
+    model = load_model(model_dirs[0])
+    source = PyramidSource.from_layer_data(layer.data, multiscale=True, rgb=False)
+    expected = Predictor(model, device="cpu").predict(source).labels
+    np.testing.assert_array_equal(np.asarray(widget._image_job.target.data[0]), expected)
+
+    # closing the viewer while a whole-image job runs does not crash
+    widget.overwrite_check.setChecked(True)
+    worker = widget.predict_image(tmp_path / "second.zarr")
+    qtbot.waitUntil(lambda: widget._image_job.painted >= 1, timeout=60_000)
+    job = widget._image_job
+    viewer.close()
+    qtbot.waitUntil(job.done.is_set, timeout=30_000)
+    qtbot.wait(100)
+    assert job.token.cancelled
+    assert read_store_info(tmp_path / "second.zarr")["status"] == "incomplete"
