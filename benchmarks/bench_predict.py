@@ -113,10 +113,28 @@ def central_region(shape: tuple[int, int], side: int) -> np.ndarray:
     return np.stack([c - side // 2, c + side // 2])
 
 
-def timed(fn: Any) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    res = fn()
-    return res, time.perf_counter() - t0
+def timed(fn: Any, repeats: int = 1) -> tuple[Any, float]:
+    """Result and best-of-``repeats`` wall time (the CPU is shared: the minimum is the least
+    disturbed run)."""
+    best = float("inf")
+    res = None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        res = fn()
+        best = min(best, time.perf_counter() - t0)
+    return res, best
+
+
+_PYRAMIDS: dict[int, Any] = {}
+
+
+def rings_pyramid(size: int) -> Any:
+    if size not in _PYRAMIDS:
+        t0 = time.perf_counter()
+        _PYRAMIDS[size] = synthetic_rings(size, seed=0, min_level_size=128)
+        print(f"synthetic {size}² pyramid factors {_PYRAMIDS[size].factors} "
+              f"in {time.perf_counter() - t0:.1f} s")
+    return _PYRAMIDS[size]
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +144,7 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     size = args.size
-    t0 = time.perf_counter()
-    img = synthetic_rings(size, seed=0, min_level_size=128)
-    print(f"synthetic {size}² pyramid factors {img.factors} in {time.perf_counter() - t0:.1f} s")
+    img = rings_pyramid(size)
     pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
     full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
     model = bench_model()
@@ -144,7 +160,7 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     mem: dict[str, float] = {}
     with peak_rss(mem):
-        ref, dt = timed(lambda: naive_predict(model, full_res, tiles[:n_naive]))
+        ref, dt = timed(lambda: naive_predict(model, full_res, tiles[:n_naive]), args.repeats)
     rows["naive"] = dict(tiles=n_naive, seconds=dt, mpx_s=n_naive * px_tile / dt / 1e6,
                          peak_rss_mb=mem["peak"], start_rss_mb=mem["start"])
 
@@ -155,10 +171,12 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
         ("engine-batch1", dict(batch_size=1, prefetch=True)),
         ("engine-batch16", dict(batch_size=16, prefetch=True)),
     ]:
-        pred = Predictor(model, device="cpu", cache_tiles=512, **kw)
+        pred = Predictor(model, device="cpu", cache_tiles=0, **kw)
         mem = {}
         with peak_rss(mem):
-            sink, dt = timed(lambda: pred.predict(pyramid, region))
+            sink, dt = timed(lambda: pred.predict(pyramid, region), args.repeats)
+        pred.reset_stats()
+        pred.predict(pyramid, region)  # stats of one run
         results[name] = sink.labels
         rows[name] = dict(tiles=len(tiles), seconds=dt, mpx_s=len(tiles) * px_tile / dt / 1e6,
                           peak_rss_mb=mem["peak"], start_rss_mb=mem["start"],
@@ -166,6 +184,8 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
                           wait_s=pred.stats["wait_s"])
         if name == "engine":
             # the user pans by a quarter of the region: only the new tiles are computed
+            pred = Predictor(model, device="cpu", cache_tiles=512, **kw)
+            pred.predict(pyramid, region)
             panned = region + args.region // 4
             pred.reset_stats()
             _, dt_pan = timed(lambda: pred.predict(pyramid, panned))
@@ -173,14 +193,15 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
                 tiles=len(plan_tiles(panned, TILE, pyramid.shape)), seconds=dt_pan,
                 computed=pred.stats["tiles_computed"], cache_hits=pred.stats["cache_hits"],
             )
-    # the engine reproduces the naive loop exactly on the tiles both computed
+    # agreement with the naive loop on the tiles both computed (the stored pyramid levels are
+    # uint8-rounded means, the naive loop averages full resolution exactly: rare flips)
     eng = results["engine"]
-    same = all(
-        np.array_equal(ref[i], eng[t.core[0, 0] - region[0, 0] : t.core[1, 0] - region[0, 0],
-                                   t.core[0, 1] - region[0, 1] : t.core[1, 1] - region[0, 1]])
+    same = float(np.mean([
+        (ref[i] == eng[t.core[0, 0] - region[0, 0] : t.core[1, 0] - region[0, 0],
+                       t.core[0, 1] - region[0, 1] : t.core[1, 1] - region[0, 1]]).mean()
         for i, t in enumerate(tiles[:n_naive])
-    )
-    same_all = all(np.array_equal(eng, v) for v in results.values())
+    ]))
+    same_all = min(float((eng == v).mean()) for v in results.values())
     ratio = rows["engine"]["mpx_s"] / rows["naive"]["mpx_s"]
     prefetch_gain = rows["engine"]["mpx_s"] / rows["engine-no-prefetch"]["mpx_s"]
     print(f"\nthroughput on {size}², central {args.region}² region, tile {TILE}, levels {LEVELS}")
@@ -196,7 +217,7 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     print(f"pan by {args.region // 4} px: {pan['tiles']} tiles, {pan['computed']} computed, "
           f"{pan['cache_hits']} from cache, {pan['seconds']:.2f} s")
     print(f"engine / naive throughput: {ratio:.1f}x   prefetch on/off: {prefetch_gain:.2f}x   "
-          f"identical labels: naive {same}, all engine variants {same_all}")
+          f"identical pixels: vs naive {100 * same:.2f}%, engine variants {100 * same_all:.4f}%")
     return {"rows": rows, "ratio": ratio, "prefetch_gain": prefetch_gain, "identical": same}
 
 
@@ -228,7 +249,7 @@ def seam_stats(labels: np.ndarray, probs: np.ndarray, origin: np.ndarray, step: 
 
 
 def section_seams(args: argparse.Namespace) -> dict[str, Any]:
-    img = synthetic_rings(args.size, seed=0, min_level_size=128)
+    img = rings_pyramid(args.size)
     src = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
     model = bench_model()
     region = central_region(src.shape, args.region)
@@ -311,20 +332,29 @@ def rss_child(size: int, tiles: int) -> dict[str, Any]:
 def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     print(f"\nwhole-image zarr prediction, lazy dask pyramid, stopped after {args.rss_tiles} tiles")
-    print(f"{'image':>8}{'tiles done':>11}{'of':>11}{'tiles/s':>9}{'RSS before MiB':>16}"
-          f"{'peak MiB':>10}{'delta MiB':>11}{'chunks':>8}")
-    for size in args.rss_sizes:
-        cmd = [sys.executable, __file__, "--rss-child", str(size), "--rss-tiles", str(args.rss_tiles)]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        row = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"{size:>7}²{row['tiles']:>11}{row['total']:>11}{row['tiles_s']:>9.1f}"
-              f"{row['start_rss_mb']:>16.0f}{row['peak_rss_mb']:>10.0f}"
-              f"{row['peak_rss_mb'] - row['start_rss_mb']:>11.0f}{row['chunks_written']:>8}")
-    peaks = [r["peak_rss_mb"] for r in rows]
-    print(f"peak RSS spread across sizes: {max(peaks) - min(peaks):.0f} MiB "
-          f"({max(peaks) / min(peaks):.2f}x) for a {args.rss_sizes[-1] ** 2 / args.rss_sizes[0] ** 2:.0f}x "
-          "larger image")
+    # glibc's dynamic mmap threshold keeps freed batch buffers in the heap, which makes the peak
+    # jitter by ~100 MiB from run to run; a fixed threshold shows the engine's own footprint
+    for alloc, env in (("glibc default", {}), ("MALLOC_MMAP_THRESHOLD_=1MiB",
+                                                {"MALLOC_MMAP_THRESHOLD_": "1048576"})):
+        print(f"-- allocator: {alloc}")
+        print(f"{'image':>8}{'tiles done':>11}{'of':>11}{'tiles/s':>9}{'RSS before MiB':>16}"
+              f"{'peak MiB':>10}{'delta MiB':>11}{'chunks':>8}")
+        peaks = []
+        for size in args.rss_sizes:
+            cmd = [sys.executable, __file__, "--rss-child", str(size), "--rss-tiles",
+                   str(args.rss_tiles), "--threads", str(args.threads)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                 env={**os.environ, **env})
+            row = json.loads(res.stdout.strip().splitlines()[-1])
+            row["allocator"] = alloc
+            rows.append(row)
+            peaks.append(row["peak_rss_mb"])
+            print(f"{size:>7}²{row['tiles']:>11}{row['total']:>11}{row['tiles_s']:>9.1f}"
+                  f"{row['start_rss_mb']:>16.0f}{row['peak_rss_mb']:>10.0f}"
+                  f"{row['peak_rss_mb'] - row['start_rss_mb']:>11.0f}{row['chunks_written']:>8}")
+        print(f"peak RSS spread across sizes: {max(peaks) - min(peaks):.0f} MiB "
+              f"({max(peaks) / min(peaks):.2f}x) for a "
+              f"{args.rss_sizes[-1] ** 2 / args.rss_sizes[0] ** 2:.0f}x larger image")
     return rows
 
 
@@ -340,6 +370,7 @@ def main() -> None:
     parser.add_argument("--rss-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--rss-tiles", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="best-of-N timings")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
@@ -350,7 +381,7 @@ def main() -> None:
         return
     if args.quick:
         args.size, args.region, args.naive_tiles = 2048, 512, 4
-        args.rss_sizes, args.rss_tiles = [2048, 8192], 32
+        args.rss_sizes, args.rss_tiles, args.repeats = [2048, 8192], 32, 1
     print(f"{platform.platform()} | {platform.processor() or platform.machine()} | "
           f"{os.cpu_count()} CPUs | torch {torch.__version__} threads {torch.get_num_threads()}")
     out: dict[str, Any] = {}

@@ -259,3 +259,21 @@ def test_python_api_in_memory(model, source) -> None:
     assert probs.shape == (3, 64, 96) and probs.dtype == np.float16
     with pytest.raises(InputError, match="out="):
         predict_api(source, model=model, workers=2)
+    # the lazily exported name still calls predict() after the submodule was imported
+    import napari_muvit
+
+    np.testing.assert_array_equal(napari_muvit.predict(source, model=model, region=region,
+                                                       device="cpu"), labels)
+
+
+def test_auto_batch_size_follows_free_memory(model, monkeypatch) -> None:
+    import napari_muvit.engine.predict as engine_predict
+
+    assert Predictor(model, device="cpu").batch_size == engine_predict.CPU_BATCH
+    sizes = {}
+    for free in (2**20, 2**23, 2**24, 2**36):
+        monkeypatch.setattr(engine_predict, "free_memory_bytes", lambda device, f=free: f)
+        sizes[free] = Predictor(model, device="cpu").batch_size
+    assert sizes[2**20] == 1 and sizes[2**36] == engine_predict.MAX_AUTO_BATCH
+    assert 1 < sizes[2**23] < sizes[2**24] < engine_predict.MAX_AUTO_BATCH
+    assert abs(sizes[2**24] / sizes[2**23] - 2) < 0.2  # proportional to free memory

@@ -177,3 +177,29 @@ def test_overlap_store_matches_memory(model, source, tmp_path) -> None:
     sink = create_zarr_sink(pred2, source, tmp_path / "o.zarr", chunk_size=48)
     pred2.predict(source, sink=sink)
     np.testing.assert_array_equal(sink.labels(0)[:], mem)
+
+
+def test_huge_fresh_store_plans_without_reading_flags(tmp_path) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    sink = ZarrSink.create(tmp_path / "huge.zarr", (65536, 65536), 128, 2)
+    blocks = sink.blocks()
+    assert len(blocks) == 128 * 128 and sink.remaining() == 512 * 512
+    assert blocks[0] in (((32256, 32256), (32768, 32768)), ((32768, 32768), (33280, 33280)),
+                         ((32256, 32768), (32768, 33280)), ((32768, 32256), (33280, 32768)))
+    assert sink.n_levels == 9 and sink.labels(8).shape == (256, 256)
+    assert time.perf_counter() - t0 < 5.0  # metadata only: no chunk is probed or written
+    files = [p for p in (tmp_path / "huge.zarr").rglob("*") if p.is_file()]
+    assert all(p.name == "zarr.json" for p in files)
+
+
+def test_store_interrupted_during_creation_is_recreated(model, source, tmp_path) -> None:
+    import shutil
+
+    out = tmp_path / "half.zarr"
+    pred = Predictor(model, device="cpu")
+    create_zarr_sink(pred, source, out)
+    shutil.rmtree(out / "0")  # as if the process died between the metadata and the arrays
+    sink = create_zarr_sink(pred, source, out)
+    assert not sink.resumed and sink.labels(0).shape == (192, 192)

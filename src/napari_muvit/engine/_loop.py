@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -105,6 +106,7 @@ class TrainingLoop:
         self._good_step = 0  # step of the last checkpoint on disk
         self._elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         self._last_ckpt_time = time.monotonic()
+        self._step_lock = threading.Lock()  # held during each optimisation step
         prov = {"napari_muvit": __version__, "started": now(), **dict(provenance or {})}
         self.history: dict[str, Any] = {
             "status": "created",
@@ -142,7 +144,7 @@ class TrainingLoop:
         """Backward, clip, step; raises :class:`TrainingDivergedError` on NaN/inf *before*
         touching the weights, so the model stays at its last good state."""
         if not torch.isfinite(loss):
-            raise self._diverged(f"the loss is {float(loss)}")
+            raise self._diverged(f"the loss is {float(loss.detach())}")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -157,6 +159,9 @@ class TrainingLoop:
         return float(norm)
 
     def _diverged(self, what: str) -> TrainingDivergedError:
+        with torch.no_grad():
+            for buf, saved in zip(self.model.buffers(), getattr(self, "_buffers", [])):
+                buf.copy_(saved)
         where = (
             f"; the last good checkpoint (step {self._good_step}) in {self.out} was kept"
             if self.out is not None and self._good_step
@@ -187,8 +192,13 @@ class TrainingLoop:
                 self._event("cancelled", f"cancelled by the user at step {self.step}")
                 break
             self._before_step()
-            stats = self.train_step(self._batch(self.step))
-            self.step += 1
+            # BatchNorm statistics change in the forward pass, before the NaN guard can act:
+            # keep them so a diverged step can be undone completely
+            batch = self._batch(self.step)
+            with self._step_lock:
+                self._buffers = [b.detach().clone() for b in self.model.buffers()]
+                stats = self.train_step(batch)
+                self.step += 1
             self._record(stats, self._elapsed_before + time.monotonic() - start)
             if self._checkpoint_due():
                 self.checkpoint()
@@ -235,6 +245,15 @@ class TrainingLoop:
         if cfg.checkpoint_unit == "steps":
             return self.step % max(1, int(cfg.checkpoint_every)) == 0
         return time.monotonic() - self._last_ckpt_time >= cfg.checkpoint_every
+
+    def snapshot(self) -> nn.Module:
+        """A copy of the model between two steps, in eval mode (safe to call from another
+        thread while :meth:`run` trains, e.g. for a live preview)."""
+        import copy
+
+        with self._step_lock:
+            model = copy.deepcopy(self.model)
+        return model.eval()
 
     # ------------------------------------------------------------------ hooks
     def _before_step(self) -> None:

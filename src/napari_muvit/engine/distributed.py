@@ -35,7 +35,7 @@ _PROCESS_CACHE: dict[tuple, Any] = {}
 _PROCESS_LOCK = threading.Lock()
 
 
-def plan_blocks(chunk_boxes: list[np.ndarray], chunk_size: int, block_size: int) -> list[np.ndarray]:
+def plan_blocks(chunk_boxes: list[Any], chunk_size: int, block_size: int) -> list[np.ndarray]:
     """Group chunk bboxes into chunk-aligned blocks of about ``block_size`` world pixels.
 
     Blocks keep the centre-first order of their first chunk; each block is the bounding box of
@@ -44,6 +44,7 @@ def plan_blocks(chunk_boxes: list[np.ndarray], chunk_size: int, block_size: int)
     n = max(1, round(block_size / chunk_size))
     groups: dict[tuple[int, int], list[np.ndarray]] = {}
     for box in chunk_boxes:
+        box = np.asarray(box, dtype=np.int64)
         key = (int(box[0, 0]) // (chunk_size * n), int(box[0, 1]) // (chunk_size * n))
         groups.setdefault(key, []).append(box)
     blocks = []
@@ -223,19 +224,24 @@ def _wait(futures: list, total: int, progress: Any, cancel: CancelToken | None,
           client: Any, event: Any) -> list[dict[str, Any]]:
     """Collect block results, reporting progress; on cancel (or any error) tell the running
     tasks to stop and wait for them, so nothing writes to the store after we return."""
-    from distributed import as_completed, wait
+    from distributed import wait
 
     done = 0
     results = []
+    pending = set(futures)
     try:
-        seq = as_completed(futures)
-        for fut in seq:
+        while pending:
             if cancel is not None:
                 cancel.raise_if_cancelled("cancelled by the user; finished blocks are kept")
-            res = fut.result()
-            results.append(res)
-            done += res["tiles"]
-            if progress is not None:
+            try:  # poll, so that a cancel is noticed while long blocks run
+                finished, pending = wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                continue
+            for fut in finished:
+                res = fut.result()
+                results.append(res)
+                done += res["tiles"]
+            if progress is not None and finished:
                 progress(min(done, total), total, f"{done}/{total} tiles")
     except BaseException:
         event.set()
@@ -311,6 +317,7 @@ def predict_distributed(
                             overwrite=overwrite, write_pyramid=False, chunk_size=chunk_size)
     blocks = plan_blocks(sink.blocks(), sink.chunk_size, block_size)
     total = sink.remaining()
+    sink.expect_external_writes()
     norm = pred._reading_source(source)[1].normalization.to_dict()
     if scheduler is None and torch_threads is None and processes:
         n = workers or max(1, min(4, (os.cpu_count() or 2) // 2))

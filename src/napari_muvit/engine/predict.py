@@ -23,7 +23,9 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
+import types
 import uuid
 import weakref
 from collections import OrderedDict
@@ -308,12 +310,16 @@ class Predictor:
         free = free_memory_bytes(self.device)
         if free is None:
             return CPU_BATCH
-        enc = self.model.encoder
+        dim = int(getattr(getattr(self.model, "encoder", None), "dim", 512))
+        head_dim = int(getattr(self.model, "head_dim", 256))
         tokens = len(self.levels) * (self.tile_size // self.model.patch_size) ** 2
         bytes_per = 2 if self.amp_dtype is not None else 4
-        # residual stream + MLP + qkv per layer kept alive, plus head feature maps
-        per_tile = bytes_per * tokens * enc.dim * 12 + 4 * self.num_classes * self.tile_size**2 * 4
-        per_tile += bytes_per * 64 * self.tile_size**2  # decoder activations at full resolution
+        # inference keeps ~one layer alive: residual, qkv, MLP (~12·dim per token); the head's
+        # full-resolution maps (~4·head_dim per pixel) and float32 logits/probabilities
+        per_tile = bytes_per * (tokens * dim * 12 + 4 * head_dim * self.tile_size**2)
+        per_tile += 3 * 4 * int(self.model.num_classes) * self.tile_size**2
+        # use half of the free memory: allocator fragmentation and other processes; an OOM
+        # still halves the batch at run time
         return int(max(1, min(MAX_AUTO_BATCH, 0.5 * free // max(per_tile, 1))))
 
     def check_source(self, source: Any) -> None:
@@ -938,3 +944,21 @@ def create_zarr_sink(
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
         write_pyramid=write_pyramid, chunk_size=chunk_size,
     )
+
+
+class _CallableModule(types.ModuleType):
+    """This module doubles as the :func:`predict` function.
+
+    ``napari_muvit.engine`` exports ``predict`` lazily, but once the submodule
+    ``napari_muvit.engine.predict`` is imported Python binds the *module* to that package
+    attribute, shadowing the function (also for ``napari_muvit.predict``). Making the module
+    callable keeps ``from napari_muvit.engine import predict; predict(image)`` working in every
+    import order; ``__wrapped__`` gives it the function's signature for ``inspect``/``help``.
+    """
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__wrapped__ = predict

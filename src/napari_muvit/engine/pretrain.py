@@ -177,6 +177,7 @@ class Pretrainer(TrainingLoop):
                 encoder,
                 decoder_dim=dim,
                 decoder_layers=cfg.decoder_layers,
+                decoder_heads=_decoder_heads(dim, encoder.heads),
                 masking_ratio=cfg.masking_ratio,
                 dirichlet_alpha=cfg.dirichlet_alpha,
                 meta=dict(getattr(encoder, "meta", {})),
@@ -237,6 +238,17 @@ class Pretrainer(TrainingLoop):
             history=thin_history(self.history),
             provenance=self.history["provenance"],
         )
+
+
+def _decoder_heads(dim: int, encoder_heads: int) -> int:
+    """The encoder's head count (official default), reduced until each head has >= 24 dims:
+    the decoders use RoPE, which needs head dims of at least 20."""
+    if dim < 20:
+        raise InputError(f"decoder_dim: expected at least 20 (RoPE head dimension), got {dim}")
+    heads = max(1, int(encoder_heads))
+    while heads > 1 and (dim % heads or dim // heads < 24):
+        heads -= 1
+    return heads
 
 
 def pretrain(

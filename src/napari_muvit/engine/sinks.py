@@ -331,7 +331,7 @@ class ZarrSink:
 
     def __init__(self, path: Path, group: zarr.Group, write_pyramid: bool = True,
                  max_buffered_chunks: int = 8, resumed: bool = False,
-                 finalize: bool = True) -> None:
+                 finalize: bool = True, fresh: bool = False) -> None:
         info = dict(group.attrs["napari_muvit"])
         self.path = path
         self.group = group
@@ -358,6 +358,8 @@ class ZarrSink:
         # done flags of the chunks touched recently, one small block per chunk (bounded LRU)
         self._done_blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cells_per_chunk = self.chunk_size // self.step
+        # cells flushed so far when the store started empty (None: unknown, read the flags)
+        self._done_count: int | None = 0 if fresh else None
         self.chunks_written = 0
 
     # ---------------------------------------------------------------- creation / opening
@@ -422,7 +424,11 @@ class ZarrSink:
             info = read_store_info(path) or {}
             if resume and info.get("status") == STATUS_INCOMPLETE and _matches(info, wanted):
                 group = zarr.open_group(str(path), mode="r+", zarr_format=3)
-                return cls(path, group, write_pyramid=write_pyramid, resumed=True)
+                try:
+                    return cls(path, group, write_pyramid=write_pyramid, resumed=True)
+                except KeyError:
+                    # interrupted while creating its arrays: our own empty store, start over
+                    overwrite = True
             if not overwrite:
                 why = (
                     "a finished prediction"
@@ -433,7 +439,10 @@ class ZarrSink:
                     f"output {str(path)!r} already exists ({why}); pass overwrite=True "
                     "(--overwrite) to replace it or choose another path"
                 )
-            shutil.rmtree(path)
+            try:
+                shutil.rmtree(path)
+            except OSError as err:
+                raise InputError(f"output {str(path)!r}: cannot remove the old prediction ({err})") from None
         elif existing == "foreign":
             raise InputError(
                 f"output {str(path)!r} already exists and is not a napari-muvit prediction; "
@@ -446,7 +455,7 @@ class ZarrSink:
         }
         group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
         _create_arrays(group, shape, chunk, step, num_classes, values, probabilities)
-        return cls(path, group, write_pyramid=write_pyramid)
+        return cls(path, group, write_pyramid=write_pyramid, fresh=True)
 
     @classmethod
     def open(cls, path: str | Path, write_pyramid: bool = False,
@@ -468,6 +477,12 @@ class ZarrSink:
         """Whether the store is marked complete (re-read from disk)."""
         info = read_store_info(self.path) or {}
         return info.get("status") == STATUS_COMPLETE
+
+    def expect_external_writes(self) -> None:
+        """Other processes (Dask workers) write into this store: from now on read the done
+        flags from disk instead of counting this sink's own flushes."""
+        self._done_count = None
+        self._done_blocks.clear()
 
     def labels(self, level: int = 0) -> zarr.Array:
         """The zarr array of pyramid level ``level`` (0 = full resolution)."""
@@ -523,13 +538,20 @@ class ZarrSink:
         reg = self.region if region is None else _intersect(self.region, np.asarray(region))
         if reg is None:
             return 0
+        rows, cols = self.cell_range(reg)
+        if self._done_count is not None and np.array_equal(reg, self.region):
+            # counted, not read: a fresh 64k² store would otherwise probe 16k missing chunks
+            return len(rows) * len(cols) - self._done_count
+        if self._done_count == 0:
+            return len(rows) * len(cols)
         return int((~self.done_mask(reg)).sum())
 
-    def blocks(self, region: np.ndarray | None = None) -> list[np.ndarray]:
-        """Level-0 chunks (∩ region) with missing cells, centre-first.
+    def blocks(self, region: np.ndarray | None = None) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Level-0 chunks (∩ region) with missing cells, centre-first, as compact
+        ``((y0, x0), (y1, x1))`` tuples.
 
-        The predictor plans and flushes one chunk at a time, so memory never depends on the
-        image size and every chunk is written whole, once.
+        The predictor plans and flushes one chunk at a time, so memory does not grow with the
+        image size (beyond this list, ~200 bytes per chunk) and every chunk is written whole.
         """
         reg = self.region if region is None else _intersect(self.region, np.asarray(region))
         if reg is None:
@@ -537,22 +559,23 @@ class ZarrSink:
         c = self.chunk_size
         cy = range(int(reg[0, 0]) // c, (int(reg[1, 0]) - 1) // c + 1)
         cx = range(int(reg[0, 1]) // c, (int(reg[1, 1]) - 1) // c + 1)
-        # one read of the region's flags (cells, not pixels: ~step² times smaller than labels)
-        done = self.done_mask(reg)
+        # one read of the region's flags (cells, not pixels), skipped for a fresh store
+        done = None if self._done_count == 0 else self.done_mask(reg)
         rows0, cols0 = (r.start for r in self.cell_range(reg))
-        centre = reg.mean(axis=0)
+        (ry0, rx0), (ry1, rx1) = reg.tolist()
+        cyc, cxc = (ry0 + ry1) / 2, (rx0 + rx1) / 2
         out = []
         for iy in cy:
+            y0, y1 = max(iy * c, ry0), min((iy + 1) * c, ry1)
             for ix in cx:
-                box = _intersect(reg, np.array([[iy * c, ix * c], [(iy + 1) * c, (ix + 1) * c]]))
-                if box is None:
-                    continue
-                rows, cols = self.cell_range(box)
-                sub = done[rows.start - rows0 : rows.stop - rows0, cols.start - cols0 : cols.stop - cols0]
-                if sub.all():
-                    continue
-                d = float(np.hypot(*(box.mean(axis=0) - centre)))
-                out.append((round(d, 6), iy, ix, box))
+                x0, x1 = max(ix * c, rx0), min((ix + 1) * c, rx1)
+                if done is not None:
+                    r0, r1 = y0 // self.step - rows0, (y1 - 1) // self.step + 1 - rows0
+                    q0, q1 = x0 // self.step - cols0, (x1 - 1) // self.step + 1 - cols0
+                    if done[r0:r1, q0:q1].all():
+                        continue
+                d = math.hypot((y0 + y1) / 2 - cyc, (x0 + x1) / 2 - cxc)
+                out.append((round(d, 6), iy, ix, ((y0, x0), (y1, x1))))
         out.sort(key=lambda t: t[:3])
         return [t[3] for t in out]
 
@@ -644,12 +667,16 @@ class ZarrSink:
         # flags last: a crash before this line only costs recomputing the chunk on resume
         n = self._cells_per_chunk
         block = self._done_block(key)
+        newly = 0
         for r, q in buf.pending:
+            newly += not block[r % n, q % n]
             block[r % n, q % n] = True
         r0, q0 = key[0] * n, key[1] * n
         rows = min(n, self._done.shape[0] - r0)
         cols = min(n, self._done.shape[1] - q0)
         self._done[r0 : r0 + rows, q0 : q0 + cols] = block[:rows, :cols]
+        if self._done_count is not None:
+            self._done_count += newly
         self.chunks_written += 1
 
     def flush(self) -> None:

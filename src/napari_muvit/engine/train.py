@@ -18,7 +18,7 @@ import copy
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,8 @@ class TrainConfig:
     held out from training and scored (mean Dice over classes) every ``val_every`` steps.
     Pseudo-labels: pixels of a crop that are not annotated get the teacher's class where its
     softmax is ``>= pseudo_threshold``; their cross-entropy is added with a weight that ramps
-    from 0 to ``pseudo_weight`` over ``pseudo_ramp_steps`` (sigmoid ramp, Laine & Aila).
+    from 0 to ``pseudo_weight`` over ``pseudo_ramp_steps`` (sigmoid ramp, Laine & Aila;
+    default: the first third of the run).
     """
 
     steps: int = 500
@@ -96,7 +97,7 @@ class TrainConfig:
     class_weights: list[float] | None = None
     pseudo_labels: bool = False
     pseudo_threshold: float = 0.9
-    pseudo_ramp_steps: int = 200
+    pseudo_ramp_steps: int | None = None
     pseudo_weight: float = 1.0
     pseudo_teacher: str = "ema"
     ema_decay: float = 0.99
@@ -387,6 +388,8 @@ class Trainer(TrainingLoop):
         self._lock = threading.Lock()
         self._pending: list[tuple[int, list[Bbox] | None]] = []
         self.dataset = self._build_dataset()
+        self._loader: Iterator[dict[str, Tensor]] | None = None
+        self._loader_step = 0
         self._refresh_anchors()
         self._init_optimizer(self._param_groups())
         self.teacher = self._build_teacher()
@@ -460,8 +463,28 @@ class Trainer(TrainingLoop):
                 reason=f"painted label value(s) {new} are not classes of the starting segmenter "
                 f"(label_values {model.label_values}); its head was replaced by a new one",
             )
-        model.normalization = source.normalization.to_dict()
+        self._unify_normalization(model)
         return model.to(self.device)
+
+    def _unify_normalization(self, model: nn.Module) -> None:
+        """Read every image with the model's normalisation, the one prediction will apply.
+
+        A segmenter keeps the normalisation it was trained with; a fresh head takes the first
+        image's.  Sources are shallow-copied, so the caller's objects are not modified.
+        """
+        from napari_muvit.data import Normalization
+
+        norm = model.normalization or self.pairs[0][0].normalization.to_dict()
+        model.normalization = norm
+        target = Normalization.from_dict(norm)
+        pairs = []
+        for source, labels in self.pairs:
+            if source.normalization != target:
+                source = copy.copy(source)
+                source.normalization = target
+            pairs.append((source, labels))
+        self.pairs = pairs
+        self._event("normalization", f"all images are read with normalisation {norm}")
 
     def _fresh_head(
         self,
@@ -592,6 +615,13 @@ class Trainer(TrainingLoop):
             )
         return groups
 
+    @property
+    def _ramp_steps(self) -> int:
+        cfg = self.config
+        return (
+            cfg.pseudo_ramp_steps if cfg.pseudo_ramp_steps is not None else max(1, cfg.steps // 3)
+        )
+
     def _build_teacher(self) -> nn.Module | None:
         cfg = self.config
         if not cfg.pseudo_labels or cfg.pseudo_teacher != "ema":
@@ -620,6 +650,7 @@ class Trainer(TrainingLoop):
             self.indexes[pair].update(regions)
         if pending:
             self._refresh_anchors()
+            self._loader = None  # workers hold the old anchors
             self._event("labels_updated", f"labels re-indexed: {self.annotated_counts()}")
 
     def annotated_counts(self) -> dict[int, int]:
@@ -648,9 +679,7 @@ class Trainer(TrainingLoop):
         cfg = self.config
         sup = _supervised_loss(logits, target, cfg)
         parts = {"loss_supervised": float(sup.detach())}
-        weight = cfg.pseudo_weight * _ramp(
-            self.step if step is None else step, cfg.pseudo_ramp_steps
-        )
+        weight = cfg.pseudo_weight * _ramp(self.step if step is None else step, self._ramp_steps)
         if teacher_logits is None or weight <= 0:
             return sup, parts
         pseudo, frac = _pseudo_label_loss(
@@ -661,9 +690,33 @@ class Trainer(TrainingLoop):
 
     # ------------------------------------------------------------------ one step
     def _batch(self, step: int) -> dict[str, Tensor]:
-        """The samples of ``step`` (a pure function of seed and step: resumable, reproducible)."""
+        """The samples of ``step`` (a pure function of seed and step: resumable, reproducible,
+        identical with any ``num_workers``)."""
         b = self.config.batch_size
-        return _collate([self.dataset[i] for i in range(step * b, (step + 1) * b)])
+        if self.config.num_workers == 0:
+            return _collate([self.dataset[i] for i in range(step * b, (step + 1) * b)])
+        if self._loader is None or self._loader_step != step:
+            self._loader = self._start_loader(step)
+        self._loader_step = step + 1
+        return next(self._loader)
+
+    def _start_loader(self, step: int) -> Iterator[dict[str, Tensor]]:
+        """DataLoader workers reading the samples of ``step`` onwards.
+
+        Workers hold a copy of the anchor table, so it is restarted after label updates.
+        """
+        from torch.utils.data import DataLoader
+
+        cfg = self.config
+        indices = range(step * cfg.batch_size, cfg.steps * cfg.batch_size)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=cfg.batch_size,
+            sampler=indices,
+            num_workers=cfg.num_workers,
+            collate_fn=_collate,
+        )
+        return iter(loader)
 
     def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, float]:
         """One optimisation step; raises :class:`TrainingDivergedError` on NaN/inf."""
@@ -683,10 +736,7 @@ class Trainer(TrainingLoop):
 
     def _teacher_logits(self, x: Tensor, bbox: Tensor) -> Tensor | None:
         cfg = self.config
-        if (
-            not cfg.pseudo_labels
-            or _ramp(self.step, cfg.pseudo_ramp_steps) * cfg.pseudo_weight <= 0
-        ):
+        if not cfg.pseudo_labels or _ramp(self.step, self._ramp_steps) * cfg.pseudo_weight <= 0:
             return None
         net = self.teacher if self.teacher is not None else self.model
         was_training = net.training
@@ -809,6 +859,7 @@ def _predict_region(
     """Predicted class indices and mapped labels of the pixels of ``region`` (flat arrays)."""
     from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
 
+    was_training = model.training
     model.eval()
     preds, truths = [], []
     top = max(mapping) + 1
@@ -826,7 +877,7 @@ def _predict_region(
         lab = np.asarray(labels[y0:y1, x0:x1]).astype(np.int64)
         truths.append(lut[np.where((lab >= 0) & (lab < top), lab, top)].ravel())
         preds.append(pred.ravel())
-    model.train()
+    model.train(was_training)
     return np.concatenate(preds), np.concatenate(truths)
 
 
@@ -881,10 +932,12 @@ def train(
         from napari_muvit.model import load_model
 
         model, notes = load_model(out), [f"resuming the run in {out}"]
+        if init is not None or levels is not None or preset is not None:
+            notes.append("init/levels/preset are ignored when resuming: the run's model is used")
     else:
         model, notes = prepare_start_model(init, levels, preset, sources[0].channels, config.seed)
     provenance = {
-        "init": _describe(init) if not resuming else str(out),
+        "init": str(out) if resuming else (model.meta.get("init") or _describe(init)),
         "images": [_describe(i) for i in images],
         "labels": [_describe(lab) for lab in labels],
         "steps": config.steps,

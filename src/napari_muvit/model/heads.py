@@ -173,7 +173,8 @@ class Mask2FormerHead(nn.Module):
     ) -> Tensor:
         pix = self.pixel_decoder(maps, image)  # (B, hd, H, W)
         memory = self.memory_proj(tokens)
-        q = self.queries.to(memory.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        # Queries (and so the query residual stream) stay in the parameter dtype under autocast.
+        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         for layer in self.layers:
             q = layer(q, memory, coords)
         emb = self.mask_embed(q)  # (B, Mq, hd)

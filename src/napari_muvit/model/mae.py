@@ -165,6 +165,13 @@ class MuViTMAE(nn.Module):
         self.loss_mode = loss_mode
         self.decoder_heads = int(decoder_heads or encoder.heads)
         self.decoder_rotary_mode = decoder_rotary_mode
+        if normalization is not None and not isinstance(normalization, dict):
+            to_dict = getattr(normalization, "to_dict", None)
+            if to_dict is None:
+                raise InputError(
+                    f"normalization: expected a dict or Normalization, got {type(normalization).__name__}"
+                )
+            normalization = to_dict()
         self.normalization = normalization
         self.meta = dict(meta or {})
         D, P, C = encoder.dim, encoder.patch_size, encoder.in_channels
@@ -281,7 +288,8 @@ class MuViTMAE(nn.Module):
         z = z.scatter(1, idx_keep[..., None].expand(-1, -1, D), encoded)
         outs = []
         for lvl, dec in enumerate(self.decoder):
-            ctx = dec.proj(z)  # the same projection feeds queries and context
+            # The same projection feeds queries and context; float32 residual under autocast.
+            ctx = dec.proj(z).to(z.dtype)
             q = ctx[:, lvl * n:(lvl + 1) * n]
             qc = coords[:, lvl * n:(lvl + 1) * n]
             outs.append(dec(q, qc, ctx if self.decoder_mode == "multi" else None, coords))

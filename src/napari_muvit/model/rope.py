@@ -93,15 +93,31 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     as (2, B, H, N, dh), possibly a strided view of the fused qkv projection). The rotation runs in
     float32 (like the official ``@disable_autocast``) and the result is a fresh contiguous tensor
     of ``t.dtype`` in ``t``'s logical layout — exactly what the attention kernel wants.
+
+    Pair ``(2m, 2m+1)`` is rotated as the complex product ``(t[2m] + i·t[2m+1])·e^{i·angle[m]}``;
+    one complex multiply written straight into a contiguous buffer is ~10-50× faster than the
+    equivalent real-valued formula on strided views (measured on CPU, see docs/bench_encoder.md).
     """
     B, N, half = cos.shape
-    c = cos.reshape(B, 1, N, half)
-    s = sin.reshape(B, 1, N, half)
-    tf = t.unflatten(-1, (half, 2)).float()
-    t0, t1 = tf[..., 0], tf[..., 1]
-    # stack allocates a new contiguous tensor in the logical (.., B, H, N, dh/2, 2) order.
-    out = torch.stack((t0 * c - t1 * s, t1 * c + t0 * s), dim=-1).flatten(-2)
-    return out.to(t.dtype)
+    if t.device.type == "mps":  # complex support on MPS is incomplete: real-valued formula
+        c = cos.reshape(B, 1, N, half)
+        s = sin.reshape(B, 1, N, half)
+        tf = t.unflatten(-1, (half, 2)).float()
+        t0, t1 = tf[..., 0], tf[..., 1]
+        out = torch.stack((t0 * c - t1 * s, t1 * c + t0 * s), dim=-1).flatten(-2)
+        return out.to(t.dtype)
+    with torch.autocast(device_type=t.device.type, enabled=False):
+        tf = t.float()
+        if tf.stride(-1) != 1 or tf.storage_offset() % 2 or any(st % 2 for st in tf.stride()[:-1]):
+            tf = tf.contiguous()  # view_as_complex needs (re, im) pairs adjacent in memory
+        tc = torch.view_as_complex(tf.unflatten(-1, (half, 2)))
+        rot = torch.complex(cos, sin).reshape(B, 1, N, half)
+        if torch.is_grad_enabled() and (tc.requires_grad or rot.requires_grad):
+            out = (tc * rot).contiguous()  # out= does not support autograd
+        else:
+            out = torch.empty(tc.shape, dtype=tc.dtype, device=tc.device)
+            torch.mul(tc, rot, out=out)
+        return torch.view_as_real(out).flatten(-2).to(t.dtype)
 
 
 def _coord_dtype(device: torch.device) -> torch.dtype:

@@ -19,6 +19,10 @@ no compute.  The rules it implements:
   overlay the image pixel-for-pixel, and have the same level shapes (minus colour/channel axes)
   for multiscale images.  Large outputs live in (sparse) zarr arrays so that a gigapixel
   prediction of a small view costs memory only where it was computed.
+
+Imports are eager on purpose: this module is only imported with the widgets, and importing
+zarr/dask/torch modules later from a worker thread would hold the GIL long enough to freeze the
+event loop for a few hundred ms.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import dask.array as da
 import numpy as np
+import pandas as pd
+import zarr
 
+from napari_muvit.data import PyramidSource
 from napari_muvit.data.geometry import visible_data_bbox
 from napari_muvit.errors import InputError
 
@@ -192,8 +200,6 @@ def plane_arrays(layer: Image, plane: LayerPlane) -> list[Any]:
 
 
 def _lazy(arr: Any) -> Any:
-    import dask.array as da
-
     if isinstance(arr, da.Array):
         return arr
     chunks = getattr(arr, "chunks", None)
@@ -208,8 +214,6 @@ def plane_source(layer: Image, plane: LayerPlane, normalization: Any = None) -> 
     ``normalization`` is the model's (a dict or ``Normalization``); None lets the source compute
     percentiles once from a coarse level.
     """
-    from napari_muvit.data import PyramidSource
-
     arrays = plane_arrays(layer, plane)
     return PyramidSource.from_layer_data(
         arrays if plane.multiscale else arrays[0],
@@ -331,8 +335,6 @@ def allocate_levels(
         dense = int(np.prod(plane.shape)) <= DENSE_OUTPUT_MAX_PIXELS and store is None
     if dense:
         return [np.zeros(s, dtype=dtype) for s in shapes]
-    import zarr
-
     root = zarr.open_group(store if store is not None else zarr.storage.MemoryStore(), mode="a")
     out = []
     for level, shape in enumerate(shapes):
@@ -422,6 +424,19 @@ def _expanded_shape(ndim: int, axes: tuple[int, int], shape2d: tuple[int, ...]) 
     return tuple(out)
 
 
+def refresh_data(layer: Any) -> None:
+    """Re-read the visible data of ``layer`` without recomputing its thumbnail.
+
+    The thumbnail (and the layer-list repaint it triggers) costs more than the slice itself
+    and is not worth doing for every batch of tiles; napari updates it on the next full
+    refresh.
+    """
+    try:
+        layer.refresh(thumbnail=False)
+    except TypeError:  # napari < 0.6 has no keyword arguments here
+        layer.refresh()
+
+
 def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
     """Show new data written into ``layer.data[slice_key]`` with as little work as possible.
 
@@ -434,14 +449,14 @@ def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
     try:
         _partial_labels_refresh(layer, slice_key)
     except Exception:  # noqa: BLE001 - private napari API: never worse than a full refresh
-        layer.refresh()
+        refresh_data(layer)
 
 
 def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
     from napari.layers import Labels
 
     if not isinstance(layer, Labels) or layer.multiscale:
-        layer.refresh()
+        refresh_data(layer)
         return
     if not layer._slicing_state.loaded or layer._slice.empty:
         return  # a pending slice load will read the new data anyway
@@ -484,8 +499,6 @@ def labels_colormap(
 
 def class_features(label_values: Sequence[int], class_names: Sequence[str]) -> Any:
     """Labels ``features`` table: napari's status bar shows the class name under the cursor."""
-    import pandas as pd
-
     return pd.DataFrame(
         {"index": [int(v) for v in label_values], "class": [str(n) for n in class_names]}
     )

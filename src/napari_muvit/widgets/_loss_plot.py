@@ -1,16 +1,17 @@
 """A small QPainter line plot for the training loss and validation Dice.
 
 Painting with QPainter keeps napari-muvit free of a plotting dependency (matplotlib would add
-tens of MB and its Qt backend fights napari's).  Adding a point only stores it and schedules a
-repaint (``update()``), so the per-step cost in the UI thread is tiny even for thousands of
-steps: the path is decimated to at most one point per horizontal pixel when drawn.
+tens of MB and its Qt backend fights napari's).  Adding a point only stores it; repaints are
+coalesced to at most one per ``REPAINT_MS`` (in a napari window every widget repaint makes Qt
+re-compose the OpenGL canvas, which is not free with software OpenGL), and the path is
+decimated to at most one point per horizontal pixel when drawn.
 """
 
 from __future__ import annotations
 
 import math
 
-from qtpy.QtCore import QPointF, QRectF, QSize, Qt
+from qtpy.QtCore import QPointF, QRectF, QSize, Qt, QTimer
 from qtpy.QtGui import QColor, QFont, QPainter, QPainterPath, QPen
 from qtpy.QtWidgets import QSizePolicy, QWidget
 
@@ -18,6 +19,7 @@ LOSS_COLOR = QColor(90, 170, 255)
 SMOOTH_COLOR = QColor(255, 200, 60)
 DICE_COLOR = QColor(120, 220, 120)
 AXIS_COLOR = QColor(150, 150, 150)
+REPAINT_MS = 200
 
 
 class LossPlot(QWidget):
@@ -30,6 +32,10 @@ class LossPlot(QWidget):
         self.total_steps: int | None = None
         self._smoothing = smoothing
         self._smoothed: list[tuple[int, float]] = []
+        self._repaint = QTimer(self)
+        self._repaint.setSingleShot(True)
+        self._repaint.setInterval(REPAINT_MS)
+        self._repaint.timeout.connect(self.update)
         self.setMinimumHeight(120)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.setToolTip("Training loss (blue, smoothed in yellow) and validation Dice (green)")
@@ -53,13 +59,17 @@ class LossPlot(QWidget):
         prev = self._smoothed[-1][1] if self._smoothed else loss
         # Exponential moving average: the raw loss of small batches is noisy.
         self._smoothed.append((int(step), self._smoothing * prev + (1 - self._smoothing) * loss))
-        self.update()
+        self._schedule()
 
     def add_dice(self, step: int, dice: float) -> None:
         """Append a validation-Dice point (0..1)."""
         if math.isfinite(dice):
             self.dice.append((int(step), float(dice)))
-            self.update()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._repaint.isActive():
+            self._repaint.start()
 
     # -- drawing -------------------------------------------------------------------------------
 

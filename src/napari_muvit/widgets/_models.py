@@ -22,6 +22,8 @@ from typing import Any
 from qtpy.QtCore import QObject, Signal
 
 from napari_muvit.errors import CheckpointError
+from napari_muvit.model import load_model
+from napari_muvit.model.checkpoint import is_official_folder
 
 BUNDLED = "bundled"
 FOLDER = "folder"
@@ -70,8 +72,6 @@ def bundled_encoder_path() -> Path:
 
 def load_any(folder: str | Path) -> Any:
     """Whatever the folder holds (encoder, MAE or segmenter), on the CPU."""
-    from napari_muvit.model import load_model
-
     path = Path(folder).expanduser()
     if not path.exists():
         raise CheckpointError(f"model folder {str(path)!r} does not exist")
@@ -91,8 +91,6 @@ def load_segmenter(choice: ModelChoice) -> Any:
     model = load_any(folder)
     if not hasattr(model, "num_classes"):
         kind = type(model).__name__.replace("MuViT", "").lower() or "encoder"
-        from napari_muvit.model.checkpoint import is_official_folder
-
         origin = "an official muvit " if is_official_folder(folder) else "a MuViT "
         raise CheckpointError(
             f"{folder} holds {origin}{kind} (a pre-trained backbone without a segmentation "

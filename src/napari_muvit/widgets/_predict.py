@@ -27,11 +27,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask.array as da
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -52,6 +54,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.predict import Predictor, create_zarr_sink
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._models import (
@@ -127,8 +130,6 @@ class ModelLoader:
         self._loaded: dict[tuple, Loaded] = {}
 
     def get(self, choice: ModelChoice, device: str, overlap: int, batch_size: int) -> Loaded:
-        from napari_muvit.engine.predict import Predictor
-
         with self._lock:
             version = registry().session_version(choice.value) if choice.kind == SESSION else 0
             mkey = (choice, version)
@@ -235,10 +236,11 @@ class Job:
     out_path: Path | None = None
 
     def cancel(self) -> None:
+        # Only the token: the engine stops within one batch and the generator's ``finally``
+        # runs.  (``worker.quit()`` would stop superqt's loop *without* closing the
+        # generator, so its cleanup would wait for garbage collection.)
         self.token.cancel()
         self.go.set()  # release a worker waiting for the handshake
-        if self.worker is not None:
-            self.worker.quit()
 
 
 @dataclass
@@ -308,8 +310,6 @@ def image_job(
     job: Job, loader: ModelLoader, sources: SourceCache, relay: _Relay, overwrite: bool
 ) -> Iterator[Any]:
     """Worker: predict the whole plane into a resumable OME-Zarr store."""
-    from napari_muvit.engine.predict import Predictor, create_zarr_sink
-
     req: ViewRequest = job.request
     try:
         loaded = loader.get(req.choice, req.device, req.overlap, req.batch_size)
@@ -362,6 +362,8 @@ class ViewTarget:
     label_levels: list[Any] = field(default_factory=list)
     conf_levels: list[Any] | None = None
     painted: set[tuple] = field(default_factory=set)
+    label_values: list[int] = field(default_factory=list)
+    style: tuple = ()
     writers: dict[tuple, tuple[L.LevelWriter, L.LevelWriter | None]] = field(default_factory=dict)
 
     def writer(self, plane: L.LayerPlane) -> tuple[L.LevelWriter, L.LevelWriter | None]:
@@ -387,10 +389,15 @@ class PredictWidget(QWidget):
     :attr:`status`).  :meth:`cancel` stops everything.
     """
 
+    _instances: weakref.WeakSet[PredictWidget] = weakref.WeakSet()
+
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.viewer = napari_viewer
         self._lifeline = Lifeline()
+        # set by a TrainWidget of the same viewer: switch to its model at the first snapshot
+        self._pending_session: str | None = None
+        PredictWidget._instances.add(self)
         self._settings = load_section(SETTINGS_SECTION, DEFAULTS)
         self._loader = ModelLoader()
         self._sources = SourceCache()
@@ -404,6 +411,7 @@ class PredictWidget(QWidget):
         self._dirty: set[int] = set()
         self._dirty_layers: dict[int, Any] = {}
         self._last_image_refresh = 0.0
+        self._progress_value: int | None = None
         self.live = False
         self._build_ui()
         self._debounce = QTimer(self)
@@ -425,6 +433,11 @@ class PredictWidget(QWidget):
         if window is not None:
             self._close_filter = _CloseFilter(self._on_viewer_closing)
             window.installEventFilter(self._close_filter)
+
+    @classmethod
+    def instances(cls) -> list[PredictWidget]:
+        """Open predict widgets (the train panel finds the one in its viewer)."""
+        return [w for w in list(cls._instances) if w._lifeline.alive]
 
     # ------------------------------------------------------------------------------ UI
 
@@ -556,6 +569,22 @@ class PredictWidget(QWidget):
 
     def _set_status(self, text: str) -> None:
         self.status_label.setText(text)
+
+    def _set_progress(self, value: int, maximum: int | None = None) -> None:
+        """Update the progress bar without QProgressBar's synchronous ``repaint()``.
+
+        ``QProgressBar.setValue`` repaints immediately whenever the shown percentage changes,
+        which flushes the whole window including the OpenGL canvas (tens of ms per tile);
+        with updates disabled during the change the repaint is scheduled instead.
+        """
+        bar = self.progress
+        bar.setUpdatesEnabled(False)
+        try:
+            if maximum is not None:
+                bar.setRange(0, max(1, int(maximum)))
+            bar.setValue(min(int(value), bar.maximum()))
+        finally:
+            bar.setUpdatesEnabled(True)
 
     @property
     def image_layer(self) -> Image | None:
@@ -839,8 +868,17 @@ class PredictWidget(QWidget):
             self._refresh_model_choices(select=current)
         if current == ModelChoice(SESSION, name):
             self._on_model_changed()
-            if not self.live and self.labels_layer() is not None:
-                self.predict_view()
+            self.repredict()
+
+    def repredict(self) -> Any:
+        """Predict the view again after the model changed: live mode re-predicts (debounced);
+        otherwise the view is re-predicted only if it was predicted before."""
+        if self.live:
+            self._schedule_live()
+            return None
+        if self.labels_layer() is not None:
+            return self.predict_view()
+        return None
 
     # ------------------------------------------------------------------------------ public API
 
@@ -1011,8 +1049,7 @@ class PredictWidget(QWidget):
             )
         else:
             job.proceed = True
-            self.progress.setRange(0, len(new))
-            self.progress.setValue(0)
+            self._set_progress(0, len(new))
             self._set_status(
                 f"{'live: ' if job.request.live else ''}predicting {len(new)} tiles "
                 f"({len(cells) - len(new)} already shown) on {pred.device}…"
@@ -1028,36 +1065,58 @@ class PredictWidget(QWidget):
             target = None
         model = loaded.model
         dtype = L.label_dtype(model.label_values)
+        if (
+            target is not None
+            and target.identity != loaded.identity
+            and _same_family(target.identity, loaded.identity)
+            and target.label_values == list(model.label_values)
+            and target.label_levels[0].dtype == dtype
+        ):
+            # New weights of the same model (fine-tuning snapshots): keep showing the old
+            # labels until each tile is overwritten, instead of blanking the layer.
+            target.identity = loaded.identity
+            target.painted.clear()
         if target is None or target.identity != loaded.identity:
-            levels = L.allocate_levels(plane, dtype)
-            colormap = L.labels_colormap(model.label_values, getattr(model, "class_colors", None))
-            features = L.class_features(model.label_values, model.class_names)
+            colors = getattr(model, "class_colors", None)
+            style = (tuple(model.label_values), repr(colors), tuple(model.class_names))
             name = f"{image.name} MuViT"
             if target is not None:
-                # Same layer, new model: start from empty arrays so no stale tile survives.
+                # Same layer, new model: no stale tile of the old model may survive.
                 layer = target.labels
-                layer.data = levels if plane.multiscale else levels[0]
-                layer.colormap = colormap
-                layer.features = features
+                levels = target.label_levels
+                if all(isinstance(a, np.ndarray) for a in levels) and levels[0].dtype == dtype:
+                    for arr in levels:
+                        arr[...] = 0  # in place: far cheaper for napari than new data
+                    L.refresh_data(layer)
+                else:
+                    levels = L.allocate_levels(plane, dtype)
+                    layer.data = levels if plane.multiscale else levels[0]
+                if target.style != style:
+                    layer.colormap = L.labels_colormap(model.label_values, colors)
+                    layer.features = L.class_features(model.label_values, model.class_names)
                 if target.confidence is not None and target.confidence in self.viewer.layers:
                     self.viewer.layers.remove(target.confidence)
             else:
+                levels = L.allocate_levels(plane, dtype)
+                previous = self.viewer.layers.selection.active
                 layer = self.viewer.add_labels(
                     levels if plane.multiscale else levels[0],
                     name=name,
                     multiscale=plane.multiscale,
-                    colormap=colormap,
-                    features=features,
+                    colormap=L.labels_colormap(model.label_values, colors),
+                    features=L.class_features(model.label_values, model.class_names),
                     opacity=0.6,
                     metadata={"napari_muvit": {"source_layer": image.name}},
                     **L.transform_kwargs(image, plane),
                 )
+                _keep_painting(self.viewer, previous)
             target = ViewTarget(image=image, identity=loaded.identity, labels=layer,
-                                label_levels=levels)
+                                label_levels=levels, label_values=list(model.label_values),
+                                style=style)
             self._targets[id(image)] = target
-            self.viewer.layers.selection.active = image  # keep the user's selection useful
         if probabilities and (target.confidence is None or target.confidence not in self.viewer.layers):
             conf_levels = L.allocate_levels(plane, np.uint8)
+            previous = self.viewer.layers.selection.active
             target.confidence = self.viewer.add_image(
                 conf_levels if plane.multiscale else conf_levels[0],
                 name=f"{image.name} MuViT confidence",
@@ -1069,6 +1128,7 @@ class PredictWidget(QWidget):
                 metadata={"napari_muvit": {"source_layer": image.name, "unit": "percent"}},
                 **L.transform_kwargs(image, plane),
             )
+            _keep_painting(self.viewer, previous)
             target.conf_levels = conf_levels
             target.writers.clear()
             # Tiles already shown have no confidence yet: let them be recomputed (cache hits).
@@ -1099,7 +1159,9 @@ class PredictWidget(QWidget):
             for level, slice_key in written:
                 if level == 0:
                     L.refresh_region(layer, slice_key)
-        self.progress.setValue(min(job.painted, self.progress.maximum()))
+        self._progress_value = job.painted  # shown by the coalescing refresh timer
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
 
     def _mark_dirty(self, layer: Any) -> None:
         if layer is None:
@@ -1109,12 +1171,16 @@ class PredictWidget(QWidget):
             self._refresh_timer.start()
 
     def _flush_refresh(self) -> None:
+        if self._progress_value is not None:
+            self._set_progress(self._progress_value)
+            self._progress_value = None
         layers, self._dirty_layers = self._dirty_layers, {}
         for layer in layers.values():
             if layer in self.viewer.layers:
-                layer.refresh()
+                L.refresh_data(layer)
 
     def _on_view_finished(self, job: Job) -> None:
+        job.done.set()
         if job.target is not None and job.painted:
             self._flush_refresh()
         if self._view_job is job:
@@ -1173,13 +1239,11 @@ class PredictWidget(QWidget):
             metadata={"napari_muvit": {"store": str(job.out_path), "source_layer": image.name}},
             **kwargs,
         )
-        self.viewer.layers.selection.active = image
         from napari.utils import progress
 
         job.total = msg.remaining
         job.progress_bar = progress(total=max(1, msg.remaining), desc=f"MuViT {image.name}")
-        self.progress.setRange(0, max(1, msg.remaining))
-        self.progress.setValue(0)
+        self._set_progress(0, max(1, msg.remaining))
         resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
         self._set_status(
             f"whole image{resumed}: {msg.remaining} tiles to compute → {job.out_path}"
@@ -1188,17 +1252,18 @@ class PredictWidget(QWidget):
         job.go.set()
 
     def _on_image_progress(self, job: Job, done: int, total: int) -> None:
-        if job.progress_bar is not None:
-            job.progress_bar.n = 0
-            job.progress_bar.update(done)
-        self.progress.setRange(0, max(1, total))
-        self.progress.setValue(done)
         job.painted = done
         now = time.perf_counter()
-        # The zarr chunks on disk change as tiles complete; re-reading the visible region a
-        # few times per second is enough to watch it fill in.
-        if job.target is not None and now - self._last_image_refresh > IMAGE_REFRESH_INTERVAL_MS / 1000:
-            self._last_image_refresh = now
+        # The zarr chunks on disk change as tiles complete; re-reading the visible region and
+        # updating napari's progress bar (which repaints synchronously) a few times per second
+        # is enough to watch it fill in.
+        if now - self._last_image_refresh < IMAGE_REFRESH_INTERVAL_MS / 1000 and done < total:
+            return
+        self._last_image_refresh = now
+        if job.progress_bar is not None:
+            job.progress_bar.update(done - job.progress_bar.n)
+        self._set_progress(done, max(1, total))
+        if job.target is not None:
             self._mark_dirty(job.target)
 
     def _on_image_returned(self, job: Job, complete: Any) -> None:
@@ -1207,6 +1272,7 @@ class PredictWidget(QWidget):
             self._set_status(f"whole image done in {dt:.1f} s → {job.out_path}")
 
     def _on_image_finished(self, job: Job) -> None:
+        job.done.set()
         if job.progress_bar is not None:
             job.progress_bar.close()
             job.progress_bar = None
@@ -1281,6 +1347,19 @@ class _CloseFilter(QObject):
         return False
 
 
+def _keep_painting(viewer: Any, previous: Any) -> None:
+    """napari makes every new layer the active one; while the user is annotating (a Labels
+    layer in a painting mode) give the selection back so the next stroke lands where meant."""
+    modes = ("paint", "erase", "fill", "polygon")
+    if previous is not None and previous in viewer.layers and str(getattr(previous, "mode", "")) in modes:
+        viewer.layers.selection.active = previous
+
+
+def _same_family(a: tuple, b: tuple) -> bool:
+    """Identities of the same model choice and tiling (only the weights differ)."""
+    return a[0] == b[0] and a[3:] == b[3:]
+
+
 def _compact(combo: QComboBox) -> None:
     """Long entries (model paths) must not force the dock wider than the canvas."""
     combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -1325,8 +1404,6 @@ def _stack_for_plane(levels: list[Any], image: Any, plane: L.LayerPlane) -> tupl
     """
     if plane.ndim == 2 and plane.channel_axis is None:
         return (levels if len(levels) > 1 else levels[0]), L.transform_kwargs(image, plane)
-    import dask.array as da
-
     out_axes = plane.out_axes
     ndim = len(out_axes)
     disp = (out_axes.index(plane.displayed[0]), out_axes.index(plane.displayed[1]))
