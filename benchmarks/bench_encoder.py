@@ -42,8 +42,9 @@ class ReferenceEncoder(nn.Module):
     Used as the baseline when the official package is not importable.
     """
 
-    def __init__(self, in_channels: int, levels, patch_size: int, dim: int, num_layers: int,
-                 heads: int):
+    def __init__(
+        self, in_channels: int, levels, patch_size: int, dim: int, num_layers: int, heads: int
+    ):
         super().__init__()
         self.levels, self.P, self.D, self.H = tuple(levels), patch_size, dim, heads
         L = len(levels)
@@ -63,8 +64,11 @@ class ReferenceEncoder(nn.Module):
                 setattr(m.attn, n, nn.Linear(dim, dim, bias=False))
             m.norm1, m.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
             m.ff = nn.Module()
-            m.ff.ff = nn.Sequential(nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU()),
-                                    nn.Identity(), nn.Linear(2 * dim, dim))
+            m.ff.ff = nn.Sequential(
+                nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU()),
+                nn.Identity(),
+                nn.Linear(2 * dim, dim),
+            )
             m.rotary_pos_embs = nn.ModuleList()
             for d in self.split:
                 r = nn.Module()
@@ -82,7 +86,7 @@ class ReferenceEncoder(nn.Module):
             return (tf * f.cos() + rot * f.sin()).to(t.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        B, L, C, Hh, Ww = x.shape
+        B, _, C, Hh, Ww = x.shape
         P = self.P
         h, w = Hh // P, Ww // P
         toks, coords = [], []
@@ -99,11 +103,14 @@ class ReferenceEncoder(nn.Module):
         for m in self.layers:
             fy = c[..., 0:1] * m.rotary_pos_embs[0].inv_freq
             fx = c[..., 1:2] * m.rotary_pos_embs[1].inv_freq
-            freqs = torch.cat((torch.stack((fy, fy), -1).flatten(-2),
-                               torch.stack((fx, fx), -1).flatten(-2)), -1)
+            freqs = torch.cat(
+                (torch.stack((fy, fy), -1).flatten(-2), torch.stack((fx, fx), -1).flatten(-2)), -1
+            )
             u = m.norm1(t)
-            q, k, v = (getattr(m.attn, n)(u).unflatten(-1, (Hd, -1)).transpose(1, 2)
-                       for n in ("to_q", "to_k", "to_v"))
+            q, k, v = (
+                getattr(m.attn, n)(u).unflatten(-1, (Hd, -1)).transpose(1, 2)
+                for n in ("to_q", "to_k", "to_v")
+            )
             q, k = self._rope(q, freqs), self._rope(k, freqs)
             o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
             t = t + m.attn.to_out(o)
@@ -114,16 +121,29 @@ class ReferenceEncoder(nn.Module):
 def make_official(cfg: dict, state: dict) -> tuple[nn.Module, str]:
     try:
         from muvit.encoders import MuViTEncoder2d  # type: ignore[import-not-found]
-    except Exception as exc:  # not installed here: use the reference implementation
-        ref = ReferenceEncoder(cfg["in_channels"], cfg["levels"], cfg["patch_size"], cfg["dim"],
-                               cfg["num_layers"], cfg["heads"])
+    except ImportError as exc:  # not installed here: use the reference implementation
+        ref = ReferenceEncoder(
+            cfg["in_channels"],
+            cfg["levels"],
+            cfg["patch_size"],
+            cfg["dim"],
+            cfg["num_layers"],
+            cfg["heads"],
+        )
         ref.load_state_dict(state)
-        return ref, f"in-script reference implementation (muvit not importable: {exc.__class__.__name__})"
+        return (
+            ref,
+            f"in-script reference implementation (muvit not importable: {exc.__class__.__name__})",
+        )
     import muvit  # type: ignore[import-not-found]
 
     off = MuViTEncoder2d(
-        in_channels=cfg["in_channels"], levels=tuple(cfg["levels"]), patch_size=cfg["patch_size"],
-        num_layers=cfg["num_layers"], dim=cfg["dim"], heads=cfg["heads"],
+        in_channels=cfg["in_channels"],
+        levels=tuple(cfg["levels"]),
+        patch_size=cfg["patch_size"],
+        num_layers=cfg["num_layers"],
+        dim=cfg["dim"],
+        heads=cfg["heads"],
     )
     off.load_state_dict(state)
 
@@ -139,10 +159,14 @@ def make_official(cfg: dict, state: dict) -> tuple[nn.Module, str]:
 
 
 # ----------------------------------------------------------------------------- helpers
-def encoder_flops(levels: int, size: int, patch: int, dim: int, layers: int, channels: int = 1) -> float:
+def encoder_flops(
+    levels: int, size: int, patch: int, dim: int, layers: int, channels: int = 1
+) -> float:
     """Multiply-adds ×2 of one forward (batch 1): embeddings + per layer qkv/out/attn/FF."""
     N = levels * (size // patch) ** 2
-    per_layer = 2 * N * dim * 3 * dim + 2 * N * dim * dim + 4 * N * N * dim + 2 * 2 * N * dim * 2 * dim
+    per_layer = (
+        2 * N * dim * 3 * dim + 2 * N * dim * dim + 4 * N * N * dim + 2 * 2 * N * dim * 2 * dim
+    )
     return layers * per_layer + 2 * N * patch * patch * channels * dim
 
 
@@ -163,8 +187,14 @@ def matmul_gflops(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: 
     return 2 * n**3 / best / 1e9
 
 
-def run_pair(ours: nn.Module, base: nn.Module, x: Tensor, ctx: Callable, reps: int,
-             sync: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
+def run_pair(
+    ours: nn.Module,
+    base: nn.Module,
+    x: Tensor,
+    ctx: Callable,
+    reps: int,
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[list[float], list[float]]:
     """Alternate ours/baseline ``reps`` times after one warm-up each; order flips every rep."""
     t_o, t_b = [], []
     with torch.inference_mode():
@@ -202,36 +232,56 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     levels = [int(v) if float(v).is_integer() else v for v in args.levels]
-    ours = MuViTEncoder(1, levels, patch_size=args.patch, dim=args.dim, num_layers=args.layers,
-                        heads=args.heads, coord_mode="linspace").eval()
+    ours = MuViTEncoder(
+        1,
+        levels,
+        patch_size=args.patch,
+        dim=args.dim,
+        num_layers=args.layers,
+        heads=args.heads,
+        coord_mode="linspace",
+    ).eval()
     state, _ = ours_to_official(ours)
     base, base_name = make_official(ours.config, state)
     base.eval()
     x = torch.rand(args.batch, len(levels), 1, args.size, args.size)
     flops = encoder_flops(len(levels), args.size, args.patch, args.dim, args.layers) * args.batch
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}")
-    print(f"config: levels {levels}, {args.size}^2, D {args.dim}, {args.layers} layers, "
-          f"{args.heads} heads, P {args.patch}, batch {args.batch}, "
-          f"{len(levels) * (args.size // args.patch) ** 2} tokens, {flops / 1e9:.1f} GFLOP/forward")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, python {sys.version.split()[0]}"
+    )
+    print(
+        f"config: levels {levels}, {args.size}^2, D {args.dim}, {args.layers} layers, "
+        f"{args.heads} heads, P {args.patch}, batch {args.batch}, "
+        f"{len(levels) * (args.size // args.patch) ** 2} tokens, {flops / 1e9:.1f} GFLOP/forward"
+    )
     print(f"baseline: {base_name}")
     with torch.inference_mode():
         a, b = ours(x), base(x)
-    print(f"max |ours - baseline| / max |baseline| (fp32): {float((a - b).abs().max() / b.abs().max()):.2e}")
+    print(
+        f"max |ours - baseline| / max |baseline| (fp32): {float((a - b).abs().max() / b.abs().max()):.2e}"
+    )
 
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     if not args.no_cpu:
         mm32, mm16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
         print(f"dense matmul 2048^3: fp32 {mm32:.0f} GFLOP/s, bf16 {mm16:.0f} GFLOP/s")
-        for name, ctx, mm in (("fp32", contextlib.nullcontext, mm32), ("bf16 autocast", bf16, mm16)):
+        for name, ctx, mm in (
+            ("fp32", contextlib.nullcontext, mm32),
+            ("bf16 autocast", bf16, mm16),
+        ):
             to, tb = run_pair(ours, base, x, ctx, args.reps)
             mo, mb = statistics.median(to), statistics.median(tb)
-            print(f"CPU {name:13s} ours {fmt(to)} | baseline {fmt(tb)} | speed-up x{mb / mo:.2f} "
-                  f"| ours {flops / mo / 1e9:.0f} GFLOP/s = {flops / mo / 1e9 / mm:.0%} of matmul")
+            print(
+                f"CPU {name:13s} ours {fmt(to)} | baseline {fmt(tb)} | speed-up x{mb / mo:.2f} "
+                f"| ours {flops / mo / 1e9:.0f} GFLOP/s = {flops / mo / 1e9 / mm:.0%} of matmul"
+            )
         with torch.inference_mode():
             ref = ours(x)
             with bf16():
                 low = ours(x).float()
-        print(f"bf16 vs fp32 features (ours): max rel err {float((low - ref).abs().max() / ref.abs().max()):.2e}")
+        print(
+            f"bf16 vs fp32 features (ours): max rel err {float((low - ref).abs().max() / ref.abs().max()):.2e}"
+        )
 
     if torch.cuda.is_available():
         dev = "cuda"
@@ -239,13 +289,18 @@ def main(argv: list[str] | None = None) -> None:
         sync = torch.cuda.synchronize
         print(f"CUDA: {torch.cuda.get_device_name()}")
         for name, dt in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-            ctx = (contextlib.nullcontext if dt is None
-                   else (lambda dt=dt: torch.autocast("cuda", dtype=dt)))
+            ctx = (
+                contextlib.nullcontext
+                if dt is None
+                else (lambda dt=dt: torch.autocast("cuda", dtype=dt))
+            )
             mm = matmul_gflops(dt or torch.float32, dev, 8192)
             to, tb = run_pair(ours_c, base_c, xc, ctx, max(args.reps, 10), sync)
             mo, mb = statistics.median(to), statistics.median(tb)
-            print(f"CUDA {name}: ours {fmt(to)} | baseline {fmt(tb)} | speed-up x{mb / mo:.2f} | "
-                  f"ours {flops / mo / 1e12:.1f} TFLOP/s = {flops / mo / 1e9 / mm:.0%} of matmul")
+            print(
+                f"CUDA {name}: ours {fmt(to)} | baseline {fmt(tb)} | speed-up x{mb / mo:.2f} | "
+                f"ours {flops / mo / 1e12:.1f} TFLOP/s = {flops / mo / 1e9 / mm:.0%} of matmul"
+            )
 
 
 if __name__ == "__main__":

@@ -32,9 +32,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,16 +114,20 @@ def central_region(shape: tuple[int, int], side: int) -> np.ndarray:
     return np.stack([c - side // 2, c + side // 2])
 
 
-def timed(fn: Any, repeats: int = 1) -> tuple[Any, float]:
-    """Result and best-of-``repeats`` wall time (the CPU is shared: the minimum is the least
-    disturbed run)."""
-    best = float("inf")
+def timed(fn: Any, repeats: int = 1) -> tuple[Any, float, float]:
+    """Result, best-of-``repeats`` wall time and best CPU time of this process (all threads).
+
+    The CPU is shared with other jobs: the minimum wall time is the least disturbed run, and
+    CPU time (work actually done by this process) is much less sensitive to the load.
+    """
+    best = cpu_best = float("inf")
     res = None
     for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = fn()
         best = min(best, time.perf_counter() - t0)
-    return res, best
+        cpu_best = min(cpu_best, time.process_time() - c0)
+    return res, best, cpu_best
 
 
 _PYRAMIDS: dict[int, Any] = {}
@@ -142,57 +147,95 @@ def rings_pyramid(size: int) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _run_case(pred: Predictor, source: PyramidSource, region: np.ndarray, repeats: int,
+              n_tiles: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """Time ``pred.predict`` (best of ``repeats``) and collect its per-run statistics."""
+    mem: dict[str, float] = {}
+    with peak_rss(mem):
+        sink, dt, cpu = timed(lambda: pred.predict(source, region), repeats)
+    pred.reset_stats()
+    pred.predict(source, region)  # statistics of exactly one run
+    px = n_tiles * TILE * TILE
+    row = {"tiles": n_tiles, "seconds": dt, "cpu_s": cpu, "mpx_s": px / dt / 1e6,
+           "mpx_cpu_s": px / cpu / 1e6, "peak_rss_mb": mem["peak"], "start_rss_mb": mem["start"],
+           "read_s": pred.stats["read_s"], "compute_s": pred.stats["compute_s"],
+           "wait_s": pred.stats["wait_s"]}
+    return sink.labels, row
+
+
+def _read_costs(full_res: PyramidSource, pyramid: PyramidSource, tiles: list) -> dict[str, float]:
+    """CPU ms per tile to read the nested crops: full resolution (naive) vs the pyramid."""
+    out = {}
+    for name, src in (("full-res", full_res), ("pyramid", pyramid)):
+        c0 = time.process_time()
+        for t in tiles:
+            src.read_nested(centered_nested_bboxes(t.origin, TILE, LEVELS), LEVELS, TILE)
+        out[name] = (time.process_time() - c0) / len(tiles) * 1000
+    return out
+
+
+def _print_rows(rows: dict[str, dict[str, Any]]) -> None:
+    print(f"{'case':<22}{'tiles':>6}{'wall s':>8}{'Mpx/s':>8}{'CPU s':>8}{'Mpx/CPU-s':>10}"
+          f"{'peak RSS MiB':>13}{'read s':>8}{'model s':>8}{'wait s':>8}")
+    nan = float("nan")
+    for name, r in rows.items():
+        print(f"{name:<22}{r['tiles']:>6}{r['seconds']:>8.2f}{r['mpx_s']:>8.3f}{r['cpu_s']:>8.2f}"
+              f"{r['mpx_cpu_s']:>10.3f}{r['peak_rss_mb']:>13.0f}{r.get('read_s', nan):>8.2f}"
+              f"{r.get('compute_s', nan):>8.2f}{r.get('wait_s', nan):>8.2f}")
+
+
 def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
-    size = args.size
-    img = rings_pyramid(size)
+    img = rings_pyramid(args.size)
     pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
     full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
     model = bench_model()
     region = central_region(pyramid.shape, args.region)
     tiles = plan_tiles(region, TILE, pyramid.shape)
     n_naive = min(args.naive_tiles, len(tiles))
-    px_tile = TILE * TILE
 
-    # warm-up (first oneDNN calls are slow) on a corner tile, not counted
-    Predictor(model, device="cpu", batch_size=8, cache_tiles=0).predict(pyramid, [[0, 0], [TILE, TILE]])
+    # warm-up (first oneDNN calls per shape are slow), not counted
+    for bs in (1, 8, 16):
+        Predictor(model, device="cpu", batch_size=bs, cache_tiles=0).predict(
+            pyramid, [[0, 0], [TILE * 4, TILE * 4]])
     naive_predict(model, full_res, tiles[:1])
+    reads = _read_costs(full_res, pyramid, tiles[:n_naive])
 
     rows: dict[str, Any] = {}
     mem: dict[str, float] = {}
     with peak_rss(mem):
-        ref, dt = timed(lambda: naive_predict(model, full_res, tiles[:n_naive]), args.repeats)
-    rows["naive"] = dict(tiles=n_naive, seconds=dt, mpx_s=n_naive * px_tile / dt / 1e6,
-                         peak_rss_mb=mem["peak"], start_rss_mb=mem["start"])
-
+        ref, dt, cpu = timed(lambda: naive_predict(model, full_res, tiles[:n_naive]), args.repeats)
+    px = n_naive * TILE * TILE
+    rows["naive (batch 1)"] = {"tiles": n_naive, "seconds": dt, "cpu_s": cpu, "mpx_s": px / dt / 1e6,
+                               "mpx_cpu_s": px / cpu / 1e6, "peak_rss_mb": mem["peak"]}
+    variants = [
+        ("engine", {"batch_size": 8}),
+        ("engine no-prefetch", {"batch_size": 8, "prefetch": False}),
+        ("engine batch 1", {"batch_size": 1}),
+        ("engine batch 16", {"batch_size": 16}),
+        ("engine amp=bf16", {"batch_size": 8, "amp": "bf16"}),
+    ]
     results = {}
-    for name, kw in [
-        ("engine", dict(batch_size=8, prefetch=True)),
-        ("engine-no-prefetch", dict(batch_size=8, prefetch=False)),
-        ("engine-batch1", dict(batch_size=1, prefetch=True)),
-        ("engine-batch16", dict(batch_size=16, prefetch=True)),
-    ]:
+    for name, kw in variants:
         pred = Predictor(model, device="cpu", cache_tiles=0, **kw)
-        mem = {}
-        with peak_rss(mem):
-            sink, dt = timed(lambda: pred.predict(pyramid, region), args.repeats)
-        pred.reset_stats()
-        pred.predict(pyramid, region)  # stats of one run
-        results[name] = sink.labels
-        rows[name] = dict(tiles=len(tiles), seconds=dt, mpx_s=len(tiles) * px_tile / dt / 1e6,
-                          peak_rss_mb=mem["peak"], start_rss_mb=mem["start"],
-                          read_s=pred.stats["read_s"], compute_s=pred.stats["compute_s"],
-                          wait_s=pred.stats["wait_s"])
-        if name == "engine":
-            # the user pans by a quarter of the region: only the new tiles are computed
-            pred = Predictor(model, device="cpu", cache_tiles=512, **kw)
-            pred.predict(pyramid, region)
-            panned = region + args.region // 4
-            pred.reset_stats()
-            _, dt_pan = timed(lambda: pred.predict(pyramid, panned))
-            rows["engine-pan"] = dict(
-                tiles=len(plan_tiles(panned, TILE, pyramid.shape)), seconds=dt_pan,
-                computed=pred.stats["tiles_computed"], cache_hits=pred.stats["cache_hits"],
-            )
+        results[name], rows[name] = _run_case(pred, pyramid, region, args.repeats, len(tiles))
+
+    # where reading is expensive (a lazily rendered dask pyramid), the prefetch thread matters
+    lazy = PyramidSource(lazy_pyramid(args.size), downsample_factors=LEVELS, normalization=NORM)
+    lazy_region = central_region(lazy.shape, args.region // 2)
+    n_lazy = len(plan_tiles(lazy_region, TILE, lazy.shape))
+    for name, pf in (("lazy dask, prefetch", True), ("lazy dask, no prefetch", False)):
+        pred = Predictor(model, device="cpu", batch_size=8, cache_tiles=0, prefetch=pf)
+        _, rows[name] = _run_case(pred, lazy, lazy_region, args.repeats, n_lazy)
+
+    # the user pans by a quarter of the region: only the new tiles are computed
+    pred = Predictor(model, device="cpu", batch_size=8, cache_tiles=512)
+    pred.predict(pyramid, region)
+    panned = region + args.region // 4
+    pred.reset_stats()
+    _, dt_pan, _cpu = timed(lambda: pred.predict(pyramid, panned))
+    pan = {"tiles": len(plan_tiles(panned, TILE, pyramid.shape)), "seconds": dt_pan,
+           "computed": pred.stats["tiles_computed"], "cache_hits": pred.stats["cache_hits"]}
+
     # agreement with the naive loop on the tiles both computed (the stored pyramid levels are
     # uint8-rounded means, the naive loop averages full resolution exactly: rare flips)
     eng = results["engine"]
@@ -201,24 +244,31 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
                        t.core[0, 1] - region[0, 1] : t.core[1, 1] - region[0, 1]]).mean()
         for i, t in enumerate(tiles[:n_naive])
     ]))
-    same_all = min(float((eng == v).mean()) for v in results.values())
-    ratio = rows["engine"]["mpx_s"] / rows["naive"]["mpx_s"]
-    prefetch_gain = rows["engine"]["mpx_s"] / rows["engine-no-prefetch"]["mpx_s"]
-    print(f"\nthroughput on {size}², central {args.region}² region, tile {TILE}, levels {LEVELS}")
-    print(f"{'case':<20}{'tiles':>7}{'s':>9}{'Mpx/s':>9}{'peak RSS MiB':>14}"
-          f"{'read s':>9}{'model s':>9}{'wait s':>8}")
-    for name, r in rows.items():
-        if name == "engine-pan":
-            continue
-        print(f"{name:<20}{r['tiles']:>7}{r['seconds']:>9.2f}{r['mpx_s']:>9.3f}{r['peak_rss_mb']:>14.0f}"
-              f"{r.get('read_s', float('nan')):>9.2f}{r.get('compute_s', float('nan')):>9.2f}"
-              f"{r.get('wait_s', float('nan')):>8.2f}")
-    pan = rows["engine-pan"]
+    fp32 = [v for k, v in results.items() if "bf16" not in k]
+    same_fp32 = min(float((eng == v).mean()) for v in fp32)
+    same_bf16 = float((eng == results["engine amp=bf16"]).mean())
+    naive = rows["naive (batch 1)"]
+    ratio = rows["engine"]["mpx_s"] / naive["mpx_s"]
+    ratio_cpu = rows["engine"]["mpx_cpu_s"] / naive["mpx_cpu_s"]
+    ratio_bf16 = rows["engine amp=bf16"]["mpx_cpu_s"] / naive["mpx_cpu_s"]
+    prefetch_gain = rows["engine"]["mpx_s"] / rows["engine no-prefetch"]["mpx_s"]
+    prefetch_lazy = rows["lazy dask, prefetch"]["mpx_s"] / rows["lazy dask, no prefetch"]["mpx_s"]
+
+    print(f"\nthroughput on {args.size}², central {args.region}² region, tile {TILE}, "
+          f"levels {LEVELS}, torch threads {torch.get_num_threads()}")
+    print(f"nested-crop read, CPU ms/tile: full resolution {reads['full-res']:.1f}, "
+          f"pyramid {reads['pyramid']:.2f} ({reads['full-res'] / reads['pyramid']:.0f}x)")
+    _print_rows(rows)
     print(f"pan by {args.region // 4} px: {pan['tiles']} tiles, {pan['computed']} computed, "
           f"{pan['cache_hits']} from cache, {pan['seconds']:.2f} s")
-    print(f"engine / naive throughput: {ratio:.1f}x   prefetch on/off: {prefetch_gain:.2f}x   "
-          f"identical pixels: vs naive {100 * same:.2f}%, engine variants {100 * same_all:.4f}%")
-    return {"rows": rows, "ratio": ratio, "prefetch_gain": prefetch_gain, "identical": same}
+    print(f"engine / naive: {ratio:.1f}x wall, {ratio_cpu:.1f}x per CPU-second "
+          f"(amp=bf16: {ratio_bf16:.1f}x per CPU-second)")
+    print(f"prefetch on/off (wall): in-memory pyramid {prefetch_gain:.2f}x, lazy dask {prefetch_lazy:.2f}x")
+    print(f"identical pixels: engine vs naive {100 * same:.2f}%, fp32 engine variants "
+          f"{100 * same_fp32:.4f}%, bf16 vs fp32 {100 * same_bf16:.2f}%")
+    return {"rows": rows, "reads_ms": reads, "pan": pan, "ratio": ratio, "ratio_cpu": ratio_cpu,
+            "ratio_bf16_cpu": ratio_bf16, "prefetch_gain": prefetch_gain,
+            "prefetch_gain_lazy": prefetch_lazy, "identical_vs_naive": same}
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +309,7 @@ def section_seams(args: argparse.Namespace) -> dict[str, Any]:
     rows = {}
     for ov in (0, 16, 32):
         pred = Predictor(model, device="cpu", batch_size=8, overlap=ov, cache_tiles=0)
-        sink, dt = timed(lambda: pred.predict(src, region, probabilities=True))
+        sink, dt, _cpu = timed(lambda p=pred: p.predict(src, region, probabilities=True))
         m = seam_stats(sink.labels, sink.probs, region[0], TILE - ov)
         m.update(tiles=pred.stats["tiles_computed"], seconds=dt)
         rows[ov] = m
@@ -321,12 +371,15 @@ def rss_child(size: int, tiles: int) -> dict[str, Any]:
             except CancelledError:
                 pass
         dt = time.perf_counter() - t0
+        end_rss = rss_mb()
         chunks = sink.chunks_written
         store_mb = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20
-    return dict(size=size, tiles=state["done"], total=state["total"], seconds=dt,
-                tiles_s=state["done"] / dt, start_rss_mb=mem["start"], peak_rss_mb=mem["peak"],
-                ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                chunks_written=chunks, store_mb=store_mb)
+    return {"size": size, "tiles": state["done"], "total": state["total"], "seconds": dt,
+            "tiles_s": state["done"] / dt, "start_rss_mb": mem["start"],
+            "sampled_peak_rss_mb": mem["peak"], "end_rss_mb": end_rss,
+            # the kernel's exact high-water mark (sampling can miss short peaks)
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "chunks_written": chunks, "store_mb": store_mb}
 
 
 def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -338,7 +391,7 @@ def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
                                                 {"MALLOC_MMAP_THRESHOLD_": "1048576"})):
         print(f"-- allocator: {alloc}")
         print(f"{'image':>8}{'tiles done':>11}{'of':>11}{'tiles/s':>9}{'RSS before MiB':>16}"
-              f"{'peak MiB':>10}{'delta MiB':>11}{'chunks':>8}")
+              f"{'peak MiB':>10}{'end MiB':>9}{'peak-before':>13}{'chunks':>8}")
         peaks = []
         for size in args.rss_sizes:
             cmd = [sys.executable, __file__, "--rss-child", str(size), "--rss-tiles",
@@ -350,8 +403,8 @@ def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(row)
             peaks.append(row["peak_rss_mb"])
             print(f"{size:>7}²{row['tiles']:>11}{row['total']:>11}{row['tiles_s']:>9.1f}"
-                  f"{row['start_rss_mb']:>16.0f}{row['peak_rss_mb']:>10.0f}"
-                  f"{row['peak_rss_mb'] - row['start_rss_mb']:>11.0f}{row['chunks_written']:>8}")
+                  f"{row['start_rss_mb']:>16.0f}{row['peak_rss_mb']:>10.0f}{row['end_rss_mb']:>9.0f}"
+                  f"{row['peak_rss_mb'] - row['start_rss_mb']:>13.0f}{row['chunks_written']:>8}")
         print(f"peak RSS spread across sizes: {max(peaks) - min(peaks):.0f} MiB "
               f"({max(peaks) / min(peaks):.2f}x) for a "
               f"{args.rss_sizes[-1] ** 2 / args.rss_sizes[0] ** 2:.0f}x larger image")

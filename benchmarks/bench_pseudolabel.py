@@ -8,7 +8,9 @@ three classes on a *held-out* image (another seed), predicted with the engine's 
 
 ``pseudo``
     Same steps, same seeds, with and without pseudo-labels (EMA teacher, threshold 0.9,
-    consistency weight ramped up from 0 over the first third of the run).
+    consistency weight ramped up from 0 over the first third of the run).  Result (see
+    ``docs/bench_train.md``): no measurable gain (-0.011 to +0.005 mean Dice), so
+    ``TrainConfig.pseudo_labels`` defaults to off.
 
 ``cpu``
     The CPU-usability check of ``docs/bench_train.md``: the default starting encoder (the
@@ -42,7 +44,7 @@ import torch
 from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.predict import predict
-from napari_muvit.engine.train import Trainer, TrainConfig, prepare_start_model
+from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
 
 CLASSES = ("background", "outer", "inner")
 
@@ -92,8 +94,14 @@ def dice_scores(model: torch.nn.Module, source: PyramidSource, truth: np.ndarray
     return {"mean": float(np.mean(list(per_class.values()))), **per_class}
 
 
-def run(data: dict[str, Any], config: TrainConfig, init: Any, levels: Any, preset: str | None,
-        budget: float | None = None) -> dict[str, Any]:
+def run(
+    data: dict[str, Any],
+    config: TrainConfig,
+    init: Any,
+    levels: Any,
+    preset: str | None,
+    budget: float | None = None,
+) -> dict[str, Any]:
     """Train once; Dice on the held-out image before and after, wall time, steps done."""
     model, notes = prepare_start_model(init, levels, preset, data["train"].channels, config.seed)
     cancel = CancelToken()
@@ -103,65 +111,103 @@ def run(data: dict[str, Any], config: TrainConfig, init: Any, levels: Any, prese
         if budget is not None and time.monotonic() - start > budget:
             cancel.cancel()
 
-    trainer = Trainer(model, [(data["train"], data["labels"])], config, stop_at_budget, cancel,
-                      notes=notes)
+    trainer = Trainer(
+        model, [(data["train"], data["labels"])], config, stop_at_budget, cancel, notes=notes
+    )
     before = dice_scores(trainer.model, data["test"], data["truth"])
     start = time.monotonic()
     history = trainer.run()
     seconds = time.monotonic() - start
     after = dice_scores(trainer.model, data["test"], data["truth"])
     return {
-        "steps": history["step"], "seconds": round(seconds, 1), "dice_before": before,
-        "dice_after": after, "final_loss": float(np.mean(history["loss"][-10:])),
+        "steps": history["step"],
+        "seconds": round(seconds, 1),
+        "dice_before": before,
+        "dice_after": after,
+        "final_loss": float(np.mean(history["loss"][-10:])),
         "pseudo_fraction": float(np.mean(history["pseudo_fraction"][-10:] or [0.0])),
-        "start": notes, "warnings": history["warnings"],
+        "start": notes,
+        "warnings": history["warnings"],
     }
 
 
 # ------------------------------------------------------------------------------ experiments
 def experiment_pseudo(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = task(args.size, args.per_class)
-    base = TrainConfig(steps=args.steps, batch_size=args.batch, crop_size=args.crop,
-                       lr=args.lr, device="cpu", checkpoint_every=1e9,
-                       pseudo_threshold=args.threshold, pseudo_teacher=args.teacher,
-                       ema_decay=args.ema_decay, pseudo_weight=args.pseudo_weight)
+    base = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        crop_size=args.crop,
+        lr=args.lr,
+        device="cpu",
+        checkpoint_every=1e9,
+        pseudo_threshold=args.threshold,
+        pseudo_teacher=args.teacher,
+        ema_decay=args.ema_decay,
+        pseudo_weight=args.pseudo_weight,
+    )
     rows = []
     for seed in args.seeds:
         for pseudo in (False, True):
             cfg = replace(base, seed=seed, pseudo_labels=pseudo)
             result = run(data, cfg, None, args.levels, args.preset)
             rows.append({"seed": seed, "pseudo_labels": pseudo, **result})
-            print(f"seed {seed} pseudo={pseudo}: Dice {result['dice_after']['mean']:.3f} "
-                  f"({result['seconds']} s)", file=sys.stderr)
+            print(
+                f"seed {seed} pseudo={pseudo}: Dice {result['dice_after']['mean']:.3f} "
+                f"({result['seconds']} s)",
+                file=sys.stderr,
+            )
     return rows
 
 
 def experiment_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     data = task(args.size, args.per_class)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch, crop_size=args.crop, lr=args.lr,
-                      device="cpu", checkpoint_every=1e9, seed=args.seeds[0])
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch,
+        crop_size=args.crop,
+        lr=args.lr,
+        device="cpu",
+        checkpoint_every=1e9,
+        seed=args.seeds[0],
+    )
     result = run(data, cfg, None, args.levels, None, budget=args.budget)
     return [{"budget_s": args.budget, **result}]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ["setting", "steps", "time (s)", "Dice before", "Dice after",
-            *(f"after: {c}" for c in CLASSES)]
+    head = [
+        "setting",
+        "steps",
+        "time (s)",
+        "Dice before",
+        "Dice after",
+        *(f"after: {c}" for c in CLASSES),
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        setting = (f"seed {r['seed']}, pseudo-labels {'on' if r['pseudo_labels'] else 'off'}"
-                   if "seed" in r else f"{r['budget_s']:g} s budget")
+        setting = (
+            f"seed {r['seed']}, pseudo-labels {'on' if r['pseudo_labels'] else 'off'}"
+            if "seed" in r
+            else f"{r['budget_s']:g} s budget"
+        )
         after = r["dice_after"]
-        cells = [setting, str(r["steps"]), f"{r['seconds']:.0f}",
-                 f"{r['dice_before']['mean']:.3f}", f"{after['mean']:.3f}",
-                 *(f"{after[c]:.3f}" for c in CLASSES)]
+        cells = [
+            setting,
+            str(r["steps"]),
+            f"{r['seconds']:.0f}",
+            f"{r['dice_before']['mean']:.3f}",
+            f"{after['mean']:.3f}",
+            *(f"{after[c]:.3f}" for c in CLASSES),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("experiment", choices=("pseudo", "cpu"))
     parser.add_argument("--size", type=int, default=512, help="synthetic image side")
     parser.add_argument("--per-class", type=int, default=300, help="painted pixels per class")
@@ -191,8 +237,13 @@ def main(argv: list[str] | None = None) -> int:
         args.crop, args.lr = args.crop or 128, args.lr or 1e-3
         args.levels = args.levels or None
         rows = experiment_cpu(args)
-    meta = {"experiment": args.experiment, "args": vars(args), "torch": torch.__version__,
-            "threads": args.threads, "cpu": platform.processor() or platform.machine()}
+    meta = {
+        "experiment": args.experiment,
+        "args": vars(args),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+    }
     print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:

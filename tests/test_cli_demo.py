@@ -23,6 +23,12 @@ from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 SIZE, VIEW = 256, 96
 
 
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    """Widget settings in a fresh folder: no test sees another test's choices."""
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     import torch
@@ -38,7 +44,7 @@ def _run_demo(out: Path, model: Path, *extra: str, env: dict | None = None):
     cmd = [sys.executable, "-m", "napari_muvit", "demo", "--headless", "--out", str(out),
            "--model", str(model), "--size", str(SIZE), "--view", str(VIEW), "--device", "cpu",
            *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
 def _expected(model: Path) -> np.ndarray:
@@ -78,8 +84,7 @@ def test_demo_headless_writes_labels_and_viewer_screenshot(tmp_path, tiny_model)
 
 
 def test_demo_headless_composite_fallback(tmp_path, tiny_model, monkeypatch, capsys):
-    import napari_muvit.cli.demo as demo
-    from napari_muvit.cli import main
+    from napari_muvit.cli import demo, main
 
     # no display and no xvfb-run: the numpy composite is the only option (no subprocess)
     monkeypatch.setattr(demo, "has_display", lambda: False)
@@ -99,7 +104,9 @@ def test_demo_headless_composite_fallback(tmp_path, tiny_model, monkeypatch, cap
     assert png.shape == (VIEW, VIEW, 3)
     syn = synthetic_rings(SIZE, seed=0)
     (y0, x0), (y1, x1) = demo_region(SIZE, VIEW)
-    np.testing.assert_array_equal(png, composite(syn.image[y0:y1, x0:x1], labels, [1, 2, 3]))
+    expected_png = composite(syn.image[y0:y1, x0:x1], labels, [1, 2, 3],
+                             class_names=["background", "outer", "inner"])
+    np.testing.assert_array_equal(png, expected_png)
 
 
 def test_demo_missing_model_is_a_clean_error(tmp_path, capsys):
@@ -120,14 +127,23 @@ def test_png_roundtrip(tmp_path):
         np.testing.assert_array_equal(back.reshape(img.shape), img)
 
 
+@pytest.mark.gui
 def test_demo_gui_setup_predicts_the_framed_view(make_napari_viewer, qtbot, tiny_model):
     """What ``napari-muvit demo`` does with a display, minus ``napari.run()``."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the GUI thread keeps a core (see test_widget_predict.py)
+    try:
+        _gui_demo(make_napari_viewer, qtbot, tiny_model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gui_demo(make_napari_viewer, qtbot, tiny_model) -> None:
     from napari_muvit.cli.demo import dock_widgets, frame_view
     from napari_muvit.data.samples import synthetic_sample
 
-    torch.set_num_threads(1)
     viewer = make_napari_viewer(show=True)
     for data, kwargs, layer_type in synthetic_sample(size=512, seed=0):
         getattr(viewer, f"add_{layer_type}")(data, **kwargs)
@@ -148,4 +164,3 @@ def test_demo_gui_setup_predicts_the_framed_view(make_napari_viewer, qtbot, tiny
     assert np.all(out[y0:y1, x0:x1] > 0)
     assert train.image_layer is viewer.layers["synthetic rings"]
     predict.set_live(False)
-    torch.set_num_threads(2)

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import zarr
+from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.cli.predict import ProgressBar, parse_region
 from napari_muvit.engine.sinks import read_store_info
 from napari_muvit.errors import InputError
-from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_cli_subprocess_failure_has_no_traceback(files, tmp_path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "napari_muvit", "predict", str(files["image"]), "--model",
          str(files["model"]), "--out", str(blocker), "--overwrite", "--quiet"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -133,3 +133,25 @@ def test_parse_region_and_progress_bar() -> None:
     bar.close()
     assert "[#####.....]  50.0% 5/10" in s.text and "[##########] 100.0% 10/10" in s.text
     assert s.text.endswith("\n")
+
+
+@pytest.mark.parametrize("kind", ["zarr", "tiff"])
+def test_cli_reads_zarr_and_tiff_images(files, kind, capsys) -> None:
+    img = np.asarray(rings(192)[0])
+    if kind == "zarr":
+        path = files["root"] / "image.zarr"
+        if not path.exists():
+            group = zarr.open_group(str(path), mode="w")
+            group.create_array("0", data=img, chunks=(64, 64))
+    else:
+        import tifffile
+
+        path = files["root"] / "image.tif"
+        tifffile.imwrite(path, img)
+    out = files["root"] / f"from_{kind}.zarr"
+    code = main(["predict", str(path), "--model", str(files["model"]), "--out", str(out),
+                 "--region", "0,0,64,96", "--device", "cpu", "--quiet", "--overwrite"])
+    assert code == 0, capsys.readouterr().err
+    labels = zarr.open_group(str(out), mode="r")["0"][:64, :96]
+    ref = reference_labels(files["segmenter"], rings_source(192), np.array([[0, 0], [64, 96]]))
+    np.testing.assert_array_equal(labels, ref)

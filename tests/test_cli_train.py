@@ -68,11 +68,26 @@ def test_train_bad_input_is_one_line(files, tmp_path: Path, capsys) -> None:
     assert code == 2 and "level-1 shape (96, 96)" in err and err.count("\n") == 1
     empty = tmp_path / "empty.npy"
     np.save(empty, np.zeros((96, 96), np.uint8))
-    assert main(["train", str(image), "--labels", str(empty), "--out", str(tmp_path / "o"),
-                 *TINY]) == 2
+    assert (
+        main(["train", str(image), "--labels", str(empty), "--out", str(tmp_path / "o"), *TINY])
+        == 2
+    )
     assert "no annotated" in capsys.readouterr().err
-    assert main(["train", str(image), "--labels", str(labels), str(labels), "--out",
-                 str(tmp_path / "o"), *TINY]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(image),
+                "--labels",
+                str(labels),
+                str(labels),
+                "--out",
+                str(tmp_path / "o"),
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "one label image per IMAGE" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -80,12 +95,34 @@ def test_train_bad_input_is_one_line(files, tmp_path: Path, capsys) -> None:
 def test_pretrain_then_train_from_it(files, tmp_path: Path, capsys) -> None:
     image, labels = files
     mae = tmp_path / "mae"
-    assert main(["pretrain", str(image), "--levels", "1,4", "--out", str(mae), "--steps", "2",
-                 *TINY]) == 0
+    assert (
+        main(["pretrain", str(image), "--levels", "1,4", "--out", str(mae), "--steps", "2", *TINY])
+        == 0
+    )
     assert isinstance(load_model(mae), MuViTMAE)
     seg = tmp_path / "seg"
-    assert main(["train", str(image), "--labels", str(labels), "--out", str(seg), "--init",
-                 str(mae), "--steps", "1", "--crop", "32", "--batch", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(image),
+                "--labels",
+                str(labels),
+                "--out",
+                str(seg),
+                "--init",
+                str(mae),
+                "--steps",
+                "1",
+                "--crop",
+                "32",
+                "--batch",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert load_model(seg).meta["provenance"]["init"] == str(mae.resolve())
 
 
@@ -98,8 +135,7 @@ def test_interval_parsing_and_progress_line() -> None:
     stream = io.StringIO()
     line = ProgressLine(stream, log_interval=0.0)
     line({"step": 1, "steps": 10, "loss": 0.5, "lr": 1e-4, "status": "running"})
-    line({"step": 10, "steps": 10, "loss": 0.25, "lr": 1e-6, "val_dice": 0.9,
-          "status": "finished"})
+    line({"step": 10, "steps": 10, "loss": 0.25, "lr": 1e-6, "val_dice": 0.9, "status": "finished"})
     text = stream.getvalue().splitlines()
     assert text[0].startswith("step 1/10 loss 0.5000 lr 1.00e-04")
     assert "val Dice 0.900" in text[-1]

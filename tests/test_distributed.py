@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
+from test_predict_support import rings, tiny_segmenter
 
 from napari_muvit.engine import Predictor, predict_distributed
 from napari_muvit.engine.distributed import plan_blocks
 from napari_muvit.engine.predict import create_zarr_sink
 from napari_muvit.engine.sinks import read_store_info
-from test_predict_support import rings, tiny_segmenter
 
 pytest.importorskip("distributed")
 

@@ -12,6 +12,17 @@ from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTMAE, count_parameters
 from napari_muvit.model.rope import apply_rope, patch_coords, split_rope_dims
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
+    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 S = 32  # crop size of the tiny test models
 
 
@@ -23,8 +34,10 @@ def tiny(levels=(1, 4), channels=1, **kw) -> MuViTEncoder:
 def nested_bbox(origin=(0.0, 0.0), levels=(1, 4), size=S, batch=2) -> torch.Tensor:
     """Concentric pixel-edge bboxes around the level-1 crop starting at ``origin``."""
     cy, cx = origin[0] + size / 2, origin[1] + size / 2
-    rows = [[[cy - lv * size / 2, cx - lv * size / 2], [cy + lv * size / 2, cx + lv * size / 2]]
-            for lv in levels]
+    rows = [
+        [[cy - lv * size / 2, cx - lv * size / 2], [cy + lv * size / 2, cx + lv * size / 2]]
+        for lv in levels
+    ]
     return torch.tensor(rows, dtype=torch.float64)[None].repeat(batch, 1, 1, 1)
 
 
@@ -80,10 +93,13 @@ def test_rope_split_and_rotation_is_pairwise():
     ang = torch.randn(1, 3, 12)
     out = apply_rope(t, ang.cos(), ang.sin())
     # Each interleaved pair (2m, 2m+1) is a 2-D rotation by ang[m]: norms are preserved ...
-    assert torch.allclose(out.unflatten(-1, (12, 2)).norm(dim=-1),
-                          t.unflatten(-1, (12, 2)).norm(dim=-1), atol=1e-5)
+    assert torch.allclose(
+        out.unflatten(-1, (12, 2)).norm(dim=-1), t.unflatten(-1, (12, 2)).norm(dim=-1), atol=1e-5
+    )
     # ... and the first pair of token 0, head 0 rotates as a complex number.
-    z = complex(t[0, 0, 0, 0], t[0, 0, 0, 1]) * complex(math.cos(ang[0, 0, 0]), math.sin(ang[0, 0, 0]))
+    z = complex(t[0, 0, 0, 0], t[0, 0, 0, 1]) * complex(
+        math.cos(ang[0, 0, 0]), math.sin(ang[0, 0, 0])
+    )
     assert out[0, 0, 0, 0].item() == pytest.approx(z.real, abs=1e-5)
     assert out[0, 0, 0, 1].item() == pytest.approx(z.imag, abs=1e-5)
 
@@ -118,8 +134,9 @@ def test_default_bbox_is_concentric():
         if mode == "center":
             bb = nested_bbox(batch=1)
         else:  # official default: first/last pixel centres
-            bb = torch.tensor([[[[-(lv * (S / 2 - 0.5))] * 2, [lv * (S / 2 - 0.5)] * 2]
-                                for lv in (1, 4)]])
+            bb = torch.tensor(
+                [[[[-(lv * (S / 2 - 0.5))] * 2, [lv * (S / 2 - 0.5)] * 2] for lv in (1, 4)]]
+            )
         with torch.no_grad():
             assert torch.allclose(enc(x), enc(x, bb), atol=1e-6)
 
@@ -173,9 +190,21 @@ def test_heads_one_has_no_output_projection():
     [
         ((1, 3, 1, S, S), None, r"x: expected 2 levels"),
         ((1, 2, 3, S, S), None, r"x: expected 1 channels on dim 2, got 3"),
-        ((1, 2, 1, 30, S), None, r"x: expected H and W to be positive multiples of the patch size 8, got 30x32"),
-        ((1, 2, 1, S, S), np.zeros((1, 2, 2)), r"bbox: expected shape \(B, L, 2, 2\) = \(1, 2, 2, 2\), got \(1, 2, 2\)"),
-        ((1, 2, 1, S, S), np.array([[[[0, 0], [32, 32]], [[0, 0], [0, 8]]]]), r"bbox: expected y1 > y0"),
+        (
+            (1, 2, 1, 30, S),
+            None,
+            r"x: expected H and W to be positive multiples of the patch size 8, got 30x32",
+        ),
+        (
+            (1, 2, 1, S, S),
+            np.zeros((1, 2, 2)),
+            r"bbox: expected shape \(B, L, 2, 2\) = \(1, 2, 2, 2\), got \(1, 2, 2\)",
+        ),
+        (
+            (1, 2, 1, S, S),
+            np.array([[[[0, 0], [32, 32]], [[0, 0], [0, 8]]]]),
+            r"bbox: expected y1 > y0",
+        ),
         ((1, 2, 1, S, S), np.full((1, 2, 2, 2), np.nan), r"bbox: expected finite"),
         ((2, 1, S, S), None, r"x: expected 5 dims"),
     ],
@@ -190,7 +219,9 @@ def test_nan_input_and_wrong_types():
     enc = tiny()
     x = torch.rand(1, 2, 1, S, S)
     x[0, 1, 0, 3, 3] = float("nan")
-    with pytest.raises(InputError, match=r"x: expected finite values, got nan at index \(0, 1, 0, 3, 3\)"):
+    with pytest.raises(
+        InputError, match=r"x: expected finite values, got nan at index \(0, 1, 0, 3, 3\)"
+    ):
         enc(x)
     huge = torch.full((1, 2, 1, S, S), 3e38)  # the sum overflows, but every value is finite
     assert torch.isfinite(enc(huge)).all() or True  # must not raise InputError

@@ -8,6 +8,17 @@ import torch
 from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTMAE
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
+    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 S = 32
 
 
@@ -66,7 +77,7 @@ def test_loss_modes():
     patches = torch.zeros(1, 32, 64)
     patches[:, :16] = 1.0  # level 0 error 1, level 1 error 0
     idx_mask = torch.tensor([[0, 16, 17, 18]])  # 1 masked token on level 0, 3 on level 1
-    lvl, per, mask = mae.reconstruction_loss(pred, patches, idx_mask, 16)
+    lvl, per, _ = mae.reconstruction_loss(pred, patches, idx_mask, 16)
     assert per.tolist() == [1.0, 0.0] and float(lvl) == 0.5
     tok, _, _ = mae.reconstruction_loss(pred, patches, idx_mask, 16, loss_mode="token_mean")
     assert float(tok) == 0.25

@@ -9,6 +9,17 @@ import torch
 from napari_muvit.model import MuViTEncoder, MuViTMAE, is_official_folder, load_model
 from napari_muvit.model.rope import patch_coords
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
+    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -72,8 +83,12 @@ def test_mae_parity_replayed_masks(official_fixtures):
     io = np.load(folder / "io.npz")
     x, bb = torch.from_numpy(io["x"]), torch.from_numpy(io["bbox"])
     with torch.no_grad():
-        out = mae(x, bb, idx_keep=torch.from_numpy(io["idx_retain"]),
-                  idx_mask=torch.from_numpy(io["idx_mask"]))
+        out = mae(
+            x,
+            bb,
+            idx_keep=torch.from_numpy(io["idx_retain"]),
+            idx_mask=torch.from_numpy(io["idx_mask"]),
+        )
         enc_feats = mae.encoder(x, bb)
     _close(out["encoded"], io["encoded"])
     _close(out["pred"], io["decoded"])
@@ -82,7 +97,8 @@ def test_mae_parity_replayed_masks(official_fixtures):
     _close(enc_feats, io["encoder_feats"])
     # Our training loss averages per level first; for this draw it differs from the official.
     lvl_mean, per_level, _ = mae.reconstruction_loss(
-        out["pred"], out["patches"], out["idx_mask"], 64, loss_mode="level_mean")
+        out["pred"], out["patches"], out["idx_mask"], 64, loss_mode="level_mean"
+    )
     assert float(lvl_mean) == pytest.approx(float(per_level.mean()), rel=1e-6)
 
 

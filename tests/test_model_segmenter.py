@@ -11,6 +11,17 @@ import torch.nn.functional as F
 from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, default_skips, segmentation_loss
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
+    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 S = 32
 
 
@@ -37,6 +48,20 @@ def test_forward_shape_and_attributes(head):
     segmentation_loss(out, torch.randint(0, 3, (2, S, S))).backward()
     assert seg.encoder.proj[0][0].weight.grad.abs().sum() > 0
     assert seg.encoder.layers[-1].ff.fc2.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("head", ["unetr", "mask2former"])
+def test_tapered_pixel_decoder(head, tmp_path):
+    seg = MuViTSegmenter(
+        tiny_encoder(), head=head, num_classes=2, head_dim=64, head_options={"taper": True}
+    ).eval()
+    assert seg.head.pixel_decoder.dims == [64, 32, 16, 16]
+    x = torch.rand(1, 2, 1, S, S)
+    seg.save(tmp_path / "m")
+    back = MuViTSegmenter.from_pretrained(tmp_path / "m")
+    assert back.head_config["taper"] is True
+    with torch.no_grad():
+        assert torch.equal(seg(x, bbox(1)), back(x, bbox(1)))
 
 
 def test_default_skips():
@@ -104,14 +129,17 @@ def test_loss_matches_manual_ce_plus_dice():
     ce = F.cross_entropy(logits.permute(0, 2, 3, 1)[valid], target[valid])
     p = torch.softmax(logits, 1).permute(0, 2, 3, 1)[valid]
     oh = F.one_hot(target[valid], 3).float()
-    dice = [(2 * (p[:, c] * oh[:, c]).sum() + 1) / (p[:, c].sum() + oh[:, c].sum() + 1)
-            for c in (1, 2)]
+    dice = [
+        (2 * (p[:, c] * oh[:, c]).sum() + 1) / (p[:, c].sum() + oh[:, c].sum() + 1) for c in (1, 2)
+    ]
     expected = ce + 0.1 * (1 - sum(dice) / 2)
     assert float(segmentation_loss(logits, target)) == pytest.approx(float(expected), rel=1e-6)
     # dice_exclude=() includes the background class in the Dice term
     dice0 = (2 * (p[:, 0] * oh[:, 0]).sum() + 1) / (p[:, 0].sum() + oh[:, 0].sum() + 1)
     exp_all = ce + 0.1 * (1 - (sum(dice) + dice0) / 3)
-    assert float(segmentation_loss(logits, target, dice_exclude=())) == pytest.approx(float(exp_all), rel=1e-6)
+    assert float(segmentation_loss(logits, target, dice_exclude=())) == pytest.approx(
+        float(exp_all), rel=1e-6
+    )
 
 
 def test_loss_ignore_and_weights():
@@ -127,7 +155,9 @@ def test_loss_ignore_and_weights():
     other = logits.detach().clone()
     other[..., :2, :] = 100 * torch.randn_like(other[..., :2, :])
     logits = logits.detach()
-    assert float(segmentation_loss(logits, t)) == pytest.approx(float(segmentation_loss(other, t)), rel=1e-6)
+    assert float(segmentation_loss(logits, t)) == pytest.approx(
+        float(segmentation_loss(other, t)), rel=1e-6
+    )
     w = segmentation_loss(logits, t, class_weights=[1.0, 2.0], dice_weight=0.0)
     valid = t != -1
     lg = logits.detach().permute(0, 2, 3, 1)[valid]
@@ -139,7 +169,9 @@ def test_loss_ignore_and_weights():
 def test_loss_bad_input():
     with pytest.raises(InputError, match="target: expected shape"):
         segmentation_loss(torch.randn(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long))
-    with pytest.raises(InputError, match=r"target: expected class indices in \[0, 2\) or -1, got 5"):
+    with pytest.raises(
+        InputError, match=r"target: expected class indices in \[0, 2\) or -1, got 5"
+    ):
         segmentation_loss(torch.randn(1, 2, 4, 4), torch.full((1, 4, 4), 5))
 
 

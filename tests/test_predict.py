@@ -5,13 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_predict_support import (
+    CROP,
+    reference_labels,
+    rings,
+    rings_source,
+    tile_probs,
+    tiny_segmenter,
+)
 
 from napari_muvit.data import PyramidSource, blend_weights, plan_tiles
 from napari_muvit.engine import CancelToken, Predictor, resolve_device
 from napari_muvit.engine.device import resolve_amp
 from napari_muvit.engine.predict import predict as predict_api
 from napari_muvit.errors import CancelledError, InputError, MuViTError
-from test_predict_support import CROP, reference_labels, rings, rings_source, tile_probs, tiny_segmenter
 
 
 @pytest.fixture(scope="module")
@@ -254,9 +261,10 @@ def test_python_api_in_memory(model, source) -> None:
     region = [[0, 0], [64, 96]]
     labels = predict_api(source, model=model, region=region, device="cpu")
     np.testing.assert_array_equal(labels, reference_labels(model, source, np.array(region)))
-    labels2, probs = predict_api(np.asarray(rings(192)[0]), model=model, region=region,
+    labels_np, probs = predict_api(np.asarray(rings(192)[0]), model=model, region=region,
                                  device="cpu", probabilities=True)
     assert probs.shape == (3, 64, 96) and probs.dtype == np.float16
+    np.testing.assert_array_equal(labels_np, labels)
     with pytest.raises(InputError, match="out="):
         predict_api(source, model=model, workers=2)
     # the lazily exported name still calls predict() after the submodule was imported

@@ -38,7 +38,7 @@ def stripes(size: int = 96) -> PyramidSource:
 
 
 def config(**kw) -> PretrainConfig:
-    base = dict(steps=6, batch_size=4, crop_size=32, device="cpu", decoder_dim=32, seed=0)
+    base = {"steps": 6, "batch_size": 4, "crop_size": 32, "device": "cpu", "decoder_dim": 32}
     return PretrainConfig(**{**base, **kw})
 
 
@@ -67,9 +67,12 @@ def test_pretrain_folder_roundtrip_and_encoder_for_finetuning(tmp_path: Path) ->
     # the MAE folder is a valid --init for fine-tuning (its encoder is taken)
     labels = np.zeros((96, 96), np.uint8)
     labels[10:14, 10:14], labels[50:54, 50:54] = 1, 2
-    seg = train(stripes(), labels, init=out,
-                config=TrainConfig(steps=1, batch_size=2, crop_size=32, device="cpu",
-                                   freeze_encoder=True))
+    seg = train(
+        stripes(),
+        labels,
+        init=out,
+        config=TrainConfig(steps=1, batch_size=2, crop_size=32, device="cpu", freeze_encoder=True),
+    )
     assert isinstance(seg, MuViTSegmenter)
     assert torch.equal(seg.encoder.proj[0][0].weight, encoder.proj[0][0].weight)
     assert "MAE" in " ".join(e["message"] for e in seg.meta["history"]["events"])
@@ -97,8 +100,9 @@ def test_pretrain_cancel_and_resume_is_exact(tmp_path: Path) -> None:
 
 
 def test_pretrain_level_subset_and_bad_input(tmp_path: Path) -> None:
-    mae = pretrain(stripes(), levels=[1, 4], init=tiny_encoder(levels=(1, 4, 16)),
-                   config=config(steps=1))
+    mae = pretrain(
+        stripes(), levels=[1, 4], init=tiny_encoder(levels=(1, 4, 16)), config=config(steps=1)
+    )
     assert list(mae.levels) == [1, 4]
     with pytest.raises(InputError, match="subset of the encoder levels"):
         pretrain(stripes(), levels=[1, 8], init=tiny_encoder(), config=config(steps=1))

@@ -7,14 +7,14 @@ import json
 import numpy as np
 import pytest
 import zarr
+from test_predict_support import reference_labels, rings_source, tiny_segmenter
 
+from napari_muvit.data import plan_tiles
 from napari_muvit.engine import CancelToken, MemorySink, Predictor, ZarrSink
 from napari_muvit.engine.predict import TileResult, create_zarr_sink
 from napari_muvit.engine.predict import predict as predict_api
 from napari_muvit.engine.sinks import label_dtype, read_store_info
 from napari_muvit.errors import CancelledError, InputError
-from napari_muvit.data import plan_tiles
-from test_predict_support import CROP, reference_labels, rings_source, tiny_segmenter
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ whole file stays within a few seconds per test on a shared 2-core CPU.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.train import (
-    Trainer,
     TrainConfig,
+    Trainer,
     TrainingDivergedError,
     train,
 )
@@ -54,7 +55,7 @@ def scribbles(truth: np.ndarray, per_class: int = 40, seed: int = 0) -> np.ndarr
 
 
 def config(**kw) -> TrainConfig:
-    base = dict(steps=6, batch_size=2, crop_size=32, lr=1e-3, device="cpu", seed=0)
+    base = {"steps": 6, "batch_size": 2, "crop_size": 32, "lr": 1e-3, "device": "cpu", "seed": 0}
     return TrainConfig(**{**base, **kw})
 
 
@@ -94,8 +95,12 @@ def test_loss_decreases_on_tiny_overfit(pair) -> None:
 
 def test_fresh_head_classes_and_metadata(pair) -> None:
     source, labels = pair
-    trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=1),
-                      class_names={1: "background", 2: "disc"})
+    trainer = Trainer(
+        tiny_encoder(),
+        [(source, labels)],
+        config(steps=1),
+        class_names={1: "background", 2: "disc"},
+    )
     model = trainer.model
     assert isinstance(model, MuViTSegmenter)
     assert model.label_values == [1, 2]
@@ -140,7 +145,7 @@ def test_pseudo_labels_only_on_confident_unlabelled_in_image_pixels(pair) -> Non
     teacher = torch.zeros(1, 2, 4, 4)
     teacher[0, 1, :2] = 10.0  # confident class 1 on rows 0-1
     # weight ramps from exactly 0 at step 0
-    loss0, parts0 = trainer.compute_loss(logits, target, valid, teacher, step=0)
+    _, parts0 = trainer.compute_loss(logits, target, valid, teacher, step=0)
     assert "loss_pseudo" not in parts0
     loss, parts = trainer.compute_loss(logits, target, valid, teacher, step=10)
     loss.backward()
@@ -164,7 +169,7 @@ def test_lr_schedule_asymmetric_warmup_cosine(pair) -> None:
         trainer.scheduler.step()
         lrs.append(trainer.optimizer.param_groups[0]["lr"])
     assert lrs[2] == pytest.approx(1e-3)  # end of warm-up: the peak
-    assert all(b <= a + 1e-12 for a, b in zip(lrs[2:], lrs[3:]))  # cosine decay
+    assert all(b <= a + 1e-12 for a, b in itertools.pairwise(lrs[2:]))  # cosine decay
     assert lrs[-1] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -184,8 +189,13 @@ def test_freeze_encoder_leaves_encoder_unchanged(pair) -> None:
 def test_checkpoint_roundtrip_identical(pair, tmp_path: Path) -> None:
     source, labels = pair
     out = tmp_path / "run"
-    trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=3), out=out,
-                      provenance={"images": ["blobs"]})
+    trainer = Trainer(
+        tiny_encoder(),
+        [(source, labels)],
+        config(steps=3),
+        out=out,
+        provenance={"images": ["blobs"]},
+    )
     trainer.run()
     loaded = load_model(out)
     ref = trainer.model.state_dict()
@@ -220,8 +230,9 @@ def test_cancel_then_resume_matches_uninterrupted_run(pair, tmp_path: Path) -> N
             cancel.cancel()
 
     out = tmp_path / "run"
-    first = Trainer(tiny_encoder(), [(source, labels)], config(steps=5), stop_after_two, cancel,
-                    out=out)
+    first = Trainer(
+        tiny_encoder(), [(source, labels)], config(steps=5), stop_after_two, cancel, out=out
+    )
     history = first.run()
     assert history["status"] == "cancelled" and history["step"] == 2
     # the cancelled run left a valid checkpoint at step 2
@@ -389,8 +400,9 @@ def test_train_convenience_and_out_folder_protection(pair, tmp_path: Path) -> No
         train(source, labels, out=out, init=tiny_encoder(), config=config(steps=2))
     more = train(source, labels, out=out, config=config(steps=3), resume=True)
     assert more.meta["history"]["steps"] == [1, 2, 3]
-    fresh = train(source, labels, out=out, init=tiny_encoder(), config=config(steps=1),
-                  overwrite=True)
+    fresh = train(
+        source, labels, out=out, init=tiny_encoder(), config=config(steps=1), overwrite=True
+    )
     assert fresh.meta["history"]["steps"] == [1]
 
 
@@ -407,6 +419,24 @@ def test_snapshot_is_an_independent_eval_copy(pair) -> None:
     source, labels = pair
     trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=2))
     copy = trainer.snapshot()
+    assert copy.meta["crop_size"] == 32 and copy.meta["history"]["step"] == 0
     trainer.run()
     assert not copy.training
     assert not torch.equal(copy.head.out.weight, trainer.model.head.out.weight)
+
+
+def test_start_from_official_folder_with_channel_and_level_selection(
+    pair, official_fixtures: Path
+) -> None:
+    from napari_muvit.engine.train import prepare_start_model
+
+    source, labels = pair
+    folder = official_fixtures / "encoder3l"  # official encoder: 3 channels, levels 1,4,16
+    model, notes = prepare_start_model(folder, levels="1,4")
+    assert list(model.levels) == [1, 4] and model.coord_mode == "linspace"
+    trainer = Trainer(model, [(source, labels)], config(steps=1), notes=notes)
+    trainer.run()
+    assert trainer.model.in_channels == 1
+    assert any("3 input channel(s), the image has 1" in w for w in trainer.history["warnings"])
+    messages = " ".join(e["message"] for e in trainer.history["events"])
+    assert "select_levels" in messages

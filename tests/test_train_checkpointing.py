@@ -53,12 +53,17 @@ def test_recover_after_crash_between_renames(tmp_path: Path) -> None:
 
 
 def test_train_state_loads_weights_only(tmp_path: Path) -> None:
-    state = {"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}},
-             "rng": torch.get_rng_state(), "config": {"lr": 1e-4, "levels": [1, 8]}}
+    state = {
+        "step": 3,
+        "optimizer": {"state": {0: {"exp_avg": torch.ones(2)}}},
+        "rng": torch.get_rng_state(),
+        "config": {"lr": 1e-4, "levels": [1, 8]},
+    }
     ckpt.save_train_state(tmp_path, state)
     loaded = ckpt.load_train_state(tmp_path)
-    assert loaded["step"] == 3 and torch.equal(loaded["optimizer"]["state"][0]["exp_avg"],
-                                               torch.ones(2))
+    assert loaded["step"] == 3 and torch.equal(
+        loaded["optimizer"]["state"][0]["exp_avg"], torch.ones(2)
+    )
     (tmp_path / ckpt.TRAIN_STATE).write_bytes(b"not a pickle")
     with pytest.raises(CheckpointError, match="cannot read training state"):
         ckpt.load_train_state(tmp_path)

@@ -20,7 +20,9 @@ def painted() -> np.ndarray:
 
 
 def test_numpy_labels_indexed_by_value() -> None:
-    index = LabelIndex(painted())
+    labels = painted().astype(np.int32)
+    labels[0, 0] = -1  # negative values are never classes
+    index = LabelIndex(labels)
     assert index.counts() == {1: 100, 2: 1}
     pts = index.points_by_value()
     assert pts[2].tolist() == [[2900, 2400]]
@@ -28,8 +30,7 @@ def test_numpy_labels_indexed_by_value() -> None:
 
 
 def test_zarr_scan_skips_chunks_that_were_never_written() -> None:
-    z = zarr.create_array(store={}, shape=(3000, 2500), chunks=(128, 128), dtype="u1",
-                          fill_value=0)
+    z = zarr.create_array(store={}, shape=(3000, 2500), chunks=(128, 128), dtype="u1", fill_value=0)
     z[10:20, 10:20] = 1
     z[2900, 2400] = 2
     index = LabelIndex(z)
@@ -76,7 +77,8 @@ def test_open_labels_from_files(tmp_path) -> None:
     labels = painted()[:64, :64]
     np.save(tmp_path / "l.npy", labels)
     assert np.array_equal(np.asarray(open_labels(tmp_path / "l.npy")), labels)
-    z = zarr.create_array(store=str(tmp_path / "l.zarr"), shape=labels.shape, chunks=(32, 32),
-                          dtype="u1")
+    z = zarr.create_array(
+        store=str(tmp_path / "l.zarr"), shape=labels.shape, chunks=(32, 32), dtype="u1"
+    )
     z[:] = labels
     assert np.array_equal(np.asarray(open_labels(tmp_path / "l.zarr")[:]), labels)

@@ -18,11 +18,11 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from qtpy.QtCore import QTimer  # noqa: E402
+from qtpy.QtCore import QTimer
 
-from napari_muvit.data import PyramidSource, synthetic_rings  # noqa: E402
-from napari_muvit.engine.predict import Predictor  # noqa: E402
-from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model  # noqa: E402
+from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.engine.predict import Predictor
+from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
 pytestmark = pytest.mark.gui
 
@@ -47,6 +47,12 @@ def _tiny_segmenter(label_values=(1, 2, 3), seed=0) -> MuViTSegmenter:
         label_values=list(label_values),
         meta={"crop_size": TILE},
     )
+
+
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    """Widget settings in a fresh folder: no test sees another test's choices."""
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +253,7 @@ def test_predict_view_lands_exactly_on_visible_region(make_napari_viewer, qtbot,
 def test_live_pan_computes_only_new_tiles_and_stays_responsive(
     make_napari_viewer, qtbot, model_dirs, rings
 ):
-    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
     camera = viewer.scene.camera
     camera.zoom = 8.0
     camera.center = (100.0, 100.0)
@@ -336,7 +342,7 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
 
 
 def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rings):
-    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
     widget.cap_spin.setValue(4)
     viewer.reset_view()  # whole 256² image: 64 tiles
     worker = widget.predict_view()
@@ -345,6 +351,24 @@ def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rin
     assert "more than the cap of 4" in widget.status
     assert widget.predictor.stats["tiles_computed"] == 0
     assert not np.any(np.asarray(widget.labels_layer().data))
+
+    # zoomed in, within the cap, with the confidence layer
+    widget.confidence_check.setChecked(True)
+    camera = viewer.scene.camera
+    camera.zoom = 40.0
+    camera.center = (250.0, 250.0)
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    labels = np.asarray(widget.labels_layer().data)
+    conf_layer = widget.confidence_layer()
+    assert conf_layer is not None and conf_layer.contrast_limits == [0, 100]
+    conf = np.asarray(conf_layer.data)
+    written = labels > 0
+    assert 0 < written.sum() <= 4 * TILE * TILE
+    # the probability of the predicted class of 3 is at least 1/3
+    assert conf[written].min() >= 33 and conf[written].max() <= 100
+    assert not np.any(conf[~written])
 
 
 def test_cancel_view_leaves_consistent_layer(make_napari_viewer, qtbot, model_dirs, rings):
@@ -458,3 +482,196 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
     qtbot.wait(100)
     assert job.token.cancelled
     assert read_store_info(tmp_path / "second.zarr")["status"] == "incomplete"
+
+
+def test_settings_persist_and_model_errors_are_notifications(
+    make_napari_viewer, qtbot, model_dirs, rings, official_fixtures, monkeypatch, tmp_path
+):
+    from napari.utils import notifications
+
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets._settings import settings_path
+
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: shown.append(msg))
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[1], rings[2])
+    widget.cap_spin.setValue(123)
+    widget.overlap_spin.setValue(4)
+    widget.confidence_check.setChecked(True)
+    qtbot.waitUntil(lambda: "MuViT[1, 4]" in widget.model_info.text(), timeout=30_000)
+    assert "overlap" not in widget.status.lower()
+
+    # an official muvit encoder is not a segmenter: said clearly, pointing to fine-tuning
+    widget.set_model(official_fixtures / "encoder")
+    qtbot.waitUntil(lambda: "not a segmenter" in widget.model_info.text(), timeout=30_000)
+    assert "official muvit" in widget.model_info.text()
+    assert "Fine-tune" in widget.model_info.text()
+    assert shown and "not a segmenter" in shown[-1] and "Traceback" not in shown[-1]
+    # predicting with it: a notification with the cause, no exception
+    shown.clear()
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert shown and "not a segmenter" in shown[-1]
+    assert widget.labels_layer() is None
+
+    # a folder that does not exist
+    widget.set_model(tmp_path / "missing")
+    qtbot.waitUntil(lambda: "does not exist" in widget.model_info.text(), timeout=30_000)
+
+    # state survives the widget: a new one (next session) restores it
+    widget.set_model(model_dirs[1])
+    widget.device_combo.setCurrentText("cpu")
+    widget.close_widget()
+    assert settings_path().is_file()
+    again = PredictWidget(viewer)
+    assert again.cap_spin.value() == 123
+    assert again.overlap_spin.value() == 4
+    assert again.confidence_check.isChecked()
+    assert again.device == "cpu"
+    assert again.model_choice.value == str(model_dirs[1])
+    recent = [again.model_combo.itemData(i) for i in range(again.model_combo.count())]
+    assert any(str(official_fixtures / "encoder") in c.value for c in recent if c.value)
+    again.close_widget()
+    again.deleteLater()
+
+
+def test_bundled_model_absence_is_explained(make_napari_viewer, qtbot, monkeypatch):
+    from napari_muvit.errors import CheckpointError
+    from napari_muvit.widgets import PredictWidget, _predict
+
+    def missing():
+        raise CheckpointError("bundled model 'default_segmenter' is missing from /x")
+
+    monkeypatch.setattr(_predict, "bundled_segmenter_path", missing)
+    viewer = make_napari_viewer()
+    widget = PredictWidget(viewer)
+    assert widget.model_choice.kind == "bundled"
+    assert "missing" in widget.model_info.text()
+    assert "Folder" in widget.model_info.text()
+    widget.close_widget()
+    widget.deleteLater()
+
+
+def _tiny_channels(in_channels: int, folder: Path) -> Path:
+    import torch
+
+    torch.manual_seed(in_channels)
+    enc = MuViTEncoder(in_channels, (1, 4), patch_size=8, dim=48, num_layers=1, heads=2)
+    seg = MuViTSegmenter(enc, num_classes=2, head_dim=32, label_values=[1, 2],
+                         meta={"crop_size": TILE})
+    return Path(seg.save(folder))
+
+
+def test_nd_stack_predicts_the_displayed_plane(
+    make_napari_viewer, qtbot, model_dirs, rings, tmp_path
+):
+    stack = np.stack([np.roll(rings[2], 7 * k, axis=1) for k in range(4)])  # (4, 128, 128)
+    viewer, layer, widget = _viewer_with_widget(
+        make_napari_viewer, model_dirs[0], stack, scale=(3.0, 0.5, 0.5), translate=(0, 5, 5)
+    )
+    widget.cap_spin.setValue(100)
+    viewer.dims.set_point(0, 2 * 3.0)  # world z of plane 2
+    viewer.reset_view()
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    out = widget.labels_layer()
+    assert out.data.shape == stack.shape
+    np.testing.assert_allclose(out._data_to_world.affine_matrix, layer._data_to_world.affine_matrix)
+    data = np.asarray(out.data)
+    assert np.all(data[2] > 0) and not np.any(data[[0, 1, 3]])
+    model = load_model(model_dirs[0])
+    expected = Predictor(model, device="cpu").predict(
+        PyramidSource.from_layer_data(stack[2], multiscale=False, rgb=False)
+    ).labels
+    np.testing.assert_array_equal(data[2], expected)
+    # live: moving the slider predicts the new plane only
+    widget.set_live(True)
+    _wait_idle(qtbot, widget)
+    viewer.dims.set_point(0, 3 * 3.0)
+    qtbot.wait(LIVE_WAIT_MS)
+    _wait_idle(qtbot, widget)
+    data = np.asarray(out.data)
+    assert np.all(data[3] > 0) and not np.any(data[[0, 1]])
+    widget.set_live(False)
+
+    # whole image of the displayed plane: a 2-D store placed exactly on plane 3
+    worker = widget.predict_image(tmp_path / "plane3.zarr")
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    whole = widget._image_job.target
+    assert whole.ndim == 3 and whole.data.shape[0] == 1
+    np.testing.assert_allclose(whole.data_to_world((0, 10, 20)), layer.data_to_world((3, 10, 20)))
+    np.testing.assert_array_equal(np.asarray(whole.data)[0], data[3])
+
+
+def test_rgb_and_multichannel_layers(make_napari_viewer, qtbot, rings, tmp_path):
+    rgb_model = _tiny_channels(3, tmp_path / "rgb")
+    two_model = _tiny_channels(2, tmp_path / "two")
+    base = rings[2]
+    rgb = np.stack([base, base[::-1], base[:, ::-1]], axis=-1)  # (128, 128, 3) uint8
+    viewer, layer, widget = _viewer_with_widget(make_napari_viewer, rgb_model, rgb, rgb=True)
+    assert layer.rgb
+    viewer.reset_view()
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    out = np.asarray(widget.labels_layer().data)
+    assert out.shape == base.shape
+    expected = Predictor(load_model(rgb_model), device="cpu").predict(
+        PyramidSource.from_layer_data(rgb, multiscale=False, rgb=True)
+    ).labels
+    np.testing.assert_array_equal(out, expected)
+
+    # (C, Y, X) in one layer: its leading axis is read as the model's 2 channels
+    two = np.stack([base, base.T])
+    chan = viewer.add_image(two, name="two channels", scale=(1, 2, 2))
+    widget.image_layer = chan
+    widget.set_model(two_model)
+    viewer.reset_view()
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    lab = widget.labels_layer(chan)
+    assert lab.data.shape == base.shape  # the channel axis is not a labels axis
+    np.testing.assert_allclose(lab._data_to_world.affine_matrix,
+                               chan._data_to_world.affine_matrix[1:, 1:])
+    expected = Predictor(load_model(two_model), device="cpu").predict(
+        PyramidSource.from_layer_data(two, multiscale=False, rgb=False, channel_axis=0)
+    ).labels
+    np.testing.assert_array_equal(np.asarray(lab.data), expected)
+
+    # a grayscale model on the RGB layer: the cause, no traceback
+    widget.image_layer = layer
+    widget.set_model(tmp_path / "rgb")  # fine
+    widget.set_model(_tiny_channels(1, tmp_path / "gray"))
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert "channel" in widget.status and "expects 1" in widget.status
+
+
+def test_widgets_from_the_plugin_manifest(make_napari_viewer, qtbot, model_dirs, rings):
+    """Opened like napari does (a public-only viewer proxy): no private-access warnings,
+    stable layer identities, and the fine-tune panel finds the predict panel."""
+    import warnings
+
+    from napari_muvit.widgets._train import _predict_widgets
+
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.add_image(rings[2], name="rings")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        _, predict = viewer.window.add_plugin_dock_widget("napari-muvit", "MuViT predict")
+        _, train = viewer.window.add_plugin_dock_widget("napari-muvit", "MuViT fine-tune")
+        assert _predict_widgets(train.viewer) == [predict]
+        predict.set_model(model_dirs[0])
+        predict.device_combo.setCurrentText("cpu")
+        predict.image_layer = layer
+        viewer.reset_view()
+        worker = predict.predict_view()
+        _wait_worker(qtbot, worker)
+        _wait_idle(qtbot, predict)
+        assert predict.labels_layer() is predict.labels_layer()  # stable identity
+        assert np.all(np.asarray(predict.labels_layer().data) > 0)

@@ -16,16 +16,22 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from qtpy.QtCore import QTimer  # noqa: E402
+from qtpy.QtCore import QTimer
 
-from napari_muvit.data import PyramidSource, synthetic_rings  # noqa: E402
-from napari_muvit.engine.predict import Predictor  # noqa: E402
-from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model  # noqa: E402
+from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.engine.predict import Predictor
+from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
 pytestmark = pytest.mark.gui
 
 CROP = 32
 STEPS = 12
+
+
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    """Widget settings in a fresh folder: no test sees another test's choices."""
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
 
 
 @pytest.fixture(autouse=True)
@@ -139,7 +145,7 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     train.batch_spin.setValue(2)
     train.crop_spin.setValue(CROP)
     train.publish_spin.setValue(3)
-    train._settings["device"] = "cpu"
+    train.device_combo.setCurrentText("cpu")
 
     # machine noise: the longest stall of the idle loop (budget is 100 ms on top of it)
     idle = Heartbeat()
@@ -216,12 +222,22 @@ def test_train_save_and_errors(make_napari_viewer, qtbot, folders, rings, tmp_pa
     # no labels layer: a clear error, nothing started
     assert train.train() is None
     assert "Labels layer" in train.status
+    # annotations of big images live in zarr on disk: painting writes through, survives
+    stored = train.create_annotation_layer(store=tmp_path / "annotations.zarr")
+    assert "zarr" in type(stored.data).__module__
+    stored.paint((30, 40), 2)
+    import zarr
+
+    reopened = zarr.open_array(str(tmp_path / "annotations.zarr"), mode="r")
+    assert reopened[30, 40] == 2 and reopened.shape == rings.image.shape
+    viewer.layers.remove(stored)
+
     labels = train.create_annotation_layer()
     # nothing painted: the engine's message reaches the user
     train.set_start_model(folders["segmenter"])
     train.steps_spin.setValue(2)
     train.batch_spin.setValue(2)
-    train._settings["device"] = "cpu"
+    train.device_combo.setCurrentText("cpu")
     worker = train.train()
     qtbot.waitUntil(lambda: not train.busy, timeout=60_000)
     _process(qtbot, 50)

@@ -138,6 +138,8 @@ def run_gui(args: argparse.Namespace) -> int:
 
     viewer = build_demo_viewer(args.size, args.seed, show=True)
     predict, _train = dock_widgets(viewer, folder, args.device)
+    # the framed view fills the canvas's short side: the long side shows more tiles
+    predict.cap_spin.setValue(max(predict.cap_spin.value(), 256))
     frame_view(viewer, demo_region(args.size, args.view))
     predict.set_live(True)
     napari.run()
@@ -259,7 +261,8 @@ def render_screenshot(
             raise InputError(f"--screenshot viewer: no napari viewer could render ({note})")
     image = syn.image[region[0, 0] : region[1, 0], region[0, 1] : region[1, 1]]
     labels = np.load(labels_path)
-    write_png(png_path, composite(image, labels, list(model.label_values)))
+    write_png(png_path, composite(image, labels, list(model.label_values),
+                                  class_names=list(model.class_names)))
     return "numpy-composite", note
 
 
@@ -282,7 +285,7 @@ def _viewer_screenshot_subprocess(
         cmd = [xvfb, "-a", "-s", "-screen 0 1280x1024x24", *cmd]
         how = "xvfb-run"
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env,
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
                               timeout=SCREENSHOT_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as err:
         return False, f"viewer subprocess failed ({type(err).__name__}); composed with numpy"
@@ -318,7 +321,9 @@ def screenshot_main(argv: list[str]) -> int:
         name="synthetic rings MuViT",
         translate=np.asarray(image.translate) + region[0] * np.asarray(image.scale),
         scale=image.scale,
-        colormap=L.labels_colormap(model.label_values, getattr(model, "class_colors", None)),
+        colormap=L.labels_colormap(
+            model.label_values, getattr(model, "class_colors", None), model.class_names
+        ),
         features=L.class_features(model.label_values, model.class_names),
         opacity=0.6,
     )
@@ -347,14 +352,16 @@ def _settle(viewer: Any, seconds: float = 0.5) -> None:
 
 
 def composite(image: np.ndarray, labels: np.ndarray, label_values: list[int],
-              alpha: float = 0.5) -> np.ndarray:
-    """RGB uint8: the image (1-99.8 percentile grey) with class colours blended over it."""
+              alpha: float = 0.5, class_names: list[str] | None = None) -> np.ndarray:
+    """RGB uint8: the image (1-99.8 percentile grey) with class colours blended over it
+    (label 0 and a class named ``background`` stay uncoloured, as in the viewer)."""
     img = np.asarray(image, dtype=np.float32)
     lo, hi = np.percentile(img, [1.0, 99.8])
     grey = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=2)
     for k, value in enumerate(label_values):
-        if int(value) == 0:
+        name = str(class_names[k]).strip().lower() if class_names and k < len(class_names) else ""
+        if int(value) == 0 or name in ("background", "bg"):
             continue
         mask = labels == value
         color = _FALLBACK_COLORS[k % len(_FALLBACK_COLORS)]

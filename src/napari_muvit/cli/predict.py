@@ -13,6 +13,7 @@ Re-running the same command after an interruption resumes the unfinished store.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -59,9 +60,9 @@ class ProgressBar:
         elapsed = now - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
-        filled = int(round(frac * self.width))
+        filled = round(frac * self.width)
         bar = "#" * filled + "." * (self.width - filled)
-        eta_text = _clock(eta) if eta == eta else "--:--"
+        eta_text = "--:--" if math.isnan(eta) else _clock(eta)
         line = (f"[{bar}] {100 * frac:5.1f}% {done}/{total} tiles "
                 f"{rate:6.1f} tiles/s ETA {eta_text}")
         if self.tty:
@@ -149,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
     except (MuViTError, KeyboardInterrupt):
         raise
-    except Exception as err:  # noqa: BLE001 - the CLI promises one line, never a traceback
+    except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise
         raise MuViTError(

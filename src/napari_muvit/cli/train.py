@@ -197,9 +197,22 @@ def _common(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="crop size in pixels per level (default: the model's, else 128)",
     )
-    p.add_argument("--steps", type=_positive_int, default=None, metavar="N")
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="optimisation steps (default: train 500, pretrain 1000)",
+    )
     p.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="default 8")
-    p.add_argument("--lr", type=_positive_float, default=None, metavar="X")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        metavar="X",
+        help="learning rate (default: train 1e-4 for the head; pretrain 6e-5 at D=512, "
+        "scaled up for narrower encoders)",
+    )
     p.add_argument(
         "--checkpoint-every",
         default="60s",

@@ -127,7 +127,8 @@ class LabelIndex:
         """Painted coordinates per value of one tile (global pixel coordinates)."""
         sy, sx = self._tile_slices(ti, tj)
         block = np.asarray(self.labels[sy, sx])
-        mask = np.ones(block.shape, bool) if self.dense else block != 0
+        # negative values are never classes (the sampler maps them to "ignore" as well)
+        mask = block >= 0 if self.dense else block > 0
         if self.exclude is not None:
             mask &= ~self._inside_exclude(sy, sx)
         ys, xs = np.nonzero(mask)

@@ -247,11 +247,13 @@ class TrainingLoop:
         return time.monotonic() - self._last_ckpt_time >= cfg.checkpoint_every
 
     def snapshot(self) -> nn.Module:
-        """A copy of the model between two steps, in eval mode (safe to call from another
-        thread while :meth:`run` trains, e.g. for a live preview)."""
+        """A copy of the model between two steps, in eval mode, with its ``meta`` (crop size,
+        config, history) up to date: safe to call from another thread while :meth:`run`
+        trains, e.g. for a live preview."""
         import copy
 
         with self._step_lock:
+            self._update_meta()  # crop size, config, history: predictable like a checkpoint
             model = copy.deepcopy(self.model)
         return model.eval()
 
@@ -286,7 +288,14 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path | None:
-        """Write model + training state to ``out`` atomically (no-op without ``out``)."""
+        """Write model + training state to ``out`` atomically (no-op without ``out``).
+
+        Safe to call from another thread while :meth:`run` trains (it waits for the step).
+        """
+        with self._step_lock:
+            return self._write_checkpoint()
+
+    def _write_checkpoint(self) -> Path | None:
         self._update_meta()
         if self.out is None:
             return None

@@ -13,6 +13,7 @@ complete.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ import numpy as np
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 
-__all__ = ["predict_distributed", "plan_blocks"]
+__all__ = ["plan_blocks", "predict_distributed"]
 
 DEFAULT_BLOCK = 2048  # world pixels per block side (rounded to whole chunks)
 
@@ -122,6 +123,7 @@ def _worker_source(image_spec: Any, normalization: dict | None) -> Any:
                 source = open_image(image_spec)
                 cache[("source", image_spec)] = source
     if normalization is not None and source.normalization.to_dict() != normalization:
+        source = copy.copy(source)  # never mutate a source that may be the caller's object
         source.normalization = normalization
     return source
 

@@ -29,7 +29,7 @@ import types
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +51,7 @@ from napari_muvit.engine.device import (
 from napari_muvit.engine.sinks import MemorySink, ZarrSink, as_region, label_dtype
 from napari_muvit.errors import CheckpointError, InputError, MuViTError
 
-__all__ = ["Predictor", "TileResult", "TileCache", "predict", "resolve_model", "model_digest"]
+__all__ = ["Predictor", "TileCache", "TileResult", "model_digest", "predict", "resolve_model"]
 
 Progress = Callable[[int, int, str], Any]
 
@@ -490,7 +490,7 @@ class Predictor:
             m = min(self.batch_size, n - i)
             try:
                 lab, pr = self._forward(crops[i : i + m], bboxes[i : i + m], need_probs)
-            except Exception as err:  # noqa: BLE001 - only OOM is handled, the rest re-raised
+            except Exception as err:
                 if not is_out_of_memory(err):
                     raise
                 release_cached_memory(self.device)
@@ -631,8 +631,7 @@ class Predictor:
                 for need, out in self._compute(batch, tile_probs) if batch.needs else []:
                     batch.job.avail[need.tile.grid] = out
                 results = self._ready(batch.job, need_probs)
-                for res in results:
-                    yield res
+                yield from results
                 done += len(results)
                 if results:
                     _report(progress, done, total, f"{done}/{total} tiles")

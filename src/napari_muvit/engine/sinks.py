@@ -49,11 +49,11 @@ DEFAULT_CHUNK = 512
 MIN_PYRAMID_SIZE = 256
 
 __all__ = [
+    "STORE_FORMAT",
     "MemorySink",
     "ZarrSink",
     "label_dtype",
     "read_store_info",
-    "STORE_FORMAT",
 ]
 
 
@@ -289,7 +289,7 @@ def _ngff_attrs(
             rgba = [float(c) for c in class_colors[i]]
             if len(rgba) == 3:
                 rgba.append(1.0)
-            colors.append({"label-value": int(value), "rgba": [int(round(255 * c)) for c in rgba]})
+            colors.append({"label-value": int(value), "rgba": [round(255 * c) for c in rgba]})
     label_meta: dict[str, Any] = {"version": NGFF_VERSION, "properties": properties}
     if colors:
         label_meta["colors"] = colors
@@ -309,6 +309,25 @@ def _ngff_attrs(
         ],
         "image-label": label_meta,
     }
+
+
+class ChunkPlan(Sequence):
+    """Chunk bboxes ``((y0, x0), (y1, x1))`` (clipped to a region) in processing order,
+    stored as an ``(N, 2)`` int32 array of chunk indices."""
+
+    def __init__(self, keys: np.ndarray, chunk: int, region: np.ndarray) -> None:
+        self.keys = keys
+        self.chunk = int(chunk)
+        self.region = np.asarray(region, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[tuple[int, int], tuple[int, int]]:  # type: ignore[override]
+        iy, ix = (int(v) for v in self.keys[i])
+        c = self.chunk
+        (ry0, rx0), (ry1, rx1) = self.region.tolist()
+        return ((max(iy * c, ry0), max(ix * c, rx0)), (min((iy + 1) * c, ry1), min((ix + 1) * c, rx1)))
 
 
 class _ChunkBuffer:
@@ -546,38 +565,39 @@ class ZarrSink:
             return len(rows) * len(cols)
         return int((~self.done_mask(reg)).sum())
 
-    def blocks(self, region: np.ndarray | None = None) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-        """Level-0 chunks (∩ region) with missing cells, centre-first, as compact
-        ``((y0, x0), (y1, x1))`` tuples.
+    def blocks(self, region: np.ndarray | None = None) -> ChunkPlan:
+        """Level-0 chunks (∩ region) with missing cells, centre-first.
 
-        The predictor plans and flushes one chunk at a time, so memory does not grow with the
-        image size (beyond this list, ~200 bytes per chunk) and every chunk is written whole.
+        The predictor plans and flushes one chunk at a time, so every chunk is written whole
+        and memory does not grow with the image size (the plan itself keeps 8 bytes per chunk).
         """
         reg = self.region if region is None else _intersect(self.region, np.asarray(region))
         if reg is None:
-            return []
+            return ChunkPlan(np.zeros((0, 2), np.int32), self.chunk_size, self.region)
         c = self.chunk_size
-        cy = range(int(reg[0, 0]) // c, (int(reg[1, 0]) - 1) // c + 1)
-        cx = range(int(reg[0, 1]) // c, (int(reg[1, 1]) - 1) // c + 1)
-        # one read of the region's flags (cells, not pixels), skipped for a fresh store
-        done = None if self._done_count == 0 else self.done_mask(reg)
-        rows0, cols0 = (r.start for r in self.cell_range(reg))
         (ry0, rx0), (ry1, rx1) = reg.tolist()
-        cyc, cxc = (ry0 + ry1) / 2, (rx0 + rx1) / 2
-        out = []
-        for iy in cy:
-            y0, y1 = max(iy * c, ry0), min((iy + 1) * c, ry1)
-            for ix in cx:
-                x0, x1 = max(ix * c, rx0), min((ix + 1) * c, rx1)
-                if done is not None:
-                    r0, r1 = y0 // self.step - rows0, (y1 - 1) // self.step + 1 - rows0
-                    q0, q1 = x0 // self.step - cols0, (x1 - 1) // self.step + 1 - cols0
-                    if done[r0:r1, q0:q1].all():
-                        continue
-                d = math.hypot((y0 + y1) / 2 - cyc, (x0 + x1) / 2 - cxc)
-                out.append((round(d, 6), iy, ix, ((y0, x0), (y1, x1))))
-        out.sort(key=lambda t: t[:3])
-        return [t[3] for t in out]
+        cy = np.arange(ry0 // c, (ry1 - 1) // c + 1)
+        cx = np.arange(rx0 // c, (rx1 - 1) // c + 1)
+        ky, kx = (a.ravel() for a in np.meshgrid(cy, cx, indexing="ij"))
+        mid_y = (np.maximum(ky * c, ry0) + np.minimum((ky + 1) * c, ry1)) / 2
+        mid_x = (np.maximum(kx * c, rx0) + np.minimum((kx + 1) * c, rx1)) / 2
+        dist = np.round(np.hypot(mid_y - (ry0 + ry1) / 2, mid_x - (rx0 + rx1) / 2), 6)
+        order = np.lexsort((kx, ky, dist))
+        keys = np.stack([ky[order], kx[order]], axis=1).astype(np.int32)
+        if self._done_count != 0:  # a fresh store has no finished chunk: skip reading flags
+            finished = self._finished_chunks(reg, cy, cx)
+            keys = keys[~finished[keys[:, 0] - cy[0], keys[:, 1] - cx[0]]]
+        return ChunkPlan(keys, c, reg)
+
+    def _finished_chunks(self, reg: np.ndarray, cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+        """(len(cy), len(cx)) bool: every cell of the chunk inside ``reg`` is done (one read
+        of the region's flags, which are ~step² times smaller than the labels)."""
+        n = self._cells_per_chunk
+        rows, cols = self.cell_range(reg)
+        full = np.ones((len(cy) * n, len(cx) * n), dtype=bool)  # outside the region = done
+        r0, q0 = rows.start - int(cy[0]) * n, cols.start - int(cx[0]) * n
+        full[r0 : r0 + len(rows), q0 : q0 + len(cols)] = self.done_mask(reg)
+        return full.reshape(len(cy), n, len(cx), n).all(axis=(1, 3))
 
     # ---------------------------------------------------------------- writing
 

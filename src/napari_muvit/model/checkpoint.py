@@ -39,14 +39,14 @@ from napari_muvit.errors import CheckpointError, InputError
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
-    "load_model",
+    "is_official_folder",
     "load_encoder",
-    "save_model",
-    "save_official",
-    "read_config",
+    "load_model",
     "official_to_ours",
     "ours_to_official",
-    "is_official_folder",
+    "read_config",
+    "save_model",
+    "save_official",
 ]
 
 FORMAT = "napari-muvit"
@@ -111,7 +111,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
         try:
             cfg = yaml.safe_load(text)
         except yaml.constructor.ConstructorError:
-            cfg = yaml.load(text, Loader=TupleSafeLoader)  # noqa: S506 - a SafeLoader subclass
+            cfg = yaml.load(text, Loader=TupleSafeLoader)
     except yaml.YAMLError as exc:
         raise CheckpointError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
@@ -173,21 +173,35 @@ def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
     cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
     if isinstance(model, MuViTSegmenter):
         cfg.update(
-            kind="segmenter", encoder=model.encoder.config, head=model.head_config,
-            class_names=model.class_names, label_values=model.label_values,
-            class_colors=model.class_colors, normalization=model.normalization,
+            kind="segmenter",
+            encoder=model.encoder.config,
+            head=model.head_config,
+            class_names=model.class_names,
+            label_values=model.label_values,
+            class_colors=model.class_colors,
+            normalization=model.normalization,
             meta={**model.meta, **(meta or {})},
         )
     elif isinstance(model, MuViTMAE):
         cfg.update(
-            kind="mae", encoder=model.encoder.config, head=model.decoder_config,
-            class_names=None, label_values=None, class_colors=None,
-            normalization=model.normalization, meta={**model.meta, **(meta or {})},
+            kind="mae",
+            encoder=model.encoder.config,
+            head=model.decoder_config,
+            class_names=None,
+            label_values=None,
+            class_colors=None,
+            normalization=model.normalization,
+            meta={**model.meta, **(meta or {})},
         )
     elif isinstance(model, MuViTEncoder):
         cfg.update(
-            kind="encoder", encoder=model.config, head=None, class_names=None,
-            label_values=None, class_colors=None, normalization=None,
+            kind="encoder",
+            encoder=model.config,
+            head=None,
+            class_names=None,
+            label_values=None,
+            class_colors=None,
+            normalization=None,
             meta={**getattr(model, "meta", {}), **(meta or {})},
         )
     else:
@@ -220,7 +234,9 @@ def _load_state(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing:
-        raise CheckpointError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in total)")
+        raise CheckpointError(
+            f"{path}: missing key {missing[0]!r} ({len(missing)} missing in total)"
+        )
     if unexpected:
         raise CheckpointError(
             f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in total)"
@@ -249,7 +265,9 @@ def _section(cfg: dict, key: str, path: Path, kind: type = dict) -> Any:
         raise CheckpointError(f"{path}: missing key {key!r}")
     val = cfg[key]
     if not isinstance(val, kind):
-        raise CheckpointError(f"{path}: key {key!r} should be a {kind.__name__}, got {type(val).__name__}")
+        raise CheckpointError(
+            f"{path}: key {key!r} should be a {kind.__name__}, got {type(val).__name__}"
+        )
     return val
 
 
@@ -285,7 +303,7 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
     meta = cfg.get("meta") or {}
     if kind == "encoder" or encoder_only:
         if kind != "encoder":
-            sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+            sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
         encoder.meta = dict(meta) if isinstance(meta, dict) else {}
         _load_state(encoder, sd, wpath)
         model: nn.Module = encoder
@@ -296,42 +314,92 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
         hd = head.pop("head_dim", 256)
         if not isinstance(K, int):
             raise CheckpointError(f"{cpath}: key 'head.num_classes' should be an int, got {K!r}")
-        model = _build("head", cpath, lambda: MuViTSegmenter(
-            encoder, head=htype, num_classes=K, head_dim=hd,
-            class_names=cfg.get("class_names"), label_values=cfg.get("label_values"),
-            normalization=cfg.get("normalization"), meta=meta if isinstance(meta, dict) else {},
-            class_colors=cfg.get("class_colors"), head_options=head,
-        ))
+        model = _build(
+            "head",
+            cpath,
+            lambda: MuViTSegmenter(
+                encoder,
+                head=htype,
+                num_classes=K,
+                head_dim=hd,
+                class_names=cfg.get("class_names"),
+                label_values=cfg.get("label_values"),
+                normalization=cfg.get("normalization"),
+                meta=meta if isinstance(meta, dict) else {},
+                class_colors=cfg.get("class_colors"),
+                head_options=head,
+            ),
+        )
         _load_state(model, sd, wpath)
     else:
         dec = dict(_section(cfg, "head", cpath))
-        model = _build("mae decoder", cpath, lambda: MuViTMAE(
-            encoder, **dec, normalization=cfg.get("normalization"),
-            meta=meta if isinstance(meta, dict) else {},
-        ))
+        model = _build(
+            "mae decoder",
+            cpath,
+            lambda: MuViTMAE(
+                encoder,
+                **dec,
+                normalization=cfg.get("normalization"),
+                meta=meta if isinstance(meta, dict) else {},
+            ),
+        )
         _load_state(model, sd, wpath)
     return model.to(map_location).eval()
 
 
 # ------------------------------------------------------------------------------- official
-_OFFICIAL_ENCODER_DEFAULTS: dict[str, Any] = dict(
-    num_layers=6, dim=320, heads=4, attention_mode="all", use_level_embed=True,
-    rotary_mode="per_layer", rotary_base=10000, input_space="real", dropout=0.0,
+_OFFICIAL_ENCODER_DEFAULTS: dict[str, Any] = {
+    "num_layers": 6,
+    "dim": 320,
+    "heads": 4,
+    "attention_mode": "all",
+    "use_level_embed": True,
+    "rotary_mode": "per_layer",
+    "rotary_base": 10000,
+    "input_space": "real",
+    "dropout": 0.0,
+}
+_OFFICIAL_MAE_DEFAULTS: dict[str, Any] = {
+    "in_channels": 1,
+    "levels": (1, 4),
+    "patch_size": 16,
+    "num_layers": 12,
+    "dim": 512,
+    "num_layers_decoder": 2,
+    "dim_decoder": 256,
+    "heads": 8,
+    "decoder_mode": "multi",
+    "loss": "mse",
+    "masking_ratio": 0.75,
+    "use_level_embed": True,
+    "rotary_mode": "per_layer",
+    "rotary_base": 10000,
+    "attention_mode": "all",
+    "masking_mode": "dirichlet",
+    "input_space": "real",
+    "dropout": 0.0,
+}
+_ENCODER_KEYS = (
+    "in_channels",
+    "levels",
+    "patch_size",
+    "dim",
+    "num_layers",
+    "heads",
+    "rotary_base",
+    "use_level_embed",
+    "dropout",
+    "rotary_mode",
+    "attention_mode",
 )
-_OFFICIAL_MAE_DEFAULTS: dict[str, Any] = dict(
-    in_channels=1, levels=(1, 4), patch_size=16, num_layers=12, dim=512, num_layers_decoder=2,
-    dim_decoder=256, heads=8, decoder_mode="multi", loss="mse", masking_ratio=0.75,
-    use_level_embed=True, rotary_mode="per_layer", rotary_base=10000, attention_mode="all",
-    masking_mode="dirichlet", input_space="real", dropout=0.0,
-)
-_ENCODER_KEYS = ("in_channels", "levels", "patch_size", "dim", "num_layers", "heads",
-                 "rotary_base", "use_level_embed", "dropout", "rotary_mode", "attention_mode")
 
 
 def _official_config(cfg: dict, path: Path) -> tuple[bool, dict[str, Any], dict[str, Any]]:
     """-> (is_mae, encoder kwargs (ours), mae kwargs (ours))."""
     cfg = dict(cfg)
-    is_mae = any(k in cfg for k in ("decoder_mode", "num_layers_decoder", "dim_decoder", "masking_ratio"))
+    is_mae = any(
+        k in cfg for k in ("decoder_mode", "num_layers_decoder", "dim_decoder", "masking_ratio")
+    )
     if "ndim" in cfg:
         if cfg["ndim"] != 2:
             raise CheckpointError(
@@ -348,7 +416,9 @@ def _official_config(cfg: dict, path: Path) -> tuple[bool, dict[str, Any], dict[
         if req not in full:
             raise CheckpointError(f"{path}: missing key {req!r}")
     if full.get("input_space", "real") != "real":
-        raise CheckpointError(f"{path}: key 'input_space' must be 'real', got {full['input_space']!r}")
+        raise CheckpointError(
+            f"{path}: key 'input_space' must be 'real', got {full['input_space']!r}"
+        )
     if full["attention_mode"] not in ("all", "causal", "same"):
         raise CheckpointError(
             f"{path}: key 'attention_mode' {full['attention_mode']!r} is not supported "
@@ -360,7 +430,9 @@ def _official_config(cfg: dict, path: Path) -> tuple[bool, dict[str, Any], dict[
             raise CheckpointError(f"{path}: key 'patch_size' must be square 2-D, got {ps!r}")
         ps = ps[0]
     if not isinstance(full["levels"], (list, tuple)) or not full["levels"]:
-        raise CheckpointError(f"{path}: key 'levels' should be a non-empty sequence, got {full['levels']!r}")
+        raise CheckpointError(
+            f"{path}: key 'levels' should be a non-empty sequence, got {full['levels']!r}"
+        )
     enc = {k: full[k] for k in _ENCODER_KEYS}
     enc["patch_size"] = int(ps)
     enc["levels"] = list(full["levels"])
@@ -372,19 +444,21 @@ def _official_config(cfg: dict, path: Path) -> tuple[bool, dict[str, Any], dict[
                 f"{path}: key 'decoder_mode' {full['decoder_mode']!r} is not supported (multi, multi_iso)"
             )
         if full["loss"] not in ("mse", "norm_mse"):
-            raise CheckpointError(f"{path}: key 'loss' {full['loss']!r} is not supported (mse, norm_mse)")
+            raise CheckpointError(
+                f"{path}: key 'loss' {full['loss']!r} is not supported (mse, norm_mse)"
+            )
         mm = full["masking_mode"]
-        mae = dict(
-            decoder_dim=int(full["dim_decoder"] or full["dim"]),
-            decoder_layers=int(full["num_layers_decoder"]),
-            masking_ratio=float(full["masking_ratio"]),
-            masking_mode=list(mm) if isinstance(mm, (list, tuple)) else mm,
-            decoder_mode=full["decoder_mode"],
-            loss=full["loss"],
-            loss_mode="token_mean",
-            decoder_heads=int(full["heads"]),
-            decoder_rotary_mode=full["rotary_mode"],
-        )
+        mae = {
+            "decoder_dim": int(full["dim_decoder"] or full["dim"]),
+            "decoder_layers": int(full["num_layers_decoder"]),
+            "masking_ratio": float(full["masking_ratio"]),
+            "masking_mode": list(mm) if isinstance(mm, (list, tuple)) else mm,
+            "decoder_mode": full["decoder_mode"],
+            "loss": full["loss"],
+            "loss_mode": "token_mean",
+            "decoder_heads": int(full["heads"]),
+            "decoder_rotary_mode": full["rotary_mode"],
+        }
     return is_mae, enc, mae
 
 
@@ -395,7 +469,7 @@ def _torch_load_safe(path: Path) -> dict[str, Tensor]:
         # weights_only=True: the restricted unpickler only rebuilds tensors and containers and
         # refuses any other global, so a malicious pickle is rejected before it can run.
         sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
-    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zip errors ...
+    except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: refused to load (not a plain tensor state dict; only weights-only "
@@ -407,8 +481,14 @@ def _torch_load_safe(path: Path) -> dict[str, Tensor]:
 
 
 def _stack_official_to_ours(
-    sd: dict[str, Tensor], src: str, dst: str, num_layers: int, rotary_mode: str, path: Path,
-    out: dict[str, Tensor], dim: int,
+    sd: dict[str, Tensor],
+    src: str,
+    dst: str,
+    num_layers: int,
+    rotary_mode: str,
+    path: Path,
+    out: dict[str, Tensor],
+    dim: int,
 ) -> None:
     """Map one transformer stack (``layers.*`` + shared rope) from official to our keys."""
 
@@ -449,8 +529,11 @@ def _stack_official_to_ours(
 
 
 def official_to_ours(
-    sd: dict[str, Tensor], enc_cfg: dict[str, Any], mae_cfg: dict[str, Any] | None = None,
-    path: Path | str = "model.pth", encoder_only: bool = False,
+    sd: dict[str, Tensor],
+    enc_cfg: dict[str, Any],
+    mae_cfg: dict[str, Any] | None = None,
+    path: Path | str = "model.pth",
+    encoder_only: bool = False,
 ) -> dict[str, Tensor]:
     """Translate an official state dict (encoder, or MAE with ``mae_cfg``) to our key names."""
     path = Path(path)
@@ -463,9 +546,10 @@ def official_to_ours(
     if f"{pre}level_embed" in sd:
         out[f"{opre}level_embed"] = sd.pop(f"{pre}level_embed")
     for k in [k for k in sd if k.startswith(f"{pre}proj.")]:
-        out[opre + k[len(pre):]] = sd.pop(k)
-    _stack_official_to_ours(sd, pre, opre, enc_cfg["num_layers"], enc_cfg["rotary_mode"], path, out,
-                            int(enc_cfg["dim"]))
+        out[opre + k[len(pre) :]] = sd.pop(k)
+    _stack_official_to_ours(
+        sd, pre, opre, enc_cfg["num_layers"], enc_cfg["rotary_mode"], path, out, int(enc_cfg["dim"])
+    )
     if mae_cfg is not None and not encoder_only:
         for k in ("mask_token", "final.weight", "final.bias"):
             if k not in sd:
@@ -476,7 +560,13 @@ def official_to_ours(
             for k in [k for k in sd if k.startswith(p + "proj.")]:
                 out[k] = sd.pop(k)
             _stack_official_to_ours(
-                sd, p, p, mae_cfg["decoder_layers"], mae_cfg["decoder_rotary_mode"], path, out,
+                sd,
+                p,
+                p,
+                mae_cfg["decoder_layers"],
+                mae_cfg["decoder_rotary_mode"],
+                path,
+                out,
                 int(mae_cfg["decoder_dim"]),
             )
     if sd:
@@ -485,7 +575,12 @@ def official_to_ours(
 
 
 def _stack_ours_to_official(
-    sd: dict[str, Tensor], src: str, dst: str, num_layers: int, rotary_mode: str, dim: int,
+    sd: dict[str, Tensor],
+    src: str,
+    dst: str,
+    num_layers: int,
+    rotary_mode: str,
+    dim: int,
     out: dict[str, Tensor],
 ) -> None:
     shared = {}
@@ -494,7 +589,11 @@ def _stack_ours_to_official(
     for i in range(num_layers):
         a, b = f"{src}layers.{i}.", f"{dst}layers.{i}."
         q, k, v = sd.pop(a + "attn.qkv.weight").split(dim, dim=0)
-        out[b + "attn.to_q.weight"], out[b + "attn.to_k.weight"], out[b + "attn.to_v.weight"] = q, k, v
+        out[b + "attn.to_q.weight"], out[b + "attn.to_k.weight"], out[b + "attn.to_v.weight"] = (
+            q,
+            k,
+            v,
+        )
         if a + "attn.to_out.weight" in sd:
             out[b + "attn.to_out.weight"] = sd.pop(a + "attn.to_out.weight")
         for n in ("norm1", "norm2"):
@@ -532,12 +631,21 @@ def ours_to_official(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
         out[k] = sd.pop(k)
     _stack_ours_to_official(sd, pre, pre, enc.num_layers, enc.rotary_mode, enc.dim, out)
     cfg: dict[str, Any] = {
-        "attention_mode": enc.attention_mode, "dim": enc.dim, "dropout": enc.dropout,
-        "heads": enc.heads, "in_channels": enc.in_channels, "input_space": "real",
-        "levels": tuple(enc.levels), "ndim": 2, "num_layers": enc.num_layers,
-        "patch_size": enc.patch_size, "rotary_base": int(enc.rotary_base)
-        if float(enc.rotary_base).is_integer() else enc.rotary_base,
-        "rotary_mode": enc.rotary_mode, "use_level_embed": enc.use_level_embed,
+        "attention_mode": enc.attention_mode,
+        "dim": enc.dim,
+        "dropout": enc.dropout,
+        "heads": enc.heads,
+        "in_channels": enc.in_channels,
+        "input_space": "real",
+        "levels": tuple(enc.levels),
+        "ndim": 2,
+        "num_layers": enc.num_layers,
+        "patch_size": enc.patch_size,
+        "rotary_base": int(enc.rotary_base)
+        if float(enc.rotary_base).is_integer()
+        else enc.rotary_base,
+        "rotary_mode": enc.rotary_mode,
+        "use_level_embed": enc.use_level_embed,
     }
     if is_mae:
         out["final.weight"] = sd.pop("final.weight")
@@ -546,13 +654,18 @@ def ours_to_official(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any
             p = f"decoder.{lvl}."
             for k in [k for k in sd if k.startswith(p + "proj.")]:
                 out[k] = sd.pop(k)
-            _stack_ours_to_official(sd, p, p, model.decoder_layers, model.decoder_rotary_mode,
-                                    model.decoder_dim, out)
+            _stack_ours_to_official(
+                sd, p, p, model.decoder_layers, model.decoder_rotary_mode, model.decoder_dim, out
+            )
         cfg.update(
-            decoder_mode=model.decoder_mode, dim_decoder=model.decoder_dim, loss=model.loss,
-            masking_mode=tuple(model.masking_mode) if isinstance(model.masking_mode, list)
+            decoder_mode=model.decoder_mode,
+            dim_decoder=model.decoder_dim,
+            loss=model.loss,
+            masking_mode=tuple(model.masking_mode)
+            if isinstance(model.masking_mode, list)
             else model.masking_mode,
-            masking_ratio=model.masking_ratio, num_layers_decoder=model.decoder_layers,
+            masking_ratio=model.masking_ratio,
+            num_layers_decoder=model.decoder_layers,
         )
         if model.decoder_heads != enc.heads:
             raise CheckpointError(
@@ -575,7 +688,8 @@ def save_official(model: nn.Module, folder: str | Path, overwrite: bool = False)
     if getattr(enc, "coord_mode", "linspace") != "linspace":
         warnings.warn(
             "exporting a coord_mode='center' model: official muvit uses linspace patch "
-            "coordinates, so its features will differ slightly", stacklevel=2,
+            "coordinates, so its features will differ slightly",
+            stacklevel=2,
         )
     sd, cfg = ours_to_official(model)
 
@@ -601,8 +715,9 @@ def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: boo
         sd = official_to_ours(raw, enc_cfg, mae_cfg if is_mae else None, wpath, encoder_only=True)
         _load_state(encoder, sd, wpath)
         return encoder.to(map_location).eval()
-    model = _build("mae", cpath, lambda: MuViTMAE(encoder, **mae_cfg,
-                                                  meta={"source": "official muvit"}))
+    model = _build(
+        "mae", cpath, lambda: MuViTMAE(encoder, **mae_cfg, meta={"source": "official muvit"})
+    )
     sd = official_to_ours(raw, enc_cfg, mae_cfg, wpath)
     _load_state(model, sd, wpath)
     return model.to(map_location).eval()
@@ -637,4 +752,3 @@ def load_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not; buffers excluded)."""
     return sum(p.numel() for p in model.parameters())
-

@@ -33,7 +33,7 @@ from napari_muvit.model.rope import (
     split_rope_dims,
 )
 
-__all__ = ["MuViTEncoder", "TransformerLayer", "Attention", "FeedForward", "as_bbox_tensor"]
+__all__ = ["Attention", "FeedForward", "MuViTEncoder", "TransformerLayer", "as_bbox_tensor"]
 
 ROTARY_MODES = ("none", "fixed", "shared", "per_layer")
 ATTENTION_MODES = ("all", "causal", "same")
@@ -113,7 +113,9 @@ class Attention(nn.Module):
             if context_rope is not None:
                 k = apply_rope(k, *context_rope)
         o = F.scaled_dot_product_attention(
-            _dense(q), _dense(k), _dense(v),
+            _dense(q),
+            _dense(k),
+            _dense(v),
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
@@ -128,8 +130,13 @@ class TransformerLayer(nn.Module):
     """
 
     def __init__(
-        self, dim: int, heads: int, dropout: float = 0.0, rope: str = "per_layer",
-        rotary_base: float = 10000.0, cross: bool = False,
+        self,
+        dim: int,
+        heads: int,
+        dropout: float = 0.0,
+        rope: str = "per_layer",
+        rotary_base: float = 10000.0,
+        cross: bool = False,
     ):
         super().__init__()
         self.cross = cross
@@ -170,7 +177,9 @@ def as_bbox_tensor(bbox: Any, batch: int, levels: int, device: torch.device) -> 
         try:
             arr = np.asarray(bbox)
         except Exception as exc:  # pragma: no cover - exotic array likes
-            raise InputError(f"bbox: expected an array (B, L, 2, 2), got {type(bbox).__name__}") from exc
+            raise InputError(
+                f"bbox: expected an array (B, L, 2, 2), got {type(bbox).__name__}"
+            ) from exc
         if not np.issubdtype(arr.dtype, np.number):
             raise InputError(f"bbox: expected a numeric array (B, L, 2, 2), got dtype {arr.dtype}")
         bb = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
@@ -291,8 +300,7 @@ class MuViTEncoder(nn.Module):
             nn.Sequential(nn.Linear(P * P * C, D), nn.LayerNorm(D)) for _ in range(L)
         )
         self.layers = nn.ModuleList(
-            TransformerLayer(D, heads, dropout, rotary_mode, rotary_base)
-            for _ in range(num_layers)
+            TransformerLayer(D, heads, dropout, rotary_mode, rotary_base) for _ in range(num_layers)
         )
         if rotary_mode in ("shared", "fixed"):
             self.rope = AxialRoPE(D, heads, rotary_base, learnable=rotary_mode == "shared")
@@ -331,7 +339,7 @@ class MuViTEncoder(nn.Module):
             raise InputError(
                 f"x: expected 5 dims (B, L, C, H, W), got {x.ndim} dims with shape {tuple(x.shape)}"
             )
-        B, L, C, H, W = x.shape
+        _B, L, C, H, W = x.shape
         if L != self.num_levels:
             raise InputError(
                 f"x: expected {self.num_levels} levels {list(self.levels)} on dim 1, got {L} "

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from napari_muvit.model.encoder import Attention, FeedForward
 from napari_muvit.model.rope import AxialRoPE
 
-__all__ = ["ConvBlock", "PixelDecoder", "UNETRHead", "Mask2FormerHead", "default_skips"]
+__all__ = ["ConvBlock", "Mask2FormerHead", "PixelDecoder", "UNETRHead", "default_skips"]
 
 
 def default_skips(num_layers: int, count: int = 3) -> list[int]:
@@ -31,7 +31,7 @@ def default_skips(num_layers: int, count: int = 3) -> list[int]:
     if count <= 1 or num_layers == 1:
         return [num_layers - 1]
     step = (num_layers - 1) / (count - 1)
-    return sorted({int(math.floor(i * step + 1e-9)) for i in range(count)})
+    return sorted({math.floor(i * step + 1e-9) for i in range(count)})
 
 
 class ConvBlock(nn.Sequential):
@@ -48,40 +48,69 @@ class ConvBlock(nn.Sequential):
 class PixelDecoder(nn.Module):
     """Progressive bilinear ×2 upsampling from the token grid to full resolution.
 
-    * every encoder skip is projected D → ``head_dim`` by a 1×1 conv;
+    * every encoder skip is projected D → channels by a 1×1 conv;
     * the deepest projection passes two conv blocks at token resolution (bottleneck);
     * each of the ``log2(P)`` stages: bilinear ×2 → add the next shallower skip (bilinearly
       resized) → two conv blocks; the last stage adds the raw image processed by two conv
-      blocks (C → head_dim) instead of an encoder skip.
+      blocks instead of an encoder skip.
+
+    Channels: ``head_dim`` everywhere (``taper=False``, the paper's layout, matching its
+    parameter counts) or halved at every stage down to 16 (``taper=True``: for 256² crops and
+    ``head_dim=256`` the decoder costs ~15 instead of ~280 GFLOP per crop; see
+    docs/bench_encoder.md).
     """
 
-    def __init__(self, dim: int, in_channels: int, patch_size: int, head_dim: int, num_skips: int):
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        patch_size: int,
+        head_dim: int,
+        num_skips: int,
+        taper: bool = False,
+    ):
         super().__init__()
-        n_up = int(round(math.log2(patch_size)))
+        n_up = round(math.log2(patch_size))
         if 2**n_up != patch_size:
-            raise ValueError(f"the UNETR/Mask2Former heads need a power-of-two patch size, got {patch_size}")
+            raise ValueError(
+                f"the UNETR/Mask2Former heads need a power-of-two patch size, got {patch_size}"
+            )
         self.n_up = n_up
-        self.proj = nn.ModuleList(nn.Conv2d(dim, head_dim, 1) for _ in range(num_skips))
-        self.bottleneck = nn.Sequential(ConvBlock(head_dim, head_dim), ConvBlock(head_dim, head_dim))
+        dims = [max(head_dim >> i, 16) if taper else head_dim for i in range(n_up + 1)]
+        self.dims = dims
+        self.out_dim = dims[-1]
+        # Which stage each encoder skip feeds: deepest -> bottleneck (dims[0]); the others,
+        # deep -> shallow, -> stages 0 .. n_up-2 (channels dims[stage]); extra skips are unused
+        # spatially but still projected (kept simple; default skips never exceed the stages).
+        n_enc = min(max(num_skips - 1, 0), max(n_up - 1, 0))
+        self.targets = list(range(n_enc))
+        proj_dims = [dims[t] for t in self.targets][::-1] + [dims[0]]  # shallow -> deep order
+        proj_dims = [dims[0]] * (num_skips - len(proj_dims)) + proj_dims
+        self.proj = nn.ModuleList(nn.Conv2d(dim, c, 1) for c in proj_dims)
+        self.bottleneck = nn.Sequential(ConvBlock(dims[0], dims[0]), ConvBlock(dims[0], dims[0]))
         self.stages = nn.ModuleList(
-            nn.Sequential(ConvBlock(head_dim, head_dim), ConvBlock(head_dim, head_dim))
-            for _ in range(n_up)
+            nn.Sequential(ConvBlock(dims[i], dims[i + 1]), ConvBlock(dims[i + 1], dims[i + 1]))
+            for i in range(n_up)
         )
-        self.image_skip = nn.Sequential(ConvBlock(in_channels, head_dim), ConvBlock(head_dim, head_dim))
+        img_dim = dims[n_up - 1] if n_up else dims[0]
+        self.image_skip = nn.Sequential(
+            ConvBlock(in_channels, img_dim), ConvBlock(img_dim, img_dim)
+        )
 
     def forward(self, maps: Sequence[Tensor], image: Tensor) -> Tensor:
-        """``maps`` shallow → deep (B, D, h, w); ``image`` (B, C, H, W) -> (B, head_dim, H, W)."""
+        """``maps`` shallow → deep (B, D, h, w); ``image`` (B, C, H, W) -> (B, out_dim, H, W)."""
         projected = [p(m) for p, m in zip(self.proj, maps)]
         x = self.bottleneck(projected[-1])
         # Encoder skips other than the deepest, deep -> shallow, go to the first n_up-1 stages.
-        enc_skips = projected[:-1][::-1][: max(self.n_up - 1, 0)]
+        enc_skips = projected[:-1][::-1][: len(self.targets)]
         for i, stage in enumerate(self.stages):
             x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
             if i == self.n_up - 1:
                 x = x + self.image_skip(image.to(x.dtype))
             elif i < len(enc_skips):
-                x = x + F.interpolate(enc_skips[i], size=x.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+                x = x + F.interpolate(
+                    enc_skips[i], size=x.shape[-2:], mode="bilinear", align_corners=False
+                )
             x = stage(x)
         return x
 
@@ -90,13 +119,21 @@ class UNETRHead(nn.Module):
     """UNETR-style decoder: :class:`PixelDecoder` + 1×1 output conv to ``num_classes``."""
 
     def __init__(
-        self, dim: int, in_channels: int, patch_size: int, num_classes: int,
-        head_dim: int = 256, skips: Sequence[int] = (0, 5, 11),
+        self,
+        dim: int,
+        in_channels: int,
+        patch_size: int,
+        num_classes: int,
+        head_dim: int = 256,
+        skips: Sequence[int] = (0, 5, 11),
+        taper: bool = False,
     ):
         super().__init__()
         self.skips = list(skips)
-        self.pixel_decoder = PixelDecoder(dim, in_channels, patch_size, head_dim, len(self.skips))
-        self.out = nn.Conv2d(head_dim, num_classes, 1)
+        self.pixel_decoder = PixelDecoder(
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper
+        )
+        self.out = nn.Conv2d(self.pixel_decoder.out_dim, num_classes, 1)
 
     def forward(self, maps: Sequence[Tensor], image: Tensor, **_: object) -> Tensor:
         return self.out(self.pixel_decoder(maps, image))
@@ -110,7 +147,9 @@ class QueryLayer(nn.Module):
     relative to the tile centre.
     """
 
-    def __init__(self, dim: int, heads: int, ff_mult: int, rotary_base: float, dropout: float = 0.0):
+    def __init__(
+        self, dim: int, heads: int, ff_mult: int, rotary_base: float, dropout: float = 0.0
+    ):
         super().__init__()
         self.norm_sa = nn.LayerNorm(dim)
         self.self_attn = Attention(dim, heads, dropout)
@@ -136,10 +175,19 @@ class Mask2FormerHead(nn.Module):
     """
 
     def __init__(
-        self, dim: int, in_channels: int, patch_size: int, num_classes: int,
-        head_dim: int = 256, skips: Sequence[int] = (0, 5, 11), num_queries: int | None = None,
-        num_decoder_layers: int = 2, heads: int | None = None, ff_mult: int = 2,
+        self,
+        dim: int,
+        in_channels: int,
+        patch_size: int,
+        num_classes: int,
+        head_dim: int = 256,
+        skips: Sequence[int] = (0, 5, 11),
+        num_queries: int | None = None,
+        num_decoder_layers: int = 2,
+        heads: int | None = None,
+        ff_mult: int = 2,
         rotary_base: float = 10000.0,
+        taper: bool = False,
     ):
         super().__init__()
         if heads is None:
@@ -153,7 +201,9 @@ class Mask2FormerHead(nn.Module):
         self.num_queries = int(num_queries) if num_queries is not None else max(num_classes, 16)
         if self.num_queries < num_classes:
             raise ValueError(f"num_queries ({num_queries}) must be >= num_classes ({num_classes})")
-        self.pixel_decoder = PixelDecoder(dim, in_channels, patch_size, head_dim, len(self.skips))
+        self.pixel_decoder = PixelDecoder(
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper
+        )
         self.memory_proj = nn.Sequential(nn.Linear(dim, head_dim), nn.LayerNorm(head_dim))
         self.queries = nn.Parameter(torch.randn(self.num_queries, head_dim) * 0.02)
         self.layers = nn.ModuleList(
@@ -163,12 +213,17 @@ class Mask2FormerHead(nn.Module):
             nn.LayerNorm(head_dim),
             nn.Linear(head_dim, head_dim),
             nn.ReLU(inplace=True),
-            nn.Linear(head_dim, head_dim),
+            nn.Linear(head_dim, self.pixel_decoder.out_dim),
         )
         self.refine = nn.Conv2d(self.num_queries, num_classes, 3, padding=1)
 
     def forward(
-        self, maps: Sequence[Tensor], image: Tensor, *, tokens: Tensor, coords: Tensor,
+        self,
+        maps: Sequence[Tensor],
+        image: Tensor,
+        *,
+        tokens: Tensor,
+        coords: Tensor,
         **_: object,
     ) -> Tensor:
         pix = self.pixel_decoder(maps, image)  # (B, hd, H, W)

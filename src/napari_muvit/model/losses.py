@@ -14,7 +14,10 @@ __all__ = ["segmentation_loss", "soft_dice_loss"]
 
 
 def soft_dice_loss(
-    logits: Tensor, target: Tensor, ignore_index: int = -1, exclude: Sequence[int] = (0,),
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = -1,
+    exclude: Sequence[int] = (0,),
     smooth: float = 1.0,
 ) -> Tensor:
     """``1 − mean_c Dice_c`` of the softmax probabilities over non-ignored pixels.

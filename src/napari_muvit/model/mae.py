@@ -34,7 +34,7 @@ from napari_muvit.errors import InputError
 from napari_muvit.model.encoder import MuViTEncoder, TransformerLayer
 from napari_muvit.model.rope import AxialRoPE
 
-__all__ = ["MuViTMAE", "LevelDecoder", "sample_level_masks"]
+__all__ = ["LevelDecoder", "MuViTMAE", "sample_level_masks"]
 
 LOSS_EPS = 1e-2
 
@@ -46,15 +46,23 @@ class LevelDecoder(nn.Module):
     """
 
     def __init__(
-        self, in_dim: int, dim: int, num_layers: int, heads: int, rotary_mode: str = "per_layer",
-        rotary_base: float = 10000.0, dropout: float = 0.0, cross_first: bool = True,
+        self,
+        in_dim: int,
+        dim: int,
+        num_layers: int,
+        heads: int,
+        rotary_mode: str = "per_layer",
+        rotary_base: float = 10000.0,
+        dropout: float = 0.0,
+        cross_first: bool = True,
     ):
         super().__init__()
         # Indices 0/1/2 keep the official key names proj.0 (Linear) and proj.2 (LayerNorm).
         self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.layers = nn.ModuleList(
-            TransformerLayer(dim, heads, dropout, rotary_mode, rotary_base,
-                             cross=cross_first and j == 0)
+            TransformerLayer(
+                dim, heads, dropout, rotary_mode, rotary_base, cross=cross_first and j == 0
+            )
             for j in range(num_layers)
         )
         self.rotary_mode = rotary_mode
@@ -63,7 +71,9 @@ class LevelDecoder(nn.Module):
         else:
             self.rope = None
 
-    def forward(self, q: Tensor, coords: Tensor, context: Tensor | None, context_coords: Tensor) -> Tensor:
+    def forward(
+        self, q: Tensor, coords: Tensor, context: Tensor | None, context_coords: Tensor
+    ) -> Tensor:
         """``q`` (B, n, Dd) already projected; ``context`` (B, N, Dd) projected, un-normalised."""
         shared_q = shared_k = None
         if self.rope is not None:
@@ -71,16 +81,25 @@ class LevelDecoder(nn.Module):
         per_layer = self.rotary_mode == "per_layer"
         for layer in self.layers:
             if layer.cross:
-                q = layer(q, coords if per_layer else None, context,
-                          context_coords if per_layer else None, rope=shared_q,
-                          context_rope=shared_k)
+                q = layer(
+                    q,
+                    coords if per_layer else None,
+                    context,
+                    context_coords if per_layer else None,
+                    rope=shared_q,
+                    context_rope=shared_k,
+                )
             else:
                 q = layer(q, coords if per_layer else None, rope=shared_q)
         return q
 
 
 def sample_level_masks(
-    batch: int, n_per_level: int, weights: Tensor, keep: int, generator: torch.Generator | None = None,
+    batch: int,
+    n_per_level: int,
+    weights: Tensor,
+    keep: int,
+    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Weighted random split of ``L·n`` tokens into kept and masked indices (on the CPU).
 
@@ -153,7 +172,9 @@ class MuViTMAE(nn.Module):
                     f"got {masking_mode}"
                 )
         elif masking_mode not in ("dirichlet", "random"):
-            raise InputError(f"masking_mode: expected 'dirichlet' or 'random', got {masking_mode!r}")
+            raise InputError(
+                f"masking_mode: expected 'dirichlet' or 'random', got {masking_mode!r}"
+            )
         self.encoder = encoder
         self.decoder_dim = int(decoder_dim)
         self.decoder_layers = int(decoder_layers)
@@ -177,9 +198,16 @@ class MuViTMAE(nn.Module):
         D, P, C = encoder.dim, encoder.patch_size, encoder.in_channels
         self.mask_token = nn.Parameter(torch.randn(1, L, D) * 0.02)
         self.decoder = nn.ModuleList(
-            LevelDecoder(D, self.decoder_dim, self.decoder_layers, self.decoder_heads,
-                         decoder_rotary_mode, encoder.rotary_base, encoder.dropout,
-                         cross_first=decoder_mode == "multi")
+            LevelDecoder(
+                D,
+                self.decoder_dim,
+                self.decoder_layers,
+                self.decoder_heads,
+                decoder_rotary_mode,
+                encoder.rotary_base,
+                encoder.dropout,
+                cross_first=decoder_mode == "multi",
+            )
             for _ in range(L)
         )
         self.final = nn.Linear(self.decoder_dim, P * P * C)
@@ -188,10 +216,15 @@ class MuViTMAE(nn.Module):
     def decoder_config(self) -> dict[str, Any]:
         """Constructor kwargs of the decoder part (the ``head`` section of the checkpoint)."""
         return {
-            "decoder_dim": self.decoder_dim, "decoder_layers": self.decoder_layers,
-            "masking_ratio": self.masking_ratio, "dirichlet_alpha": self.dirichlet_alpha,
-            "masking_mode": self.masking_mode, "decoder_mode": self.decoder_mode,
-            "loss": self.loss, "loss_mode": self.loss_mode, "decoder_heads": self.decoder_heads,
+            "decoder_dim": self.decoder_dim,
+            "decoder_layers": self.decoder_layers,
+            "masking_ratio": self.masking_ratio,
+            "dirichlet_alpha": self.dirichlet_alpha,
+            "masking_mode": self.masking_mode,
+            "decoder_mode": self.decoder_mode,
+            "loss": self.loss,
+            "loss_mode": self.loss_mode,
+            "decoder_heads": self.decoder_heads,
             "decoder_rotary_mode": self.decoder_rotary_mode,
         }
 
@@ -204,7 +237,10 @@ class MuViTMAE(nn.Module):
         return max(1, int(num_tokens * (1 - self.masking_ratio)))
 
     def sample_masks(
-        self, batch: int, n_per_level: int, device: torch.device | str = "cpu",
+        self,
+        batch: int,
+        n_per_level: int,
+        device: torch.device | str = "cpu",
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw ``(idx_keep, idx_mask)`` on the CPU and move them to ``device``.
@@ -230,15 +266,18 @@ class MuViTMAE(nn.Module):
         keep, mask = sample_level_masks(batch, n_per_level, w, self.num_keep(N), generator)
         return keep.to(device), mask.to(device)
 
-    def _check_idx(self, idx_keep: Any, idx_mask: Any, B: int, N: int, device: torch.device
-                   ) -> tuple[Tensor, Tensor]:
+    def _check_idx(
+        self, idx_keep: Any, idx_mask: Any, B: int, N: int, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
         idx_keep = torch.as_tensor(idx_keep, device=device).long()
         if idx_keep.ndim != 2 or idx_keep.shape[0] != B or not 0 < idx_keep.shape[1] < N:
             raise InputError(
                 f"idx_keep: expected shape ({B}, K) with 0 < K < {N}, got {tuple(idx_keep.shape)}"
             )
         if int(idx_keep.min()) < 0 or int(idx_keep.max()) >= N:
-            raise InputError(f"idx_keep: expected token indices in [0, {N}), got out-of-range values")
+            raise InputError(
+                f"idx_keep: expected token indices in [0, {N}), got out-of-range values"
+            )
         if idx_mask is None:
             keep = torch.zeros(B, N, dtype=torch.bool, device=device).scatter_(1, idx_keep, True)
             order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)
@@ -256,7 +295,11 @@ class MuViTMAE(nn.Module):
         return idx_keep, idx_mask
 
     def forward(
-        self, x: Tensor, bbox: Any = None, idx_keep: Any = None, idx_mask: Any = None,
+        self,
+        x: Tensor,
+        bbox: Any = None,
+        idx_keep: Any = None,
+        idx_mask: Any = None,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Masked reconstruction of ``x`` (B, L, C, H, W) with world ``bbox`` (B, L, 2, 2).
@@ -266,7 +309,7 @@ class MuViTMAE(nn.Module):
         """
         enc = self.encoder
         x = enc.check_input(x)
-        B, L, C, H, W = x.shape
+        B, L, _, H, W = x.shape
         P = enc.patch_size
         n = (H // P) * (W // P)
         N = L * n
@@ -290,18 +333,28 @@ class MuViTMAE(nn.Module):
         for lvl, dec in enumerate(self.decoder):
             # The same projection feeds queries and context; float32 residual under autocast.
             ctx = dec.proj(z).to(z.dtype)
-            q = ctx[:, lvl * n:(lvl + 1) * n]
-            qc = coords[:, lvl * n:(lvl + 1) * n]
+            q = ctx[:, lvl * n : (lvl + 1) * n]
+            qc = coords[:, lvl * n : (lvl + 1) * n]
             outs.append(dec(q, qc, ctx if self.decoder_mode == "multi" else None, coords))
         pred = self.final(torch.cat(outs, dim=1))
         loss, per_level, mask = self.reconstruction_loss(pred, patches, idx_mask, n)
         return {
-            "loss": loss, "loss_per_level": per_level, "pred": pred, "idx_keep": idx_keep,
-            "idx_mask": idx_mask, "encoded": encoded, "mask": mask, "patches": patches,
+            "loss": loss,
+            "loss_per_level": per_level,
+            "pred": pred,
+            "idx_keep": idx_keep,
+            "idx_mask": idx_mask,
+            "encoded": encoded,
+            "mask": mask,
+            "patches": patches,
         }
 
     def reconstruction_loss(
-        self, pred: Tensor, patches: Tensor, idx_mask: Tensor, n_per_level: int,
+        self,
+        pred: Tensor,
+        patches: Tensor,
+        idx_mask: Tensor,
+        n_per_level: int,
         loss_mode: str | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``(loss, loss_per_level (L,), mask (B, N))`` on the masked tokens, in float32.
@@ -314,7 +367,9 @@ class MuViTMAE(nn.Module):
         B, N, _ = pred.shape
         target = patches.float()
         if self.loss == "norm_mse":
-            target = (target - target.mean(-1, keepdim=True)) / (target.std(-1, keepdim=True) + LOSS_EPS)
+            target = (target - target.mean(-1, keepdim=True)) / (
+                target.std(-1, keepdim=True) + LOSS_EPS
+            )
         else:
             target = target / ((1 - LOSS_EPS) + LOSS_EPS)  # official: (x - 0) / (1 - eps + eps)
         err = (pred.float() - target).pow(2).mean(-1)  # (B, N)
@@ -347,7 +402,9 @@ class MuViTMAE(nn.Module):
         return save_model(self, folder, overwrite=overwrite)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MuViTMAE:
+    def from_pretrained(
+        cls, folder: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MuViTMAE:
         """Load our MAE folder or an official muvit MAE folder."""
         from napari_muvit.errors import CheckpointError
         from napari_muvit.model.checkpoint import load_model
@@ -358,4 +415,3 @@ class MuViTMAE(nn.Module):
                 f"{Path(folder) / 'config.yaml'}: expected an MAE checkpoint, got {type(model).__name__}"
             )
         return model
-

@@ -126,7 +126,11 @@ def _coord_dtype(device: torch.device) -> torch.dtype:
 
 
 def default_bbox(
-    levels: tuple[float, ...], height: int, width: int, mode: str, batch: int,
+    levels: tuple[float, ...],
+    height: int,
+    width: int,
+    mode: str,
+    batch: int,
     device: torch.device | None = None,
 ) -> Tensor:
     """Concentric bboxes centred on world 0, used when ``bbox`` is None.

@@ -12,7 +12,7 @@ from napari_muvit.errors import InputError
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
 
-__all__ = ["MuViTSegmenter", "HEAD_TYPES"]
+__all__ = ["HEAD_TYPES", "MuViTSegmenter"]
 
 HEAD_TYPES = ("unetr", "mask2former")
 
@@ -88,10 +88,13 @@ class MuViTSegmenter(nn.Module):
         self.class_colors = None if class_colors is None else list(class_colors)
         self.normalization = normalization
         self.meta = dict(meta or {})
-        common = dict(
-            dim=encoder.dim, in_channels=encoder.in_channels, patch_size=encoder.patch_size,
-            num_classes=K, head_dim=self.head_dim,
-        )
+        common = {
+            "dim": encoder.dim,
+            "in_channels": encoder.in_channels,
+            "patch_size": encoder.patch_size,
+            "num_classes": K,
+            "head_dim": self.head_dim,
+        }
         if head == "unetr":
             self.head: nn.Module = UNETRHead(**common, **opts)
         else:
@@ -116,8 +119,12 @@ class MuViTSegmenter(nn.Module):
     @property
     def head_config(self) -> dict[str, Any]:
         """The ``head`` section of the checkpoint config."""
-        return {"type": self.head_type, "num_classes": self.num_classes,
-                "head_dim": self.head_dim, **self.head_options}
+        return {
+            "type": self.head_type,
+            "num_classes": self.num_classes,
+            "head_dim": self.head_dim,
+            **self.head_options,
+        }
 
     # -------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
@@ -128,7 +135,7 @@ class MuViTSegmenter(nn.Module):
         coords = enc.token_coords(bbox, x.shape, x.device)
         tokens0, _ = enc.embed(x)
         level_idx = None
-        B, L, C, H, W = x.shape
+        B, _, _, H, W = x.shape
         P = enc.patch_size
         h, w = H // P, W // P
         if enc.attention_mode != "all":

@@ -42,7 +42,7 @@ from napari_muvit.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from napari.layers import Image, Labels
+    from napari.layers import Image
 
 # Beyond this many level-0 pixels an output plane is stored in a sparse in-memory zarr array
 # instead of numpy: a view-sized prediction of a gigapixel image must not allocate gigabytes.
@@ -229,10 +229,31 @@ def plane_source(layer: Image, plane: LayerPlane, normalization: Any = None) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def unwrap(obj: Any) -> Any:
+    """The napari object behind a plugin ``PublicOnlyProxy`` (or ``obj`` itself).
+
+    napari hands plugin widgets a proxy of the viewer that wraps every layer in a *new* proxy
+    on each access: identities (``is``, ``id``) are not stable and private attributes warn.
+    The widgets key their state by layer identity, so they work on the real objects.
+    """
+    return getattr(obj, "__wrapped__", obj)
+
+
+def full_affine(layer: Any) -> np.ndarray:
+    """The layer's ``(ndim+1)²`` data→world matrix from its public transform attributes:
+    ``affine · (translate + rotate · shear · scale)``, the composition napari renders."""
+    from napari.utils.transforms import Affine
+
+    physical = Affine(
+        scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear
+    ).affine_matrix
+    return np.asarray(layer.affine.affine_matrix, dtype=np.float64) @ np.asarray(physical)
+
+
 def data_to_world_2d(layer: Any, plane: LayerPlane) -> np.ndarray:
     """3×3 data→world affine of the plane's ``(y, x)`` axes (scale, translate, rotate, shear
     and affine composed, exactly as napari renders the layer)."""
-    full = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    full = full_affine(layer)
     rows = list(plane.displayed)
     sub = np.eye(3)
     sub[:2, :2] = full[np.ix_(rows, rows)]
@@ -298,7 +319,7 @@ def transform_kwargs(layer: Any, plane: LayerPlane) -> dict[str, Any]:
             "affine": np.asarray(layer.affine.affine_matrix),
         }
     # Dropping the (leading) channel axis: the composed transform of the remaining axes.
-    full = np.asarray(layer._data_to_world.affine_matrix, dtype=np.float64)
+    full = full_affine(layer)
     keep = [*plane.out_axes, full.shape[0] - 1]
     return {"affine": full[np.ix_(keep, keep)]}
 
@@ -479,10 +500,16 @@ def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
 
 
 def labels_colormap(
-    label_values: Sequence[int], class_colors: Sequence[Any] | None = None
+    label_values: Sequence[int],
+    class_colors: Sequence[Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Any:
-    """A napari ``DirectLabelColormap``: the model's class colours (else napari's label colours)
-    for its label values, background (0) transparent."""
+    """A napari ``DirectLabelColormap`` for a model's label values.
+
+    The model's class colours when it has them, else napari's label colours; value 0 and a
+    class *named* ``background`` (annotated as a class when training on scribbles) are
+    transparent, so that the predicted objects stand out over the image.
+    """
     from napari.utils.colormaps import DirectLabelColormap, label_colormap
 
     default = label_colormap(max(2, len(label_values) + 1))
@@ -490,8 +517,12 @@ def labels_colormap(
     for k, value in enumerate(label_values):
         if int(value) == 0:
             continue  # dense models write class 0 as 0: napari's background
-        if class_colors is not None and k < len(class_colors) and class_colors[k] is not None:
-            colors[int(value)] = class_colors[k]
+        given = class_colors[k] if class_colors is not None and k < len(class_colors) else None
+        name = str(class_names[k]).strip().lower() if class_names and k < len(class_names) else ""
+        if given is not None:
+            colors[int(value)] = given
+        elif name in ("background", "bg"):
+            colors[int(value)] = np.zeros(4)
         else:
             colors[int(value)] = default.map(np.array([int(value)]))[0]
     return DirectLabelColormap(color_dict=colors)

@@ -40,7 +40,7 @@ class LossPlot(QWidget):
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
         self.setToolTip("Training loss (blue, smoothed in yellow) and validation Dice (green)")
 
-    def sizeHint(self) -> QSize:  # noqa: N802 (Qt API)
+    def sizeHint(self) -> QSize:
         return QSize(300, 160)
 
     def clear(self, total_steps: int | None = None) -> None:
@@ -76,7 +76,7 @@ class LossPlot(QWidget):
     def _plot_rect(self) -> QRectF:
         return QRectF(38.0, 8.0, max(10.0, self.width() - 76.0), max(10.0, self.height() - 30.0))
 
-    def paintEvent(self, event: object) -> None:  # noqa: N802 (Qt API)
+    def paintEvent(self, event: object) -> None:
         painter = QPainter(self)
         try:
             painter.setRenderHint(QPainter.Antialiasing, True)

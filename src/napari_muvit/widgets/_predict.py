@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import dask.array as da
 import numpy as np
@@ -389,11 +389,11 @@ class PredictWidget(QWidget):
     :attr:`status`).  :meth:`cancel` stops everything.
     """
 
-    _instances: weakref.WeakSet[PredictWidget] = weakref.WeakSet()
+    _instances: ClassVar[weakref.WeakSet[PredictWidget]] = weakref.WeakSet()
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.viewer = napari_viewer
+        self.viewer = L.unwrap(napari_viewer)
         self._lifeline = Lifeline()
         # set by a TrainWidget of the same viewer: switch to its model at the first snapshot
         self._pending_session: str | None = None
@@ -429,7 +429,7 @@ class PredictWidget(QWidget):
         # closure that holds the lifeline and jobs, not ``self``.
         lifeline, box = self._lifeline, self._job_box
         self.destroyed.connect(lambda *_: _shutdown(lifeline, [j for j in box.values() if j]))
-        window = getattr(getattr(napari_viewer, "window", None), "_qt_window", None)
+        window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
         if window is not None:
             self._close_filter = _CloseFilter(self._on_viewer_closing)
             window.installEventFilter(self._close_filter)
@@ -1092,7 +1092,7 @@ class PredictWidget(QWidget):
                     levels = L.allocate_levels(plane, dtype)
                     layer.data = levels if plane.multiscale else levels[0]
                 if target.style != style:
-                    layer.colormap = L.labels_colormap(model.label_values, colors)
+                    layer.colormap = L.labels_colormap(model.label_values, colors, model.class_names)
                     layer.features = L.class_features(model.label_values, model.class_names)
                 if target.confidence is not None and target.confidence in self.viewer.layers:
                     self.viewer.layers.remove(target.confidence)
@@ -1103,7 +1103,7 @@ class PredictWidget(QWidget):
                     levels if plane.multiscale else levels[0],
                     name=name,
                     multiscale=plane.multiscale,
-                    colormap=L.labels_colormap(model.label_values, colors),
+                    colormap=L.labels_colormap(model.label_values, colors, model.class_names),
                     features=L.class_features(model.label_values, model.class_names),
                     opacity=0.6,
                     metadata={"napari_muvit": {"source_layer": image.name}},
@@ -1233,7 +1233,9 @@ class PredictWidget(QWidget):
             data,
             name=name,
             multiscale=len(levels) > 1,
-            colormap=L.labels_colormap(model.label_values, getattr(model, "class_colors", None)),
+            colormap=L.labels_colormap(
+                model.label_values, getattr(model, "class_colors", None), model.class_names
+            ),
             features=L.class_features(model.label_values, model.class_names),
             opacity=0.6,
             metadata={"napari_muvit": {"store": str(job.out_path), "source_layer": image.name}},
@@ -1303,7 +1305,7 @@ class PredictWidget(QWidget):
         self._debounce.stop()
         self._refresh_timer.stop()
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+    def closeEvent(self, event: Any) -> None:
         self.close_widget()
         super().closeEvent(event)
 
@@ -1326,8 +1328,8 @@ def _shutdown(lifeline: Lifeline, jobs: list[Job]) -> None:
         if job.progress_bar is not None:
             try:
                 job.progress_bar.close()
-            except Exception:  # noqa: BLE001 - closing napari's progress at teardown is best effort
-                pass
+            except Exception as err:  # noqa: BLE001 - best effort at teardown
+                log.debug("closing the progress bar at teardown failed: %s", err)
             job.progress_bar = None
 
 
@@ -1338,7 +1340,7 @@ class _CloseFilter(QObject):
         super().__init__()
         self._on_close = on_close
 
-    def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt API)
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
         if event.type() == QEvent.Close:
             try:
                 self._on_close()
@@ -1413,7 +1415,7 @@ def _stack_for_plane(levels: list[Any], image: Any, plane: L.LayerPlane) -> tupl
         shape = [1] * ndim
         shape[disp[0]], shape[disp[1]] = arr.shape
         stacked.append(lazy.reshape(tuple(shape)))
-    full = np.asarray(image._data_to_world.affine_matrix, dtype=np.float64)
+    full = L.full_affine(image)
     keep = [*out_axes, full.shape[0] - 1]
     affine = full[np.ix_(keep, keep)]
     shift = np.eye(ndim + 1)

@@ -24,6 +24,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+# Modules the trainer would import on first use, imported here in the main thread when the
+# panel opens: importing them from the training thread holds the GIL in long stretches and
+# froze the event loop for ~0.4 s at the start of training.  torch._dynamo (and sympy with it)
+# is pulled in by the first ``torch.optim`` optimizer (``add_param_group``), the sampler by
+# the trainer's dataset.
+import torch._dynamo  # noqa: F401
 import zarr
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -43,15 +50,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-# Modules the trainer would import on first use, imported here in the main thread when the
-# panel opens: importing them from the training thread holds the GIL in long stretches and
-# froze the event loop for ~0.4 s at the start of training.  torch._dynamo (and sympy with it)
-# is pulled in by the first ``torch.optim`` optimizer (``add_param_group``), the sampler by
-# the trainer's dataset.
-import torch._dynamo  # noqa: E402,F401
-import napari_muvit.data.sampler  # noqa: E402,F401
+import napari_muvit.data.sampler  # noqa: F401
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.train import Trainer, TrainConfig, prepare_start_model
+from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._loss_plot import LossPlot
@@ -60,7 +61,6 @@ from napari_muvit.widgets._models import (
     FOLDER,
     SESSION,
     ModelChoice,
-    bundled_encoder_path,
     bundled_segmenter_path,
     registry,
 )
@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
     "annotation_dir": str(Path.home() / "napari-muvit" / "annotations"),
 }
 NO_VALIDATION = "(none)"
+DEVICES = ("auto", "cpu", "cuda", "mps")
 UI_INTERVAL_MS = 200  # progress bar / status refresh while training
 MAX_RECENT = 6
 
@@ -204,7 +205,7 @@ class TrainWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, parent: QWidget | None = None) -> None:
         super().__init__(parent)
-        self.viewer = napari_viewer
+        self.viewer = L.unwrap(napari_viewer)
         self._lifeline = Lifeline()
         self._settings = load_section(SETTINGS_SECTION, DEFAULTS)
         self._job_box: dict[str, TrainJob | None] = {"train": None}
@@ -291,6 +292,10 @@ class TrainWidget(QWidget):
         self.crop_spin.setValue(int(s["crop_size"]))
         self.crop_spin.setToolTip("Level-1 crop size (a multiple of the patch size)")
         mform.addRow("Crop size", self.crop_spin)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(DEVICES)
+        self.device_combo.setCurrentText(s["device"] if s["device"] in DEVICES else "auto")
+        mform.addRow("Device", self.device_combo)
         self.publish_spin = QSpinBox()
         self.publish_spin.setRange(1, 100_000)
         self.publish_spin.setValue(int(s["publish_every"]))
@@ -331,6 +336,7 @@ class TrainWidget(QWidget):
         for spin in (self.steps_spin, self.batch_spin, self.crop_spin, self.publish_spin):
             spin.valueChanged.connect(lambda *_: self._save_settings())
         self.lr_spin.valueChanged.connect(lambda *_: self._save_settings())
+        self.device_combo.currentTextChanged.connect(lambda *_: self._save_settings())
         self.class_names_edit.editingFinished.connect(self._save_settings)
 
     # ------------------------------------------------------------------------------ state
@@ -413,6 +419,7 @@ class TrainWidget(QWidget):
             batch_size=self.batch_spin.value(),
             crop_size=self.crop_spin.value(),
             publish_every=self.publish_spin.value(),
+            device=self.device_combo.currentText(),
         )
         save_section(SETTINGS_SECTION, self._settings)
 
@@ -587,7 +594,7 @@ class TrainWidget(QWidget):
             batch_size=self.batch_spin.value(),
             crop_size=crop,
             lr=float(self.lr_spin.value()),
-            device=self._settings.get("device", "auto"),
+            device=self.device_combo.currentText(),
             val_region=None if val_region is None else val_region.tolist(),
             # validate ~10 times per run: cheap enough, and the curve is readable
             val_every=max(1, steps // 10),
@@ -763,9 +770,9 @@ class TrainWidget(QWidget):
         seen = self.loss_plot.losses[-1][0] if self.loss_plot.losses else 0
         if step > seen:  # the final report repeats the last step
             self.loss_plot.add_loss(step, float(info.get("loss", float("nan"))))
-        if "val_dice" in info and info["val_dice"] is not None:
-            if not self.loss_plot.dice or self.loss_plot.dice[-1][0] != step:
-                self.loss_plot.add_dice(step, float(info["val_dice"]))
+        dice = info.get("val_dice")
+        if dice is not None and (not self.loss_plot.dice or self.loss_plot.dice[-1][0] != step):
+            self.loss_plot.add_dice(step, float(dice))
         # Progress bar and status text at most a few times per second (see LossPlot).
         self._last_info = info
         if not self._ui_timer.isActive():
@@ -844,7 +851,7 @@ class TrainWidget(QWidget):
                 pass
         self._connections.clear()
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 (Qt API)
+    def closeEvent(self, event: Any) -> None:
         self.close_widget()
         super().closeEvent(event)
 
@@ -935,4 +942,5 @@ def _predict_widgets(viewer: Any) -> list[Any]:
     """PredictWidgets docked in ``viewer`` (found through the registry of live instances)."""
     from napari_muvit.widgets._predict import PredictWidget
 
+    viewer = L.unwrap(viewer)
     return [w for w in PredictWidget.instances() if w.viewer is viewer]
