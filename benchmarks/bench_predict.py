@@ -56,16 +56,36 @@ NORM = {"kind": "divide", "low": 0.0, "high": 255.0}
 # --------------------------------------------------------------------------------------------
 
 
-def bench_model(seed: int = 0) -> MuViTSegmenter:
-    """The fixed small model: MuViT[1, 8, 32], dim 64, 2 layers, 2 heads, UNETR 32, 3 classes."""
+MODELS = {
+    # name: (dim, layers, heads, head_dim)
+    "small": (64, 2, 2, 32),
+    "tiny": (48, 1, 2, 16),
+}
+
+
+def bench_model(kind: str = "small", seed: int = 0) -> MuViTSegmenter:
+    """A fixed small model: MuViT[1, 8, 32] + UNETR, 3 classes ("small": dim 64, 2 layers,
+    head 32; "tiny": dim 48, 1 layer, head 16 like the tests)."""
+    dim, layers, heads, head_dim = MODELS[kind]
     torch.manual_seed(seed)
-    enc = MuViTEncoder(in_channels=1, levels=LEVELS, patch_size=8, dim=64, num_layers=2, heads=2)
-    seg = MuViTSegmenter(enc, num_classes=3, head_dim=32, label_values=[0, 1, 2],
+    enc = MuViTEncoder(in_channels=1, levels=LEVELS, patch_size=8, dim=dim, num_layers=layers,
+                       heads=heads)
+    seg = MuViTSegmenter(enc, num_classes=3, head_dim=head_dim, label_values=[0, 1, 2],
                          normalization=NORM, meta={"crop_size": TILE}).eval()
     with torch.no_grad():  # sharpen the untrained output layer so labels vary in space
         seg.head.out.weight.mul_(20.0)
         seg.head.out.bias.zero_()
     return seg
+
+
+def hwm_mb() -> float:
+    """The kernel's exact RSS high-water mark of this process image (``VmHWM``; unlike
+    ``ru_maxrss`` it is not inherited from the parent across fork+exec), in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def rss_mb() -> float:
@@ -188,13 +208,13 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     img = rings_pyramid(args.size)
     pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
     full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
-    model = bench_model()
+    model = bench_model(args.model)
     region = central_region(pyramid.shape, args.region)
     tiles = plan_tiles(region, TILE, pyramid.shape)
     n_naive = min(args.naive_tiles, len(tiles))
 
     # warm-up (first oneDNN calls per shape are slow), not counted
-    for bs in (1, 8, 16):
+    for bs in (1, 4, 8, 16):
         Predictor(model, device="cpu", batch_size=bs, cache_tiles=0).predict(
             pyramid, [[0, 0], [TILE * 4, TILE * 4]])
     naive_predict(model, full_res, tiles[:1])
@@ -211,6 +231,7 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
         ("engine", {"batch_size": 8}),
         ("engine no-prefetch", {"batch_size": 8, "prefetch": False}),
         ("engine batch 1", {"batch_size": 1}),
+        ("engine batch 4", {"batch_size": 4}),
         ("engine batch 16", {"batch_size": 16}),
         ("engine amp=bf16", {"batch_size": 8, "amp": "bf16"}),
     ]
@@ -254,8 +275,10 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     prefetch_gain = rows["engine"]["mpx_s"] / rows["engine no-prefetch"]["mpx_s"]
     prefetch_lazy = rows["lazy dask, prefetch"]["mpx_s"] / rows["lazy dask, no prefetch"]["mpx_s"]
 
+    dim, layers, heads, head_dim = MODELS[args.model]
     print(f"\nthroughput on {args.size}², central {args.region}² region, tile {TILE}, "
-          f"levels {LEVELS}, torch threads {torch.get_num_threads()}")
+          f"levels {LEVELS}, model {args.model!r} (dim {dim}, {layers} layers, {heads} heads, "
+          f"UNETR {head_dim}), torch threads {torch.get_num_threads()}")
     print(f"nested-crop read, CPU ms/tile: full resolution {reads['full-res']:.1f}, "
           f"pyramid {reads['pyramid']:.2f} ({reads['full-res'] / reads['pyramid']:.0f}x)")
     _print_rows(rows)
@@ -301,7 +324,7 @@ def seam_stats(labels: np.ndarray, probs: np.ndarray, origin: np.ndarray, step: 
 def section_seams(args: argparse.Namespace) -> dict[str, Any]:
     img = rings_pyramid(args.size)
     src = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
-    model = bench_model()
+    model = bench_model(args.model)
     region = central_region(src.shape, args.region)
     print(f"\nseams on {args.size}², central {args.region}² region (borders = tile-cell edges)")
     print(f"{'overlap':>8}{'tiles':>7}{'s':>8}{'label diff border':>19}{'interior':>10}{'ratio':>7}"
@@ -347,8 +370,6 @@ def lazy_pyramid(size: int, chunk: int = 1024) -> list[Any]:
 
 def rss_child(size: int, tiles: int) -> dict[str, Any]:
     """One whole-image zarr prediction, cancelled after ``tiles`` tiles (runs in a subprocess)."""
-    import resource
-
     torch.set_num_threads(2)
     src = PyramidSource(lazy_pyramid(size), downsample_factors=LEVELS, normalization=NORM)
     model = bench_model()
@@ -377,8 +398,7 @@ def rss_child(size: int, tiles: int) -> dict[str, Any]:
     return {"size": size, "tiles": state["done"], "total": state["total"], "seconds": dt,
             "tiles_s": state["done"] / dt, "start_rss_mb": mem["start"],
             "sampled_peak_rss_mb": mem["peak"], "end_rss_mb": end_rss,
-            # the kernel's exact high-water mark (sampling can miss short peaks)
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": hwm_mb(),
             "chunks_written": chunks, "store_mb": store_mb}
 
 
@@ -423,6 +443,7 @@ def main() -> None:
     parser.add_argument("--rss-sizes", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--rss-tiles", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=sorted(MODELS), default="small")
     parser.add_argument("--repeats", type=int, default=2, help="best-of-N timings")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)

@@ -15,7 +15,9 @@ os.environ.setdefault("NAPARI_MUVIT_SETTINGS_DIR", str(Path(__file__).parent / "
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the small test models are dominated by per-op overhead, and 2 threads on a
+# loaded 2-core runner were measured 10-30x slower than 1 for them.
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

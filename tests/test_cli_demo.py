@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 
 from napari_muvit.cli.demo import composite, demo_region, read_png, write_png
-from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.data import PyramidSource
+from napari_muvit.data.samples import synthetic_sample_image
 from napari_muvit.engine.predict import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
-SIZE, VIEW = 256, 96
+SIZE, VIEW = 512, 96  # the sample is a field of 512² ring systems: one system
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,8 @@ def _run_demo(out: Path, model: Path, *extra: str, env: dict | None = None):
 
 
 def _expected(model: Path) -> np.ndarray:
-    syn = synthetic_rings(SIZE, seed=0)
+    syn = synthetic_sample_image(SIZE, seed=0)
+    assert syn.image.shape == (SIZE, SIZE)
     source = PyramidSource.from_layer_data(syn.pyramid, multiscale=True, rgb=False)
     return Predictor(load_model(model), device="cpu").predict(
         source, region=demo_region(SIZE, VIEW)
@@ -102,7 +104,7 @@ def test_demo_headless_composite_fallback(tmp_path, tiny_model, monkeypatch, cap
     np.testing.assert_array_equal(labels, _expected(tiny_model))
     png = read_png(out / "demo_screenshot.png")
     assert png.shape == (VIEW, VIEW, 3)
-    syn = synthetic_rings(SIZE, seed=0)
+    syn = synthetic_sample_image(SIZE, seed=0)
     (y0, x0), (y1, x1) = demo_region(SIZE, VIEW)
     expected_png = composite(syn.image[y0:y1, x0:x1], labels, [1, 2, 3],
                              class_names=["background", "outer", "inner"])

@@ -515,6 +515,17 @@ def test_settings_persist_and_model_errors_are_notifications(
     assert shown and "not a segmenter" in shown[-1]
     assert widget.labels_layer() is None
 
+    # live mode with it: one notification, live switched off (no error per camera move)
+    shown.clear()
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert not widget.live and not widget.live_check.isChecked()
+    assert len(shown) == 1 and "live prediction stopped" in shown[0]
+    viewer.scene.camera.zoom *= 1.5
+    qtbot.wait(LIVE_WAIT_MS)
+    assert len(shown) == 1
+
     # a folder that does not exist
     widget.set_model(tmp_path / "missing")
     qtbot.waitUntil(lambda: "does not exist" in widget.model_info.text(), timeout=30_000)

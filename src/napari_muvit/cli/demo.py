@@ -67,7 +67,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="FOLDER", default=None,
                    help="segmenter folder (default: the bundled model)")
     p.add_argument("--size", type=_int_at_least(64), default=4096, metavar="PX",
-                   help="side of the synthetic image (default 4096)")
+                   help="side of the synthetic sample (a field of 512 px ring systems: rounded "
+                        "down to a multiple of 512, at least 512; default 4096)")
     p.add_argument("--view", type=_int_at_least(16), default=None, metavar="PX",
                    help="side of the demo view (default: a quarter of --size)")
     p.add_argument("--seed", type=int, default=0, help="synthetic image seed (default 0)")
@@ -140,7 +141,8 @@ def run_gui(args: argparse.Namespace) -> int:
     predict, _train = dock_widgets(viewer, folder, args.device)
     # the framed view fills the canvas's short side: the long side shows more tiles
     predict.cap_spin.setValue(max(predict.cap_spin.value(), 256))
-    frame_view(viewer, demo_region(args.size, args.view))
+    side = int(viewer.layers["synthetic rings"].level_shapes[0][0])
+    frame_view(viewer, demo_region(side, args.view))
     predict.set_live(True)
     napari.run()
     return 0
@@ -195,7 +197,7 @@ def frame_view(viewer: Any, region: np.ndarray) -> None:
 def run_headless(args: argparse.Namespace) -> int:
     """Predict the demo view without Qt; write labels, metadata and a PNG screenshot."""
     from napari_muvit.data import PyramidSource
-    from napari_muvit.data.synthetic import synthetic_rings
+    from napari_muvit.data.samples import synthetic_sample_image
     from napari_muvit.engine.predict import Predictor
     from napari_muvit.model import load_model
 
@@ -209,9 +211,10 @@ def run_headless(args: argparse.Namespace) -> int:
             "first (napari-muvit train, or the MuViT fine-tune panel)"
         )
     t0 = time.perf_counter()
-    syn = synthetic_rings(size=args.size, seed=args.seed)
+    syn = synthetic_sample_image(size=args.size, seed=args.seed)
     source = PyramidSource.from_layer_data(syn.pyramid, multiscale=True, rgb=False)
-    region = demo_region(args.size, args.view)
+    side = int(syn.image.shape[0])  # the sample is a field of whole ring systems
+    region = demo_region(side, args.view)
     predictor = Predictor(model, device=args.device)
     t1 = time.perf_counter()
     sink = predictor.predict(source, region=region)
@@ -223,7 +226,7 @@ def run_headless(args: argparse.Namespace) -> int:
     method, note = render_screenshot(args, labels_path, region, png_path, syn, model)
     info = {
         "region": region.tolist(),
-        "image_size": args.size,
+        "image_size": side,
         "seed": args.seed,
         "model": str(folder),
         "class_names": list(model.class_names),
@@ -239,7 +242,7 @@ def run_headless(args: argparse.Namespace) -> int:
     (out / "demo_labels.json").write_text(json.dumps(info, indent=2))
     counts = {int(v): int(n) for v, n in zip(*np.unique(labels, return_counts=True))}
     print(f"napari-muvit demo: segmented the {region[1, 0] - region[0, 0]} px view "
-          f"{region.tolist()} of the {args.size} px synthetic image in {t2 - t1:.1f} s "
+          f"{region.tolist()} of the {side} px synthetic image in {t2 - t1:.1f} s "
           f"({info['tiles']} tiles on {predictor.device})")
     print(f"  labels:     {labels_path}  (pixels per label value: {counts})")
     print(f"  screenshot: {png_path}  ({method}{': ' + note if note else ''})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from napari_muvit.data.synthetic import synthetic_rings
+from napari_muvit.data.synthetic import SyntheticImage, synthetic_field
 
 __all__ = ["synthetic_sample"]
 
@@ -23,9 +23,22 @@ _COLORS = {
 }
 
 
+SYSTEM_SIZE = 512  # the ring-system scale the bundled model was trained on (docs/model-card.md)
+
+
+def synthetic_sample_image(size: int = 4096, seed: int = 0) -> SyntheticImage:
+    """The sample's image: a ``size``² field of 512² ring systems (at least one system).
+
+    The bundled model knows rings of the scale it was trained on, so larger samples tile more
+    systems rather than enlarging one.
+    """
+    grid = max(1, int(size) // SYSTEM_SIZE)
+    return synthetic_field(grid=grid, system_size=SYSTEM_SIZE, seed=seed)
+
+
 def synthetic_sample(size: int = 4096, seed: int = 0) -> list[tuple[Any, dict, str]]:
-    """Layer data for the Synthetic rings image (default 4096², multiscale) and ground truth."""
-    syn = synthetic_rings(size=size, seed=seed)
+    """Layer data for the Synthetic rings field (default 4096², multiscale) and ground truth."""
+    syn = synthetic_sample_image(size=size, seed=seed)
     image = (
         syn.pyramid,
         {

@@ -1199,6 +1199,10 @@ class PredictWidget(QWidget):
         if isinstance(err, CancelledError) or job.token.cancelled:
             return
         context = "MuViT whole image" if job.kind == "image" else "MuViT predict view"
+        if job.kind == "view" and job.request is not None and job.request.live and self.live:
+            # Every camera move would fail the same way: stop live mode, say it once.
+            self.set_live(False)
+            context = "MuViT live prediction stopped"
         report_error(err, context)
         self._set_status(f"error: {error_message(err)}")
 
