@@ -111,6 +111,47 @@ def train_variant(name: str, scale: dict, images: list[Path], labels: list[Path]
     return time.perf_counter() - t0
 
 
+def run_cli(args: list[str]) -> float:
+    """Run ``napari-muvit ARGS`` on one thread; returns wall seconds."""
+    t0 = time.perf_counter()
+    print("$ napari-muvit", " ".join(args), flush=True)
+    subprocess.run([sys.executable, "-m", "napari_muvit", *args], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.perf_counter() - t0
+
+
+def mae_experiment(scale: dict, images: list[Path], out: Path, pretrain_steps: int,
+                   finetune_steps: int) -> dict:
+    """MAE pre-training on the (unlabelled) training fields, then fine-tuning MuViT[1,4] from it
+    vs from the same random initialisation, same steps: does pre-training converge faster
+    (paper Table S3)? The MAE uses levels [1, 4, 16]; fine-tuning selects [1, 4]."""
+    from napari_muvit.model import MuViTEncoder
+
+    import torch
+
+    torch.manual_seed(0)
+    enc = MuViTEncoder(1, [1, 4, 16], patch_size=8, dim=scale["dim"], num_layers=scale["layers"],
+                       heads=scale["heads"])
+    enc.save(out / "mae_init_encoder", overwrite=True)
+    result = {"pretrain_seconds": run_cli([
+        "pretrain", *map(str, images), "--init", str(out / "mae_init_encoder"),
+        "--levels", "1,4,16", "--crop", str(scale["crop"]), "--steps", str(pretrain_steps),
+        "--batch", "8", "--out", str(out / "mae"), "--overwrite", "--quiet", "--seed", "0"])}
+    _, labels = make_training_data(out / "data", scale["system"])
+    common = [*map(str, images), "--labels", *map(str, labels), "--levels", "1,4", "--crop",
+              str(scale["crop"]), "--steps", str(finetune_steps), "--batch", str(scale["batch"]),
+              "--lr", str(scale["lr"]), "--encoder-lr-factor", str(scale["enc_factor"]),
+              "--dense", "--seed", "0", "--no-pseudo-labels", "--overwrite", "--quiet"]
+    runs = {"from_mae": out / "mae", "from_random": out / "mae_init_encoder"}
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda kv: run_cli(["train", *common, "--init", str(kv[1]), "--out",
+                                          str(out / f"ft_{kv[0]}")]), runs.items()))
+    for name in runs:
+        result[name] = evaluate(out / f"ft_{name}", scale["system"])
+        print(name, json.dumps(result[name]), flush=True)
+    return result
+
+
 def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: int = 2) -> dict:
     """Whole-image tiled prediction of the held-out field; per-class Dice and mDSC."""
     import torch
@@ -153,11 +194,17 @@ def main() -> None:
     parser.add_argument("--noise", default="", help="bbox noise sigmas (px), e.g. 0,8,16,32,64")
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=2, help="variants trained side by side")
+    parser.add_argument("--mae", default="", metavar="PRETRAIN,FINETUNE",
+                        help="run the MAE experiment with these step counts, e.g. 600,300")
     args = parser.parse_args()
     scale = SCALES[args.scale]
     images, labels = make_training_data(args.out / "data", scale["system"])
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.mae:
+        pre, fine = (int(v) for v in args.mae.split(","))
+        results["mae"] = mae_experiment(scale, images, args.out, pre, fine)
+        results_file.write_text(json.dumps(results, indent=2))
     names = [n for n in args.variants.split(",") if n]
     if not args.eval_only:
         with ThreadPoolExecutor(args.parallel) as pool:
@@ -180,7 +227,9 @@ def main() -> None:
 def print_table(results: dict) -> None:
     print("| Method | outer | inner | mDSC | paper mDSC | train min |")
     print("|---|---|---|---|---|---|")
-    for entry in results.values():
+    for key, entry in results.items():
+        if key == "mae":
+            continue
         t = entry.get("test", {})
         paper = PAPER.get(entry["label"], (None,) * 3)[2]
         print(f"| {entry['label']} | {t.get('outer', 0):.4f} | {t.get('inner', 0):.4f} | "

@@ -40,3 +40,13 @@ def test_cli_version() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.strip().startswith("napari-muvit 0.")
+
+
+def test_top_level_functions_are_functions_in_any_import_order() -> None:
+    code = (
+        "import napari_muvit.engine.predict, napari_muvit.engine.train, "
+        "napari_muvit.engine.pretrain, inspect, napari_muvit as nm; "
+        "assert all(inspect.isfunction(getattr(nm, n)) for n in ('predict', 'train', 'pretrain'))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from napari_muvit.widgets import _layers as L  # noqa: E402
-from napari_muvit.widgets import _settings as S  # noqa: E402
+from napari_muvit.widgets import _layers as L
+from napari_muvit.widgets import _settings as S
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ _LAZY = {
     "MuViTMAE": "napari_muvit.model",
     "load_model": "napari_muvit.model",
     "PyramidSource": "napari_muvit.data",
-    "predict": "napari_muvit.engine",
+    "predict": "napari_muvit.engine.predict",
     "Predictor": "napari_muvit.engine",
-    "train": "napari_muvit.engine",
-    "pretrain": "napari_muvit.engine",
+    "train": "napari_muvit.engine.train",
+    "pretrain": "napari_muvit.engine.pretrain",
     "default_model_path": "napari_muvit.weights",
     "load_default_model": "napari_muvit.weights",
 }

@@ -1,4 +1,10 @@
-"""Inference and training engines: no Qt, progress callbacks and cancel tokens only."""
+"""Inference and training engines: no Qt, progress callbacks and cancel tokens only.
+
+The convenience functions ``predict``, ``train`` and ``pretrain`` share their names with the
+submodules that define them, so they are exported from the top-level package
+(``napari_muvit.predict``) and from their modules (``napari_muvit.engine.predict.predict``),
+not from here, where an imported submodule would shadow them.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,11 @@ _LAZY = {
     "resolve_device": "napari_muvit.engine.device",
     "Predictor": "napari_muvit.engine.predict",
     "TileResult": "napari_muvit.engine.predict",
-    "predict": "napari_muvit.engine.predict",
     "MemorySink": "napari_muvit.engine.sinks",
     "ZarrSink": "napari_muvit.engine.sinks",
     "predict_distributed": "napari_muvit.engine.distributed",
     "TrainConfig": "napari_muvit.engine.train",
     "Trainer": "napari_muvit.engine.train",
-    "train": "napari_muvit.engine.train",
-    "pretrain": "napari_muvit.engine.pretrain",
     "PretrainConfig": "napari_muvit.engine.pretrain",
 }
 

@@ -23,9 +23,7 @@ import copy
 import hashlib
 import json
 import math
-import sys
 import time
-import types
 import uuid
 import weakref
 from collections import OrderedDict
@@ -57,7 +55,7 @@ Progress = Callable[[int, int, str], Any]
 
 DEFAULT_TILE_SIZE = 128
 DEFAULT_EMPTY_STD = 0.02  # normalised units: 2% of the 1-99.8 percentile range
-CPU_BATCH = 8
+CPU_BATCH = 4  # measured best or within 5% of best on CPU (docs/bench_predict.md)
 MAX_AUTO_BATCH = 64
 
 
@@ -226,7 +224,7 @@ class Predictor:
     device
         ``"auto"`` (CUDA > MPS > CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"``.
     batch_size
-        Tiles per forward pass; ``None`` adapts to free GPU memory (8 on CPU/MPS). A CUDA
+        Tiles per forward pass; ``None`` adapts to free GPU memory (4 on CPU/MPS). A CUDA
         out-of-memory error halves it and retries the batch.
     amp
         ``"auto"`` (bf16/fp16 autocast on CUDA, float32 elsewhere), ``"bf16"``, ``"fp16"``,
@@ -242,7 +240,8 @@ class Predictor:
     tile_size
         Level-1 tile size ``S``; default ``model.meta["crop_size"]`` (the training crop) or 128.
     prefetch
-        Read the next batch's crops in a background thread while the model runs.
+        Read the next batch's crops in a background thread while the model runs; ``None``
+        (default) enables it on CUDA/MPS and disables it on CPU, where it did not help.
     """
 
     def __init__(
@@ -255,7 +254,7 @@ class Predictor:
         skip_empty: bool | float = False,
         cache_tiles: int = 512,
         tile_size: int | None = None,
-        prefetch: bool = True,
+        prefetch: bool | None = None,
     ) -> None:
         _check_segmenter(model)
         self.device = resolve_device(device)
@@ -280,7 +279,9 @@ class Predictor:
             raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
         self.batch_size = int(batch_size) if batch_size is not None else self._auto_batch_size()
         self.cache = TileCache(cache_tiles)
-        self.prefetch = bool(prefetch)
+        # reading overlaps compute only where the model runs asynchronously on an accelerator;
+        # on CPU the reader thread competes with torch for the cores (measured: no gain)
+        self.prefetch = self.device.type != "cpu" if prefetch is None else bool(prefetch)
         self.num_classes = int(model.num_classes)
         self.label_values = [int(v) for v in model.label_values]
         self._lut = torch.as_tensor(self.label_values, dtype=torch.int64, device=self.device)
@@ -943,21 +944,3 @@ def create_zarr_sink(
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
         write_pyramid=write_pyramid, chunk_size=chunk_size,
     )
-
-
-class _CallableModule(types.ModuleType):
-    """This module doubles as the :func:`predict` function.
-
-    ``napari_muvit.engine`` exports ``predict`` lazily, but once the submodule
-    ``napari_muvit.engine.predict`` is imported Python binds the *module* to that package
-    attribute, shadowing the function (also for ``napari_muvit.predict``). Making the module
-    callable keeps ``from napari_muvit.engine import predict; predict(image)`` working in every
-    import order; ``__wrapped__`` gives it the function's signature for ``inspect``/``help``.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return predict(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-__wrapped__ = predict
