@@ -167,7 +167,9 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
 
         def add_bbox_noise(_module, args):
             x, bbox = args[0], args[1]
-            noise = torch.randn(bbox.shape, generator=gen) * noise_sigma
+            # One shift per level and sample (both corners move together): misplaces each
+            # level's crop by ~σ px in world coordinates while keeping every bbox valid.
+            noise = torch.randn((*bbox.shape[:2], 1, bbox.shape[-1]), generator=gen) * noise_sigma
             return (x, bbox + noise.to(bbox.device, bbox.dtype), *args[2:])
 
         model.register_forward_pre_hook(add_bbox_noise)
