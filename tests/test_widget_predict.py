@@ -485,7 +485,7 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
 
 
 def test_settings_persist_and_model_errors_are_notifications(
-    make_napari_viewer, qtbot, model_dirs, rings, official_fixtures, monkeypatch, tmp_path
+    official_fixtures, make_napari_viewer, qtbot, model_dirs, rings, monkeypatch, tmp_path
 ):
     from napari.utils import notifications
 

@@ -13,6 +13,8 @@ complete.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import os
 import threading
@@ -247,7 +249,10 @@ def _wait(futures: list, total: int, progress: Any, cancel: CancelToken | None,
                 progress(min(done, total), total, f"{done}/{total} tiles")
     except BaseException:
         event.set()
-        wait(futures, timeout=600)  # running tasks stop within one batch
+        # Running tasks stop within one batch. Futures that were cancelled or failed make
+        # ``wait`` raise too; that must not mask the reason we are stopping.
+        with contextlib.suppress(Exception):
+            wait(futures, timeout=600)
         raise
     return results
 
@@ -333,10 +338,12 @@ def predict_distributed(
             if isinstance(model_folder, (str, Path))
             else model
         )
+        # hash=False: content-hashed keys would be shared with an earlier (e.g. cancelled) run
+        # on the same client, whose release then cancels these tasks ("lost dependencies").
         if not isinstance(image_spec, str):
-            image_spec = client.scatter(image_spec, broadcast=True)
+            image_spec = client.scatter(image_spec, broadcast=True, hash=False)
         if not isinstance(model_spec, str):
-            model_spec = client.scatter(model_spec, broadcast=True)
+            model_spec = client.scatter(model_spec, broadcast=True, hash=False)
         from distributed import Event
 
         event_name = f"napari-muvit-cancel-{uuid.uuid4().hex}"
