@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_muvit.cli._args import number_at_least
 from napari_muvit.errors import InputError
 
 SCREENSHOT_METHODS = ("auto", "viewer", "composite")
@@ -66,10 +67,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="output folder of --headless (default ./napari-muvit-demo)")
     p.add_argument("--model", metavar="FOLDER", default=None,
                    help="segmenter folder (default: the bundled model)")
-    p.add_argument("--size", type=_int_at_least(64), default=4096, metavar="PX",
+    p.add_argument("--size", type=number_at_least(int, 64), default=4096, metavar="PX",
                    help="side of the synthetic sample (a field of 512 px ring systems: rounded "
                         "down to a multiple of 512, at least 512; default 4096)")
-    p.add_argument("--view", type=_int_at_least(16), default=None, metavar="PX",
+    p.add_argument("--view", type=number_at_least(int, 16), default=None, metavar="PX",
                    help="side of the demo view (default: a quarter of --size)")
     p.add_argument("--seed", type=int, default=0, help="synthetic image seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
@@ -79,17 +80,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
 
 
 def has_display() -> bool:

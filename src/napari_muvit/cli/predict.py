@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from napari_muvit.cli._args import non_negative_int, positive_int
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
@@ -85,24 +86,8 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -120,11 +105,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--region", metavar="Y0,X0,Y1,X1", default=None,
                    help="only predict this world-pixel box (default: whole image)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="tiles per batch (default: adapted to free memory)")
-    p.add_argument("--overlap", type=_non_negative_int, default=0, metavar="PX",
+    p.add_argument("--overlap", type=non_negative_int, default=0, metavar="PX",
                    help="tile overlap in pixels, blended smoothly (default 0)")
-    p.add_argument("--tile-size", type=_positive_int, default=None, metavar="PX",
+    p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                    help="mixed precision on CUDA (default auto)")
@@ -133,7 +118,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     dist = p.add_mutually_exclusive_group()
     dist.add_argument("--scheduler", metavar="ADDRESS", default=None,
                       help="run on an existing Dask scheduler")
-    dist.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    dist.add_argument("--workers", type=positive_int, default=None, metavar="N",
                       help="run on a local Dask cluster with N worker processes")
     p.add_argument("--probabilities", action="store_true",
                    help="also store float16 class probabilities")

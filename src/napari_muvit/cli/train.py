@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from napari_muvit.cli._args import positive_float, positive_int
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
@@ -55,24 +56,8 @@ def parse_region(text: str) -> list[list[float]]:
     return [[y0, x0], [y1, x1]]
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------ progress
@@ -192,22 +177,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--crop",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="S",
         help="crop size in pixels per level (default: the model's, else 128)",
     )
     p.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="N",
         help="optimisation steps (default: train 500, pretrain 1000)",
     )
-    p.add_argument("--batch", type=_positive_int, default=8, metavar="N", help="default 8")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="N", help="default 8")
     p.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="X",
         help="learning rate (default: train 1e-4 for the head; pretrain 6e-5 at D=512, "
