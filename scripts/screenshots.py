@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from napari_muvit.model import MuViTEncoder
     from napari_muvit.widgets import PredictWidget, TrainWidget
     from napari_muvit.widgets._layers import camera
-    from napari_muvit.widgets._models import SESSION
+    from napari_muvit.widgets._models import BUNDLED, SESSION
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     settle(1.0, until=lambda: not predict.busy, timeout=600)
     predict.set_live(False)
     viewer.layers.selection.active = image
+    # The prediction shots show the bundled model (the fine-tuned one above trained briefly).
+    predict.set_model("bundled")
+    settle(0.5, until=lambda: predict.model_choice.kind == BUNDLED, timeout=120)
 
     # ---------------------------------------------------------------- 2. predict view
     predict_dock.raise_()
