@@ -50,3 +50,18 @@ def test_top_level_functions_are_functions_in_any_import_order() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_status_line_throttles_in_logs_and_always_draws_the_final_line() -> None:
+    import io
+
+    from napari_muvit.cli._terminal import StatusLine, clock
+
+    assert clock(75) == "01:15" and clock(3725) == "1:02:05"
+    stream = io.StringIO()  # not a terminal: one line per log_interval, plus the final one
+    line = StatusLine(stream, log_interval=3600)
+    drawn = [line.due() for _ in range(5)] + [line.due(final=True)]
+    assert drawn == [True, False, False, False, False, True]
+    line.write("a")
+    line.close()
+    assert stream.getvalue() == "a\n"

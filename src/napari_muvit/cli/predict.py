@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from napari_muvit.cli._args import non_negative_int, positive_int
+from napari_muvit.cli._terminal import StatusLine, clock
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
@@ -38,52 +39,27 @@ def parse_region(text: str) -> list[list[int]]:
     return [[y0, x0], [y1, x1]]
 
 
-class ProgressBar:
-    """A dependency-free progress bar on a stream (stderr), redrawn at most every
-    ``interval`` seconds; without a terminal it prints a plain line every ``log_interval``."""
+class ProgressBar(StatusLine):
+    """A dependency-free progress bar for ``progress(done, total, message)`` callbacks."""
 
     def __init__(self, stream: TextIO | None = None, width: int = 30, interval: float = 0.2,
                  log_interval: float = 10.0) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+        super().__init__(stream, interval, log_interval)
         self.width = width
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = interval if self.tty else log_interval
         self.start = time.monotonic()
-        self._last = -1e9
-        self._drawn = False
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
-        now = time.monotonic()
-        if now - self._last < self.interval and done < total:
+        if not self.due(final=done >= total):
             return
-        self._last = now
         frac = done / total if total else 1.0
-        elapsed = now - self.start
+        elapsed = time.monotonic() - self.start
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         filled = round(frac * self.width)
         bar = "#" * filled + "." * (self.width - filled)
-        eta_text = "--:--" if math.isnan(eta) else _clock(eta)
-        line = (f"[{bar}] {100 * frac:5.1f}% {done}/{total} tiles "
-                f"{rate:6.1f} tiles/s ETA {eta_text}")
-        if self.tty:
-            self.stream.write("\r" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        """End the bar's line."""
-        if self._drawn and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+        eta_text = "--:--" if math.isnan(eta) else clock(eta)
+        self.write(f"[{bar}] {100 * frac:5.1f}% {done}/{total} tiles "
+                   f"{rate:6.1f} tiles/s ETA {eta_text}")
 
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from napari_muvit.cli._args import positive_float, positive_int
+from napari_muvit.cli._terminal import StatusLine, clock
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
@@ -61,35 +62,27 @@ def parse_region(text: str) -> list[list[float]]:
 
 
 # ------------------------------------------------------------------------------ progress
-class ProgressLine:
-    """One status line per step (redrawn in place on a terminal, every ``log_interval``
-    seconds in logs): step, loss, learning rate, speed and time left."""
+class ProgressLine(StatusLine):
+    """One status line per step: step, loss, learning rate, speed and time left."""
 
     def __init__(
         self, stream: TextIO | None = None, interval: float = 0.2, log_interval: float = 10.0
     ) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = interval if self.tty else log_interval
-        self._last = -1e9
+        super().__init__(stream, interval, log_interval)
         self._first: tuple[int, float] | None = None
-        self._drawn = False
 
     def __call__(self, info: dict[str, Any]) -> None:
         now = time.monotonic()
         step, steps = int(info["step"]), int(info["steps"])
         if self._first is None:
             self._first = (step, now)  # a resumed run starts counting its speed here
-        final = info.get("status") not in (None, "running")
-        if now - self._last < self.interval and not final:
-            return
-        self._last = now
-        self._write(self._format(info, step, steps, now))
+        if self.due(final=info.get("status") not in (None, "running")):
+            self.write(self._format(info, step, steps, now))
 
     def _format(self, info: dict[str, Any], step: int, steps: int, now: float) -> str:
         first_step, first_time = self._first or (step, now)
         rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
-        eta = _clock((steps - step) / rate) if rate > 0 else "--:--"
+        eta = clock((steps - step) / rate) if rate > 0 else "--:--"
         line = (
             f"step {step}/{steps} loss {info['loss']:.4f} lr {info['lr']:.2e} "
             f"{rate:5.2f} steps/s ETA {eta}"
@@ -97,23 +90,6 @@ class ProgressLine:
         if "val_dice" in info:
             line += f" val Dice {info['val_dice']:.3f}"
         return line
-
-    def _write(self, line: str) -> None:
-        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        """End the line on a terminal."""
-        if self._drawn and self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
 @contextlib.contextmanager
