@@ -15,9 +15,6 @@ os.environ.setdefault("NAPARI_MUVIT_SETTINGS_DIR", str(Path(__file__).parent / "
 
 import torch  # noqa: E402
 
-# One thread: the small test models are dominated by per-op overhead, and 2 threads on a
-# loaded 2-core runner were measured 10-30x slower than 1 for them.
-torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -30,8 +27,17 @@ def rng() -> np.random.Generator:
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread():
+    """Deterministic, single-threaded torch in every test.
+
+    The tiny test models are dominated by per-op overhead: on a loaded 2-core runner 2 threads
+    were measured 10-30x slower than 1, and one thread leaves a core to napari's event loop.
+    """
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

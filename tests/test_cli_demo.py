@@ -132,14 +132,8 @@ def test_png_roundtrip(tmp_path):
 @pytest.mark.gui
 def test_demo_gui_setup_predicts_the_framed_view(make_napari_viewer, qtbot, tiny_model):
     """What ``napari-muvit demo`` does with a display, minus ``napari.run()``."""
-    import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the GUI thread keeps a core (see test_widget_predict.py)
-    try:
-        _gui_demo(make_napari_viewer, qtbot, tiny_model)
-    finally:
-        torch.set_num_threads(threads)
+    _gui_demo(make_napari_viewer, qtbot, tiny_model)
 
 
 def _gui_demo(make_napari_viewer, qtbot, tiny_model) -> None:

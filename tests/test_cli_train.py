@@ -7,21 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from napari_muvit.cli import main
 from napari_muvit.cli.train import ProgressLine, parse_interval
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTMAE, MuViTSegmenter, load_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_train.py: oversubscription on the shared CPU
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

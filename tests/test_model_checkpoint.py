@@ -22,16 +22,6 @@ from napari_muvit.model import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
-    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 S = 32
 
 

@@ -10,16 +10,6 @@ from napari_muvit.model import MuViTEncoder, MuViTMAE, is_official_folder, load_
 from napari_muvit.model.rope import patch_coords
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from 2 threads, and on a shared, loaded CPU every op of a
-    2-thread pool waits for a descheduled thread (measured: 30x slower test steps)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 RTOL, ATOL = 1e-4, 1e-5
 
 

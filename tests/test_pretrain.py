@@ -17,14 +17,6 @@ from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTMAE, MuViTSegmenter, load_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_train.py: oversubscription on the shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_encoder(levels=(1, 4)) -> MuViTEncoder:
     torch.manual_seed(0)
     return MuViTEncoder(1, levels, patch_size=8, dim=48, num_layers=1, heads=2)

@@ -59,16 +59,6 @@ def config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core CI box two threads are ~10x slower for these
-    tiny convolutions (oversubscription), and results are bitwise reproducible."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def pair() -> tuple[PyramidSource, np.ndarray]:
     image, truth = blobs_image()

@@ -55,19 +55,6 @@ def _own_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
 
 
-@pytest.fixture(autouse=True)
-def _one_inference_thread():
-    """One torch thread for the workers: on a 2-core machine the event loop keeps a core
-    (two OpenMP threads spinning next to the GUI thread starve it, and oversubscribed OpenMP
-    is also many times slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")

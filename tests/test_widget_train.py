@@ -34,17 +34,6 @@ def _own_settings(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
 
 
-@pytest.fixture(autouse=True)
-def _one_inference_thread():
-    """One torch thread: the GUI thread keeps a core on a 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     import torch
