@@ -301,10 +301,30 @@ def _check_paths(paths: list[str], what: str) -> None:
             raise InputError(f"{what} {path!r} does not exist")
 
 
+def _shared_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig/PretrainConfig fields both commands take from the same options."""
+    every, unit = parse_interval(args.checkpoint_every)
+    return {"batch_size": args.batch, "crop_size": args.crop, "checkpoint_every": every,
+                "checkpoint_unit": unit, "device": args.device, "amp": args.amp, "seed": args.seed}
+
+
+def _run_interruptible(run: Any, quiet: bool) -> Any:
+    """``run(progress, cancel)`` with a progress line and Ctrl-C turned into a clean stop."""
+    from napari_muvit.engine.cancel import CancelToken
+
+    cancel = CancelToken()
+    bar = None if quiet else ProgressLine()
+    with graceful_interrupt(cancel, sys.stderr):
+        try:
+            return run(bar, cancel)
+        finally:
+            if bar is not None:
+                bar.close()
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_muvit.engine.cancel import CancelToken
     from napari_muvit.engine.train import TrainConfig, train
 
     _check_paths(args.images, "IMAGE")
@@ -314,87 +334,45 @@ def _train(args: argparse.Namespace) -> int:
             f"--labels: expected one label image per IMAGE ({len(args.images)}), "
             f"got {len(args.labels)}"
         )
-    every, unit = parse_interval(args.checkpoint_every)
     config = TrainConfig(
-        batch_size=args.batch,
-        crop_size=args.crop,
+        **_shared_config(args),
         encoder_lr_factor=args.encoder_lr_factor,
         dense=args.dense,
         naive_bbox=args.naive_bbox,
         freeze_encoder=args.freeze_encoder,
-        checkpoint_every=every,
-        checkpoint_unit=unit,
-        device=args.device,
-        amp=args.amp,
-        seed=args.seed,
         head=args.head,
         val_region=parse_region(args.val_region) if args.val_region else None,
     )
     overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    cancel = CancelToken()
-    bar = None if args.quiet else ProgressLine()
-    with graceful_interrupt(cancel, sys.stderr):
-        try:
-            model = train(
-                args.images,
-                args.labels,
-                out=args.out,
-                init=args.init,
-                levels=args.levels,
-                preset=args.preset,
-                config=config,
-                progress=bar,
-                cancel=cancel,
-                resume=args.resume,
-                overwrite=args.overwrite,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+    model = _run_interruptible(
+        lambda progress, cancel: train(
+            args.images, args.labels, out=args.out, init=args.init, levels=args.levels,
+            preset=args.preset, config=config, progress=progress, cancel=cancel,
+            resume=args.resume, overwrite=args.overwrite,
+        ),
+        quiet=args.quiet,
+    )
     return _finish("train", model, args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_muvit.engine.cancel import CancelToken
     from napari_muvit.engine.pretrain import PretrainConfig, pretrain
 
     _check_paths(args.images, "IMAGE")
-    every, unit = parse_interval(args.checkpoint_every)
-    config = PretrainConfig(
-        batch_size=args.batch,
-        crop_size=args.crop,
-        lr=args.lr,
-        masking_ratio=args.mask_ratio,
-        checkpoint_every=every,
-        checkpoint_unit=unit,
-        device=args.device,
-        amp=args.amp,
-        seed=args.seed,
-    )
+    config = PretrainConfig(**_shared_config(args), lr=args.lr, masking_ratio=args.mask_ratio)
     if args.steps is not None:
         config = replace(config, steps=args.steps)
-    cancel = CancelToken()
-    bar = None if args.quiet else ProgressLine()
-    with graceful_interrupt(cancel, sys.stderr):
-        try:
-            model = pretrain(
-                args.images,
-                levels=args.levels,
-                out=args.out,
-                preset=args.preset,
-                init=args.init,
-                config=config,
-                progress=bar,
-                cancel=cancel,
-                resume=args.resume,
-                overwrite=args.overwrite,
-            )
-        finally:
-            if bar is not None:
-                bar.close()
+    model = _run_interruptible(
+        lambda progress, cancel: pretrain(
+            args.images, levels=args.levels, out=args.out, preset=args.preset, init=args.init,
+            config=config, progress=progress, cancel=cancel, resume=args.resume,
+            overwrite=args.overwrite,
+        ),
+        quiet=args.quiet,
+    )
     return _finish("pretrain", model, args)
 
 
