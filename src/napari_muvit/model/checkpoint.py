@@ -723,6 +723,23 @@ def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: boo
     return model.to(map_location).eval()
 
 
+def load_model_of_kind(
+    folder: str | Path, cls: type, what: str, hint: str = "",
+    map_location: str | torch.device = "cpu",
+) -> Any:
+    """:func:`load_model`, refusing a folder that holds something other than ``cls``.
+
+    ``what`` names the expected kind in the message (``"an MAE"``); ``hint`` says what to do.
+    """
+    model = load_model(folder, map_location=map_location)
+    if not isinstance(model, cls):
+        raise CheckpointError(
+            f"{Path(folder) / 'config.yaml'}: expected {what} checkpoint, "
+            f"got {type(model).__name__}{hint}"
+        )
+    return model
+
+
 def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Load whatever the folder holds: MuViTEncoder, MuViTSegmenter or MuViTMAE (eval mode).
 

@@ -406,12 +406,6 @@ class MuViTMAE(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> MuViTMAE:
         """Load our MAE folder or an official muvit MAE folder."""
-        from napari_muvit.errors import CheckpointError
-        from napari_muvit.model.checkpoint import load_model
+        from napari_muvit.model.checkpoint import load_model_of_kind
 
-        model = load_model(folder, map_location=map_location)
-        if not isinstance(model, cls):
-            raise CheckpointError(
-                f"{Path(folder) / 'config.yaml'}: expected an MAE checkpoint, got {type(model).__name__}"
-            )
-        return model
+        return load_model_of_kind(folder, cls, "an MAE", map_location=map_location)

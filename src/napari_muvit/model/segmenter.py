@@ -164,13 +164,9 @@ class MuViTSegmenter(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> MuViTSegmenter:
         """Load a segmenter folder written by :meth:`save`."""
-        from napari_muvit.errors import CheckpointError
-        from napari_muvit.model.checkpoint import load_model
+        from napari_muvit.model.checkpoint import load_model_of_kind
 
-        model = load_model(folder, map_location=map_location)
-        if not isinstance(model, cls):
-            raise CheckpointError(
-                f"{Path(folder) / 'config.yaml'}: expected a segmenter checkpoint (kind: "
-                f"segmenter), got {type(model).__name__}; fine-tune it first or use load_model"
-            )
-        return model
+        return load_model_of_kind(
+            folder, cls, "a segmenter (kind: segmenter)",
+            hint="; fine-tune it first or use load_model", map_location=map_location,
+        )
