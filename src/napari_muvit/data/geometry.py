@@ -27,6 +27,7 @@ __all__ = [
     "bbox_contains",
     "blend_weights",
     "centered_nested_bboxes",
+    "clip_region",
     "level_to_world",
     "naive_bboxes",
     "plan_tiles",
@@ -282,19 +283,30 @@ class Tile:
         return np.asarray(self.origin, dtype=np.float64) + self.size / 2.0
 
 
-def _clip_region(region: np.ndarray | Sequence, image_shape: Sequence[int]) -> np.ndarray:
-    reg = np.asarray(region, dtype=np.float64)
-    if reg.shape != (2, 2) or not np.all(np.isfinite(reg)):
-        raise InputError(f"region: expected a finite bbox [[y0, x0], [y1, x1]], got {region!r}")
+def clip_region(region: np.ndarray | Sequence | None, image_shape: Sequence[int]) -> np.ndarray:
+    """``region`` (``[[y0, x0], [y1, x1]]`` or ``(y0, x0, y1, x1)``; ``None`` = whole image) as
+    an int64 ``(2, 2)`` bbox: floored/ceiled to whole pixels and clipped to the image.
+
+    Raises :class:`InputError` for malformed or empty regions, before any work starts.
+    """
     shape = np.asarray(image_shape, dtype=np.int64).reshape(-1)[-2:]
-    r0 = np.maximum(np.floor(reg[0]), 0).astype(np.int64)
-    r1 = np.minimum(np.ceil(reg[1]), shape).astype(np.int64)
-    if np.any(r1 <= r0):
+    if region is None:
+        return np.array([[0, 0], shape], dtype=np.int64)
+    reg = np.asarray(region, dtype=np.float64)
+    if reg.shape == (4,):
+        reg = reg.reshape(2, 2)
+    if reg.shape != (2, 2) or not np.all(np.isfinite(reg)):
         raise InputError(
-            f"region: expected a bbox overlapping the image of shape {tuple(shape)}, "
-            f"got {reg.tolist()}"
+            f"region: expected a finite bbox [[y0, x0], [y1, x1]], got {np.asarray(region).tolist()}"
         )
-    return np.stack([r0, r1])
+    lo = np.maximum(np.floor(reg[0]), 0).astype(np.int64)
+    hi = np.minimum(np.ceil(reg[1]), shape).astype(np.int64)
+    if np.any(hi <= lo):
+        raise InputError(
+            f"region: {reg.tolist()} is empty or lies outside the image of shape "
+            f"{tuple(int(v) for v in shape)} (need y0 < y1, x0 < x1 inside the image)"
+        )
+    return np.stack([lo, hi])
 
 
 def plan_tiles(
@@ -332,7 +344,7 @@ def plan_tiles(
         raise InputError(f"image_shape: expected a positive (Y, X), got {tuple(image_shape)}")
     if region is None:
         region = np.array([[0, 0], shape], dtype=np.float64)
-    reg = _clip_region(region, shape)
+    reg = clip_region(region, shape)
     step = s - ov
     half = ov // 2
 

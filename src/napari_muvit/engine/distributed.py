@@ -14,7 +14,6 @@ complete.
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import os
 import threading

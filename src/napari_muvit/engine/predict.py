@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_muvit.data.geometry import Tile, blend_weights, centered_nested_bboxes, plan_tiles
+from napari_muvit.data.geometry import (
+    Tile,
+    blend_weights,
+    centered_nested_bboxes,
+    clip_region,
+    plan_tiles,
+)
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import (
     autocast,
@@ -46,7 +52,7 @@ from napari_muvit.engine.device import (
     resolve_amp,
     resolve_device,
 )
-from napari_muvit.engine.sinks import MemorySink, ZarrSink, as_region, label_dtype
+from napari_muvit.engine.sinks import MemorySink, ZarrSink, label_dtype
 from napari_muvit.errors import CheckpointError, InputError, MuViTError
 
 __all__ = ["Predictor", "TileCache", "TileResult", "model_digest", "predict", "resolve_model"]
@@ -365,7 +371,7 @@ class Predictor:
 
     def plan(self, source: Any, region: Any = None) -> list[Tile]:
         """Tiles covering ``region`` (default: whole image), centre-first."""
-        reg = as_region(region, source.shape)
+        reg = clip_region(region, source.shape)
         return plan_tiles(reg, self.tile_size, source.shape, self.overlap)
 
     def _cell_count(self, region: np.ndarray) -> int:
@@ -661,7 +667,7 @@ class Predictor:
         is triggered; every result yielded before is complete.
         """
         self.check_source(source)
-        reg = as_region(region, source.shape)
+        reg = clip_region(region, source.shape)
         return self._stream(
             source, [reg], lambda t: False, probabilities, self._cell_count(reg), progress, cancel
         )
@@ -679,10 +685,10 @@ class Predictor:
         """
         self.check_source(source)
         if sink is None:
-            reg = as_region(region, source.shape)
+            reg = clip_region(region, source.shape)
             sink = MemorySink(reg, self.num_classes, probabilities, self.label_values)
         else:
-            reg = None if region is None else as_region(region, source.shape)
+            reg = None if region is None else clip_region(region, source.shape)
             self._check_sink(source, sink)
         blocks = sink.blocks(reg)
         remaining = sink.remaining(reg)
@@ -938,7 +944,7 @@ def create_zarr_sink(
     model = pred.model
     return ZarrSink.create(
         out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
-        region=as_region(region, source.shape), label_values=pred.label_values,
+        region=clip_region(region, source.shape), label_values=pred.label_values,
         class_names=getattr(model, "class_names", None),
         class_colors=getattr(model, "class_colors", None), probabilities=probabilities,
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_muvit.data.geometry import clip_region
 from napari_muvit.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,29 +73,6 @@ def label_dtype(num_classes: int, label_values: Sequence[int] | None = None) -> 
         if top <= np.iinfo(dtype).max:
             return np.dtype(dtype)
     raise InputError(f"label_values: {top} does not fit a 32-bit label image")
-
-
-def as_region(region: np.ndarray | Sequence | None, image_shape: Sequence[int]) -> np.ndarray:
-    """``region`` as an int64 ``(2, 2)`` bbox clipped to the image (``None`` = whole image).
-
-    Raises :class:`InputError` for malformed or empty regions, before any work starts.
-    """
-    shape = np.asarray(image_shape, dtype=np.int64).reshape(-1)[-2:]
-    if region is None:
-        return np.array([[0, 0], shape], dtype=np.int64)
-    reg = np.asarray(region, dtype=np.float64)
-    if reg.shape == (4,):
-        reg = reg.reshape(2, 2)
-    if reg.shape != (2, 2) or not np.all(np.isfinite(reg)):
-        raise InputError(f"region: expected [[y0, x0], [y1, x1]], got {np.asarray(region).tolist()}")
-    lo = np.maximum(np.floor(reg[0]), 0).astype(np.int64)
-    hi = np.minimum(np.ceil(reg[1]), shape).astype(np.int64)
-    if np.any(hi <= lo):
-        raise InputError(
-            f"region: {reg.tolist()} is empty or lies outside the image of shape "
-            f"{tuple(int(s) for s in shape)} (need y0 < y1, x0 < x1 inside the image)"
-        )
-    return np.stack([lo, hi])
 
 
 def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
@@ -417,7 +395,7 @@ class ZarrSink:
 
         path = Path(path).expanduser().absolute()
         shape = tuple(int(v) for v in image_shape)
-        reg = as_region(region, shape)
+        reg = clip_region(region, shape)
         values = list(range(num_classes)) if label_values is None else [int(v) for v in label_values]
         if len(values) != num_classes:
             raise InputError(f"label_values: expected {num_classes} values, got {len(values)}")
