@@ -13,12 +13,16 @@ Sections (``--section``, default all):
   total-variation distance of the class probabilities between horizontally/vertically
   adjacent pixels, across tile-cell borders vs inside cells. Seams show up as border/interior
   ratios above 1.
+* ``precision``: the bundled model on a held-out Synthetic field (2×2 ring systems of 512²,
+  seed 1000: the test image of ``experiments/synthetic_table4.py``), float32 vs bf16 autocast,
+  timed alternately; label agreement and mDSC of each against the ground truth. bf16 pays off
+  on CPUs with native bfloat16 (AVX512-BF16, AMX) and is emulated (slower) elsewhere.
 * ``rss``: whole-image zarr prediction (a :class:`~napari_muvit.engine.ZarrSink` spanning the
   full image) of lazy dask pyramids of 4096², 16384² and 65536², each in a fresh subprocess,
   stopped (cancel token) after a fixed number of tiles because a full 64k² run takes hours on
   2 CPU cores. Reports the peak RSS during prediction, which must not depend on the image size.
 
-Run: ``python benchmarks/bench_predict.py [--section throughput|seams|rss|all] [--quick]``.
+Run: ``python benchmarks/bench_predict.py [--section throughput|seams|precision|rss|all] [--quick]``.
 """
 
 from __future__ import annotations
@@ -342,6 +346,59 @@ def section_seams(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# precision
+# --------------------------------------------------------------------------------------------
+
+
+def section_precision(args: argparse.Namespace) -> dict[str, Any]:
+    """Bundled model, float32 vs bf16 autocast: speed (alternating runs), agreement, mDSC."""
+    from napari_muvit.data import synthetic_field
+    from napari_muvit.model import load_model
+    from napari_muvit.weights import default_model_path
+
+    model = load_model(default_model_path())
+    field = synthetic_field(grid=2, system_size=512, seed=1000)
+    src = PyramidSource(field.pyramid, downsample_factors=field.factors,
+                        normalization=model.normalization)
+    gt = np.asarray(field.labels)
+    preds = {amp: Predictor(model, device="cpu", amp=amp, cache_tiles=0) for amp in ("off", "bf16")}
+    for pred in preds.values():  # warm-up (oneDNN primitive creation)
+        pred.predict(src, [[0, 0], [256, 256]])
+    times: dict[str, list[float]] = {amp: [] for amp in preds}
+    labels: dict[str, np.ndarray] = {}
+    for rep in range(max(2, args.repeats) * 2):
+        for amp in (("off", "bf16") if rep % 2 == 0 else ("bf16", "off")):
+            t0 = time.perf_counter()
+            labels[amp] = preds[amp].predict(src).labels
+            times[amp].append(time.perf_counter() - t0)
+
+    def dice(pred: np.ndarray) -> tuple[float, float]:
+        out = []
+        for value in (1, 2):
+            a, b = pred == value, gt == value
+            out.append(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)))
+        return out[0], out[1]
+
+    cpu_bf16 = bool(torch.backends.mkldnn.is_available()
+                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    print(f"\nprecision: bundled model on a held-out {gt.shape[0]}x{gt.shape[1]} field, "
+          f"{len(times['off'])} alternating runs each; native CPU bf16: {cpu_bf16} "
+          f"(capability {torch.backends.cpu.get_cpu_capability()})")
+    rows = {}
+    for amp, name in (("off", "float32"), ("bf16", "bf16 autocast")):
+        med = float(np.median(times[amp]))
+        outer, inner = dice(labels[amp])
+        rows[amp] = {"median_s": med, "mpx_s": gt.size / med / 1e6, "outer": outer,
+                     "inner": inner, "mDSC": (outer + inner) / 2}
+        print(f"{name:<15} median {med:6.2f} s  {gt.size / med / 1e6:6.2f} Mpx/s  "
+              f"Dice outer {outer:.4f} inner {inner:.4f} mDSC {(outer + inner) / 2:.4f}")
+    same = float((labels["off"] == labels["bf16"]).mean())
+    speedup = rows["off"]["median_s"] / rows["bf16"]["median_s"]
+    print(f"bf16 / float32 speed-up x{speedup:.2f}; identical labels {100 * same:.4f}%")
+    return {"rows": rows, "speedup": speedup, "identical": same, "native_bf16": cpu_bf16}
+
+
+# --------------------------------------------------------------------------------------------
 # bounded memory
 # --------------------------------------------------------------------------------------------
 
@@ -436,7 +493,7 @@ def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=("throughput", "seams", "rss", "all"), default="all")
+    parser.add_argument("--section", choices=("throughput", "seams", "precision", "rss", "all"), default="all")
     parser.add_argument("--size", type=int, default=8192, help="synthetic pyramid side")
     parser.add_argument("--region", type=int, default=1024, help="central region side")
     parser.add_argument("--naive-tiles", type=int, default=16)
@@ -463,6 +520,8 @@ def main() -> None:
         out["throughput"] = section_throughput(args)
     if args.section in ("seams", "all"):
         out["seams"] = section_seams(args)
+    if args.section in ("precision", "all"):
+        out["precision"] = section_precision(args)
     if args.section in ("rss", "all"):
         out["rss"] = section_rss(args)
     if args.json is not None:

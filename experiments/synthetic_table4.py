@@ -7,12 +7,13 @@ Optionally: robustness to Gaussian bbox noise at inference (``--noise``) and MAE
 followed by fine-tuning (``--mae``).
 
 CPU scale (this repository's default): ring systems of 512² (the generator scales rings with
-the image), level-1 crops 64², levels [1, 4], the ``small`` preset (D=192, 4 layers). The
-crop/image ratio is the paper's 256²-in-2048² scaled by ¼. Paper scale: ``--scale paper``
-(2048² systems, crops 256², D=512, 12 layers) — for a GPU.
+the image), level-1 crops 64², levels [1, 4], D=128, 4 layers, 4 heads, UNETR width 32,
+trained 4000 steps, encoder and head at lr 1e-3 (the bundled model's recipe). The crop/image
+ratio is the paper's 256²-in-2048² scaled by ¼. Paper scale: ``--scale paper`` (2048² systems,
+crops 256², D=512, 12 layers) — for a GPU.
 
-    python experiments/synthetic_table4.py --out experiments/runs/cpu
-    python experiments/synthetic_table4.py --out experiments/runs/cpu --noise 0,8,16,32,64
+    python experiments/synthetic_table4.py --out experiments/runs/cpu --parallel 3
+    python experiments/synthetic_table4.py --out experiments/runs/cpu --eval-only --noise 8,16,32,64
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ import numpy as np
 SCALES = {
     # ring-system size, crop, encoder width/depth/heads, UNETR width, steps, batch, head lr,
     # encoder lr factor (from scratch the encoder needs more than the fine-tuning 0.1×)
-    "cpu": dict(system=512, crop=64, dim=128, layers=4, heads=4, head_dim=32, steps=800, batch=8,
-                lr=1e-3, enc_factor=0.3),
-    "paper": dict(system=2048, crop=256, dim=512, layers=12, heads=8, head_dim=256, steps=20000,
-                  batch=16, lr=1e-4, enc_factor=0.1),
+    # schedule: (steps, head lr) stages, each a fresh cosine run started from the previous one
+    # (``train --init``). CPU: the bundled model's recipe, one 4000-step cosine run with the
+    # encoder at the head's lr: from scratch, a slower encoder (0.3×, the first recipe) rarely
+    # learned to use the context's position within 4000 steps (docs/results.md)
+    "cpu": dict(system=512, crop=64, dim=128, layers=4, heads=4, head_dim=32, batch=8,
+                schedule=((4000, 1e-3),), enc_factor=1.0),
+    "paper": dict(system=2048, crop=256, dim=512, layers=12, heads=8, head_dim=256, batch=16,
+                  schedule=((20000, 1e-4),), enc_factor=0.1),
 }
 VARIANTS = {
     "muvit14": dict(levels="1,4", naive=False, label="MuViT[1,4]+UNETR"),
@@ -70,14 +75,14 @@ def make_training_data(folder: Path, system: int) -> tuple[list[Path], list[Path
     return images, labels
 
 
-def initial_model(name: str, scale: dict, folder: Path) -> Path:
-    """A randomly initialised segmenter of the scale's size (seed 0) for ``--init``."""
+def initial_model(name: str, scale: dict, folder: Path, seed: int = 0) -> Path:
+    """A randomly initialised segmenter of the scale's size for ``--init``."""
     import torch
 
     from napari_muvit.model import MuViTEncoder, MuViTSegmenter
 
     levels = [float(v) for v in VARIANTS[name]["levels"].split(",")]
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     encoder = MuViTEncoder(1, levels, patch_size=8, dim=scale["dim"],
                            num_layers=scale["layers"], heads=scale["heads"])
     model = MuViTSegmenter(encoder, head="unetr", num_classes=3, head_dim=scale["head_dim"],
@@ -88,27 +93,44 @@ def initial_model(name: str, scale: dict, folder: Path) -> Path:
 
 
 def train_variant(name: str, scale: dict, images: list[Path], labels: list[Path], out: Path,
-                  init: Path | None = None, steps: int | None = None) -> float:
-    """Train one variant with the CLI; returns wall seconds."""
+                  schedule: tuple[tuple[int, float], ...], seed: int = 0) -> float:
+    """Train one variant with the CLI, stage by stage (stage ``i`` starts from stage ``i-1``,
+    seed ``seed + i``; initial weights from ``seed``); the last stage writes ``out``, earlier
+    ones ``out_stage{i}``. Wall seconds."""
     v = VARIANTS[name]
-    init = init or initial_model(name, scale, out.parent / f"{name}_init")
-    cmd = [
-        sys.executable, "-m", "napari_muvit", "train", *map(str, images),
-        "--labels", *map(str, labels), "--out", str(out), "--levels", v["levels"],
-        "--crop", str(scale["crop"]), "--steps", str(steps or scale["steps"]),
-        "--batch", str(scale["batch"]), "--lr", str(scale["lr"]),
-        "--encoder-lr-factor", str(scale["enc_factor"]), "--dense", "--seed", "0",
-        "--no-pseudo-labels", "--overwrite", "--quiet",
-    ]
-    cmd += ["--init", str(init)]
-    if v["naive"]:
-        cmd.append("--naive-bbox")
+    init = initial_model(name, scale, out.parent / f"{name}_init", seed)
     t0 = time.perf_counter()
-    print("$", " ".join(cmd[1:]), flush=True)
-    # One thread per run: small convolutions scale badly across the 2 cores under load, so
-    # variants run side by side instead (see main).
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for i, (steps, lr) in enumerate(schedule):
+        stage_out = out if i == len(schedule) - 1 else out.parent / f"{out.name}_stage{i}"
+        cmd = [
+            sys.executable, "-m", "napari_muvit", "train", *map(str, images),
+            "--labels", *map(str, labels), "--out", str(stage_out), "--levels", v["levels"],
+            "--crop", str(scale["crop"]), "--steps", str(steps), "--batch", str(scale["batch"]),
+            "--lr", str(lr), "--encoder-lr-factor", str(scale["enc_factor"]), "--dense",
+            "--seed", str(seed + i), "--no-pseudo-labels", "--overwrite", "--quiet", "--init", str(init),
+        ]
+        if v["naive"]:
+            cmd.append("--naive-bbox")
+        print("$", " ".join(cmd[1:]), flush=True)
+        # One thread per run: small convolutions scale badly across the 2 cores under load, so
+        # variants run side by side instead (see main).
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        init = stage_out
     return time.perf_counter() - t0
+
+
+def parse_schedule(text: str) -> tuple[tuple[int, float], ...]:
+    """``"800@1e-3,1600@5e-4"`` -> ((800, 0.001), (1600, 0.0005))."""
+    stages = []
+    try:
+        for part in filter(None, text.split(",")):
+            steps, _, lr = part.partition("@")
+            stages.append((int(steps), float(lr)))
+    except ValueError:
+        stages = []
+    if not stages or any(n < 1 or lr <= 0 for n, lr in stages):
+        raise SystemExit(f"--schedule: expected STEPS@LR[,STEPS@LR...], got {text!r}")
+    return tuple(stages)
 
 
 def run_cli(args: list[str]) -> float:
@@ -121,10 +143,11 @@ def run_cli(args: list[str]) -> float:
 
 
 def mae_experiment(scale: dict, images: list[Path], out: Path, pretrain_steps: int,
-                   finetune_steps: int) -> dict:
+                   finetune_steps: list[int]) -> dict:
     """MAE pre-training on the (unlabelled) training fields, then fine-tuning MuViT[1,4] from it
-    vs from the same random initialisation, same steps: does pre-training converge faster
-    (paper Table S3)? The MAE uses levels [1, 4, 16]; fine-tuning selects [1, 4]."""
+    vs from the same random initialisation, same settings, for each budget in
+    ``finetune_steps``: does pre-training converge faster (paper Table S3)? The MAE uses levels
+    [1, 4, 16]; fine-tuning selects [1, 4]."""
     from napari_muvit.model import MuViTEncoder
 
     import torch
@@ -133,22 +156,29 @@ def mae_experiment(scale: dict, images: list[Path], out: Path, pretrain_steps: i
     enc = MuViTEncoder(1, [1, 4, 16], patch_size=8, dim=scale["dim"], num_layers=scale["layers"],
                        heads=scale["heads"])
     enc.save(out / "mae_init_encoder", overwrite=True)
-    result = {"pretrain_seconds": run_cli([
+    result: dict = {"pretrain_steps": pretrain_steps, "pretrain_seconds": run_cli([
         "pretrain", *map(str, images), "--init", str(out / "mae_init_encoder"),
         "--levels", "1,4,16", "--crop", str(scale["crop"]), "--steps", str(pretrain_steps),
         "--batch", "8", "--out", str(out / "mae"), "--overwrite", "--quiet", "--seed", "0"])}
     _, labels = make_training_data(out / "data", scale["system"])
-    common = [*map(str, images), "--labels", *map(str, labels), "--levels", "1,4", "--crop",
-              str(scale["crop"]), "--steps", str(finetune_steps), "--batch", str(scale["batch"]),
-              "--lr", str(scale["lr"]), "--encoder-lr-factor", str(scale["enc_factor"]),
-              "--dense", "--seed", "0", "--no-pseudo-labels", "--overwrite", "--quiet"]
-    runs = {"from_mae": out / "mae", "from_random": out / "mae_init_encoder"}
+    starts = {"from_mae": out / "mae", "from_random": out / "mae_init_encoder"}
+    runs = [(name, steps) for steps in finetune_steps for name in starts]
+
+    def finetune(run: tuple[str, int]) -> float:
+        name, steps = run
+        return run_cli([
+            "train", *map(str, images), "--labels", *map(str, labels), "--levels", "1,4",
+            "--crop", str(scale["crop"]), "--steps", str(steps), "--batch", str(scale["batch"]),
+            "--lr", str(scale["schedule"][0][1]), "--encoder-lr-factor", str(scale["enc_factor"]),
+            "--dense", "--seed", "0", "--no-pseudo-labels", "--overwrite", "--quiet",
+            "--init", str(starts[name]), "--out", str(out / f"ft_{name}_{steps}")])
+
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda kv: run_cli(["train", *common, "--init", str(kv[1]), "--out",
-                                          str(out / f"ft_{kv[0]}")]), runs.items()))
-    for name in runs:
-        result[name] = evaluate(out / f"ft_{name}", scale["system"])
-        print(name, json.dumps(result[name]), flush=True)
+        list(pool.map(finetune, runs))
+    for name, steps in runs:
+        result.setdefault(name, {})[str(steps)] = evaluate(out / f"ft_{name}_{steps}",
+                                                           scale["system"])
+        print(name, steps, json.dumps(result[name][str(steps)]), flush=True)
     return result
 
 
@@ -192,28 +222,50 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("experiments/runs/cpu"))
     parser.add_argument("--scale", choices=SCALES, default="cpu")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--schedule", default=None, metavar="STEPS@LR,...",
+                        help="training stages, each a cosine run started from the previous "
+                             "one (default: the scale's, 4000@1e-3 on CPU), e.g. "
+                             "800@1e-3,1600@5e-4,1600@3e-4")
+    parser.add_argument("--encoder-lr-factor", type=float, default=None,
+                        help="encoder lr / head lr (default: the scale's, 1.0 on CPU)")
+    parser.add_argument("--system", type=int, default=None,
+                        help="ring-system size in px (default: the scale's, 512 on CPU); larger "
+                             "systems make the context a smaller part of a system")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and sampling seed (replicates: 0, 10, 20, ...)")
     parser.add_argument("--noise", default="", help="bbox noise sigmas (px), e.g. 0,8,16,32,64")
     parser.add_argument("--eval-only", action="store_true")
     parser.add_argument("--parallel", type=int, default=2, help="variants trained side by side")
-    parser.add_argument("--mae", default="", metavar="PRETRAIN,FINETUNE",
-                        help="run the MAE experiment with these step counts, e.g. 600,300")
+    parser.add_argument("--mae", default="", metavar="PRETRAIN,FINETUNE[,FINETUNE...]",
+                        help="run the MAE experiment: pre-training steps, then one or more "
+                             "fine-tuning budgets, e.g. 5000,300,800")
     args = parser.parse_args()
-    scale = SCALES[args.scale]
+    scale = dict(SCALES[args.scale])
+    if args.encoder_lr_factor is not None:
+        scale["enc_factor"] = args.encoder_lr_factor
+    if args.system is not None:
+        scale["system"] = args.system
+    schedule = parse_schedule(args.schedule) if args.schedule else scale["schedule"]
     images, labels = make_training_data(args.out / "data", scale["system"])
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     if args.mae:
-        pre, fine = (int(v) for v in args.mae.split(","))
+        pre, *fine = (int(v) for v in args.mae.split(","))
+        if not fine:
+            raise SystemExit("--mae: expected PRETRAIN,FINETUNE[,FINETUNE...], e.g. 5000,300,800")
         results["mae"] = mae_experiment(scale, images, args.out, pre, fine)
         results_file.write_text(json.dumps(results, indent=2))
     names = [n for n in args.variants.split(",") if n]
     if not args.eval_only:
         with ThreadPoolExecutor(args.parallel) as pool:
             seconds = pool.map(lambda n: train_variant(n, scale, images, labels, args.out / n,
-                                                       steps=args.steps), names)
+                                                       schedule, args.seed), names)
             for name, sec in zip(names, seconds):
-                results.setdefault(name, {"label": VARIANTS[name]["label"]})["train_seconds"] = sec
+                entry = results.setdefault(name, {"label": VARIANTS[name]["label"]})
+                entry["train_seconds"] = sec
+                entry["schedule"] = [list(stage) for stage in schedule]
+                entry["seed"] = args.seed
+                entry["encoder_lr_factor"] = scale["enc_factor"]
     for name in names:
         folder = args.out / name
         entry = results.setdefault(name, {"label": VARIANTS[name]["label"]})
@@ -227,15 +279,28 @@ def main() -> None:
 
 
 def print_table(results: dict) -> None:
-    print("| Method | outer | inner | mDSC | paper mDSC | train min |")
-    print("|---|---|---|---|---|---|")
+    print("| Method | steps | outer | inner | mDSC | paper mDSC | train min |")
+    print("|---|---|---|---|---|---|---|")
     for key, entry in results.items():
         if key == "mae":
             continue
         t = entry.get("test", {})
         paper = PAPER.get(entry["label"], (None,) * 3)[2]
-        print(f"| {entry['label']} | {t.get('outer', 0):.4f} | {t.get('inner', 0):.4f} | "
+        steps = sum(n for n, _ in entry.get("schedule", []))
+        print(f"| {entry['label']} | {steps} | {t.get('outer', 0):.4f} | {t.get('inner', 0):.4f} | "
               f"{t.get('mDSC', 0):.4f} | {paper} | {entry.get('train_seconds', 0) / 60:.1f} |")
+        for sigma, r in entry.get("noise", {}).items():
+            print(f"|   bbox noise σ={sigma} px | | {r['outer']:.4f} | {r['inner']:.4f} | "
+                  f"{r['mDSC']:.4f} | | |")
+    mae = results.get("mae")
+    if mae:
+        print(f"\nMAE pre-training ({mae.get('pretrain_steps', '?')} steps), then fine-tuning "
+              "MuViT[1,4]: mDSC on the held-out field")
+        print("| fine-tuning steps | from random | from MAE |")
+        print("|---|---|---|")
+        for steps in mae.get("from_random", {}):
+            rand, pre = mae["from_random"][steps], mae.get("from_mae", {}).get(steps, {})
+            print(f"| {steps} | {rand.get('mDSC', 0):.4f} | {pre.get('mDSC', 0):.4f} |")
 
 
 if __name__ == "__main__":

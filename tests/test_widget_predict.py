@@ -224,6 +224,7 @@ def test_predict_view_lands_exactly_on_visible_region(make_napari_viewer, qtbot,
     x0, x1 = min(cols) * TILE, min((max(cols) + 1) * TILE, out.shape[1])
     sink = Predictor(model, device="cpu").predict(source, region=[[y0, x0], [y1, x1]])
     np.testing.assert_array_equal(out[y0:y1, x0:x1], sink.labels)
+    assert widget.predictor.amp_dtype is None  # "auto" is float32 on CPU
 
     # coarse pyramid level: nearest samples of level 0
     coarse = np.asarray(labels.data[1])
@@ -235,6 +236,18 @@ def test_predict_view_lands_exactly_on_visible_region(make_napari_viewer, qtbot,
     assert list(labels.features["index"]) == [1, 2, 3]
     assert labels.colormap.map(np.array([2]))[0][3] > 0
     assert "device cpu" in widget.model_info.text() and "tile 32 px" in widget.model_info.text()
+
+    # Precision bf16 reaches the engine, and the view is repainted with the bf16 labels
+    import torch
+
+    widget.precision_combo.setCurrentText("bf16")
+    worker = widget.predict_view()
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert widget.predictor.amp_dtype == torch.bfloat16
+    bf16 = Predictor(model, device="cpu", amp="bf16").predict(source, region=[[y0, x0], [y1, x1]])
+    np.testing.assert_array_equal(np.asarray(widget.labels_layer().data[0])[y0:y1, x0:x1],
+                                  bf16.labels)
 
 
 def test_live_pan_computes_only_new_tiles_and_stays_responsive(
@@ -484,6 +497,7 @@ def test_settings_persist_and_model_errors_are_notifications(
     viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[1], rings[2])
     widget.cap_spin.setValue(123)
     widget.overlap_spin.setValue(4)
+    widget.precision_combo.setCurrentText("bf16")
     widget.confidence_check.setChecked(True)
     qtbot.waitUntil(lambda: "MuViT[1, 4]" in widget.model_info.text(), timeout=30_000)
     assert "overlap" not in widget.status.lower()
@@ -527,6 +541,7 @@ def test_settings_persist_and_model_errors_are_notifications(
     assert again.overlap_spin.value() == 4
     assert again.confidence_check.isChecked()
     assert again.device == "cpu"
+    assert again.predictor_options.precision == "bf16"
     assert again.model_choice.value == str(model_dirs[1])
     recent = [again.model_combo.itemData(i) for i in range(again.model_combo.count())]
     assert any(str(official_fixtures / "encoder") in c.value for c in recent if c.value)
