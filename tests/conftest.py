@@ -45,3 +45,20 @@ def official_fixtures() -> Path:
     if not OFFICIAL_FIXTURES.exists():
         pytest.skip(f"official muvit fixtures not found at {OFFICIAL_FIXTURES}")
     return OFFICIAL_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def table4():
+    """``experiments/synthetic_table4.py`` imported as a module (it is a script, not a package)."""
+    import importlib.util
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "synthetic_table4.py"
+    spec = importlib.util.spec_from_file_location("synthetic_table4", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["synthetic_table4"] = module  # dataclasses/pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop("synthetic_table4", None)
+    return module

@@ -6,24 +6,9 @@ recorded instead of executed) and how it parses its options.
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "synthetic_table4.py"
-
-
-@pytest.fixture(scope="module")
-def table4():
-    spec = importlib.util.spec_from_file_location("synthetic_table4", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["synthetic_table4"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("synthetic_table4", None)
 
 
 def _option(cmd: list[str], name: str) -> str:

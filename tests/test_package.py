@@ -24,13 +24,17 @@ def test_npe2_validates_manifest() -> None:
     assert "valid" in (result.stdout + result.stderr).lower()
 
 
+def _run_python(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (a clean ``sys.modules``)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
 def test_import_does_not_import_torch_or_qt() -> None:
-    code = (
+    result = _run_python(
         "import sys, napari_muvit; "
         "bad = [m for m in ('torch', 'qtpy', 'PyQt5', 'napari') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -43,12 +47,11 @@ def test_cli_version() -> None:
 
 
 def test_top_level_functions_are_functions_in_any_import_order() -> None:
-    code = (
+    result = _run_python(
         "import napari_muvit.engine.predict, napari_muvit.engine.train, "
         "napari_muvit.engine.pretrain, inspect, napari_muvit as nm; "
         "assert all(inspect.isfunction(getattr(nm, n)) for n in ('predict', 'train', 'pretrain'))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
 
