@@ -215,3 +215,26 @@ def test_lock_in_a_missing_or_readonly_folder_is_a_clear_error(tmp_path) -> None
                 pass
     finally:
         ro.chmod(0o700)
+
+
+def test_nested_holders_release_in_any_order(tmp_path) -> None:
+    from napari_muvit.locks import AdvisoryLock
+
+    store = tmp_path / "S.zarr"
+    outer = AdvisoryLock(store, "prediction store")
+    inner = AdvisoryLock(store, "prediction store")
+    outer.acquire()
+    inner.acquire()  # e.g. the store object re-enters the lock the API call took
+    outer.release()
+    assert lock_path(store).exists()  # still held by the inner holder
+    inner.release()
+    assert not lock_path(store).exists()
+    inner.release()  # idempotent
+    # released from another thread than the one that acquired (a store closed by a worker)
+    outer.acquire()
+    thread = threading.Thread(target=outer.release)
+    thread.start()
+    thread.join()
+    assert not lock_path(store).exists()
+    with advisory_lock(store):
+        pass
