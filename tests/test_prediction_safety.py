@@ -373,3 +373,55 @@ def test_api_wrong_argument_types_are_clear(model) -> None:
         predict_api(np.zeros((64, 64), np.uint8), model=model, out=5, device="cpu")
     with pytest.raises(InputError, match="out: expected the path of an output .zarr store"):
         predict_api(np.zeros((64, 64), np.uint8), model=model, out="  ", device="cpu")
+
+
+# ------------------------------------------------------------------ bit depth vs the model's range
+
+
+FIXED_8BIT = {"kind": "percentile", "low": 8.0, "high": 200.0, "pmin": 1.0, "pmax": 99.8}
+
+
+def _predict_warned(model, image):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        labels = predict_api(image, model=model, device="cpu", batch_size=4)
+    return labels, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_uint16_image_gets_the_8bit_models_range_scaled_and_a_note() -> None:
+    model = tiny_segmenter(normalization=FIXED_8BIT)  # like the bundled model's config
+    img8 = np.asarray(rings(128)[0])
+    labels8, notes8 = _predict_warned(model, img8)
+    assert notes8 == []  # the training bit depth: used as is, nothing to say
+    labels16, notes16 = _predict_warned(model, img8.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(labels16, labels8)  # was 52 % different (issue 14)
+    assert len(notes16) == 1 and "scaled by 257" in notes16[0] and "uint16" in notes16[0]
+    # a range no bit-depth ratio explains (12-bit data): kept, with a one-line warning
+    labels12, notes12 = _predict_warned(model, img8.astype(np.uint16) * 16)
+    assert len(notes12) == 1 and "does not match the model's fixed intensity range" in notes12[0]
+    assert "\n" not in notes12[0]
+
+
+def test_per_image_mode_normalises_each_image_by_its_own_percentiles() -> None:
+    model = tiny_segmenter(normalization={**FIXED_8BIT, "extra": {"mode": "per_image"}})
+    img8 = np.asarray(rings(128)[0])
+    labels8, notes8 = _predict_warned(model, img8)
+    labels12, notes12 = _predict_warned(model, img8.astype(np.uint16) * 16)
+    assert notes8 == notes12 == []
+    np.testing.assert_array_equal(labels12, labels8)
+    with pytest.raises(InputError, match="normalization mode"):
+        predict_api(img8, model=tiny_segmenter(normalization={**FIXED_8BIT, "extra": {"mode": "x"}}),
+                    device="cpu")
+
+
+def test_cli_prints_the_bit_depth_note_on_one_line(files, tmp_path) -> None:
+    image = tmp_path / "u16.npy"
+    np.save(image, np.asarray(rings(192)[0]).astype(np.uint16) * 257)
+    result = _cli(str(image), "--out", str(tmp_path / "u16.zarr"), "--region", "0,0,64,64",
+                  "--quiet", "--device", "cpu")  # the bundled model
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("napari-muvit predict: warning:"), lines
+    assert "scaled by 257" in lines[0] and str(image) in lines[0]

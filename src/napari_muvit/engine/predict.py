@@ -25,6 +25,7 @@ import json
 import math
 import time
 import uuid
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -295,7 +296,8 @@ class Predictor:
         self._weights = (
             blend_weights(self.tile_size, self.overlap) if self.overlap else None
         )
-        self._sources: weakref.WeakKeyDictionary[Any, tuple[str, Any]] = weakref.WeakKeyDictionary()
+        # source -> (normalisation key, source to read from, model normalisation it was made for)
+        self._sources: weakref.WeakKeyDictionary[Any, tuple[str, Any, str]] = weakref.WeakKeyDictionary()
         self.stats: dict[str, float] = {}
         self.reset_stats()
 
@@ -353,21 +355,28 @@ class Predictor:
         A shallow copy keeps the caller's source untouched while sharing its pyramid levels.
         """
         want = getattr(self.model, "normalization", None)
+        wanted = json.dumps(want, sort_keys=True, default=str)
         cached = self._sources.get(source) if _weakrefable(source) else None
-        if cached is not None and cached[0] == _norm_key(want, source, cached[1]):
-            return cached
+        if cached is not None and cached[2] == wanted and (
+            want is not None  # else the source's own normalisation may have been changed
+            or cached[0] == json.dumps(source.normalization.to_dict(), sort_keys=True, default=str)
+        ):
+            return cached[:2]
         if want is None:
             reader = source
         else:
-            from napari_muvit.data.normalization import Normalization
+            from napari_muvit.data.normalization import normalization_for_image
 
-            norm = Normalization.from_dict(want)
+            # the model's range, adapted (or warned about) when the image cannot match it
+            norm, note = normalization_for_image(want, source)
+            if note is not None:
+                warnings.warn(note, RuntimeWarning, stacklevel=3)
             reader = source if source.normalization == norm else copy.copy(source)
             reader.normalization = norm
-        entry = (_norm_key(want, source, reader), reader)
+        key = json.dumps(reader.normalization.to_dict(), sort_keys=True, default=str)
         if _weakrefable(source):
-            self._sources[source] = entry
-        return entry
+            self._sources[source] = (key, reader, wanted)
+        return key, reader
 
     # ---------------------------------------------------------------- planning
 
@@ -754,12 +763,6 @@ def _weakrefable(obj: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-def _norm_key(want: dict | None, source: Any, reader: Any) -> str:
-    """Cache-key text of the normalisation actually applied to the crops."""
-    norm = want if want is not None else reader.normalization.to_dict()
-    return json.dumps(norm, sort_keys=True, default=str)
 
 
 def _order(pool: dict[tuple[int, int], Tile], targets: list[Tile]) -> list[tuple[int, int]]:
