@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import re
@@ -141,9 +142,24 @@ def run(args: argparse.Namespace) -> int:
     except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise
+        if _is_disk_full(err):
+            raise MuViTError(
+                f"no space left on the disk of {args.out}: free some space and rerun the same "
+                "command to resume (the tiles written so far are kept)"
+            ) from None
         raise MuViTError(
             f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)"
         ) from None
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception chain (zarr may wrap the OSError)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _run(args: argparse.Namespace) -> int:

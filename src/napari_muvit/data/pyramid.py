@@ -898,7 +898,8 @@ def open_image(path_or_array: Any, **kwargs: Any) -> PyramidSource:
         except InputError as err:
             if str(path_or_array) in str(err):
                 raise
-            raise InputError(f"image {str(path_or_array)!r}: {err}") from None
+            detail = str(err).removeprefix("image: ")
+            raise InputError(f"image {str(path_or_array)!r}: {detail}") from None
     if hasattr(path_or_array, "array_keys"):  # zarr group object
         return _source_from_group(path_or_array, **kwargs)
     return PyramidSource(path_or_array, **kwargs)
@@ -921,7 +922,15 @@ def _open_path(path: Path, **kwargs: Any) -> PyramidSource:
             ) from None
         return _named(PyramidSource([array], **kwargs), path)
     if name.endswith((".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn")):
-        return _named(_open_tiff(path, **kwargs), path)
+        try:
+            return _named(_open_tiff(path, **kwargs), path)
+        except InputError:
+            raise
+        except Exception as err:  # tifffile raises many types for damaged files
+            raise InputError(
+                f"image {str(path)!r}: cannot read this TIFF ({type(err).__name__}: {err}); it "
+                "is damaged or not a TIFF"
+            ) from None
     if path.is_dir() or name.endswith(".zarr"):
         import zarr
 

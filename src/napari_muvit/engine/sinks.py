@@ -910,7 +910,7 @@ def _differences(info: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
         if key == "input":
             out.append(_input_difference(old.get(key), new.get(key)))
         else:
-            out.append(f"{_FINGERPRINT_NAMES.get(key, key)} differ")
+            out.append(f"different {_FINGERPRINT_NAMES.get(key, key).removeprefix('the ')}")
     return out
 
 
