@@ -67,7 +67,11 @@ CHUNK = 64
 LOCK_SUFFIX = ".napari-muvit.lock"
 
 
-def _env(src: Path = ROOT / "src") -> dict[str, str]:
+def _env(src: Path | None = None) -> dict[str, str]:
+    """The environment of every run: this checkout's ``src`` first (or
+    ``$NAPARI_MUVIT_RELIABILITY_SRC``: another checkout whose code is measured)."""
+    if src is None:
+        src = Path(os.environ.get("NAPARI_MUVIT_RELIABILITY_SRC", ROOT / "src"))
     env = dict(os.environ)
     env["PYTHONPATH"] = str(src) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
@@ -188,9 +192,10 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
     outcomes: list[dict] = []
     for i in range(trials):
         out = ctx["tmp"] / f"kill{i}.zarr"
-        delay = rng.uniform(0.0, ctx["baseline_s"])
-        proc = subprocess.Popen(predict_cmd(ctx["a"], out, ctx["model"]), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=_env())
+        delay = rng.uniform(0.0, ctx["compute_s"])
+        # the store's life (creation, chunk writes, completion) is where a kill can do harm
+        proc = start_and_wait(predict_cmd(ctx["a"], out, ctx["model"]),
+                              lambda out=out: (out / "zarr.json").exists())
         time.sleep(delay)
         code, _err = kill(proc)
         state = store_state(out)
@@ -204,8 +209,8 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
     states = [o["state"].split(" (")[0] for o in outcomes]
     return row(
         "predict", "kill -9 at a random moment",
-        f"SIGKILL after U(0, {ctx['baseline_s']:.1f} s) (the uninterrupted run's time), then the "
-        "same command again", trials, sum(o["identical"] for o in outcomes),
+        f"SIGKILL U(0, {ctx['compute_s']:.1f} s) after the store appears (the uninterrupted "
+        "run's time from there to its exit), then the same command again", trials, sum(o["identical"] for o in outcomes),
         "the process dies; the rerun resumes (a dead run's lock is taken over) and exits 0",
         "resumed store bit-identical to an uninterrupted run (labels, pyramid, probabilities); "
         f"states at the kill: {', '.join(f'{states.count(s)} {s}' for s in sorted(set(states)))}",
@@ -463,16 +468,20 @@ def _one_line_row(ctx: dict, fault: str, path: Path, needle: str) -> dict:
                {"exit": result.returncode, "lines": len(lines)})
 
 
-def train_rows(path: Path) -> list[dict]:
+def train_rows(path: Path, kills: int, seed: int) -> list[dict]:
     """Rows of the training half (``cases()`` of ``_reliability_train.py``), run in a
-    subprocess with that file's repository on the path."""
+    subprocess that measures the code of that file's checkout (its ``src``)."""
     if not path.is_file():
         return []
     repo = path.resolve().parents[1]
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import _reliability_train as t; "
-            "print(json.dumps(t.cases()))")
-    result = subprocess.run([sys.executable, "-c", code, str(path.parent)], capture_output=True,
-                            text=True, env=_env(repo / "src"), timeout=3600)
+    code = ("import json, sys; sys.path[:0] = sys.argv[1:3]; import _reliability_train as t; "
+            f"print(json.dumps(t.cases(kills={int(kills)}, seed={int(seed)})))")
+    env = _env(repo / "src")
+    env["NAPARI_MUVIT_RELIABILITY_SRC"] = str(repo / "src")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path.resolve().parent), str(Path(__file__).resolve().parent)],
+        capture_output=True, text=True, env=env, timeout=7200,
+    )
     if result.returncode != 0:
         return [row("train", "training cases", str(path), 1, 0,
                     f"the training cases failed: {last_line(result.stderr)}", "-")]
@@ -546,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                 case_corrupt_chunk(ctx, args.trials, rng), case_other_image(ctx),
                 case_hostile_outputs(ctx), *case_bad_inputs(ctx)]
         timing = {k: round(ctx[k], 2) for k in ("baseline_s", "compute_s")}
-    rows += train_rows(args.train_cases)
+    rows += train_rows(args.train_cases, args.kills, args.seed)
     for r in rows:
         missing = [f for f in FIELDS if f not in r]
         if missing:
