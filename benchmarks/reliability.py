@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -65,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 288  # 9 × 9 tiles of the 32-px test model, 25 chunks of 64 px, a 2-level pyramid
 CHUNK = 64
 LOCK_SUFFIX = ".napari-muvit.lock"
+PAUSE_ENV = "NAPARI_MUVIT_RELIABILITY_PAUSE"
 
 
 def _env(src: Path | None = None) -> dict[str, str]:
@@ -88,6 +90,16 @@ def child(argv: list[str]) -> int:
 
     torch.set_num_threads(1)
     sinks.DEFAULT_CHUNK = CHUNK
+    pause = os.environ.get(PAUSE_ENV)
+    if pause:  # test hook: hold still after the first chunk until the pause file is removed
+        flush = sinks.ZarrSink._flush
+
+        def paused_flush(self, key):
+            flush(self, key)
+            while Path(pause).exists():
+                time.sleep(0.05)
+
+        sinks.ZarrSink._flush = paused_flush
     return main(["predict", *argv])
 
 
@@ -222,9 +234,10 @@ def case_ctrl_c(ctx: dict, trials: int, rng: random.Random) -> dict:
     outcomes = []
     for i in range(trials):
         out = ctx["tmp"] / f"int{i}.zarr"
+        target = rng.randint(0, 72)  # of 81 tiles: interrupt at a random point of progress
         proc = start_and_wait(predict_cmd(ctx["a"], out, ctx["model"]),
-                              lambda out=out: (out / "zarr.json").exists())
-        time.sleep(rng.uniform(0.0, 0.8 * ctx["compute_s"]))
+                              lambda out=out, target=target: (out / "zarr.json").exists()
+                              and done_cells(out) >= target)
         code, err = kill(proc, signal.SIGINT)
         state = store_state(out)
         rerun_exit = None
@@ -233,13 +246,14 @@ def case_ctrl_c(ctx: dict, trials: int, rng: random.Random) -> dict:
         # a SIGINT after the store was finished (while Python exits) may end it with -2
         ok = ((code == 130 or state == "complete") and rerun_exit in (None, 0)
               and identical(out, ctx["ref_a"]) and not leftovers(out))
-        outcomes.append({"exit": code, "message": last_line(err), "state": state,
-                         "identical": ok})
+        outcomes.append({"at_tiles": target, "exit": code, "message": last_line(err),
+                         "state": state, "identical": ok})
         shutil.rmtree(out, ignore_errors=True)
     shown = next((o["message"] for o in outcomes if o["exit"] == 130), "")
     return row(
         "predict", "Ctrl-C (SIGINT) during the run",
-        "SIGINT at a random moment after the store exists, then the same command again", trials,
+        "SIGINT once a random number (0-72 of 81) of tiles is done, then the same command "
+        "again", trials,
         sum(o["identical"] for o in outcomes), f"exit 130, `{shown}`",
         "store marked incomplete, lock released; the rerun resumes, bit-identical",
         {"trials": outcomes},
@@ -280,27 +294,30 @@ def case_full_disk(ctx: dict) -> dict:
 
 def case_concurrent(ctx: dict) -> dict:
     out = ctx["tmp"] / "shared.zarr"
-    # B is started first and waits, imports done, so that it runs while A is surely busy
-    waiting = [subprocess.Popen(predict_cmd(ctx["b"], out, ctx["model"], *extra,
-                                            mode="child-wait"),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=_env())
-               for extra in ((), ("--overwrite",))]
-    a = start_and_wait(predict_cmd(ctx["a"], out, ctx["model"]), lambda: done_cells(out) > 0)
+    pause = ctx["tmp"] / "pause-A"
+    pause.touch()  # A holds still after its first chunk (lock held) until this file goes
+    env = {**_env(), PAUSE_ENV: str(pause)}
+    a = subprocess.Popen(predict_cmd(ctx["a"], out, ctx["model"]), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 600
+    while a.poll() is None and done_cells(out) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     busy = a.poll() is None
     seen = []
-    for b in waiting:
-        _out, err = b.communicate("go\n", timeout=600)
-        lines = err.strip().splitlines()
+    for extra in ((), ("--overwrite",)):
+        b = run(predict_cmd(ctx["b"], out, ctx["model"], *extra))
+        lines = b.stderr.strip().splitlines()
         seen.append((b.returncode, lines[-1] if lines else "", len(lines)))
+    pause.unlink()
     a.communicate(timeout=600)
     ok = (busy and all(s[0] == 2 and "in use by another napari-muvit run" in s[1] and s[2] == 1
                        for s in seen)
           and a.returncode == 0 and identical(out, ctx["ref_a"]) and not leftovers(out))
     return row(
         "predict", "a second writer on the same store",
-        "run A writes S.zarr; meanwhile run B predicts another image into S.zarr, without "
-        "and with --overwrite", 2, 2 * int(ok), f"B: exit 2, `{seen[-1][1]}`",
+        "run A writes S.zarr (held after its first chunk); meanwhile run B predicts another "
+        "image into S.zarr, without and with --overwrite", 2, 2 * int(ok),
+        f"B: exit 2, `{seen[-1][1]}`",
         "A finishes undisturbed, bit-identical to a lone run; B writes nothing",
         {"b": seen, "a_exit": a.returncode, "a_busy_when_b_ran": busy},
     )
@@ -561,7 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             raise SystemExit(f"row {r.get('fault')!r} lacks {missing}")
     result = {
-        "command": "python benchmarks/reliability.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python benchmarks/reliability.py", *(
+            a if not a.endswith(".py") else f"benchmarks/{Path(a).name}"
+            for a in (sys.argv[1:] if argv is None else argv))]),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "seconds": round(time.monotonic() - t0, 1),
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
@@ -571,8 +590,12 @@ def main(argv: list[str] | None = None) -> int:
         "all_ok": all(r["ok"] for r in rows),
         "rows": rows,
     }
+    # temporary folders differ per run and machine: shown as <tmp>
+    text = re.sub(re.escape(tempfile.gettempdir()) + r"/napari-muvit-reliability[\w-]*", "<tmp>",
+                  json.dumps(result, indent=1, ensure_ascii=False))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    args.json.write_text(text + "\n")
+    rows = json.loads(text)["rows"]
     print(markdown(rows))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} rows ok; wrote {args.json}")
     return 0 if result["all_ok"] else 1
