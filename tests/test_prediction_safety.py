@@ -4,6 +4,7 @@ locks, kill -9, damaged chunks, and one-line errors for bad inputs."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -425,3 +426,24 @@ def test_cli_prints_the_bit_depth_note_on_one_line(files, tmp_path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("napari-muvit predict: warning:"), lines
     assert "scaled by 257" in lines[0] and str(image) in lines[0]
+
+
+def test_nan_missed_by_the_sample_stops_at_its_tile_and_keeps_the_store(model, tmp_path) -> None:
+    from napari_muvit.data import PyramidSource
+
+    image = np.asarray(rings(192)[0]).astype(np.float32)
+    image[150, 20] = np.nan
+    source = PyramidSource(image, normalization={"kind": "divide", "low": 0.0, "high": 255.0})
+    source._finite_checked = True  # as if the up-front sample of a huge image had missed it
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(InputError, match=r"NaN or infinite values (in|in the coarse context "
+                                         r"of) the tile at y \d+-\d+, x \d+-\d+") as err:
+        predict_api(source, model=model, out=out, device="cpu", batch_size=1)
+    assert "\n" not in str(err.value)
+    # the tile named holds the NaN, or sees it in its 4× context (128 px around)
+    y0, y1, x0, x1 = map(int, re.findall(r"y (\d+)-(\d+), x (\d+)-(\d+)", str(err.value))[0])
+    if "coarse context" in str(err.value):
+        assert abs((y0 + y1) / 2 - 150) <= 80 and abs((x0 + x1) / 2 - 20) <= 80
+    else:
+        assert y0 <= 150 < y1 and x0 <= 20 < x1
+    assert read_store_info(out)["status"] == "incomplete" and not lock_path(out).exists()

@@ -532,6 +532,7 @@ class Predictor:
         t0 = time.perf_counter()
         labels = probs = None
         if len(batch.crops):
+            _check_finite_crops(batch)
             with _eval_mode(self.model):
                 labels, probs = self._run_model(batch.crops, batch.bboxes, need_probs)
         out = []
@@ -789,6 +790,25 @@ def _overlap_slices(core: np.ndarray, origin: np.ndarray, size: int
     dst = tuple(slice(int(lo[a] - core[0, a]), int(hi[a] - core[0, a])) for a in range(2))
     src = tuple(slice(int(lo[a] - origin[a]), int(hi[a] - origin[a])) for a in range(2))
     return dst, src  # type: ignore[return-value]
+
+
+def _check_finite_crops(batch: _Batch) -> None:
+    """Per-batch guard behind the up-front NaN check (which samples large images): name the
+    first tile whose crops hold NaN/inf."""
+    finite = np.isfinite(batch.crops)  # (B, L, C, S, S)
+    bad = ~finite.reshape(len(finite), -1).all(axis=1)
+    if not bad.any():
+        return
+    in_tile = ~finite[:, 0].reshape(len(finite), -1).all(axis=1)  # the full-resolution crop
+    first = int(np.argmax(in_tile)) if in_tile.any() else int(np.argmax(bad))
+    tiles = [need.tile for need, empty in zip(batch.needs, batch.empty) if not empty]
+    (y0, x0), (y1, x1) = np.asarray(tiles[first].bbox).astype(int).tolist()
+    where = "in" if in_tile.any() else "in the coarse context of"
+    raise InputError(
+        f"the image has NaN or infinite values {where} the tile at y {y0}-{y1}, x {x0}-{x1} "
+        "(world pixels); replace them (e.g. numpy.nan_to_num) and rerun - tiles written so far "
+        "are kept"
+    )
 
 
 def _check_segmenter(model: Any) -> None:
