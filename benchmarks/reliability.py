@@ -204,10 +204,14 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
     outcomes: list[dict] = []
     for i in range(trials):
         out = ctx["tmp"] / f"kill{i}.zarr"
-        delay = rng.uniform(0.0, ctx["compute_s"])
-        # the store's life (creation, chunk writes, completion) is where a kill can do harm
+        # the store's life is where a kill can do harm: even trials at a random point of
+        # progress (between and during chunk writes), odd trials at a random time after the
+        # store appears (also its creation, the final pyramid/status write and the exit)
+        target = rng.randint(0, 80) if i % 2 == 0 else None
+        delay = 0.0 if target is not None else rng.uniform(0.0, ctx["compute_s"])
         proc = start_and_wait(predict_cmd(ctx["a"], out, ctx["model"]),
-                              lambda out=out: (out / "zarr.json").exists())
+                              lambda out=out, target=target: (out / "zarr.json").exists()
+                              and (target is None or done_cells(out) >= target))
         time.sleep(delay)
         code, _err = kill(proc)
         state = store_state(out)
@@ -215,13 +219,14 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
         if state != "complete":  # a finished store is refused by a rerun (it is done)
             rerun_exit = run(predict_cmd(ctx["a"], out, ctx["model"])).returncode
         ok = rerun_exit in (None, 0) and identical(out, ctx["ref_a"]) and not leftovers(out)
-        outcomes.append({"kill_after_s": round(delay, 2), "exit": code, "state": state,
-                         "rerun_exit": rerun_exit, "identical": ok})
+        outcomes.append({"at_tiles": target, "after_s": round(delay, 2), "exit": code,
+                         "state": state, "rerun_exit": rerun_exit, "identical": ok})
         shutil.rmtree(out, ignore_errors=True)
     states = [o["state"].split(" (")[0] for o in outcomes]
     return row(
         "predict", "kill -9 at a random moment",
-        f"SIGKILL U(0, {ctx['compute_s']:.1f} s) after the store appears (the uninterrupted "
+        "SIGKILL once a random number (0-80 of 81) of tiles is done (even trials) or "
+        f"U(0, {ctx['compute_s']:.1f} s) after the store appears (odd trials; the uninterrupted "
         "run's time from there to its exit), then the same command again", trials, sum(o["identical"] for o in outcomes),
         "the process dies; the rerun resumes (a dead run's lock is taken over) and exits 0",
         "resumed store bit-identical to an uninterrupted run (labels, pyramid, probabilities); "
@@ -410,7 +415,7 @@ def case_hostile_outputs(ctx: dict) -> dict:
     return row(
         "predict", "hostile output paths",
         "; ".join(name for name, _ in attempts), len(attempts), passed,
-        " / ".join(f"`{o['message'][:110]}`" for o in outcomes[:2]) + " ...",
+        " / ".join(f"`{o['message']}`" for o in outcomes[:2]) + " / ...",
         "input image, input store and the user's folder unchanged",
         {"attempts": outcomes},
     )
@@ -459,7 +464,7 @@ def case_bad_inputs(ctx: dict) -> list[dict]:
     rows.append(row(
         "input", "uint16 image with the bundled (8-bit) model",
         "the same image as uint8 and as uint16 (×257), bundled model", 1, int(same),
-        f"`{last_line(outs['u16'].stderr)[:200]}`",
+        f"`{last_line(outs['u16'].stderr)}`",
         "identical labels (the model's fixed 8-200 range is scaled by 257)",
         {"exits": {k: r.returncode for k, r in outs.items()}},
     ))
@@ -541,6 +546,26 @@ def setup(tmp: Path) -> dict:
     return ctx
 
 
+def _train_json_rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    return [r for r in data["rows"] if r["area"] != "predict"]
+
+
+def render(path: Path, train_json: Path | None) -> int:
+    """Re-render ``path``'s table, replacing its training rows by ``train_json``'s."""
+    data = json.loads(path.read_text())
+    if train_json is not None:
+        train = json.loads(train_json.read_text())
+        data["rows"] = [r for r in data["rows"] if r["area"] != "train"] + _train_json_rows(
+            train_json)
+        data["train_command"] = train.get("command")
+        data["train_load_average_before_after"] = train.get("load_average_before_after")
+        data["all_ok"] = all(r["ok"] for r in data["rows"])
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    print(markdown(data["rows"]))
+    return 0 if data["all_ok"] else 1
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| area | fault | how | passed | what the user sees | what is preserved |\n"
             "|---|---|---|---|---|---|\n")
@@ -560,8 +585,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=Path,
                         default=Path(__file__).resolve().parent / "_reliability_train.py",
                         help="the training half's cases() (skipped if missing)")
+    parser.add_argument("--train-json", type=Path, default=None,
+                        help="take the training rows from this file (written by "
+                        "`python benchmarks/_reliability_train.py --json FILE`) instead of "
+                        "running them")
+    parser.add_argument("--render-only", action="store_true",
+                        help="do not run anything: re-render --json (with --train-json's rows)")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "reliability.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        return render(args.json, args.train_json)
     rng = random.Random(args.seed)
     load_before = os.getloadavg()
     t0 = time.monotonic()
@@ -572,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
                 case_corrupt_chunk(ctx, args.trials, rng), case_other_image(ctx),
                 case_hostile_outputs(ctx), *case_bad_inputs(ctx)]
         timing = {k: round(ctx[k], 2) for k in ("baseline_s", "compute_s")}
-    rows += train_rows(args.train_cases, args.kills, args.seed)
+    if args.train_json is not None:
+        rows += _train_json_rows(args.train_json)
+    else:
+        rows += train_rows(args.train_cases, args.kills, args.seed)
     for r in rows:
         missing = [f for f in FIELDS if f not in r]
         if missing:
