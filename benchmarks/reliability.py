@@ -562,8 +562,33 @@ def render(path: Path, train_json: Path | None) -> int:
         data["train_load_average_before_after"] = train.get("load_average_before_after")
         data["all_ok"] = all(r["ok"] for r in data["rows"])
         path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    if path.resolve() == (ROOT / "docs" / "data" / "reliability.json").resolve():
+        update_doc(data)
     print(markdown(data["rows"]))
     return 0 if data["all_ok"] else 1
+
+
+DOC = ROOT / "docs" / "reliability.md"
+DOC_START, DOC_END = "<!-- reliability-table: written by benchmarks/reliability.py -->", \
+    "<!-- /reliability-table -->"
+
+
+def update_doc(data: dict) -> None:
+    """Put the table and its provenance between the markers of docs/reliability.md."""
+    if not DOC.is_file() or DOC_START not in DOC.read_text():
+        return
+    text = DOC.read_text()
+    head, rest = text.split(DOC_START, 1)
+    _old, tail = rest.split(DOC_END, 1)
+    load = data["load_average_before_after"]
+    note = (f"Numbers from `{data['command']}` ({data['date']}, {data['seconds']:.0f} s on "
+            f"{data['cpu_count']} CPU cores, load average {load[0]} before / {load[1]} after: "
+            "other jobs shared the machine)")
+    if data.get("train_command"):
+        tl = data.get("train_load_average_before_after") or ["?", "?"]
+        note += (f"; training rows from `{data['train_command']}` (load average {tl[0]} / "
+                 f"{tl[1]})")
+    DOC.write_text(f"{head}{DOC_START}\n{markdown(data['rows'])}\n{note}.\n{DOC_END}{tail}")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -632,6 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(text + "\n")
     rows = json.loads(text)["rows"]
+    if args.json.resolve() == (ROOT / "docs" / "data" / "reliability.json").resolve():
+        update_doc(json.loads(text))
     print(markdown(rows))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} rows ok; wrote {args.json}")
     return 0 if result["all_ok"] else 1
