@@ -281,11 +281,24 @@ def test_damaged_chunks_are_reported_and_recomputed_on_resume(model, tmp_path) -
     np.testing.assert_array_equal(group["1"][:], ref[::2, ::2])  # pyramid rebuilt too
 
 
-def test_cli_repairs_a_damaged_chunk_and_overwrite_always_works(model, files, tmp_path) -> None:
-    out = tmp_path / "E.zarr"
-    _interrupted_store(model, rings_source(192), out)
-    chunk = _files(out / "0" / "c")[0]
+def _damaged_cli_store(model, files, out: Path) -> Path:
+    """An unfinished store exactly like the CLI's for image a (default 512-px chunks: one chunk
+    for 192²) whose half-done label chunk holds random bytes; returns that chunk."""
+    from napari_muvit.data import open_image
+
+    sink = create_zarr_sink(Predictor(model, device="cpu"), open_image(str(files["a"])), out)
+    sink.close(complete=False)
+    group = zarr.open_group(str(out), mode="r+")
+    group["0"][:] = 1  # a written chunk, half of whose tiles are marked done
+    group["done"][:3] = True
+    chunk = out / "0" / "c" / "0" / "0"
     chunk.write_bytes(os.urandom(200))
+    return chunk
+
+
+def test_cli_overwrite_always_works_on_a_damaged_store(model, files, tmp_path) -> None:
+    out = tmp_path / "E.zarr"
+    _damaged_cli_store(model, files, out)
     # --overwrite starts afresh without reading anything of the damaged store
     code = main(["predict", str(files["a"]), "--model", str(files["model"]), "--out", str(out),
                  "--overwrite", "--quiet", "--device", "cpu"])
@@ -295,18 +308,7 @@ def test_cli_repairs_a_damaged_chunk_and_overwrite_always_works(model, files, tm
 
 def test_cli_resume_names_the_damaged_chunk_on_one_line(model, files, tmp_path) -> None:
     out = tmp_path / "G.zarr"
-    # the CLI's store (default 512-px chunks = the whole 192² image): a cancelled run of the
-    # same command leaves one written chunk that is then damaged
-    pred = Predictor(model, device="cpu", batch_size=4)
-    from napari_muvit.data import open_image
-
-    source = open_image(str(files["a"]))
-    sink = create_zarr_sink(pred, source, out)
-    sink.close(complete=False)
-    group = zarr.open_group(str(out), mode="r+")
-    group["0"][:] = 1  # a written chunk
-    chunk = out / "0" / "c" / "0" / "0"
-    chunk.write_bytes(os.urandom(200))
+    chunk = _damaged_cli_store(model, files, out)
     result = _cli(str(files["a"]), "--model", str(files["model"]), "--out", str(out), "--quiet",
                   "--device", "cpu")
     assert result.returncode == 0, result.stderr
