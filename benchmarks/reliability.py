@@ -561,7 +561,9 @@ def render(path: Path, train_json: Path | None) -> int:
         data["train_command"] = train.get("command")
         data["train_load_average_before_after"] = train.get("load_average_before_after")
         data["all_ok"] = all(r["ok"] for r in data["rows"])
-        path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    data["script"] = "benchmarks/reliability.py"
+    data["tables"] = {"faults": table(data["rows"])}
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     if path.resolve() == (ROOT / "docs" / "data" / "reliability.json").resolve():
         update_doc(data)
     print(markdown(data["rows"]))
@@ -588,17 +590,28 @@ def update_doc(data: dict) -> None:
         tl = data.get("train_load_average_before_after") or ["?", "?"]
         note += (f"; training rows from `{data['train_command']}` (load average {tl[0]} / "
                  f"{tl[1]})")
-    DOC.write_text(f"{head}{DOC_START}\n{markdown(data['rows'])}\n{note}.\n{DOC_END}{tail}")
+    DOC.write_text(f"{head}{DOC_START}\n<!-- rows: docs/data/reliability.json#faults -->\n"
+                   f"{markdown(data['rows'])}\n{note}.\n{DOC_END}{tail}")
+
+
+HEADER = ["area", "fault", "how", "passed", "what the user sees", "what is preserved"]
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    """The Markdown table as rows of cells (``tables.faults`` of the JSON, checked against the
+    page by tests/test_docs.py)."""
+    cells = [[r["area"], r["fault"], r["how"],
+              f"{r['passed']}/{r['trials']}" + ("" if r["ok"] else " FAIL"),
+              r["user_sees"], r["preserved"]] for r in rows]
+    return [HEADER, *[[c.replace("|", "/").replace("\n", " ") for c in row] for row in cells]]
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| area | fault | how | passed | what the user sees | what is preserved |\n"
-            "|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['area']} | {r['fault']} | {r['how']} | {r['passed']}/{r['trials']}"
-        f"{'' if r['ok'] else ' **FAIL**'} | {r['user_sees']} | {r['preserved']} |\n"
-        for r in rows)
-    return head + body.replace("\n|", "\n|")
+    header, *body = table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace(" FAIL", " **FAIL**") for c in row) + " |"
+              for row in body]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -650,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
                   "(tests/test_predict_support.py), 32-px tiles", "chunk": CHUNK, **timing},
         "all_ok": all(r["ok"] for r in rows),
         "rows": rows,
+        "script": "benchmarks/reliability.py",
+        "tables": {"faults": table(rows)},
     }
     # temporary folders differ per run and machine: shown as <tmp>
     text = re.sub(re.escape(tempfile.gettempdir()) + r"/napari-muvit-reliability[\w-]*", "<tmp>",
