@@ -16,6 +16,7 @@ from napari_muvit.model import (
     MuViTMAE,
     MuViTSegmenter,
     load_encoder,
+    load_history,
     load_model,
     read_config,
     save_official,
@@ -64,14 +65,17 @@ def test_segmenter_roundtrip(tmp_path, head):
         class_names=["bg", "a", "b"],
         label_values=[0, 5, 7],
         normalization={"kind": "percentile", "low": 1.0, "high": 99.8},
-        meta={"history": [{"step": 1}]},
+        meta={"note": "test", "history": {"step": 1, "loss": [0.5]}, "provenance": {"a": 1}},
         class_colors=[[0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]],
     ).eval()
     seg.save(tmp_path / "seg")
     back = load_model(tmp_path / "seg")
     assert isinstance(back, MuViTSegmenter) and not back.training
     assert back.class_names == ["bg", "a", "b"] and back.label_values == [0, 5, 7]
-    assert back.normalization == seg.normalization and back.meta == seg.meta
+    assert back.normalization == seg.normalization and back.meta == {"note": "test"}
+    # the training record lives in history.json, read only when asked
+    assert "history" not in read_config(tmp_path / "seg")["meta"]
+    assert load_history(tmp_path / "seg") == {"step": 1, "loss": [0.5], "provenance": {"a": 1}}
     assert back.class_colors == seg.class_colors and back.head_config == seg.head_config
     x, bb = inputs()
     with torch.no_grad():
