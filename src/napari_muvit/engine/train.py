@@ -420,7 +420,7 @@ class Trainer(TrainingLoop):
 
     def _build_indexes(self) -> list[LabelIndex]:
         cfg = self.config
-        return [
+        indexes = [
             LabelIndex(
                 labels,
                 dense=cfg.dense,
@@ -429,6 +429,16 @@ class Trainer(TrainingLoop):
             )
             for i, (_, labels) in enumerate(self.pairs)
         ]
+        for i, index in enumerate(indexes):
+            negative = sum(index.negative_pixels.values())
+            if negative:
+                name = self.history["provenance"].get("labels") or []
+                what = f"labels[{i}]" + (f" ({name[i]})" if i < len(name) and name[i] else "")
+                raise InputError(
+                    f"{what}: {negative} pixel(s) hold negative values; label values must be "
+                    ">= 0 (0 = not annotated): set them to 0 to leave those pixels unannotated"
+                )
+        return indexes
 
     def painted_values(self) -> list[int]:
         """Label values painted anywhere (sorted; includes 0 in dense mode)."""
@@ -453,6 +463,21 @@ class Trainer(TrainingLoop):
         values = self.painted_values()
         if not values:
             raise InputError(self._no_annotation_message())
+        if len(values) < 2 and (
+            isinstance(model, MuViTEncoder) or not set(values) <= set(model.label_values)
+        ):
+            raise InputError(
+                f"labels: only label value {values[0]} is painted, so the model would learn a "
+                "single class; paint at least two classes (e.g. background and object) before "
+                "training"
+            )
+        if len(values) < 2:
+            self._event(
+                "one_class",
+                f"only label value {values[0]} is painted: fine-tuning pulls every pixel towards "
+                "that class; paint at least two classes",
+                warning=True,
+            )
         if isinstance(model, MuViTEncoder):
             model = self._fresh_head(model, values, class_names, reason="")
         elif not set(values) <= set(model.label_values):
