@@ -114,11 +114,7 @@ def test_second_run_is_refused_and_kill_9_leaves_a_resumable_folder(files, tmp_p
     # the killed run left its lock and possibly a half-written checkpoint: the next run takes
     # the stale lock over, finishes or undoes that checkpoint and continues
     step = ckpt.load_train_state(out)["step"]
-    third = subprocess.run(
-        _cli(*_train_args(image, labels, out, "--steps", str(step + 2), "--resume")),
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert third.returncode == 0, third.stderr
+    assert main(_train_args(image, labels, out, "--steps", str(step + 2), "--resume")) == 0
     assert ckpt.load_train_state(out)["step"] == step + 2
     assert (out / "NOTES.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == sorted(
