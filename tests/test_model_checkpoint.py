@@ -405,13 +405,46 @@ def test_implausible_dimensions_are_refused_before_allocating(tmp_path):
         (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
         with pytest.raises(CheckpointError, match=match):
             load_model(tmp_path / "m")
-    # within the plausible range and the file's size, but a different shape: found on the meta
-    # device, before any real tensor exists
+    # within the plausible range and the file's size, but a different shape
     cfg["encoder"].update(dim=64, num_layers=2, heads=2)
     (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match=r"key 'level_embed' has shape \(2, 1, 1, 48\)"):
         load_model(tmp_path / "m")
     assert _mem_peak_mb() - before < 500  # 65536 x 64 layers would be ~51 GB
+
+
+def test_large_files_are_shape_checked_on_the_meta_device(tmp_path, monkeypatch):
+    from napari_muvit.model import checkpoint
+
+    tiny_encoder().save(tmp_path / "m")
+    cfg = read_config(tmp_path / "m")
+    cfg["encoder"].update(dim=64)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    built = []
+    real_build = checkpoint._build
+
+    def recording_build(kind, path, fn):
+        built.append(torch.empty(0).device.type)  # the device new tensors land on
+        return real_build(kind, path, fn)
+
+    monkeypatch.setattr(checkpoint, "_build", recording_build)
+    monkeypatch.setattr(checkpoint, "_META_PROBE_ABOVE", 0)  # as if the file were large
+    with pytest.raises(CheckpointError, match=r"key 'level_embed' has shape \(2, 1, 1, 48\)"):
+        load_model(tmp_path / "m")
+    assert built == ["meta"]  # refused before any real tensor was allocated
+    cfg["encoder"].update(dim=48)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert isinstance(load_model(tmp_path / "m"), MuViTEncoder) and built[1:] == ["meta", "cpu"]
+
+
+def test_hostile_head_dim_is_refused_before_building(tmp_path):
+    seg = MuViTSegmenter(tiny_encoder(), num_classes=2, head_dim=32)
+    seg.save(tmp_path / "s")
+    cfg = read_config(tmp_path / "s")
+    cfg["head"]["head_dim"] = 16000
+    (tmp_path / "s" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="head_dim 16000 needs at least"):
+        load_model(tmp_path / "s")
 
 
 def test_official_folder_with_implausible_dimensions(tmp_path):
@@ -458,3 +491,30 @@ def test_save_keeps_the_users_files_and_replaces_only_model_files(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "config.yaml", "model.pth"]
     assert (folder / "NOTES.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_old_layout_keeps_loading_and_splits_without_touching_weights(tmp_path):
+    from napari_muvit.model.checkpoint import split_history
+
+    seg = MuViTSegmenter(tiny_encoder(), num_classes=2, head_dim=32, meta={"crop_size": 32})
+    seg.save(tmp_path / "old")
+    # the layout before history.json: history and provenance inside config.yaml's meta
+    cfg = read_config(tmp_path / "old")
+    cfg["meta"]["history"] = {"status": "finished", "step": 2, "loss": [0.9, 0.5]}
+    cfg["meta"]["provenance"] = {"images": ["/home/someone/data/a.npy"], "steps": 2}
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    weights = (tmp_path / "old" / "model.safetensors").read_bytes()
+    old = load_model(tmp_path / "old")
+    assert old.meta["history"]["loss"] == [0.9, 0.5] and old.meta["crop_size"] == 32
+    assert load_history(tmp_path / "old") == {
+        "status": "finished", "step": 2, "loss": [0.9, 0.5],
+        "provenance": {"images": ["/home/someone/data/a.npy"], "steps": 2},
+    }
+    assert split_history(tmp_path / "old") is True
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == weights
+    assert load_model(tmp_path / "old").meta == {"crop_size": 32}
+    record = load_history(tmp_path / "old")
+    assert record["loss"] == [0.9, 0.5] and record["provenance"]["images"] == ["a.npy"]
+    assert "/home/someone" not in "".join(p.read_text() for p in (tmp_path / "old").glob("*.*")
+                                          if p.suffix in (".yaml", ".json"))
+    assert split_history(tmp_path / "old") is False  # already split

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ __all__ = [
     "read_config",
     "save_model",
     "save_official",
+    "split_history",
 ]
 
 FORMAT = "napari-muvit"
@@ -355,6 +357,46 @@ def save_model(
     return _save_files(Path(folder), model_files(model, meta), overwrite)
 
 
+def _portable(value: Any) -> Any:
+    """``value`` with absolute paths replaced by their last component (recursively)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+    return value
+
+
+def split_history(folder: str | Path) -> bool:
+    """Move an older folder's training history out of ``config.yaml`` into ``history.json``.
+
+    Only those two files are rewritten (as one atomic step); the weights stay byte-identical.
+    Absolute paths in the provenance become file names. Returns whether anything changed.
+    """
+    folder = _folder(folder)
+    cfg = read_config(folder)
+    meta = cfg.get("meta")
+    if cfg.get("format") != FORMAT or not isinstance(meta, dict):
+        return False
+    moved = {k: meta[k] for k in HISTORY_META_KEYS if isinstance(meta.get(k), dict)}
+    if not moved:
+        return False
+    record = dict(moved.get("history", {}))
+    if "provenance" in moved:
+        record.setdefault("provenance", moved["provenance"])
+    cfg["meta"] = {k: v for k, v in meta.items() if k not in moved}
+    config_text = yaml.safe_dump(cfg, sort_keys=False)
+    history_text = json.dumps(_portable(record), indent=1, default=_json_default)
+    writers: dict[str, Callable[[Path], None]] = {
+        CONFIG: lambda p: p.write_text(config_text, encoding="utf-8"),
+        HISTORY: lambda p: p.write_text(history_text, encoding="utf-8"),
+    }
+    with advisory_lock(folder, "model folder"):
+        commit_files(folder, writers, (CONFIG, HISTORY))
+    return True
+
+
 # =============================================================================== loading
 def _check_shapes(
     own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
@@ -402,17 +444,31 @@ def _build(kind_desc: str, path: Path, fn: Callable[[], Any]) -> Any:
 # hostile config from making even the allocation-free (meta device) build take minutes.
 _PLAUSIBLE = {
     "dim": 16384, "num_layers": 512, "heads": 1024, "patch_size": 1024, "in_channels": 4096,
-    "decoder_dim": 16384, "decoder_layers": 512, "decoder_heads": 1024,
+    "decoder_dim": 16384, "decoder_layers": 512, "decoder_heads": 1024, "head_dim": 16384,
+    "num_classes": 65536,
 }
+# Above this many weights the exact shape check runs on the meta device before the real build
+# (it costs about one more construction: negligible next to reading such a file). Below it,
+# the lower bounds of _check_plausible already cap what a build can allocate at a small
+# multiple of a file this small, and the shapes are compared right after building.
+_META_PROBE_ABOVE = 32_000_000
 _MAX_LEVELS = 32
 
 
 def _check_plausible(enc: dict, dec: dict, values_in_file: int, cpath: Path) -> None:
-    """Refuse sizes out of range, or a transformer bigger than the weights file can hold.
+    """Refuse sizes out of range, or a model bigger than the weights file can hold.
 
     ``values_in_file`` is the number of tensor values the weights hold (from the file header);
-    the q/k/v projections alone (3·dim² per layer) must fit in it.
+    lower bounds of the model's size must fit in it: the q/k/v projections (3·dim² per layer)
+    of the encoder and of the MAE decoders, a head's 3x3 convolutions (at least head_dim²).
+    ``dec`` is the MAE decoder or segmentation head section of the config.
     """
+    head_dim = dec.get("head_dim")
+    if isinstance(head_dim, int) and head_dim * head_dim > values_in_file:
+        raise CheckpointError(
+            f"{cpath}: head_dim {head_dim} needs at least {head_dim * head_dim:,} weights, the "
+            f"weights file holds {values_in_file:,}; config and weights do not belong together"
+        )
     for section in (enc, dec):
         for key, top in _PLAUSIBLE.items():
             value = section.get(key)
@@ -445,12 +501,15 @@ def _build_checked(
     found: dict[str, tuple[int, ...]],
     wpath: Path,
 ) -> nn.Module:
-    """Build ``fn()`` on the meta device first (no memory), compare its parameter shapes with
-    the weights file's, and only then build it for real."""
-    with torch.device("meta"):
-        probe = _build(kind_desc, cpath, fn)
-    _check_shapes(_shapes(probe.state_dict()), found, wpath)
-    return _build(kind_desc, cpath, fn)
+    """Build ``fn()`` and compare its parameter shapes with the weights file's; for a large
+    file, first on the meta device (no memory), so a mismatch never allocates."""
+    if _values(found) > _META_PROBE_ABOVE:
+        with torch.device("meta"):
+            probe = _build(kind_desc, cpath, fn)
+        _check_shapes(_shapes(probe.state_dict()), found, wpath)
+    model = _build(kind_desc, cpath, fn)
+    _check_shapes(_shapes(model.state_dict()), found, wpath)
+    return model
 
 
 def _section(cfg: dict, key: str, path: Path, kind: type = dict) -> Any:
@@ -504,7 +563,7 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
     if not wpath.is_file():
         raise CheckpointError(f"{shown}: missing (the weights of this model folder)")
     found = _safetensors_header(wpath, shown)
-    dec_cfg = cfg.get("head") if kind == "mae" and isinstance(cfg.get("head"), dict) else {}
+    dec_cfg = cfg.get("head") if isinstance(cfg.get("head"), dict) else {}
     _check_plausible(enc_cfg, dec_cfg, _values(found), cpath)
     meta = cfg.get("meta") or {}
     meta = dict(meta) if isinstance(meta, dict) else {}
