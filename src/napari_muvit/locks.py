@@ -40,7 +40,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ LOCK_SUFFIX = ".napari-muvit.lock"
 # an unreadable lock file younger than this may still be being written by its creator
 UNREADABLE_GRACE_S = 10.0
 
-__all__ = ["LOCK_SUFFIX", "LockInfo", "LockedError", "advisory_lock", "lock_path", "read_lock"]
+__all__ = ["LOCK_SUFFIX", "AdvisoryLock", "LockInfo", "LockedError", "advisory_lock", "lock_path", "read_lock"]
 
 
 class LockedError(InputError):
@@ -235,9 +234,17 @@ def _break_stale(file: Path, seen: str | None) -> None:
 # the lock
 # --------------------------------------------------------------------------------------------
 
+@dataclass
+class _Holding:
+    """A lock held by this process: the thread that took it, nesting depth, file token."""
+
+    thread: int
+    depth: int
+    token: str
+
+
 _registry_lock = threading.Lock()
-# lock file -> (owning thread id, nesting depth) of the locks held by this process
-_held: dict[Path, tuple[int, int]] = {}
+_held: dict[Path, _Holding] = {}  # lock file -> holding, for the locks this process holds
 
 
 def _locked_message(path: str | Path, what: str, file: Path, info: LockInfo | None) -> str:
@@ -252,52 +259,85 @@ def _locked_message(path: str | Path, what: str, file: Path, info: LockInfo | No
             f"if that run is gone, delete {file}")
 
 
-@contextlib.contextmanager
-def advisory_lock(path: str | Path, what: str = "output") -> Iterator[Path]:
-    """Hold the napari-muvit lock of ``path`` (a store or run folder) for the ``with`` block.
+class AdvisoryLock:
+    """The napari-muvit lock of one store or run folder; see :func:`advisory_lock`.
 
-    ``what`` names the path in the error (e.g. ``"prediction store"``). Yields the lock file.
-    Raises :class:`LockedError` (one line, naming the holder) if another process or thread holds
-    it; a lock left by a dead process on this host is taken over. Re-entrant within one thread.
+    Use it as a context manager, or call :meth:`acquire` / :meth:`release` when the lock
+    outlives one block (a prediction store holds it from creation to ``close()``).
+    ``release`` may run on another thread than ``acquire`` and is idempotent.
     """
-    file = lock_path(path)
-    me = threading.get_ident()
-    with _registry_lock:
-        owner = _held.get(file)
-        if owner is not None:
-            if owner[0] != me:
-                info = _parse(_read_text(file))
-                raise LockedError(_locked_message(path, what, file, info), file, info)
-            _held[file] = (me, owner[1] + 1)
-            reentered = True
-        else:
-            _held[file] = (me, 1)  # reserve before touching the disk: other threads now fail
-            reentered = False
-    if reentered:
-        try:
-            yield file
-        finally:
-            with _registry_lock:
-                _held[file] = (me, _held[file][1] - 1)
-        return
-    token = secrets.token_hex(8)
-    try:
-        _acquire(path, what, file, token)
-    except BaseException:
+
+    def __init__(self, path: str | Path, what: str = "output") -> None:
+        self.path = path
+        self.what = what
+        self.file = lock_path(path)
+        self._owner: int | None = None  # thread that acquired (None: not held)
+
+    @property
+    def held(self) -> bool:
+        return self._owner is not None
+
+    def acquire(self) -> Path:
+        """Take the lock (see :func:`advisory_lock`); returns the lock file."""
+        if self._owner is not None:
+            raise RuntimeError(f"lock of {self.path} is already held by this object")
+        file, me = self.file, threading.get_ident()
         with _registry_lock:
-            _held.pop(file, None)
-        raise
-    try:
-        yield file
-    finally:
+            entry = _held.get(file)
+            if entry is not None:
+                if entry.thread != me:
+                    info = _parse(_read_text(file))
+                    raise LockedError(_locked_message(self.path, self.what, file, info), file, info)
+                entry.depth += 1
+                self._owner = me
+                return file
+            # reserve before touching the disk: other threads now fail
+            entry = _held[file] = _Holding(me, 1, secrets.token_hex(8))
         try:
-            current = _parse(_read_text(file))
-            if current is not None and current.token == token:
-                with contextlib.suppress(FileNotFoundError):
-                    file.unlink()
-        finally:
+            _acquire(self.path, self.what, file, entry.token)
+        except BaseException:
             with _registry_lock:
                 _held.pop(file, None)
+            raise
+        self._owner = me
+        return file
+
+    def release(self) -> None:
+        """Give the lock back; the lock file goes when the last nested holder releases."""
+        if self._owner is None:
+            return
+        file = self.file
+        with _registry_lock:
+            self._owner = None
+            entry = _held.get(file)
+            if entry is None:
+                return
+            entry.depth -= 1
+            if entry.depth > 0:
+                return
+            # removed under the registry lock: another thread cannot see our file after this
+            _held.pop(file, None)
+            current = _parse(_read_text(file))
+            if current is not None and current.token == entry.token:
+                with contextlib.suppress(FileNotFoundError):
+                    file.unlink()
+
+    def __enter__(self) -> Path:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def advisory_lock(path: str | Path, what: str = "output") -> AdvisoryLock:
+    """The napari-muvit lock of ``path`` (a store or run folder), to use with ``with``.
+
+    ``what`` names the path in the error (e.g. ``"prediction store"``); ``with`` yields the
+    lock file. Raises :class:`LockedError` (one line, naming the holder) if another process or
+    thread holds it; a lock left by a dead process on this host is taken over. Re-entrant
+    within one thread (nested holders share the outermost holder's lock file).
+    """
+    return AdvisoryLock(path, what)
 
 
 def _acquire(path: str | Path, what: str, file: Path, token: str) -> None:
