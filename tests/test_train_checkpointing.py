@@ -81,6 +81,28 @@ def test_full_disk_is_one_line_naming_the_folder(tmp_path: Path) -> None:
     assert all("good" in t for n, t in _state(out).items())
 
 
+def test_a_wrapped_write_error_on_a_full_disk_is_reported_as_full(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    out = tmp_path / "run"
+    _atomic.commit_files(out, _writers("good"), OWNED_FILES)
+    writers = _writers("new")
+
+    def torch_full(path: Path) -> None:  # torch.save's message on a full tmpfs
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 827456 "
+                           "vs 827344")
+
+    writers["train_state.pt"] = torch_full
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(8 << 20, 8 << 20, 4096))
+    with pytest.raises(CheckpointError, match="no space left on"):
+        _atomic.commit_files(out, writers, OWNED_FILES)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # with room left: as it is
+        _atomic.commit_files(out, writers, OWNED_FILES)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="simulating kill -9 needs os.fork")
 def test_kill_at_every_moment_of_a_commit_leaves_old_or_new(tmp_path: Path) -> None:
     """A child process commits and dies (os._exit, like kill -9) at the n-th file-system step;

@@ -28,8 +28,8 @@ from napari_muvit.engine.device import resolve_amp, resolve_device
 from napari_muvit.errors import InputError, MuViTError
 
 Progress = Callable[[dict[str, Any]], None]
-# Loss/lr curves stored inside config.yaml are thinned to this many points; history.json
-# beside the model keeps every step.
+# The history kept in ``model.meta`` (live previews, a model saved from the panel) has its
+# curves thinned to this many points; a checkpoint's history.json keeps every step.
 META_HISTORY_POINTS = 500
 CURVES = ("steps", "loss", "lr", "elapsed")
 
@@ -57,7 +57,8 @@ def now() -> str:
 
 
 def thin_history(history: Mapping[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Compact history for ``config.yaml`` (curves thinned; history.json keeps everything)."""
+    """Compact history for ``model.meta`` (curves thinned; a checkpoint's history.json keeps
+    everything)."""
     n = len(history["steps"])
     stride = max(1, math.ceil(n / META_HISTORY_POINTS))
     keep = list(range(0, n, stride))

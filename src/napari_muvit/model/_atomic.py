@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
@@ -68,17 +69,31 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _is_no_space(exc: BaseException) -> bool:
-    """ENOSPC/EDQUOT, also when a library wrapped it (torch.save raises RuntimeError)."""
+# Free space below which a failed write is taken for a full disk: libraries wrap ENOSPC in
+# their own errors (torch.save raises "[enforce fail at inline_container.cc:...] unexpected
+# pos ..." or "... file write failed"), so the file system is asked as well.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _is_no_space(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC/EDQUOT, also when a library wrapped it, or any write error on a full disk."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if not isinstance(exc, (OSError, RuntimeError)):
+        return False
     text = str(exc).lower()
-    return "no space left" in text or "file write failed" in text or "quota exceeded" in text
+    if "no space left" in text or "file write failed" in text or "quota exceeded" in text:
+        return True
+    try:
+        return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+    except OSError:
+        return False
 
 
 def no_space_error(folder: Path, exc: BaseException) -> CheckpointError | None:
-    """The one-line error for a full disk while writing into ``folder`` (``None`` otherwise)."""
-    if not _is_no_space(exc):
+    """The one-line error for a full disk while writing into ``folder`` (``None`` otherwise);
+    call it before deleting what the failed write left, which may be what filled the disk."""
+    if not _is_no_space(exc, folder):
         return None
     return CheckpointError(
         f"no space left on {folder} (the device or your quota is full); free some space and "
@@ -188,10 +203,10 @@ def commit_files(
         pending.write_text(record, encoding="utf-8")
         _fsync_file(pending)
     except BaseException as exc:
+        full = no_space_error(folder, exc)
         for tmp in [*temps.values(), f"{JOURNAL}.tmp-{token}"]:
             with contextlib.suppress(OSError):
                 (folder / tmp).unlink()
-        full = no_space_error(folder, exc)
         if full is not None:
             raise full from None
         raise

@@ -5,17 +5,28 @@ Our format::
     folder/
       config.yaml        format: napari-muvit, format_version: 1, kind: encoder|segmenter|mae,
                          encoder: {...}, head: {...} | null, class_names, label_values,
-                         class_colors, normalization, meta
+                         class_colors, normalization, meta (small: crop size, recipe, ...)
       model.safetensors  float tensors, our key names (fused qkv)
+      history.json       optional: the training record (loss curve, events, provenance), read
+                         only when asked (:func:`load_history`), never when loading the model
+      train_state.pt     only in a resumable training run (see engine/_checkpointing.py)
+
+Folders written before history.json existed keep their history in ``meta`` and load as before
+(:func:`split_history` moves it out). Provenance stores file names, not this machine's paths.
 
 Official muvit 0.1.0 folders (spec §2): ``config.yaml`` written by ``yaml.dump`` (with
 ``!!python/tuple`` tags) + ``model.pth`` (a torch zip pickle of the state dict). We never
 unpickle arbitrary objects: ``torch.load(weights_only=True)`` only, so a malicious ``model.pth``
-is refused without running any of its code. YAML is parsed with ``yaml.safe_load`` or a
-``SafeLoader`` subclass that only adds the python/tuple tag.
+is refused without running any of its code.
 
-Writing is atomic: everything goes to a temporary sibling folder which is renamed into place;
-an existing non-empty folder is only replaced with ``overwrite=True``.
+Reading is bounded: YAML goes through a safe loader (libyaml's C parser when available) after a
+check of the parser's event stream (nesting depth, alias expansion, file size), and the sizes a
+config asks for are checked against the weights file's header before anything is allocated.
+
+Writing goes through the project's one atomic writer, :func:`_atomic.commit_files`, under the
+folder's advisory lock: napari-muvit's own files are replaced as one set (a kill leaves the old
+set or the new one), any other file in the folder is kept; an existing non-empty folder is only
+written with ``overwrite=True``.
 """
 
 from __future__ import annotations
