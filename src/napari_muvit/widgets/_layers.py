@@ -27,6 +27,7 @@ event loop for a few hundred ms.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,8 @@ from napari_muvit.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import napari
     from napari.layers import Image
+
+log = logging.getLogger("napari_muvit.widgets")
 
 # Beyond this many level-0 pixels an output plane is stored in a sparse in-memory zarr array
 # instead of numpy: a view-sized prediction of a gigapixel image must not allocate gigabytes.
@@ -465,12 +468,24 @@ def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
     (napari's own partial-refresh path for painting; a full ``refresh`` re-colours the whole
     plane, which takes tens of ms for large planes and would stall the event loop on every
     tile).  Other layers fall back to ``refresh()``.  Uses napari internals defensively: any
-    surprise falls back to the full refresh.
+    surprise falls back to the full refresh, and is logged (a warning the first time for each
+    kind of error, so that a napari update that breaks the fast path does not go unnoticed).
     """
     try:
         _partial_labels_refresh(layer, slice_key)
-    except Exception:  # noqa: BLE001 - private napari API: never worse than a full refresh
+    except Exception as err:  # noqa: BLE001 - private napari API: never worse than a full refresh
+        kind = type(err).__name__
+        first = kind not in _FAST_REFRESH_FAILURES
+        _FAST_REFRESH_FAILURES.add(kind)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "napari's partial Labels refresh failed (%s: %s); refreshing the whole layer "
+            "instead, which is slower for large planes", kind, err, exc_info=first,
+        )
         refresh_data(layer)
+
+
+_FAST_REFRESH_FAILURES: set[str] = set()
 
 
 def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:

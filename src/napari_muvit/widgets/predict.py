@@ -325,7 +325,15 @@ class PredictWidget(DockPanel):
     # ------------------------------------------------------------------------------ models
 
     def _refresh_model_choices(self, select: ModelChoice | None = None) -> None:
+        """Re-list the models and select ``select`` (reloading it when it is the same)."""
         select = select or self.model_choice
+        self._list_models(select)
+        if self.state.model == select:
+            self._on_model_changed()  # the same choice again: reload (e.g. a changed folder)
+        else:
+            self.state.model = select
+
+    def _list_models(self, select: ModelChoice) -> None:
         choices = [ModelChoice(BUNDLED)]
         choices += [ModelChoice(FOLDER, str(p)) for p in self.state.recent_models]
         choices += [ModelChoice(SESSION, name) for name in registry().names()]
@@ -337,10 +345,6 @@ class PredictWidget(DockPanel):
             self.model_combo.addItem(choice.label, choice)
         self.model_combo.setCurrentIndex(choices.index(select))
         self.model_combo.blockSignals(False)
-        if self.state.model == select:
-            self._on_model_changed()  # the same choice again: reload (e.g. a changed folder)
-        else:
-            self.state.model = select
 
     def _on_model_combo(self, *_: Any) -> None:
         data = self.model_combo.currentData()
@@ -362,6 +366,8 @@ class PredictWidget(DockPanel):
         if not self.alive:
             return
         choice = self.model_choice
+        if self.model_combo.currentData() != choice:  # set from code: show it
+            self._list_models(choice)
         self.state.recent_models = remember_folder(self.state.recent_models, choice)
         self._loaded_info = None
         if choice.kind == BUNDLED:

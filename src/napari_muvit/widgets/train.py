@@ -242,7 +242,13 @@ class TrainWidget(DockPanel):
         self._connect(registry().updated, self._on_session_model)
 
     def _refresh_start_choices(self, select: ModelChoice | None = None) -> None:
+        """Re-list the starting models and select ``select``."""
         select = select or self.start_choice
+        self._list_starts(select)
+        self.state.start = select
+        self._on_start_changed(select)
+
+    def _list_starts(self, select: ModelChoice) -> None:
         choices = [ModelChoice(ENCODER), ModelChoice(BUNDLED)]
         choices += [ModelChoice(FOLDER, p) for p in self.state.recent_models]
         choices += [ModelChoice(SESSION, n) for n in registry().names()]
@@ -254,14 +260,14 @@ class TrainWidget(DockPanel):
             self.start_combo.addItem(start_label(choice), choice)
         self.start_combo.setCurrentIndex(choices.index(select))
         self.start_combo.blockSignals(False)
-        self.state.start = select
-        self._on_start_changed(select)
 
     def _on_start_combo(self, *_: Any) -> None:
         data = self.start_combo.currentData()
         self.state.start = data if isinstance(data, ModelChoice) else ModelChoice(ENCODER)
 
     def _on_start_changed(self, choice: ModelChoice) -> None:
+        if self.start_combo.currentData() != choice:  # set from code: show it
+            self._list_starts(choice)
         self.state.recent_models = remember_folder(self.state.recent_models, choice)
 
     def _on_session_model(self, name: str) -> None:
