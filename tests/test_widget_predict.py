@@ -21,6 +21,7 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QTimer
 
 from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.data.geometry import grid_cells
 from napari_muvit.engine.predict import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
@@ -171,13 +172,9 @@ def _expected_bbox(viewer, layer) -> np.ndarray:
 
 
 def _cells(bbox: np.ndarray, step: int) -> set[tuple[int, int]]:
-    y0, x0 = np.floor(bbox[0]).astype(int)
-    y1, x1 = np.ceil(bbox[1]).astype(int)
-    return {
-        (r, c)
-        for r in range(y0 // step, (y1 - 1) // step + 1)
-        for c in range(x0 // step, (x1 - 1) // step + 1)
-    }
+    """Tile-grid cells touched by ``bbox`` (the grid itself is checked against the engine's
+    tile plan in test_widget_state)."""
+    return set(grid_cells(bbox, step))
 
 
 def _cell_mask(cells, shape, step) -> np.ndarray:
