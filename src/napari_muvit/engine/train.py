@@ -14,6 +14,7 @@ atomically every ``checkpoint_every`` seconds (or steps) and at the end, and can
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -399,7 +400,7 @@ class Trainer(TrainingLoop):
 
     def _build_indexes(self) -> list[LabelIndex]:
         cfg = self.config
-        return [
+        indexes = [
             LabelIndex(
                 labels,
                 dense=cfg.dense,
@@ -408,6 +409,16 @@ class Trainer(TrainingLoop):
             )
             for i, (_, labels) in enumerate(self.pairs)
         ]
+        for i, index in enumerate(indexes):
+            negative = sum(index.negative_pixels.values())
+            if negative:
+                name = self.history["provenance"].get("labels") or []
+                what = f"labels[{i}]" + (f" ({name[i]})" if i < len(name) and name[i] else "")
+                raise InputError(
+                    f"{what}: {negative} pixel(s) hold negative values; label values must be "
+                    ">= 0 (0 = not annotated): set them to 0 to leave those pixels unannotated"
+                )
+        return indexes
 
     def painted_values(self) -> list[int]:
         """Label values painted anywhere (sorted; includes 0 in dense mode)."""
@@ -432,6 +443,21 @@ class Trainer(TrainingLoop):
         values = self.painted_values()
         if not values:
             raise InputError(self._no_annotation_message())
+        if len(values) < 2 and (
+            isinstance(model, MuViTEncoder) or not set(values) <= set(model.label_values)
+        ):
+            raise InputError(
+                f"labels: only label value {values[0]} is painted, so the model would learn a "
+                "single class; paint at least two classes (e.g. background and object) before "
+                "training"
+            )
+        if len(values) < 2:
+            self._event(
+                "one_class",
+                f"only label value {values[0]} is painted: fine-tuning pulls every pixel towards "
+                "that class; paint at least two classes",
+                warning=True,
+            )
         if isinstance(model, MuViTEncoder):
             model = self._fresh_head(model, values, class_names, reason="")
         elif not set(values) <= set(model.label_values):
@@ -907,35 +933,41 @@ def train(
         config = replace(config, head=head)
     images, labels = _pair_lists(images, labels)
     sources = [open_image(i) for i in images]
-    resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
-    if resuming:
-        from napari_muvit.model import load_model
+    lock = ckpt.run_folder_lock(out) if out is not None else contextlib.nullcontext()
+    with lock:  # one run per output folder, from the first look at it to the last checkpoint
+        resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
+        if resuming:
+            from napari_muvit.model import load_model
 
-        model, notes = load_model(out), [f"resuming the run in {out}"]
-        if init is not None or levels is not None or preset is not None:
-            notes.append("init/levels/preset are ignored when resuming: the run's model is used")
-    else:
-        model, notes = prepare_start_model(init, levels, preset, sources[0].channels, config.seed)
-    provenance = {
-        "init": str(out) if resuming else (model.meta.get("init") or _describe(init)),
-        "images": [_describe(i) for i in images],
-        "labels": [_describe(lab) for lab in labels],
-        "steps": config.steps,
-        "preset": preset,
-    }
-    trainer = Trainer(
-        model,
-        list(zip(sources, labels)),
-        config,
-        progress,
-        cancel,
-        out,
-        resume=resuming,
-        class_names=class_names,
-        provenance=provenance,
-        notes=notes,
-    )
-    trainer.run()
+            model, notes = load_model(out), [f"resuming the run in {Path(out).name}"]
+            if init is not None or levels is not None or preset is not None:
+                notes.append(
+                    "init/levels/preset are ignored when resuming: the run's model is used"
+                )
+        else:
+            model, notes = prepare_start_model(
+                init, levels, preset, sources[0].channels, config.seed
+            )
+        provenance = {
+            "init": Path(out).name if resuming else (model.meta.get("init") or _describe(init)),
+            "images": [_describe(i) for i in images],
+            "labels": [_describe(lab) for lab in labels],
+            "steps": config.steps,
+            "preset": preset,
+        }
+        trainer = Trainer(
+            model,
+            list(zip(sources, labels)),
+            config,
+            progress,
+            cancel,
+            out,
+            resume=resuming,
+            class_names=class_names,
+            provenance=provenance,
+            notes=notes,
+        )
+        trainer.run()
     return trainer.model
 
 
@@ -954,9 +986,10 @@ def _pair_lists(images: Any, labels: Any) -> tuple[list[Any], list[Any]]:
 
 
 def _describe(obj: Any) -> str | None:
-    """Provenance text for a path, an array or a model."""
+    """Provenance text for a path (its name only: a model folder travels to other machines and
+    must not carry this one's paths), an array or a model."""
     if obj is None or isinstance(obj, (str, os.PathLike)):
-        return None if obj is None else str(Path(obj).resolve())
+        return None if obj is None else Path(obj).resolve().name
     if isinstance(obj, nn.Module):
         return str(getattr(obj, "meta", {}).get("init", type(obj).__name__))
     shape = getattr(obj, "shape", None)
