@@ -396,5 +396,21 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the rows with the command and machine load here "
+                        "(e.g. docs/data/reliability_train.json)")
     args = parser.parse_args()
-    print(json.dumps(cases(args.kills, args.trials)))
+    load_before, started = os.getloadavg()[0], time.monotonic()
+    rows = cases(args.kills, args.trials, args.seed)
+    if args.json is not None:
+        args.json.write_text(json.dumps({
+            "command": "python benchmarks/_reliability_train.py " + " ".join(sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "seconds": round(time.monotonic() - started, 1),
+            "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cpu_count": os.cpu_count(),
+            "all_ok": all(r["ok"] for r in rows),
+            "rows": rows,
+        }, indent=1) + "\n")
+    print(json.dumps(rows))
