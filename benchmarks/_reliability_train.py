@@ -197,8 +197,8 @@ def case_concurrent(ctx: dict) -> dict:
     still_running = first.poll() is None  # B and C really met a live run
     first.communicate(timeout=900)
     lone, _ = _run(train_cmd(ctx, ctx["tmp"] / "lone", "--steps", str(steps)))
-    refused = [err for code, err in seen if code == 2
-               and "in use by another napari-muvit run" in err and len(err.strip().splitlines()) == 1]
+    refused = [err for code, err in seen if code == 2 and len(err.strip().splitlines()) == 1
+               and "in use by another napari-muvit run" in err]
     diff = (max_diff(weights(out), weights(ctx["tmp"] / "lone"))
             if first.returncode == lone.returncode == 0 else float("inf"))
     ok = first.returncode == 0 and diff <= 1e-6 and not leftovers(out) and still_running

@@ -55,7 +55,8 @@ def test_resume_keeps_the_users_files(files, tmp_path: Path, capsys) -> None:
     (out / "NOTES.txt").write_text("my notes")
     (out / "my_predictions.zarr").mkdir()
     (out / "my_predictions.zarr" / "zarr.json").write_text("{}")
-    args = _train_args(image, labels, out, "--steps", "4", "--resume", "--checkpoint-every", "1steps")
+    args = _train_args(image, labels, out, "--steps", "4", "--resume",
+                       "--checkpoint-every", "1steps")
     assert main(args) == 0
     assert (out / "NOTES.txt").read_text() == "my notes"
     assert (out / "my_predictions.zarr" / "zarr.json").read_text() == "{}"

@@ -40,7 +40,8 @@ def test_commit_replaces_only_owned_files(tmp_path: Path) -> None:
     (out / "my_predictions.zarr" / "0").write_text("chunk")
     _atomic.commit_files(out, _writers("two", OWNED[:3]), OWNED_FILES)
     state = _state(out)
-    assert state["NOTES.txt"] == "mine" and (out / "my_predictions.zarr" / "0").read_text() == "chunk"
+    assert state["NOTES.txt"] == "mine"
+    assert (out / "my_predictions.zarr" / "0").read_text() == "chunk"
     assert all("two" in state[n] for n in OWNED[:3])
     assert "train_state.pt" not in state  # owned, not written: removed in the same commit
     assert sorted(p.name for p in out.iterdir()) == sorted(

@@ -125,7 +125,9 @@ def _check_yaml_bounds(text: str, path: Path) -> None:
                 sizes[event.anchor] = 1
         elif isinstance(event, yaml.AliasEvent):
             if event.anchor not in sizes:
-                raise CheckpointError(f"{path}: recursive or undefined YAML alias; not a model config")
+                raise CheckpointError(
+                    f"{path}: recursive or undefined YAML alias; not a model config"
+                )
             size = sizes[event.anchor]
         else:
             continue
@@ -489,7 +491,9 @@ def _check_plausible(enc: dict, dec: dict, values_in_file: int, cpath: Path) -> 
                 )
     levels = enc.get("levels")
     if isinstance(levels, (list, tuple)) and not 1 <= len(levels) <= _MAX_LEVELS:
-        raise CheckpointError(f"{cpath}: key 'levels' lists {len(levels)} levels (1..{_MAX_LEVELS})")
+        raise CheckpointError(
+            f"{cpath}: key 'levels' lists {len(levels)} levels (1..{_MAX_LEVELS})"
+        )
     stacks = [(enc, "dim", "num_layers", 1)]
     if isinstance(levels, (list, tuple)):
         stacks.append((dec, "decoder_dim", "decoder_layers", len(levels)))
@@ -540,7 +544,8 @@ def _safetensors_header(path: Path, shown: Path) -> dict[str, tuple[int, ...]]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
+            names = list(handle.keys())
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in names}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{shown}: not a readable safetensors file ({exc})") from None
 
