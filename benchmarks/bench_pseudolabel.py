@@ -45,6 +45,7 @@ from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
+from napari_muvit.metrics import dice_scores
 
 CLASSES = ("background", "outer", "inner")
 
@@ -87,10 +88,8 @@ def task(size: int, per_class: int) -> dict[str, Any]:
 def dice_scores(model: torch.nn.Module, source: PyramidSource, truth: np.ndarray) -> dict:
     """Per-class and mean Dice of the model's prediction of ``source`` (labels = class+1)."""
     pred = np.asarray(predict(source, model, device="cpu")).astype(np.int64) - 1
-    per_class = {}
-    for k, name in enumerate(CLASSES):
-        p, t = pred == k, truth == k
-        per_class[name] = float(2 * np.sum(p & t) / max(1, p.sum() + t.sum()))
+    scores = dice_scores(pred, truth, values=range(len(CLASSES)))
+    per_class = {name: scores[k] for k, name in enumerate(CLASSES)}
     return {"mean": float(np.mean(list(per_class.values()))), **per_class}
 
 

@@ -188,6 +188,7 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
 
     from napari_muvit.data import PyramidSource, synthetic_field
     from napari_muvit.engine.predict import Predictor
+    from napari_muvit.metrics import dice_scores
     from napari_muvit.model import load_model
 
     field = synthetic_field(grid=grid, system_size=system, seed=TEST_SEED)
@@ -207,11 +208,8 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
     t0 = time.perf_counter()
     pred = Predictor(model, device="cpu", cache_tiles=0).predict(source).labels
     seconds = time.perf_counter() - t0
-    gt = np.asarray(field.labels)
-    dice = {}
-    for value, name in ((1, "outer"), (2, "inner")):
-        a, b = pred == value, gt == value
-        dice[name] = float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    per_class = dice_scores(pred, np.asarray(field.labels), values=(1, 2))
+    dice = {"outer": per_class[1], "inner": per_class[2]}
     dice["mDSC"] = (dice["outer"] + dice["inner"]) / 2
     dice["predict_seconds"] = seconds
     return dice
