@@ -34,5 +34,5 @@ def test_scores_default_to_the_values_in_the_truth_and_skip_ignored_pixels() -> 
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
-    with pytest.raises(InputError, match=r"prediction shape \(2,\) differs from truth shape \(3,\)"):
+    with pytest.raises(InputError, match=r"prediction shape \(2,\) differs from truth shape"):
         dice(np.zeros(2), np.zeros(3), 1)

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine._labels import LabelIndex
 from napari_muvit.engine._loop import (
-    Progress,
+    StepProgress,
     TrainingDivergedError,
     TrainingLoop,
     cpu_state,
@@ -369,7 +369,7 @@ class Trainer(TrainingLoop):
         model: nn.Module,
         pairs: Sequence[tuple[Any, Any]],
         config: TrainConfig | None = None,
-        progress: Progress | None = None,
+        progress: StepProgress | None = None,
         cancel: CancelToken | None = None,
         out: str | os.PathLike[str] | None = None,
         *,
@@ -861,7 +861,7 @@ def train(
     preset: str | None = None,
     head: str | None = None,
     config: TrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     cancel: CancelToken | None = None,
     *,
     resume: bool = False,
