@@ -9,14 +9,14 @@ three classes on a *held-out* image (another seed), predicted with the engine's 
 ``pseudo``
     Same steps, same seeds, with and without pseudo-labels (EMA teacher, threshold 0.9,
     consistency weight ramped up from 0 over the first third of the run).  Result (see
-    ``docs/bench_train.md``): no measurable gain (-0.011 to +0.005 mean Dice), so
-    ``TrainConfig.pseudo_labels`` defaults to off.
+    "Training benchmarks" in ``docs/benchmarks.md``): no measurable gain (-0.011 to +0.005
+    mean Dice), so ``TrainConfig.pseudo_labels`` defaults to off.
 
 ``cpu``
-    The CPU-usability check of ``docs/bench_train.md``: the default starting encoder (the
-    bundled, MAE-pretrained ``default_encoder`` if the installation has one, else a random
-    ``small`` preset encoder), trained for a fixed wall-clock budget (default 120 s); Dice
-    before (fresh head) and after.
+    The CPU-usability check of "Training benchmarks" in ``docs/benchmarks.md``: the default
+    starting encoder (the bundled, MAE-pretrained ``default_encoder`` if the installation has
+    one, else a random ``small`` preset encoder), trained for a fixed wall-clock budget
+    (default 120 s); Dice before (fresh head) and after.
 
 Usage::
 
