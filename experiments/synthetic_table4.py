@@ -14,7 +14,7 @@ crops 256², D=512, 12 layers) — for a GPU.
 
     python experiments/synthetic_table4.py --out experiments/runs/cpu --parallel 3
     python experiments/synthetic_table4.py --out experiments/runs/cpu --eval-only --noise 8,16,32,64
-    python experiments/synthetic_table4.py --bundled --noise 8,16,32,64   # the shipped model, ~1 min
+    python experiments/synthetic_table4.py --bundled --noise 8,16,32,64   # shipped model, ~1 min
 
 Model folders and the full ``results.json`` stay in ``--out`` (git-ignored); every run also
 merges its scores, command, date and machine load into ``docs/data/synthetic_table4.json``
