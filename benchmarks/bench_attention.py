@@ -82,7 +82,8 @@ def attention_section(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases = {
         "SDPA fp32 (flash kernel)": lambda: F.scaled_dot_product_attention(q, k, v),
         "SDPA bf16 (flash kernel)": lambda: F.scaled_dot_product_attention(qb, kb, vb),
-        "bf16 bmm → softmax → bmm, 128-query chunks": lambda: chunked_attention(qb, kb, vb, 128),
+        "bf16 bmm → softmax → bmm, 128-query chunks":
+            lambda: chunked_attention(qb, kb, vb, 128),
     }
     best = best_of(cases, args.reps)
     exact = F.scaled_dot_product_attention(q, k, v)

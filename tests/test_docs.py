@@ -83,7 +83,7 @@ def test_result_files_name_a_committed_script_and_are_cited(data: Path) -> None:
         f"{data.name}: no 'command' (the command line that wrote it)"
     )
     script = content.get("script")
-    assert script and (ROOT / script).is_file(), f"{data.name}: script {script!r} is not in the repo"
+    assert script and (ROOT / script).is_file(), f"{data.name}: script {script!r} not in the repo"
     for name, rows in content.get("tables", {}).items():
         assert rows and all(isinstance(r, list) and all(isinstance(c, str) for c in r)
                             for r in rows), f"{data.name}: tables[{name!r}] is not rows of text"
