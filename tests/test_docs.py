@@ -146,3 +146,15 @@ def test_the_checks_see_a_wrong_number() -> None:
     assert row in shown
     tampered = [*row[:-1], row[-1] + "1"]
     assert tampered not in shown
+
+
+def test_code_cites_only_docs_that_exist() -> None:
+    """Comments and docstrings that point to a page or result file point to one that exists."""
+    cited = re.compile(r"docs/[\w./-]*[\w/]")
+    missing = []
+    for folder in ("src", "benchmarks", "experiments", "scripts"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for ref in set(cited.findall(path.read_text(encoding="utf-8"))):
+                if not (ROOT / ref).exists():
+                    missing.append(f"{path.relative_to(ROOT)}: {ref}")
+    assert not missing, "code cites docs that do not exist:\n" + "\n".join(missing)
