@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     out["rope"] = rope_section(args)
     summary = {
         "script": "benchmarks/bench_attention.py",
-        "command": " ".join(["python", "benchmarks/bench_attention.py", *(argv or [])]).strip(),
+        "command": " ".join(["python", "benchmarks/bench_attention.py", *argv]),
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.backends.cpu.get_cpu_capability()}), {args.threads} thread(s)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -128,12 +129,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--classes", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=256)
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = measure(args)
     summary = {
         "script": "benchmarks/model_size.py",
-        "command": " ".join(["python", "benchmarks/model_size.py", *(argv or [])]).strip(),
+        "command": " ".join(["python", "benchmarks/model_size.py", *argv]),
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "counting": "torch.utils.flop_counter.FlopCounterMode, batch 1, 2 FLOPs per multiply-add",
         "torch": torch.__version__,
