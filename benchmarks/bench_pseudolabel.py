@@ -45,7 +45,7 @@ from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
-from napari_muvit.metrics import dice_scores
+from napari_muvit import metrics
 
 CLASSES = ("background", "outer", "inner")
 
@@ -88,7 +88,7 @@ def task(size: int, per_class: int) -> dict[str, Any]:
 def dice_scores(model: torch.nn.Module, source: PyramidSource, truth: np.ndarray) -> dict:
     """Per-class and mean Dice of the model's prediction of ``source`` (labels = class+1)."""
     pred = np.asarray(predict(source, model, device="cpu")).astype(np.int64) - 1
-    scores = dice_scores(pred, truth, values=range(len(CLASSES)))
+    scores = metrics.dice_scores(pred, truth, values=range(len(CLASSES)))
     per_class = {name: scores[k] for k, name in enumerate(CLASSES)}
     return {"mean": float(np.mean(list(per_class.values()))), **per_class}
 
