@@ -27,7 +27,9 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import resolve_amp, resolve_device
 from napari_muvit.errors import InputError, MuViTError
 
-Progress = Callable[[dict[str, Any]], None]
+# Training progress: one dict per step ({step, steps, loss, lr, elapsed, ...}); prediction
+# progress (engine.predict.Progress) is a different signature, (done, total, message).
+StepProgress = Callable[[dict[str, Any]], None]
 # The history kept in ``model.meta`` (live previews, a model saved from the panel) has its
 # curves thinned to this many points; a checkpoint's history.json keeps every step.
 META_HISTORY_POINTS = 500
@@ -91,7 +93,7 @@ class TrainingLoop:
     def __init__(
         self,
         config: Any,
-        progress: Progress | None,
+        progress: StepProgress | None,
         cancel: CancelToken | None,
         out: str | os.PathLike[str] | None,
         provenance: Mapping[str, Any] | None,

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_muvit.engine import _checkpointing as ckpt
-from napari_muvit.engine._loop import Progress, TrainingLoop, thin_history
+from napari_muvit.engine._loop import StepProgress, TrainingLoop, thin_history
 from napari_muvit.engine._models import (
     adapt_channels,
     load_start,
@@ -115,7 +115,7 @@ class Pretrainer(TrainingLoop):
         model: nn.Module,
         sources: Sequence[Any],
         config: PretrainConfig | None = None,
-        progress: Progress | None = None,
+        progress: StepProgress | None = None,
         cancel: CancelToken | None = None,
         out: str | os.PathLike[str] | None = None,
         *,
@@ -261,7 +261,7 @@ def pretrain(
     preset: str | None = None,
     init: str | os.PathLike[str] | nn.Module | None = None,
     config: PretrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     cancel: CancelToken | None = None,
     *,
     resume: bool = False,
