@@ -409,6 +409,7 @@ if __name__ == "__main__":
     if args.json is not None:
         args.json.write_text(json.dumps({
             "command": "python benchmarks/_reliability_train.py " + " ".join(sys.argv[1:]),
+            "script": "benchmarks/_reliability_train.py",
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "seconds": round(time.monotonic() - started, 1),
             "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],

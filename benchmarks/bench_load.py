@@ -28,6 +28,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -127,7 +128,23 @@ def main() -> None:
         "repeats": args.repeats,
         "torch_threads": 1,
     }
+    result["command"] = "python benchmarks/bench_load.py " + " ".join(sys.argv[1:])
+    result["script"] = "benchmarks/bench_load.py"
+    result["tables"] = {"load": [
+        ["what", "time", "ratio"],
+        ["`torch.nn.Linear(1024, 1024)` (baseline work)", f"{result['baseline_ms']:.1f} ms", "1×"],
+        ["load the bundled segmenter, new layout", f"{result['load_new_ms']:.1f} ms",
+         f"{result['load_new_over_baseline']:.1f}× baseline"],
+        ["same weights, old layout, old parser", f"{result['load_old_ms']:.1f} ms",
+         f"{result['load_old_over_new']:.1f}× the new layout"],
+        ["same weights, old layout, C parser", f"{result['load_old_c_ms']:.1f} ms",
+         f"{result['load_old_c_ms'] / result['load_new_ms']:.1f}× the new layout"],
+        ["longest pause of a 1 ms sleeper thread, new / old layout",
+         f"{result['max_gil_gap_new_ms']:.1f} ms", f"old: {result['max_gil_gap_old_ms']:.1f} ms"],
+    ]}
     for key, value in result.items():
+        if key == "tables":
+            continue
         print(f"{key:>24}: {value:.2f}" if isinstance(value, float) else f"{key:>24}: {value}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
