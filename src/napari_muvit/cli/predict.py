@@ -25,23 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from napari_muvit.cli._args import non_negative_int, positive_int
+from napari_muvit.cli._args import non_negative_int, parse_region, positive_int
 from napari_muvit.cli._terminal import StatusLine, clock
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
-
-
-def parse_region(text: str) -> list[list[int]]:
-    """``"y0,x0,y1,x1"`` -> ``[[y0, x0], [y1, x1]]`` (world pixels)."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        y0, x0, y1, x1 = (int(p) for p in parts)
-    except ValueError:
-        raise InputError(f"--region: expected four integers y0,x0,y1,x1, got {text!r}") from None
-    if y1 <= y0 or x1 <= x0:
-        raise InputError(f"--region: expected y0 < y1 and x0 < x1, got {text!r} (empty region)")
-    return [[y0, x0], [y1, x1]]
 
 
 class ProgressBar(StatusLine):

@@ -62,7 +62,7 @@ Progress = Callable[[int, int, str], Any]
 
 DEFAULT_TILE_SIZE = 128
 DEFAULT_EMPTY_STD = 0.02  # normalised units: 2% of the 1-99.8 percentile range
-CPU_BATCH = 4  # measured best or within 5% of best on CPU (docs/bench_predict.md)
+CPU_BATCH = 4  # best or within 5% of best on CPU (docs/benchmarks.md, bench_predict.py)
 MAX_AUTO_BATCH = 64
 
 
