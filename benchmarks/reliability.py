@@ -517,7 +517,7 @@ def train_rows(path: Path, kills: int, seed: int) -> list[dict]:
 
 def setup(tmp: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_predict_support import rings, tiny_segmenter
+    from _predict_support import rings, tiny_segmenter
 
     ctx: dict = {"tmp": tmp}
     ctx["model"] = tiny_segmenter().save(tmp / "model")
@@ -560,6 +560,7 @@ def render(path: Path, train_json: Path | None) -> int:
             train_json)
         data["train_command"] = train.get("command")
         data["train_load_average_before_after"] = train.get("load_average_before_after")
+        data["train_note"] = train.get("note")
         data["all_ok"] = all(r["ok"] for r in data["rows"])
     data["script"] = "benchmarks/reliability.py"
     data["tables"] = {"faults": table(data["rows"])}
@@ -589,7 +590,10 @@ def update_doc(data: dict) -> None:
     if data.get("train_command"):
         tl = data.get("train_load_average_before_after") or ["?", "?"]
         note += (f"; training rows from `{data['train_command']}` (load average {tl[0]} / "
-                 f"{tl[1]})")
+                 f"{tl[1]}; docs/data/reliability_train.json)")
+        if data.get("train_note"):
+            note += f". Note on the training rows: {data['train_note']}"
+    note = note.rstrip(".")
     DOC.write_text(f"{head}{DOC_START}\n<!-- rows: docs/data/reliability.json#faults -->\n"
                    f"{markdown(data['rows'])}\n{note}.\n{DOC_END}{tail}")
 
@@ -660,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "cpu_count": os.cpu_count(),
         "setup": {"image": f"{SIZE}² Synthetic rings (uint8)", "model": "tiny test segmenter "
-                  "(tests/test_predict_support.py), 32-px tiles", "chunk": CHUNK, **timing},
+                  "(tests/_predict_support.py), 32-px tiles", "chunk": CHUNK, **timing},
         "all_ok": all(r["ok"] for r in rows),
         "rows": rows,
         "script": "benchmarks/reliability.py",
