@@ -272,3 +272,33 @@ def test_napari_ome_zarr_shows_the_labels(model, tmp_path) -> None:
     np.testing.assert_array_equal(
         np.asarray(data[0]),
         expected_labels(model, src))
+
+
+def test_labels_list_is_locked_while_another_run_updates_it(model, tmp_path) -> None:
+    """The labels group's list is updated under the advisory lock: a second writer waits for
+    nothing and gets a one-line error naming the holder; the lock file never stays behind."""
+    import threading
+
+    from napari_muvit.locks import LockedError, advisory_lock
+
+    src = write_ome_image(tmp_path / "img.ome.zarr", "0.5", rings(SIZE)[0])
+    before = image_hashes(src)
+    held, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:
+        with advisory_lock(src / "labels", "OME-Zarr labels group"):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=other_run)
+    thread.start()
+    try:
+        assert held.wait(60)
+        with pytest.raises(LockedError, match="labels group"):
+            predict(str(src), model=model, into_source=True, device="cpu")
+    finally:
+        release.set()
+        thread.join()
+    predict(str(src), model=model, into_source=True, device="cpu")  # resumes, then lists it
+    assert json.loads((src / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"] == ["muvit"]
+    assert image_hashes(src) == before  # no lock file left in the image folder

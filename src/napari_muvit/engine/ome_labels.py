@@ -31,6 +31,7 @@ from typing import Any
 
 from napari_muvit.engine.sinks import LevelLayout, read_store_info
 from napari_muvit.errors import InputError
+from napari_muvit.locks import advisory_lock
 
 __all__ = [
     "DEFAULT_LABELS_NAME",
@@ -288,30 +289,45 @@ def prepare_source_labels(
                 f"into-source: labels {target.name!r} in {str(image)!r} already exist and were not "
                 "written by napari-muvit; choose another --labels-name"
             )
+    if not labels_dir.exists():
+        with advisory_lock(labels_dir, "OME-Zarr labels group"):
+            if _read_attrs(labels_dir) is None:
+                _create_labels_group(labels_dir, layout.zarr_format)
     return path, layout
+
+
+def _create_labels_group(labels_dir: Path, zarr_format: int) -> None:
+    """An empty ``labels`` group of the image's format (no label listed yet)."""
+    import zarr
+
+    attrs = {"labels": []} if zarr_format == 2 else {"ome": {"version": "0.5", "labels": []}}
+    zarr.open_group(str(labels_dir), mode="w-", zarr_format=zarr_format, attributes=attrs)
 
 
 def register_source_labels(target: SourceLabels) -> None:
     """Create the ``labels`` group if needed and append ``target.name`` to its list."""
-    import zarr
-
     image = Path(target.image).expanduser().absolute()
     labels_dir = image / LABELS_GROUP
+    # two runs writing different label images of one slide must not lose each other's name
+    with advisory_lock(labels_dir, "OME-Zarr labels group"):
+        _append_name(image, labels_dir, target.name)
+
+
+def _append_name(image: Path, labels_dir: Path, name: str) -> None:
+    import zarr
+
     image_format = _describe_image(image).zarr_format
-    found = _read_attrs(labels_dir)
-    if found is None:
-        group = zarr.open_group(str(labels_dir), mode="a", zarr_format=image_format)
-        attrs: dict[str, Any] = {}
-    else:
-        group = zarr.open_group(str(labels_dir), mode="r+", zarr_format=found[0])
-        attrs = dict(group.attrs)
+    if _read_attrs(labels_dir) is None:
+        _create_labels_group(labels_dir, image_format)
+    group = zarr.open_group(str(labels_dir), mode="r+", zarr_format=image_format)
+    attrs: dict[str, Any] = dict(group.attrs)
     if image_format == 3:
         ome = dict(attrs.get("ome") or {})
         names = list(ome.get("labels") or [])
-        if target.name not in names:
+        if name not in names:
             group.attrs.update({"ome": {**ome, "version": ome.get("version", "0.5"),
-                                        "labels": [*names, target.name]}})
+                                        "labels": [*names, name]}})
     else:
         names = list(attrs.get("labels") or [])
-        if target.name not in names:
-            group.attrs.update({"labels": [*names, target.name]})
+        if name not in names:
+            group.attrs.update({"labels": [*names, name]})
