@@ -163,7 +163,8 @@ def _level_factors(info: _ImageInfo, image: Path) -> list[tuple[int, int]]:
     return factors
 
 
-def _colors(label_values: list[int], class_colors: list | None) -> list[dict[str, Any]]:
+def label_colors(label_values: list[int], class_colors: list | None) -> list[dict[str, Any]]:
+    """NGFF `colors` entries: the model's class colours, else a fixed palette (0 transparent)."""
     colors = []
     for i, value in enumerate(label_values):
         if class_colors is not None and i < len(class_colors):
@@ -207,7 +208,7 @@ def labels_layout(
         for i, v in enumerate(label_values)
     ]
     image_label: dict[str, Any] = {
-        "colors": _colors(label_values, class_colors),
+        "colors": label_colors(label_values, class_colors),
         "properties": properties,
         "source": {"image": "../../"},
     }
