@@ -57,6 +57,15 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _tif(array: np.ndarray) -> bytes:
+    """A TIFF of ``array`` (bioimage.io sample tensors: viewable with any image tool)."""
+    import tifffile
+
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.ascontiguousarray(array), photometric="minisblack")
+    return buf.getvalue()
+
+
 def _level_id(level: float) -> str:
     return f"crop_l{level:g}".replace(".", "p")
 
@@ -305,6 +314,7 @@ def export_bioimageio(
     for i, level in enumerate(levels):
         tid = _level_id(level)
         files[f"test_input_{tid}.npy"] = _npy(raw[i][None])
+        files[f"sample_input_{tid}.tif"] = _tif(raw[i][None])
         input_descrs.append({
             "id": tid,
             "description": f"crop at {level:g}x downsampling, centred on the level-1 crop",
@@ -315,10 +325,12 @@ def export_bioimageio(
                 {"type": "space", "id": "x", "size": size, "scale": float(level)},
             ],
             "test_tensor": {"source": f"test_input_{tid}.npy"},
+            "sample_tensor": {"source": f"sample_input_{tid}.tif"},
             "data": {"type": "float32"},
             "preprocessing": pre,
         })
     files["test_input_bbox.npy"] = _npy(bbox_tensor.numpy())
+    files["sample_input_bbox.tif"] = _tif(bbox_tensor.numpy())
     input_descrs.append({
         "id": "bbox",
         "description": "per level [y0, x0, y1, x1]: the crop's extent in level-1 pixels",
@@ -328,9 +340,11 @@ def export_bioimageio(
             {"type": "channel", "channel_names": ["y0", "x0", "y1", "x1"]},
         ],
         "test_tensor": {"source": "test_input_bbox.npy"},
+        "sample_tensor": {"source": "sample_input_bbox.tif"},
         "data": {"type": "float32"},
     })
     files["test_output_probabilities.npy"] = _npy(probs.numpy())
+    files["sample_output_probabilities.tif"] = _tif(probs.numpy())
     output_descrs = [{
         "id": "probabilities",
         "description": "softmax class probabilities of the level-1 crop",
@@ -341,6 +355,7 @@ def export_bioimageio(
             {"type": "space", "id": "x", "size": size},
         ],
         "test_tensor": {"source": "test_output_probabilities.npy"},
+        "sample_tensor": {"source": "sample_output_probabilities.tif"},
         "data": {"type": "float32", "range": [0.0, 1.0]},
     }]
     state = {k: v.detach().cpu().contiguous() for k, v in packaged.state_dict().items()}
