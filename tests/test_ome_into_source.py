@@ -302,3 +302,19 @@ def test_labels_list_is_locked_while_another_run_updates_it(model, tmp_path) -> 
     predict(str(src), model=model, into_source=True, device="cpu")  # resumes, then lists it
     assert json.loads((src / "labels" / "zarr.json").read_text())["attributes"]["ome"]["labels"] == ["muvit"]
     assert image_hashes(src) == before  # no lock file left in the image folder
+
+
+@pytest.mark.gui
+def test_napari_viewer_opens_the_image_with_its_muvit_labels(make_napari_viewer, model, tmp_path) -> None:
+    """File > Open of the slide in a real viewer (napari-ome-zarr): image + MuViT labels."""
+    pytest.importorskip("napari_ome_zarr", reason="needs napari-ome-zarr")
+    src = write_ome_image(tmp_path / "img.ome.zarr", "0.4", rings(SIZE)[0])
+    predict(str(src), model=model, into_source=True, device="cpu")
+    viewer = make_napari_viewer()
+    viewer.open(str(src), plugin="napari-ome-zarr")
+    kinds = {type(layer).__name__: layer for layer in viewer.layers}
+    assert set(kinds) == {"Image", "Labels"}
+    labels = kinds["Labels"]
+    assert labels.name.endswith("muvit") and labels.multiscale
+    assert labels.data[0].shape == kinds["Image"].data[0].shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(np.asarray(labels.data[0]), expected_labels(model, src))
