@@ -318,3 +318,22 @@ def test_napari_viewer_opens_the_image_with_its_muvit_labels(make_napari_viewer,
     assert labels.name.endswith("muvit") and labels.multiscale
     assert labels.data[0].shape == kinds["Image"].data[0].shape == (SIZE, SIZE)
     np.testing.assert_array_equal(np.asarray(labels.data[0]), expected_labels(model, src))
+
+
+def test_into_source_with_dask_workers(model, tmp_path) -> None:
+    """Dask workers attach to the label group (zarr v2 here) and build its pyramid."""
+    from napari_muvit.engine.distributed import predict_distributed
+    from napari_muvit.engine.ome_labels import SourceLabels
+
+    src = write_ome_image(tmp_path / "img.ome.zarr", "0.4", rings(SIZE)[0])
+    before = image_hashes(src)
+    out = predict_distributed(str(src), model, SourceLabels(src, "muvit"), workers=2,
+                              processes=False, device="cpu", chunk_size=64)
+    assert out == src.absolute() / "labels" / "muvit"
+    assert image_hashes(src) == before
+    (node,) = label_nodes(src)
+    levels = [np.asarray(d) for d in node.data]
+    np.testing.assert_array_equal(levels[0], expected_labels(model, src))
+    for k, f in enumerate((1, 2, 4, 8, 16)):
+        np.testing.assert_array_equal(levels[k], levels[0][::f, ::f][: levels[k].shape[0], : levels[k].shape[1]])
+    assert read_store_info(out)["status"] == "complete"
