@@ -85,7 +85,6 @@ def test_bioimageio_spec_validates(bundled_package) -> None:
     assert not errors
 
 
-@pytest.mark.slow
 def test_bioimageio_core_model_test_passes(bundled_package) -> None:
     core = pytest.importorskip("bioimageio.core", reason="needs bioimageio.core (the testing extra)")
     summary = core.test_model(str(bundled_package))
