@@ -337,3 +337,16 @@ def test_into_source_with_dask_workers(model, tmp_path) -> None:
     for k, f in enumerate((1, 2, 4, 8, 16)):
         np.testing.assert_array_equal(levels[k], levels[0][::f, ::f][: levels[k].shape[0], : levels[k].shape[1]])
     assert read_store_info(out)["status"] == "complete"
+
+
+def test_ome_image_of_tells_writable_images_apart(tmp_path) -> None:
+    from napari_muvit.engine.ome_labels import ome_image_of
+
+    for version in ("0.4", "0.5"):
+        src = write_ome_image(tmp_path / f"img{version}.ome.zarr", version, rings(SIZE)[0])
+        assert ome_image_of(str(src)) == src.absolute()
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w").create_array("0", data=rings(SIZE)[0])
+    np.save(tmp_path / "img.npy", rings(SIZE)[0])
+    for other in (plain, tmp_path / "img.npy", tmp_path / "missing.zarr", None, ""):
+        assert ome_image_of(other) is None

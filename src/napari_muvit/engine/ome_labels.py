@@ -35,6 +35,7 @@ from napari_muvit.locks import advisory_lock
 
 __all__ = [
     "DEFAULT_LABELS_NAME",
+    "ome_image_of",
     "SourceLabels",
     "labels_layout",
     "prepare_source_labels",
@@ -226,6 +227,21 @@ def labels_layout(
         zarr_format=info.zarr_format,
         attrs=attrs,
     )
+
+
+def ome_image_of(path: str | Path | None) -> Path | None:
+    """``path`` if it is an OME-NGFF 0.4 (zarr v2) or 0.5 (zarr v3) image group labels can be
+    written into (e.g. a napari layer's ``source.path``), else ``None``. Never raises."""
+    if not path:
+        return None
+    image = Path(path).expanduser()
+    try:
+        if not image.is_dir():
+            return None
+        _describe_image(image)
+    except (InputError, OSError, KeyError, ValueError, TypeError):
+        return None
+    return image.absolute()
 
 
 def _check_name(name: str) -> None:
