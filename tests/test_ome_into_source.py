@@ -350,3 +350,14 @@ def test_ome_image_of_tells_writable_images_apart(tmp_path) -> None:
     np.save(tmp_path / "img.npy", rings(SIZE)[0])
     for other in (plain, tmp_path / "img.npy", tmp_path / "missing.zarr", None, ""):
         assert ome_image_of(other) is None
+
+
+def test_stacks_are_refused(model, tmp_path) -> None:
+    """A z-stack gets no 2-D labels written as if it were one plane."""
+    from napari_muvit.engine.ome_labels import SourceLabels, prepare_source_labels
+
+    stack = np.stack([rings(SIZE)[0]] * 3)
+    src = write_ome_image(tmp_path / "stack.ome.zarr", "0.5", stack, axes="zyx")
+    with pytest.raises(InputError, match="2-D images"):
+        prepare_source_labels(SourceLabels(src), (SIZE, SIZE), [1, 2, 3], None)
+    assert not (src / "labels").exists()

@@ -190,6 +190,12 @@ def labels_layout(
     """The :class:`LevelLayout` of ``image/labels/name``: the image's levels, axes, zarr format
     and the NGFF ``multiscales`` + ``image-label`` attributes of the image's version."""
     info = _describe_image(image)
+    extra = [(a, n) for a, n in zip(info.axes, info.shapes[0]) if a not in "yxc" and n != 1]
+    if extra:
+        raise InputError(
+            f"into-source: {str(image)!r} has axes {info.axes!r} of shape {info.shapes[0]}; "
+            "labels are written for 2-D images (other axes of size 1) - use --out"
+        )
     factors = _level_factors(info, image)
     iy, ix = info.axes.index("y"), info.axes.index("x")
     src = info.multiscale
