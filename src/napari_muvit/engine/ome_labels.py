@@ -245,7 +245,7 @@ def ome_image_of(path: str | Path | None) -> Path | None:
         if not image.is_dir():
             return None
         _describe_image(image)
-    except (InputError, OSError, KeyError, ValueError, TypeError):
+    except (InputError, OSError, KeyError, ValueError, TypeError, AttributeError, IndexError):
         return None
     return image.absolute()
 
