@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from test_predict_support import rings, tiny_segmenter
+from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.data import PyramidSource

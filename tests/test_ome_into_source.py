@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from test_predict_support import reference_labels, rings, tiny_segmenter
+from _predict_support import reference_labels, rings, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.data import PyramidSource, open_image
