@@ -20,6 +20,7 @@ not needed to write it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import os
@@ -292,6 +293,10 @@ def export_bioimageio(
         syn = synthetic_sample_image(size=max(512, 4 * size * int(max(seg.levels))), seed=7)
         source = PyramidSource(syn.pyramid, downsample_factors=list(syn.factors), normalization=raw_norm)
         image_desc = "the Synthetic rings sample (napari_muvit.data.samples, seed 7)"
+    elif isinstance(image, PyramidSource):  # shares the levels, reads raw intensities
+        source = copy.copy(image)
+        source.normalization = raw_norm
+        image_desc = "the image open in napari"
     else:
         source = open_image(image, normalization=raw_norm)
         image_desc = str(image) if isinstance(image, (str, Path)) else "the given image"
