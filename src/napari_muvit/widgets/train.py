@@ -56,6 +56,7 @@ from napari_muvit.widgets.state import ENCODER, TrainState, remember_folder
 
 NO_VALIDATION = "(none)"
 UI_INTERVAL_MS = 200  # progress bar / status refresh while training
+ACTIVITY_INTERVAL_S = 1.0  # napari activity dock refresh while training
 
 
 class _TrainRelay(QObject):
@@ -95,6 +96,7 @@ class TrainWidget(DockPanel):
         self._run_counter = 0
         self._last_info: dict[str, Any] | None = None
         self.activity: Any = None  # napari.utils.progress of the running training
+        self._activity_shown = 0.0
         super().__init__(napari_viewer, parent)
         self._ui_timer = QTimer(self)
         self._ui_timer.setSingleShot(True)
@@ -493,7 +495,10 @@ class TrainWidget(DockPanel):
             return
         step = int(info.get("step", 0))
         self.state.progress = (step, self.state.progress[1])
-        if self.activity is not None:
+        now = time.perf_counter()
+        # napari's activity dock repaints synchronously: once a second is enough there
+        if self.activity is not None and now - self._activity_shown >= ACTIVITY_INTERVAL_S:
+            self._activity_shown = now
             self.activity.update(max(0, min(step, self.activity.total) - self.activity.n))
         if info.get("status") == "running":
             dice = f", val Dice {info['val_dice']:.3f}" if info.get("val_dice") is not None else ""
