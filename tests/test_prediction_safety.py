@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
+from _predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.engine import CancelToken, Predictor
@@ -194,7 +194,7 @@ KILLABLE = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[3])
-from test_predict_support import rings_source
+from _predict_support import rings_source
 from napari_muvit.engine import Predictor
 from napari_muvit.engine.predict import create_zarr_sink, resolve_model
 source = rings_source(192)
