@@ -127,10 +127,11 @@ def _class_colors(model: Any) -> list[tuple[int, int, int]]:
     return [tuple(c["rgba"][:3]) for c in label_colors(list(model.label_values), model.class_colors)]
 
 
-def _documentation(model: Any, name: str, validation: str | None, tile: dict[str, Any]) -> str:
+def _documentation(model: Any, name: str, validation: str | None, tile: dict[str, Any],
+                   history: dict | None = None) -> str:
     meta = model.meta or {}
     train = meta.get("train_config") or {}
-    history = meta.get("history") or {}
+    history = history or meta.get("history") or {}
     classes = "\n".join(
         f"| {k} | {n} | {v} |" for k, (n, v) in enumerate(zip(model.class_names, model.label_values))
     )
@@ -391,7 +392,14 @@ def export_bioimageio(
     name = name or ("MuViT synthetic rings" if folder is None and not isinstance(model, torch.nn.Module)
                     else f"MuViT segmenter {out.stem}")
     tile = {"size": size, "image": image_desc, "origin": [int(v) for v in origin]}
-    files["README.md"] = _documentation(seg, name, validation, tile).encode()
+    history = None
+    model_folder = folder if folder is not None else (
+        None if isinstance(model, torch.nn.Module) else _default_folder())
+    if model_folder is not None and model_folder.is_dir():
+        from napari_muvit.model.checkpoint import load_history
+
+        history = load_history(model_folder)  # history.json (or an older config.yaml's meta)
+    files["README.md"] = _documentation(seg, name, validation, tile, history).encode()
     rdf = {
         "format_version": FORMAT_VERSION,
         "type": "model",
