@@ -23,6 +23,7 @@ _LAZY = {
     "pretrain": "napari_muvit.engine.pretrain",
     "default_model_path": "napari_muvit.weights",
     "load_default_model": "napari_muvit.weights",
+    "export_bioimageio": "napari_muvit.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 import uuid
 import warnings
@@ -893,6 +894,7 @@ def predict(
     skip_empty: bool | float = False,
     tile_size: int | None = None,
     amp: str | bool | None = "auto",
+    into_source: bool | str = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
     """Segment an image with a MuViT segmenter.
 
@@ -913,10 +915,16 @@ def predict(
         needs ``out``.
     overwrite
         Replace an existing napari-muvit output at ``out`` (foreign data is never deleted).
+    into_source
+        Write the labels into the source OME-Zarr (``image_or_source`` must be its path) as
+        ``labels/muvit`` (``True``) or ``labels/<into_source>`` (a name), instead of ``out``;
+        returns that group's path. See :mod:`napari_muvit.engine.ome_labels`.
 
     The other arguments are those of :class:`Predictor`. Bad input raises
     :class:`~napari_muvit.errors.InputError` before any tile is computed.
     """
+    if into_source:
+        out = _source_labels_target(image_or_source, out, into_source)
     if out is None and (scheduler is not None or workers is not None):
         raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
     if out is not None and (scheduler is not None or workers is not None):
@@ -930,7 +938,7 @@ def predict(
         )
     from napari_muvit.data import open_image
 
-    if out is not None:
+    if out is not None and not into_source:
         out = _output_path(out)
     source = open_image(image_or_source)
     seg = resolve_model(model)
@@ -949,6 +957,18 @@ def predict(
     finally:
         sink.release_lock()  # predict() closes the sink; this covers errors before it starts
     return sink.path
+
+
+def _source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
+    """The :class:`~napari_muvit.engine.ome_labels.SourceLabels` target of ``into_source``."""
+    from napari_muvit.engine.ome_labels import DEFAULT_LABELS_NAME, SourceLabels
+
+    if out is not None:
+        raise InputError("out/into_source: pass one of them (into_source writes into the image)")
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError("into_source: expected the path of an OME-Zarr image, got "
+                         f"{type(image).__name__}")
+    return SourceLabels(Path(image), DEFAULT_LABELS_NAME if into_source is True else str(into_source))
 
 
 def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
@@ -976,24 +996,43 @@ def create_zarr_sink(
 ) -> ZarrSink:
     """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one).
 
+    ``out`` is a path, or a :class:`~napari_muvit.engine.ome_labels.SourceLabels` target
+    (labels written into the source OME-Zarr).
+
     The image is checked first (NaN/inf, the output is not the input), so a bad input never
     leaves a store behind. The sink holds the store's lock until it is closed.
     """
-    out = _output_path(out)
+    from napari_muvit.engine import ome_labels
+
+    target = out if isinstance(out, ome_labels.SourceLabels) else None
+    if target is None:
+        out = _output_path(out)
     check = getattr(source, "check_finite", None)
     if check is not None:
         check()
-    _refuse_input_as_output(source, out)
     model = pred.model
-    return ZarrSink.create(
+    class_names = getattr(model, "class_names", None)
+    class_colors = getattr(model, "class_colors", None)
+    layout = None
+    if target is not None:
+        if probabilities:
+            raise InputError("probabilities: not stored inside a source OME-Zarr; "
+                             "write them to a separate store with out= (--out)")
+        out, layout = ome_labels.prepare_source_labels(
+            target, source.shape, list(pred.label_values), class_names, class_colors)
+    _refuse_input_as_output(source, out)  # labels/NAME inside the input image is allowed
+    sink = ZarrSink.create(
         out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
         region=clip_region(region, source.shape), label_values=pred.label_values,
-        class_names=getattr(model, "class_names", None),
-        class_colors=getattr(model, "class_colors", None), probabilities=probabilities,
+        class_names=class_names,
+        class_colors=class_colors, probabilities=probabilities,
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
-        write_pyramid=write_pyramid, chunk_size=chunk_size,
+        write_pyramid=write_pyramid, chunk_size=chunk_size, layout=layout,
         input_path=getattr(source, "origin", None),
     )
+    if target is not None:
+        ome_labels.register_source_labels(target)
+    return sink
 
 
 def _output_path(out: Any) -> Path:

@@ -206,6 +206,9 @@ class Job:
     progress_bar: Any = None
     sink: Any = None
     relay: Any = None  # the view's queued-signal relay, kept alive with the job
+    # where a whole-image job writes when not to ``out_path`` itself (labels inside the
+    # source OME-Zarr: an :class:`~napari_muvit.engine.ome_labels.SourceLabels`)
+    sink_target: Any = None
 
     @property
     def running(self) -> bool:
@@ -302,7 +305,8 @@ def image_job(
                                 tile_size=base.tile_size, cache_tiles=0)
         pred.check_source(source)
         sink = create_zarr_sink(
-            pred, source, job.out_path, probabilities=req.probabilities, overwrite=overwrite
+            pred, source, job.sink_target or job.out_path, probabilities=req.probabilities,
+            overwrite=overwrite,
         )
         remaining = sink.remaining()
         yield SinkReady(loaded, plane, sink, remaining)
@@ -474,3 +478,25 @@ def latest_model(job: TrainJob | None, fallback: Any) -> Any:
 def save_job(model: Any, folder: Path, overwrite: bool) -> Path:
     """Worker: save ``model`` as a model folder."""
     return Path(model.save(folder, overwrite=overwrite))
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_job(model: Any, out: Path, layer: Any = None, plane: L.LayerPlane | None = None) -> Path:
+    """Worker: write ``model`` (a segmenter, a model folder/package, or ``None`` for the bundled
+    one) as a bioimage.io package at ``out``, its test tile cut from ``layer``'s plane when the
+    channels fit (else the Synthetic sample)."""
+    from napari_muvit.engine.predict import resolve_model
+    from napari_muvit.export import export_bioimageio
+
+    seg = resolve_model(model)
+    image = None
+    if layer is not None and plane is not None:
+        source = L.plane_source(layer, with_channels(plane, seg.in_channels))
+        if source.channels == seg.in_channels and min(source.shape) >= seg.meta.get("crop_size", 64):
+            image = source
+    # the file dialog already asked before replacing an existing file
+    return export_bioimageio(model, out, image=image, overwrite=True)

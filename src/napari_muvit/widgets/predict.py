@@ -106,6 +106,7 @@ class PredictWidget(DockPanel):
         self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
         st = self.state.events
         st.image.connect(self._on_image_changed)
+        st.image.connect(self._update_source_ome)
         st.model.connect(self._on_model_changed)
         for name in ("device", "precision", "overlap"):
             getattr(st, name).connect(self._on_model_changed)
@@ -114,6 +115,7 @@ class PredictWidget(DockPanel):
         st.image_job.connect(self._update_buttons)
         self._refresh_model_choices(select=self.state.model)
         self._on_model_changed()
+        self._update_source_ome()
 
     @classmethod
     def instances(cls) -> list[PredictWidget]:
@@ -150,8 +152,14 @@ class PredictWidget(DockPanel):
         self.model_combo.currentIndexChanged.connect(self._on_model_combo)
         self.browse_button = form.row_with_button(
             "Model", self.model_combo, "Folder…",
-            "Choose a model folder (the one holding config.yaml)")
+            "Choose a model: its folder's config.yaml, or a bioimage.io package (.zip)")
         self.browse_button.clicked.connect(self._browse_model)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip(
+            "Write the selected model as a bioimage.io model package (.zip), with test tensors "
+            "from the selected image")
+        self.export_button.clicked.connect(lambda: self.export())
+        form_layout.addRow(self.export_button)
         self.device_combo = form.combo("device", "Device")
         self.precision_combo = form.combo(
             "precision", "Precision",
@@ -201,6 +209,12 @@ class PredictWidget(DockPanel):
         self.output_button.setMaximumWidth(32)
         self.output_button.clicked.connect(self._browse_output)
         self.overwrite_check = form.check("overwrite", "Overwrite an existing prediction")
+        self.into_source_check = form.check(
+            "into_source", "Write into the image's OME-Zarr (labels/…)",
+            "Write the labels into the OME-Zarr the image came from, as labels/<name> (NGFF "
+            "0.4/0.5); the image itself is not modified. Only for images opened from an OME-Zarr")
+        self.labels_name_edit = form.line(
+            "labels_name", "Labels name", "muvit", "Name of the label image inside the OME-Zarr")
         self.image_button = QPushButton("Predict whole image")
         self.image_button.setToolTip(
             "Segment the whole image (plane) into an OME-Zarr on disk; resumes an unfinished one")
@@ -351,9 +365,21 @@ class PredictWidget(DockPanel):
         self.state.model = data if isinstance(data, ModelChoice) else ModelChoice(BUNDLED)
 
     def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "MuViT model folder (with config.yaml)")
-        if folder:
-            self.set_model(folder)
+        path, _ = QFileDialog.getOpenFileName(
+            self, "MuViT model: config.yaml in its folder, or a bioimage.io package",
+            "", "MuViT model (config.yaml *.zip)")
+        if path:
+            chosen = Path(path)
+            self.set_model(chosen.parent if chosen.name == "config.yaml" else chosen)
+
+    def export(self, out: str | Path | None = None) -> Any:
+        """Export the selected model as a bioimage.io package (``out`` asked when None)."""
+        choice = self.model_choice
+        if choice.kind == SESSION:
+            model: Any = registry().session_model(choice.value)
+        else:
+            model = None if choice.kind == BUNDLED else choice.value
+        return self.export_model(model, out, layer=self.image_layer)
 
     def _browse_output(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
@@ -474,11 +500,15 @@ class PredictWidget(DockPanel):
         if self.state.image_job is not None and self.state.image_job.running:
             self.set_status("a whole-image prediction is already running (Cancel it first)")
             return None
-        path = Path(out) if out is not None else Path(self.state.output or self._default_output())
-        path = path.expanduser().absolute()
-        self.state.output = str(path)
-        self.state.output_dir = str(path.parent)
-        job = Job("image", request=req, out_path=path)
+        target = self._source_labels() if out is None else None
+        if target is not None:
+            path = target.path
+        else:
+            path = Path(out) if out is not None else Path(self.state.output or self._default_output())
+            path = path.expanduser().absolute()
+            self.state.output = str(path)
+            self.state.output_dir = str(path.parent)
+        job = Job("image", request=req, out_path=path, sink_target=target)
         relay = _Relay(self)
         relay.progressed.connect(
             self.lifeline.guard(lambda d, t, j=job: self._on_image_progress(j, d, t)))
@@ -660,6 +690,31 @@ class PredictWidget(DockPanel):
 
     def _default_output(self) -> Path:
         return default_store_path(self.image_layer, self.state.output_dir)
+
+    def _source_labels(self) -> Any:
+        """Where *Write into the image's OME-Zarr* writes (None: off, or not an OME-Zarr)."""
+        from napari_muvit.engine.ome_labels import DEFAULT_LABELS_NAME, SourceLabels
+
+        if not (self.state.into_source and self.state.source_ome):
+            return None
+        name = self.state.labels_name.strip() or DEFAULT_LABELS_NAME
+        return SourceLabels(Path(self.state.source_ome), name)
+
+    def _update_source_ome(self, *_: Any) -> None:
+        """Offer *Write into the image's OME-Zarr* only for a layer read from an OME-Zarr."""
+        from napari_muvit.engine.ome_labels import ome_image_of
+
+        layer = self.image_layer
+        source = getattr(getattr(layer, "source", None), "path", None)
+        image = ome_image_of(source)
+        self.state.source_ome = "" if image is None else str(image)
+        if self.alive:
+            for control in (self.into_source_check, self.labels_name_edit):
+                control.setEnabled(image is not None)
+            self.into_source_check.setToolTip(
+                f"Write the labels into {image} as labels/<name> (NGFF 0.4/0.5); the image "
+                "itself is not modified" if image is not None
+                else "Only for an image opened from an OME-Zarr (NGFF 0.4 or 0.5)")
 
     def _on_image_message(self, job: Job, msg: Any) -> None:
         if not isinstance(msg, SinkReady):

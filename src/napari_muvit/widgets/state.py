@@ -173,6 +173,10 @@ class PredictState(PanelState):
     output: str = ""  # whole-image store ("" = a default next to the image)
     output_dir: str = setting(str(Path.home() / "napari-muvit"))
     overwrite: bool = setting(False)
+    # whole image into the selected layer's own OME-Zarr as labels/<labels_name>
+    into_source: bool = setting(False)
+    labels_name: str = setting("muvit")
+    source_ome: str = ""  # that OME-Zarr image ("" = the layer did not come from one)
     live: bool = False
     # a fine-tuning run of the same viewer: switch to its model at its first snapshot
     follow_session: str | None = None
