@@ -294,6 +294,7 @@ def image_job(
     """Worker: predict the whole plane into a resumable OME-Zarr store; returns whether the
     store is complete.  ``progress(done, total)`` is called from this thread."""
     req: ViewRequest = job.request
+    sink = None
     try:
         loaded = loader.get(req.choice, req.options)
         plane = with_channels(req.plane, loaded.model.in_channels)
@@ -321,6 +322,10 @@ def image_job(
         )
         return sink.complete
     finally:
+        # Aborted between creating the store and predicting (viewer closed, worker quit):
+        # free the store for other runs now, not when the sink is garbage-collected.
+        if sink is not None:
+            sink.release_lock()
         job.done.set()
 
 
