@@ -24,6 +24,10 @@ Sections (``--section``, default all):
   setting runs in a fresh child process, round-robin; the parent reports ratios against the
   best setting of the same load. Then ``--workers 2`` on this machine (a Dask LocalCluster,
   cores divided between the workers) against one process, alternately in one process.
+* ``profile``: why the engine / naive ratio is what it is: CPU ms per tile of reading (full
+  resolution vs pyramid), the encoder and the head (batch 1 and 4), for the default flat UNETR
+  head and narrower layouts, the engine / naive ratio those costs allow, and the top ops of the
+  torch profiler.
 * ``rss``: whole-image zarr prediction (a :class:`~napari_muvit.engine.ZarrSink` spanning the
   full image) of lazy dask pyramids of 4096², 16384² and 65536², each in a fresh subprocess,
   stopped (cancel token) after a fixed number of tiles because a full 64k² run takes hours on
@@ -432,6 +436,89 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# profile: why the engine / naive ratio is what it is
+# --------------------------------------------------------------------------------------------
+
+
+def _component_ms(model: MuViTSegmenter, crops: torch.Tensor, bbs: torch.Tensor,
+                  repeats: int) -> dict[str, float]:
+    """CPU ms per tile of the encoder and of the head (forward hooks), batch of ``len(crops)``."""
+    marks: dict[str, float] = {}
+    spent = {"head": 0.0, "total": 0.0}
+    head = model.head  # the segmenter runs the encoder's parts itself: encoder = total - head
+    hooks = [head.register_forward_pre_hook(lambda *_: marks.__setitem__("t", time.process_time())),
+             head.register_forward_hook(lambda *_: spent.__setitem__(
+                 "head", spent["head"] + time.process_time() - marks["t"]))]
+    try:
+        with torch.inference_mode():
+            model(crops, bbs)  # warm-up
+            spent["head"] = 0.0
+            c0 = time.process_time()
+            for _ in range(repeats):
+                model(crops, bbs)
+            spent["total"] = time.process_time() - c0
+    finally:
+        for h in hooks:
+            h.remove()
+    spent["encoder"] = spent["total"] - spent["head"]
+    n = repeats * len(crops)
+    return {k: 1000 * v / n for k, v in spent.items()}
+
+
+def section_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-tile CPU cost of reading (naive vs pyramid), encoder and head, for the default head
+    and narrower layouts; the engine / naive ratio these costs allow; top ops (torch profiler)."""
+    img = rings_pyramid(args.size)
+    pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
+    full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
+    tiles = plan_tiles(central_region(pyramid.shape, args.region), TILE, pyramid.shape)[:8]
+    reads = _read_costs(full_res, pyramid, tiles)
+    crops = np.stack([pyramid.read_nested(centered_nested_bboxes(t.origin, TILE, LEVELS),
+                                          LEVELS, TILE)[0] for t in tiles[:4]])
+    bbs = np.stack([centered_nested_bboxes(t.origin, TILE, LEVELS) for t in tiles[:4]])
+    x, bb = torch.from_numpy(crops), torch.from_numpy(bbs)
+    dim, layers, heads, head_dim = MODELS[args.model]
+    layouts = {"flat (default)": {}, "taper=True": {"taper": True},
+               "channels (32, 32, 16, 8)": {"channels": [head_dim, head_dim, head_dim // 2,
+                                                         head_dim // 4]}}
+    print(f"\n{hardware_line()}")
+    print(f"profile: model {args.model!r}, tile {TILE}, torch threads {torch.get_num_threads()}; "
+          f"CPU ms per tile. Reading nested crops: full resolution (naive) "
+          f"{reads['full-res']:.1f}, pyramid (engine) {reads['pyramid']:.2f}")
+    print(f"{'head layout':<28}{'batch':>6}{'encoder':>9}{'head':>8}{'model':>8}{'head %':>8}"
+          f"{'engine/naive bound':>20}")
+    rows: dict[str, Any] = {}
+    for name, opts in layouts.items():
+        torch.manual_seed(0)
+        enc = MuViTEncoder(in_channels=1, levels=LEVELS, patch_size=8, dim=dim, num_layers=layers,
+                           heads=heads)
+        model = MuViTSegmenter(enc, num_classes=3, head_dim=head_dim, head_options=opts,
+                               meta={"crop_size": TILE}).eval()
+        one = _component_ms(model, x[:1], bb[:1], args.profile_repeats * 4)
+        four = _component_ms(model, x, bb, args.profile_repeats)
+        # naive = batch 1 + full-res reads; engine = batch 4 + pyramid reads
+        bound = (reads["full-res"] + one["total"]) / (reads["pyramid"] + four["total"])
+        rows[name] = {"batch1": one, "batch4": four, "engine_vs_naive_bound": bound}
+        for b, r in (("1", one), ("4", four)):
+            print(f"{name:<28}{b:>6}{r['encoder']:>9.2f}{r['head']:>8.2f}{r['total']:>8.2f}"
+                  f"{100 * r['head'] / max(r['total'], 1e-9):>7.0f}%"
+                  f"{(f'{bound:.2f}x' if b == '4' else ''):>20}")
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = bench_model(args.model)
+    with torch.inference_mode():
+        model(x, bb)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_repeats):
+                model(x, bb)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    print(table)
+    return {"reads_ms": reads, "layouts": rows, "top_ops": table,
+            "hardware": cpu_capabilities().as_dict(), "loadavg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------------------
 # contention
 # --------------------------------------------------------------------------------------------
 
@@ -667,7 +754,8 @@ def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=("throughput", "seams", "precision", "contention", "rss", "all"),
+    parser.add_argument("--section", choices=("throughput", "seams", "precision", "profile", "contention", "rss",
+                                 "all"),
                         default="all")
     parser.add_argument("--loads", nargs="+", choices=("idle", "busy"), default=["idle", "busy"],
                         help="contention: without / with one busy process per core")
@@ -678,6 +766,7 @@ def main() -> None:
     parser.add_argument("--workers-region", type=int, default=2048,
                         help="contention: region side for the --workers 2 comparison")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 row")
+    parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--size", type=int, default=8192, help="synthetic pyramid side")
     parser.add_argument("--region", type=int, default=1024, help="central region side")
     parser.add_argument("--naive-tiles", type=int, default=16)
@@ -716,6 +805,8 @@ def main() -> None:
         out["seams"] = section_seams(args)
     if args.section in ("precision", "all"):
         out["precision"] = section_precision(args)
+    if args.section in ("profile", "all"):
+        out["profile"] = section_profile(args)
     if args.section in ("contention", "all"):
         out["contention"] = section_contention(args)
     if args.section in ("rss", "all"):
