@@ -126,11 +126,11 @@ def main() -> None:
                   f"(outer {row['outer']:.3f}, inner {row['inner']:.3f})  predict "
                   f"{row['predict_cpu_ms_per_tile']:.1f} CPU-ms/tile  load "
                   f"{row['loadavg'][0]:.1f}", flush=True)
-    out = {"hardware": caps.as_dict(), "head_params": params, "results": results,
-           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+        if args.json is not None:  # after every checkpoint: a long run stopped early keeps its rows
+            out = {"hardware": caps.as_dict(), "head_params": params, "results": results,
+                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -169,6 +169,16 @@ def test_native_fast_precision_does_not_warn(monkeypatch, fresh_warnings) -> Non
     assert resolve_amp("auto", CPU) is None  # auto is float32 on every CPU
 
 
+def test_a_remembered_slow_precision_falls_back_to_auto(monkeypatch) -> None:
+    monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 1 / 30)
+    choice, message = hardware.validate_precision("bf16", CPU)
+    assert choice == "auto" and "'bf16' not used" in message and "30.0x slower" in message
+    assert hardware.validate_precision("auto", CPU) == ("auto", None)
+    assert hardware.validate_precision("off", CPU) == ("off", None)
+    monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 1.4)
+    assert hardware.validate_precision("bf16", CPU) == ("bf16", None)  # fast here: kept
+
+
 def test_micro_timing_measures_both_precisions() -> None:
     speed = hardware.measure_amp_speedup(CPU, torch.bfloat16, dim=32, head_dim=16)
     assert 0 < speed < 100

@@ -36,6 +36,7 @@ __all__ = [
     "cuda_capabilities",
     "describe_runtime",
     "measure_amp_speedup",
+    "validate_precision",
 ]
 
 #: a reduced precision measured below this speed-up is reported as slow (timing noise ~10 %)
@@ -287,6 +288,25 @@ def warn_if_slow(device: torch.device, dtype: torch.dtype | None, dim: int = 128
         _WARNED.add((device.type, str(dtype)))
         warnings.warn(check.message, SlowPrecisionWarning, stacklevel=3)
     return check
+
+
+def validate_precision(choice: str, device: torch.device, dim: int = 128,
+                       head_dim: int = 32) -> tuple[str, str | None]:
+    """A remembered precision choice re-checked on this machine: ``(choice to use, message)``.
+
+    A setting saved on a machine with native bf16 must not silently keep a 30x slower path on
+    one without: an explicit ``"bf16"``/``"fp16"`` that measures slow here becomes ``"auto"``,
+    with a one-line message for the panel (status and notification). Other choices pass.
+    """
+    from napari_muvit.engine.device import resolve_amp
+
+    dtype = resolve_amp(choice, device, check=False)
+    if dtype is None or str(choice).strip().lower() == "auto":
+        return choice, None
+    check = check_precision(device, dtype, dim, head_dim)
+    if not check.slow:
+        return choice, None
+    return "auto", f"remembered precision {choice!r} not used: {check.message}"
 
 
 def describe_runtime(device: torch.device, dtype: torch.dtype | None,
