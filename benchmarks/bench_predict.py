@@ -395,6 +395,10 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
     src = PyramidSource(field.pyramid, downsample_factors=field.factors,
                         normalization=model.normalization)
     gt = np.asarray(field.labels)
+    region = None
+    if args.precision_side:  # a central part only (bf16 is ~30x slower where it is emulated)
+        region = central_region(gt.shape, args.precision_side)
+        gt = gt[region[0, 0]:region[1, 0], region[0, 1]:region[1, 1]]
     preds = {amp: Predictor(model, device="cpu", amp=amp, cache_tiles=0) for amp in ("off", "bf16")}
     for pred in preds.values():  # warm-up (oneDNN primitive creation)
         pred.predict(src, [[0, 0], [256, 256]])
@@ -403,7 +407,7 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(max(2, args.repeats) * 2):
         for amp in (("off", "bf16") if rep % 2 == 0 else ("bf16", "off")):
             t0 = time.perf_counter()
-            labels[amp] = preds[amp].predict(src).labels
+            labels[amp] = preds[amp].predict(src, region).labels
             times[amp].append(time.perf_counter() - t0)
 
     def dice(pred: np.ndarray) -> tuple[float, float]:
@@ -767,6 +771,8 @@ def main() -> None:
                         help="contention: region side for the --workers 2 comparison")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 row")
     parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--precision-side", type=int, default=None,
+                        help="precision: predict only a central square of this side")
     parser.add_argument("--size", type=int, default=8192, help="synthetic pyramid side")
     parser.add_argument("--region", type=int, default=1024, help="central region side")
     parser.add_argument("--naive-tiles", type=int, default=16)
