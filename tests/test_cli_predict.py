@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
+from _predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.cli.predict import ProgressBar, parse_region

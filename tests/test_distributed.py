@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import rings, tiny_segmenter
+from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.engine import Predictor, predict_distributed
 from napari_muvit.engine.distributed import plan_blocks
@@ -90,7 +90,7 @@ def test_scheduler_address_via_cli_and_objects_via_scatter(client, tmp_path, cap
     out2 = predict_distributed(source, model, tmp_path / "obj.zarr", scheduler=client,
                                device="cpu", batch_size=4)
     np.testing.assert_array_equal(zarr.open_group(str(out2), mode="r")["0"][:], cli_labels)
-    from test_predict_support import reference_labels
+    from _predict_support import reference_labels
 
     np.testing.assert_array_equal(
         cli_labels, reference_labels(model, source, np.array([[0, 0], [192, 192]]))

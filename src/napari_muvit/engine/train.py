@@ -232,31 +232,11 @@ def _check_pair(source: Any, labels: Any, i: int) -> Any:
 
 # ============================================================================ sampling
 def _crop_dataset_class() -> type:
-    """:class:`NestedCropDataset` whose anchors come from the trainer's live label index.
+    """The trainer's dataset class (:class:`._anchored.AnchoredCrops`), imported on first use
+    so that importing this module does not import the sampler's dependencies."""
+    from napari_muvit.engine._anchored import AnchoredCrops
 
-    Defined lazily so that importing this module does not import the sampler's dependencies.
-    The data package's sampler does everything else (nested bboxes, reading, targets through
-    the label mapping, augmentations); only the choice of the anchor pixel is replaced, so that
-    newly painted pixels are used without rebuilding the dataset.
-    """
-    from napari_muvit.data.sampler import NestedCropDataset
-
-    class _AnchoredCrops(NestedCropDataset):
-        # per class index: [(source index, (N, 2) points)], set by Trainer._refresh_anchors
-        anchor_table: list[list[tuple[int, np.ndarray]]]
-
-        def _anchor(self, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
-            table = getattr(self, "anchor_table", None)
-            if table and rng.random() < self.anchor_prob:
-                per_class = table[int(rng.integers(len(table)))]  # balance classes
-                counts = np.array([len(p) for _, p in per_class], dtype=np.float64)
-                j = int(rng.choice(len(per_class), p=counts / counts.sum()))
-                src, points = per_class[j]
-                y, x = points[int(rng.integers(len(points)))]
-                return src, (int(y), int(x))
-            return int(rng.choice(len(self.sources), p=self._area_probs)), None
-
-    return _AnchoredCrops
+    return AnchoredCrops
 
 
 def _collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
