@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_predict_support import rings_source, tiny_segmenter
+from _predict_support import rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.engine import hardware, threads

@@ -337,17 +337,59 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
     assert not widget.live
 
 
-def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rings):
+def test_view_predicts_what_is_visible_and_live_uses_a_budget(
+    make_napari_viewer, qtbot, model_dirs, rings
+):
     viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
-    widget.cap_spin.setValue(4)
-    viewer.reset_view()  # whole 256² image: 64 tiles
+    viewer.reset_view()  # the whole 512² image: 256 tiles of 32 px
+    widget.cap_spin.setValue(30)  # live budget before a tile has been timed
+
+    # live: the 30 tiles nearest the centre, then it says how many are left and how to finish
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    total = widget.state.view_job.total
+    assert total == 256
+    assert widget.predictor.stats["tiles_computed"] >= 30
+    painted = np.asarray(widget.labels_layer().data) > 0
+    assert painted.sum() == 30 * TILE * TILE
+    ys, xs = np.nonzero(painted)
+    centre = np.array(painted.shape) / 2
+    assert np.hypot(ys.mean() - centre[0], xs.mean() - centre[1]) < 2 * TILE  # centre first
+    assert "centre first" in widget.status and "click 'Predict view'" in widget.status
+    widget.set_live(False)
+
+    # one click finishes the view: every visible tile, however many the zoom needs
     worker = widget.predict_view()
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
-    assert "more than the cap of 4" in widget.status
-    assert widget.predictor.stats["tiles_computed"] == 0
-    assert not np.any(np.asarray(widget.labels_layer().data))
+    labels = widget.labels_layer()
+    full = np.asarray(labels.data)
+    assert np.all(full > 0), "the whole visible image is labelled"
+    assert "view done: 226 tiles" in widget.status  # the 30 shown were not recomputed
 
+    # a time budget once a tile was timed: 2 s at 0.25 s per tile = 8 tiles
+    pred = widget.predictor
+    pred.seconds_per_tile = 0.25
+    widget.live_seconds_spin.setValue(2)
+    assert widget._live_budget(pred) == 8
+    # zoomed far out for live (256 new tiles > 10 x 8): not started, the labels stay
+    widget.outputs.target(widget.image_layer).painted.clear()  # as if all 64 were new
+    before = full.copy()
+    computed = pred.stats["tiles_computed"]
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert "zoomed out too far" in widget.status and "Predict whole image" in widget.status
+    assert "256 new tiles (about 64 s here)" in widget.status  # 256 tiles x 0.25 s
+    assert pred.stats["tiles_computed"] == computed
+    now = np.asarray(labels.data)
+    np.testing.assert_array_equal(now, before)  # a refused request never clears labels
+    widget.set_live(False)
+
+
+def test_view_zoomed_in_with_confidence_layer(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
     # zoomed in, within the cap, with the confidence layer
     widget.confidence_check.setChecked(True)
     camera = viewer.scene.camera
