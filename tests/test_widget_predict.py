@@ -726,3 +726,46 @@ def test_widgets_from_the_plugin_manifest(make_napari_viewer, qtbot, model_dirs,
         _wait_idle(qtbot, predict)
         assert predict.labels_layer() is predict.labels_layer()  # stable identity
         assert np.all(np.asarray(predict.labels_layer().data) > 0)
+
+
+def test_precision_is_checked_against_the_hardware_and_jobs_share_the_cores(
+    make_napari_viewer, qtbot, model_dirs, rings, monkeypatch
+):
+    from napari.utils import notifications
+
+    from napari_muvit.engine import hardware
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets.jobs import GUI_THREADS
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", lambda msg: warned.append(msg))
+    # as on a CPU that emulates bf16: the one-off micro-timing measures it 20x slower
+    monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 0.05)
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[2])
+    qtbot.waitUntil(lambda: "MuViT[1, 4]" in widget.model_info.text(), timeout=30_000)
+    info = widget.model_info.text()
+    assert "float32" in info and "thread" in info and "batch" in info  # the runtime line
+
+    # an explicit bf16 is honoured, with a warning that says how much slower it measured
+    widget.precision_combo.setCurrentText("bf16")
+    qtbot.waitUntil(lambda: bool(warned), timeout=30_000)
+    assert "bf16 is emulated" in warned[-1] and "20.0x slower" in warned[-1]
+    assert "20.0x slower" in widget.status
+    assert widget.state.precision == "bf16" and "bf16 autocast" in widget.model_info.text()
+
+    # the next session remembers bf16, but on this hardware it falls back to auto, and says so
+    widget.close_widget()
+    warned.clear()
+    again = PredictWidget(viewer)
+    qtbot.waitUntil(lambda: again.state.precision == "auto", timeout=30_000)
+    assert warned and "remembered precision 'bf16' not used" in warned[-1]
+    qtbot.waitUntil(lambda: "float32" in again.model_info.text(), timeout=30_000)
+
+    # the Threads setting is the budget all jobs of the panels share
+    again.threads_spin.setValue(1)
+    assert GUI_THREADS.threads == 1 and GUI_THREADS.share() == 1
+    assert "1 thread," in again.model_info.text()
+    again.threads_spin.setValue(0)
+    assert GUI_THREADS.threads is None
+    again.close_widget()
+    again.deleteLater()
