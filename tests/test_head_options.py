@@ -59,3 +59,16 @@ def test_bundled_model_loads_unchanged_with_its_flat_head() -> None:
     model = load_model(default_model_path())
     assert "channels" not in model.head_options and not model.head_options.get("taper", False)
     assert _conv_widths(model) == [model.head_dim] * 4
+
+
+def test_newly_trained_models_get_the_tapered_head_and_record_it(tmp_path) -> None:
+    from napari_muvit.engine._models import new_segmenter
+
+    torch.manual_seed(0)
+    enc = MuViTEncoder(1, (1, 4), patch_size=8, dim=48, num_layers=2, heads=2)
+    seg = new_segmenter(enc, [1, 2], "unetr", None, None, dense=False)
+    assert seg.head_options["taper"] is True
+    widths = _conv_widths(seg)
+    assert widths[0] == seg.head_dim and widths[-1] == max(seg.head_dim >> 3, 16)
+    again = load_model(seg.save(tmp_path / "new"))
+    assert again.head_config["taper"] is True and _conv_widths(again) == widths
