@@ -186,10 +186,12 @@ def _client(scheduler: Any, workers: int | None, processes: bool, threads_per_wo
 
     # worker processes inherit os.environ; say the wait policy explicitly anyway, so that a
     # worker spawned by a nanny with its own environment does not spin (the user's choice wins)
-    env = {} if any(os.environ.get(k) for k in USER_POLICY_VARS) else dict(PASSIVE_ENV)
+    extra: dict[str, Any] = {}
+    if processes and not any(os.environ.get(k) for k in USER_POLICY_VARS):
+        extra["env"] = dict(PASSIVE_ENV)  # in-process workers share this process's runtime
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
-        dashboard_address=None, env=env,
+        dashboard_address=None, **extra,
     )
     client = Client(cluster)
 
