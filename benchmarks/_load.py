@@ -40,16 +40,6 @@ def busy_cores(n: int | None = None) -> Iterator[list[int]]:
             p.wait()
 
 
-@contextlib.contextmanager
-def maybe_busy(load: str) -> Iterator[None]:
-    """``load``: ``"idle"`` (nothing started) or ``"busy"`` (one busy process per core)."""
-    if load == "busy":
-        with busy_cores():
-            yield
-    else:
-        yield
-
-
 def machine() -> dict[str, Any]:
     """What a result row needs to be read later: CPU, flags that matter, load averages."""
     from napari_muvit.engine.hardware import cpu_capabilities
