@@ -46,9 +46,9 @@ PRESETS: dict[str, Preset] = {
 }
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4)
 # Head layout of newly trained models (old folders keep the layout their config names): a
-# tapered UNETR decoder trained 1.5x more steps per CPU-second and predicted 26 % faster than
-# the flat one, and scored higher after the same CPU time (benchmarks/bench_head_ttq.py,
-# docs/benchmarks.md; docs/model-card.md records the choice).
+# tapered UNETR decoder trains 1.5x more steps per CPU-second and predicts ~30 % cheaper than
+# the flat one, and was level with it on held-out quality after the same CPU time
+# (benchmarks/bench_head_ttq.py, docs/benchmarks.md; docs/model-card.md records the choice).
 NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True}
 
 
