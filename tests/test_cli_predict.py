@@ -65,7 +65,7 @@ def test_cli_refuses_existing_output_then_overwrites(files, capsys) -> None:
     ("extra", "needle"),
     [
         (["--region", "5,5,5,9"], "empty region"),
-        (["--region", "a,b,c"], "four integers"),
+        (["--region", "a,b,c"], "four numbers"),
         (["--region", "900,900,990,990"], "outside the image"),
         (["--device", "tpu"], "device must be"),
     ],

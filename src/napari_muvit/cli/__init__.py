@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from importlib import import_module
-from typing import Any
 
 from napari_muvit import __version__
 from napari_muvit.errors import MuViTError
@@ -48,25 +46,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
-        with warnings.catch_warnings():  # restores the handler when main() returns
-            _one_line_warnings(args.command)
-            return int(args.func(args) or 0)
+        return int(args.func(args) or 0)
     except MuViTError as err:
         print(f"napari-muvit {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"napari-muvit {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line_warnings(command: str) -> None:
-    """Warnings (e.g. bf16 emulated on this CPU) as one stderr line each, not a source dump."""
-
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-             file: Any = None, line: str | None = None) -> None:
-        print(f"napari-muvit {command}: warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -56,11 +56,12 @@ class PixelDecoder(nn.Module):
 
     Channels: ``head_dim`` everywhere (``taper=False``, the paper's layout, matching its
     parameter counts) or halved at every stage down to 16 (``taper=True``: for 256² crops and
-    ``head_dim=256`` the decoder costs ~15 instead of ~280 GFLOP per crop; see
-    docs/bench_encoder.md), or explicit ``channels``: one width for the bottleneck and one per
-    upsampling stage (``log2(P) + 1`` numbers, coarse to full resolution), e.g.
-    ``(32, 32, 16, 8)``. The full-resolution stages dominate the cost on CPU, so their width
-    is what to trade for speed (``benchmarks/bench_head_ttq.py`` measures time to quality).
+    ``head_dim=256`` the decoder costs about 1/15 of the FLOPs per crop; see "Decoder heads" in
+    docs/benchmarks.md, measured by ``benchmarks/model_size.py``), or explicit ``channels``:
+    one width for the bottleneck and one per upsampling stage (``log2(P) + 1`` numbers, coarse
+    to full resolution), e.g. ``(32, 32, 16, 8)``. The full-resolution stages dominate the cost
+    on CPU, so their width is what to trade for speed (``benchmarks/bench_head_ttq.py``
+    measures time to quality).
     """
 
     def __init__(
