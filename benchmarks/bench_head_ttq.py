@@ -13,7 +13,7 @@ thread: other programs on the machine slow every variant alike and CPU time does
 waiting for a core. Prediction time per tile is measured too.
 
     python benchmarks/bench_head_ttq.py                                # 60, 120, 180 CPU-s
-    python benchmarks/bench_head_ttq.py --checkpoints 30 60 --json docs/data/head-ttq.json
+    python benchmarks/bench_head_ttq.py --checkpoints 30 60 --json head-ttq.json
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def main() -> None:
                   f"{row['loadavg'][0]:.1f}", flush=True)
         if args.json is not None:  # after every checkpoint: a long run stopped early keeps its rows
             out = {"hardware": caps.as_dict(), "head_params": params, "results": results,
-                   "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+                   "script": "benchmarks/bench_head_ttq.py",
+                   "command": " ".join(["python", "benchmarks/bench_head_ttq.py", *sys.argv[1:]])}
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(out, indent=1))
 

@@ -816,6 +816,8 @@ def main() -> None:
     if args.section in ("rss", "all"):
         out["rss"] = section_rss(args)
     if args.json is not None:
+        out["script"] = "benchmarks/bench_predict.py"
+        out["command"] = " ".join(["python", out["script"], *sys.argv[1:]])
         args.json.write_text(json.dumps(out, indent=1, default=str))
 
 

@@ -217,8 +217,10 @@ def main() -> None:
                   f"{ph['loadavg'][0]:>6.1f}  {ph.get('status', '')[:60]}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "results": results},
-                                        indent=1))
+        script = "benchmarks/bench_ui.py"
+        command = " ".join(["python", script, *sys.argv[1:]])
+        args.json.write_text(json.dumps({"command": command, "script": script,
+                                         "results": results}, indent=1))
 
 
 if __name__ == "__main__":
