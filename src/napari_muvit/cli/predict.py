@@ -88,10 +88,12 @@ def _runtime_line(args: argparse.Namespace) -> str:
     device = resolve_device(args.device)
     dtype = resolve_amp(args.amp, device, check=False)  # the engine warns, once
     batch = args.batch or (CPU_BATCH if device.type != "cuda" else None)
-    line = describe_runtime(device, dtype, args.threads, batch)
-    if args.workers:
-        line += f" · {args.workers} local workers"
-    return line
+    if args.workers:  # each local worker gets its share of the cores
+        from napari_muvit.engine.threads import worker_threads
+
+        threads = args.threads or worker_threads(args.workers)
+        return f"{describe_runtime(device, dtype, threads, batch)} each · {args.workers} local workers"
+    return describe_runtime(device, dtype, args.threads, batch)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
