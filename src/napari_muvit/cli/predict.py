@@ -92,7 +92,8 @@ def _runtime_line(args: argparse.Namespace) -> str:
         from napari_muvit.engine.threads import worker_threads
 
         threads = args.threads or worker_threads(args.workers)
-        return f"{describe_runtime(device, dtype, threads, batch)} each · {args.workers} local workers"
+        line = describe_runtime(device, dtype, threads, batch)
+        return f"{line} each · {args.workers} local workers"
     return describe_runtime(device, dtype, args.threads, batch)
 
 
