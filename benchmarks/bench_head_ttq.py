@@ -118,7 +118,8 @@ def main() -> None:
                     spent[n] += train_for(tr, min(args.chunk, target - spent[n]))
         for n, tr in trainers.items():
             score = evaluate(tr.model, test)
-            row = {"cpu_s": spent[n], "steps": tr.step, "cpu_s_per_step": spent[n] / max(tr.step, 1),
+            row = {"cpu_s": spent[n], "steps": tr.step,
+                   "cpu_s_per_step": spent[n] / max(tr.step, 1),
                    **score, "loadavg": os.getloadavg()}
             results[n].append(row)
             print(f"{target:>6.0f} CPU-s  {n:<38} steps {tr.step:>5}  "

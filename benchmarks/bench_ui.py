@@ -20,7 +20,7 @@ Every load runs in a fresh process (``idle``: nothing started; ``busy``: one bus
 core, started and killed by this script), so "first predict" is really the first. Reports
 max and 99th percentile of the gaps per phase, and the load average.
 
-    xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_ui.py --json docs/data/ui-gaps-avx2.json
+    xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_ui.py --json ui-gaps.json
     xvfb-run -a python benchmarks/bench_ui.py --loads idle --seconds 5      # quicker
 """
 

@@ -236,7 +236,9 @@ class PrecisionCheck:
 def _hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         caps = cuda_capabilities(device)
-        return f"this GPU ({caps['name']}, compute capability {caps['capability']})" if caps else "this GPU"
+        if not caps:
+            return "this GPU"
+        return f"this GPU ({caps['name']}, compute capability {caps['capability']})"
     if device.type == "cpu":
         caps = cpu_capabilities()
         return f"this CPU ({caps.model or 'unknown model'}, {caps.short})"
