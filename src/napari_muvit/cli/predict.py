@@ -80,6 +80,24 @@ def one_line_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def _runtime_line(args: argparse.Namespace) -> str:
+    """Device, precision, threads and batch this run will use (one line)."""
+    from napari_muvit.engine.device import resolve_amp, resolve_device
+    from napari_muvit.engine.hardware import describe_runtime
+    from napari_muvit.engine.predict import CPU_BATCH
+
+    device = resolve_device(args.device)
+    dtype = resolve_amp(args.amp, device, check=False)  # the engine warns, once
+    batch = args.batch or (CPU_BATCH if device.type != "cuda" else None)
+    if args.workers:  # each local worker gets its share of the cores
+        from napari_muvit.engine.threads import worker_threads
+
+        threads = args.threads or worker_threads(args.workers)
+        line = describe_runtime(device, dtype, threads, batch)
+        return f"{line} each · {args.workers} local workers"
+    return describe_runtime(device, dtype, args.threads, batch)
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``predict`` sub-command."""
     p = subparsers.add_parser(
@@ -109,8 +127,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision: auto (default) = bf16/fp16 on CUDA, float32 elsewhere; "
-                        "bf16 also speeds up CPUs with native bfloat16 (AVX512-BF16/AMX)")
+                   help="mixed precision: auto (default) = bf16/fp16 on GPUs that have it "
+                        "natively, float32 elsewhere; bf16 also speeds up CPUs with native "
+                        "bfloat16 (AVX512-BF16/AMX) and warns where it is emulated (slower)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: every core; with --workers: per "
+                        "worker, default cores / workers)")
     p.add_argument("--skip-empty", action="store_true",
                    help="skip tiles whose coarse context is flat background (label 0)")
     dist = p.add_mutually_exclusive_group()
@@ -176,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.out is not None and not str(args.out).strip():
         raise InputError("--out: expected the path of an output .zarr store, got an empty string")
     region = parse_region(args.region) if args.region else None
+    if not args.quiet:
+        print(f"napari-muvit predict: {_runtime_line(args)}", file=sys.stderr)
     bar = None if args.quiet else ProgressBar()
     t0 = time.monotonic()
     try:
@@ -184,7 +208,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch, overlap=args.overlap, probabilities=args.probabilities,
             progress=bar, scheduler=args.scheduler, workers=args.workers,
             overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
-            amp=args.amp, into_source=_into_source(args),
+            amp=args.amp, into_source=_into_source(args), threads=args.threads,
         )
     finally:
         if bar is not None:

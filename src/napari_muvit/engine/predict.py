@@ -250,6 +250,14 @@ class Predictor:
     prefetch
         Read the next batch's crops in a background thread while the model runs; ``None``
         (default) enables it on CUDA/MPS and disables it on CPU, where it did not help.
+    threads
+        torch CPU threads while predicting, set in the thread that predicts (and restored
+        after): an int, a callable re-read before every batch (a
+        :class:`~napari_muvit.engine.threads.ThreadShares` job share), or ``None`` (default)
+        to keep the calling thread's count. See :mod:`napari_muvit.engine.threads`.
+
+    :attr:`seconds_per_tile` is a running estimate of the time one computed tile costs here
+    (read + model), for budgets expressed in seconds (:meth:`tiles_within`).
     """
 
     def __init__(
@@ -263,10 +271,19 @@ class Predictor:
         cache_tiles: int = 512,
         tile_size: int | None = None,
         prefetch: bool | None = None,
+        threads: int | Callable[[], int] | None = None,
     ) -> None:
         _check_segmenter(model)
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        self.amp_dtype = resolve_amp(
+            amp, self.device, dim=int(getattr(getattr(model, "encoder", None), "dim", 128)),
+            head_dim=int(getattr(model, "head_dim", 32)),
+        )
+        if threads is not None and not callable(threads) and (
+                int(threads) != threads or threads < 1):
+            raise InputError(f"threads: expected a positive integer, got {threads!r}")
+        self.threads = threads
+        self.seconds_per_tile: float | None = None
         self.model = model.to(self.device)
         self.tile_size = _tile_size(model, tile_size)
         self.levels = tuple(float(v) for v in model.levels)
@@ -310,6 +327,36 @@ class Predictor:
             "model_calls": 0, "tiles_computed": 0, "tiles_skipped": 0, "cache_hits": 0,
             "batches": 0, "oom_retries": 0, "read_s": 0.0, "compute_s": 0.0, "wait_s": 0.0,
         }
+
+    def tiles_within(self, seconds: float) -> int | None:
+        """How many new tiles fit in ``seconds`` at the measured :attr:`seconds_per_tile`
+        (``None`` before the first computed batch)."""
+        if self.seconds_per_tile is None:
+            return None
+        return max(0, int(seconds / self.seconds_per_tile))
+
+    def describe(self) -> str:
+        """One line: device, precision, threads, batch (for the CLI and the panel)."""
+        from napari_muvit.engine.hardware import describe_runtime
+
+        return describe_runtime(self.device, self.amp_dtype, self._thread_count(),
+                                self.batch_size)
+
+    def _thread_count(self) -> int | None:
+        return self.threads() if callable(self.threads) else self.threads
+
+    def _apply_threads(self) -> None:
+        n = self._thread_count()
+        if n and n != torch.get_num_threads():
+            torch.set_num_threads(int(n))
+
+    def _update_tile_time(self, seconds: float, tiles: int) -> None:
+        """Running mean (recent batches weigh more) of read + model seconds per tile."""
+        if tiles <= 0:
+            return
+        per_tile = seconds / tiles
+        old = self.seconds_per_tile
+        self.seconds_per_tile = per_tile if old is None else 0.7 * old + 0.3 * per_tile
 
     def clear_cache(self) -> None:
         """Forget all cached tiles (e.g. after the image data changed in place)."""
@@ -638,17 +685,29 @@ class Predictor:
         done = 0
         _report(progress, 0, total, "starting")
         pool = ThreadPoolExecutor(1, thread_name_prefix="napari-muvit-read") if self.prefetch else None
+        threads_before = torch.get_num_threads()
         try:
+            self._apply_threads()
             pending = self._submit(pool, reader, next(batches, None))
             while pending is not None:
                 if cancel is not None:
                     cancel.raise_if_cancelled()
+                if callable(self.threads):
+                    self._apply_threads()  # another job started or ended: new share
                 t0 = time.perf_counter()
                 batch = pending.result() if isinstance(pending, Future) else pending
                 self.stats["wait_s"] += time.perf_counter() - t0
                 self.stats["read_s"] += batch.read_s
                 pending = self._submit(pool, reader, next(batches, None))
-                for need, out in self._compute(batch, tile_probs) if batch.needs else []:
+                if batch.needs:
+                    t_compute = time.perf_counter()
+                    outputs = self._compute(batch, tile_probs)
+                    computed = int(len(batch.needs) - batch.empty.sum())
+                    self._update_tile_time(time.perf_counter() - t_compute + batch.read_s,
+                                           computed)
+                else:
+                    outputs = []
+                for need, out in outputs:
                     batch.job.avail[need.tile.grid] = out
                 results = self._ready(batch.job, need_probs)
                 yield from results
@@ -658,6 +717,8 @@ class Predictor:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
 
     def _submit(self, pool: ThreadPoolExecutor | None, reader: Any, batch: _Batch | None
                 ) -> Future | _Batch | None:
@@ -895,6 +956,7 @@ def predict(
     tile_size: int | None = None,
     amp: str | bool | None = "auto",
     into_source: bool | str = False,
+    threads: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
     """Segment an image with a MuViT segmenter.
 
@@ -919,6 +981,9 @@ def predict(
         Write the labels into the source OME-Zarr (``image_or_source`` must be its path) as
         ``labels/muvit`` (``True``) or ``labels/<into_source>`` (a name), instead of ``out``;
         returns that group's path. See :mod:`napari_muvit.engine.ome_labels`.
+    threads
+        torch CPU threads (default: torch's, i.e. every core); with Dask, threads per worker
+        (default: cores // workers on a local cluster).
 
     The other arguments are those of :class:`Predictor`. Bad input raises
     :class:`~napari_muvit.errors.InputError` before any tile is computed.
@@ -934,7 +999,7 @@ def predict(
             image_or_source, model, out, scheduler=scheduler, workers=workers, region=region,
             device=device, batch_size=batch_size, overlap=overlap, probabilities=probabilities,
             progress=progress, cancel=cancel, overwrite=overwrite, skip_empty=skip_empty,
-            tile_size=tile_size, amp=amp,
+            tile_size=tile_size, amp=amp, torch_threads=threads,
         )
     from napari_muvit.data import open_image
 
@@ -944,7 +1009,7 @@ def predict(
     seg = resolve_model(model)
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
                      skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
-                     tile_size=tile_size)
+                     tile_size=tile_size, threads=threads)
     pred.check_source(source)
     if out is None:
         sink = pred.predict(source, region, probabilities=probabilities, progress=progress,
