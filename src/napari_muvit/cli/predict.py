@@ -77,7 +77,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="OME-Zarr/zarr group or array, TIFF or .npy")
     p.add_argument("--model", metavar="FOLDER", default=None,
                    help="segmenter folder (default: the bundled model)")
-    p.add_argument("--out", metavar="OUT.zarr", required=True, help="output OME-Zarr store")
+    p.add_argument("--out", metavar="OUT.zarr", required=True,
+                   help="output OME-Zarr store (a point detector: a .csv table y,x,class,score)")
     p.add_argument("--region", metavar="Y0,X0,Y1,X1", default=None,
                    help="only predict this world-pixel box (default: whole image)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -126,6 +127,8 @@ def _run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.exists():
         raise InputError(f"IMAGE {args.image!r} does not exist")
+    if Path(args.out).suffix.lower() == ".csv":
+        return _run_points(args)
     region = parse_region(args.region) if args.region else None
     bar = None if args.quiet else ProgressBar()
     t0 = time.monotonic()
@@ -136,6 +139,40 @@ def _run(args: argparse.Namespace) -> int:
             progress=bar, scheduler=args.scheduler, workers=args.workers,
             overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
             amp=args.amp,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(f"napari-muvit predict: wrote {out} in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr)
+    print(out)
+    return 0
+
+
+# ------------------------------------------------------------------------------ points
+def _run_points(args: argparse.Namespace) -> int:
+    """``predict --out PRED.csv`` with a point detector: ``y,x,class,score`` rows in level-0
+    pixel coordinates, streamed (resumable) and renamed into place when complete."""
+    from napari_muvit.engine.points import is_detector, predict_points
+    from napari_muvit.engine.predict import resolve_model
+
+    model = resolve_model(args.model)
+    if not is_detector(model):
+        raise InputError(
+            f"--out {args.out}: a .csv output needs a point detector; {args.model or 'the bundled model'} "
+            "is a segmenter (write an OME-Zarr store instead)"
+        )
+    if args.scheduler is not None or args.workers is not None or args.probabilities:
+        raise InputError("a point detector runs in one process and has no --probabilities")
+    region = parse_region(args.region) if args.region else None
+    bar = None if args.quiet else ProgressBar()
+    t0 = time.monotonic()
+    try:
+        out = predict_points(
+            Path(args.image), model, region=region, out=args.out, device=args.device,
+            batch_size=args.batch, overlap=args.overlap, progress=bar,
+            overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
         )
     finally:
         if bar is not None:

@@ -894,6 +894,18 @@ def predict(
     """
     if out is None and (scheduler is not None or workers is not None):
         raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
+    # --- point detectors (engine/points.py): a table in memory, or a CSV at ``out``
+    resolved = resolve_model(model)
+    if getattr(resolved, "task", None) == "points":
+        from napari_muvit.engine.points import predict_points
+
+        if scheduler is not None or workers is not None or probabilities:
+            raise InputError("a point detector predicts points: no Dask, no probabilities")
+        return predict_points(
+            image_or_source, resolved, region, out, device, batch_size, overlap, progress,
+            cancel, overwrite=overwrite, tile_size=tile_size, amp=amp,
+        )
+    # ---
     if out is not None and (scheduler is not None or workers is not None):
         from napari_muvit.engine.distributed import predict_distributed
 
@@ -906,7 +918,7 @@ def predict(
     from napari_muvit.data import open_image
 
     source = open_image(image_or_source)
-    seg = resolve_model(model)
+    seg = resolved
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
                      skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
                      tile_size=tile_size)
