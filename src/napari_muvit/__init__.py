@@ -23,6 +23,9 @@ _LAZY = {
     "pretrain": "napari_muvit.engine.pretrain",
     "default_model_path": "napari_muvit.weights",
     "load_default_model": "napari_muvit.weights",
+    "MuViTPointDetector": "napari_muvit.model",
+    "train_points": "napari_muvit.engine.points",
+    "predict_points": "napari_muvit.engine.points",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -160,8 +160,8 @@ def _run_points(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     if not is_detector(model):
         raise InputError(
-            f"--out {args.out}: a .csv output needs a point detector; {args.model or 'the bundled model'} "
-            "is a segmenter (write an OME-Zarr store instead)"
+            f"--out {args.out}: a .csv output needs a point detector; "
+            f"{args.model or 'the bundled model'} is a segmenter (write an OME-Zarr store instead)"
         )
     if args.scheduler is not None or args.workers is not None or args.probabilities:
         raise InputError("a point detector runs in one process and has no --probabilities")

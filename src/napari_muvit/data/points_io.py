@@ -134,7 +134,9 @@ def read_points(
         try:
             yx[n] = float(row[iy]), float(row[ix])
         except (ValueError, IndexError):
-            raise InputError(f"{path}: line {line}: expected numbers for y and x, got {row}") from None
+            raise InputError(
+                f"{path}: line {line}: expected numbers for y and x, got {row}"
+            ) from None
         if not np.isfinite(yx[n]).all():
             raise InputError(f"{path}: line {line}: coordinates must be finite, got {row}")
         if ic is not None:
@@ -279,7 +281,9 @@ def points_from_labels(instances: Any, classes: Any = None) -> PointTable:
 
     inst = np.asarray(instances)
     if inst.ndim != 2 or inst.dtype.kind not in "iub":
-        raise InputError(f"instances: expected a 2-D integer label image, got {inst.dtype} {inst.shape}")
+        raise InputError(
+            f"instances: expected a 2-D integer label image, got {inst.dtype} {inst.shape}"
+        )
     ids = np.unique(inst)
     ids = ids[ids > 0]
     if len(ids) == 0:
@@ -312,9 +316,13 @@ def write_points_csv(path: str | os.PathLike[str], table: PointTable | dict) -> 
     with open(tmp, "w", encoding="utf-8", newline="") as fh:
         fh.write(",".join(names) + "\n")
         for row in zip(*(cols[n] for n in names)):
-            fh.write(",".join(
-                str(int(v)) if n == "class" else f"{float(v):.4f}" if n == "score" else f"{float(v):.2f}"
-                for n, v in zip(names, row)
-            ) + "\n")
+            fh.write(",".join(_cell(n, v) for n, v in zip(names, row)) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def _cell(column: str, value: Any) -> str:
+    """CSV text of one value: integer classes, 4-digit scores, 2-digit (1/100 px) coordinates."""
+    if column == "class":
+        return str(int(value))
+    return f"{float(value):.4f}" if column == "score" else f"{float(value):.2f}"

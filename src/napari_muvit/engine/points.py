@@ -344,7 +344,8 @@ def train_points(
 
     config = config or TrainConfig()
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    points = list(points) if isinstance(points, (list, tuple)) and not _is_array_like(points) else [points]
+    several = isinstance(points, (list, tuple)) and not _is_array_like(points)
+    points = list(points) if several else [points]
     if len(points) != len(images):
         raise InputError(
             f"points: expected one points file per image ({len(images)}), got {len(points)}"
@@ -400,7 +401,8 @@ def as_point_table(
         arr = np.asarray(points, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] not in (2, 3) or len(arr) == 0:
             raise InputError(
-                f"points: expected an (N, 2) or (N, 3) array of y, x[, class], got shape {arr.shape}"
+                "points: expected an (N, 2) or (N, 3) array of y, x[, class], "
+                f"got shape {arr.shape}"
             )
         cls = np.ones(len(arr), np.int64) if arr.shape[1] == 2 else arr[:, 2]
         if np.any(np.asarray(cls) < 1):
@@ -671,7 +673,8 @@ class PointCsvSink(_PointSinkBase):
         self.resumed_tiles = len(self._done)
 
     def blocks(self, region: np.ndarray | None = None) -> list[np.ndarray]:
-        reg = self.region if region is None else clip_region(region, self.fingerprint["image_shape"])
+        shape = self.fingerprint["image_shape"]
+        reg = self.region if region is None else clip_region(region, shape)
         (y0, x0), (y1, x1) = reg
         b = self.block
         out = []

@@ -869,7 +869,11 @@ def predict(
     tile_size: int | None = None,
     amp: str | bool | None = "auto",
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
-    """Segment an image with a MuViT segmenter.
+    """Segment an image with a MuViT segmenter (or detect points with a point detector).
+
+    With a point detector (``model.task == "points"``) the result is a table
+    ``{"y", "x", "class", "score"}`` of numpy arrays (level-0 pixel coordinates), or with
+    ``out`` a ``.csv`` file of those columns (see :func:`napari_muvit.engine.points.predict_points`).
 
     Parameters
     ----------

@@ -27,7 +27,6 @@ pixel index coordinates).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -136,7 +135,9 @@ class MuViTPointDetector(nn.Module):
         K = int(num_classes)
         if K < 1:
             raise InputError(f"num_classes: expected >= 1, got {num_classes}")
-        label_values = list(range(1, K + 1)) if label_values is None else [int(v) for v in label_values]
+        if label_values is None:
+            label_values = list(range(1, K + 1))
+        label_values = [int(v) for v in label_values]
         class_names = (
             [f"class {v}" for v in label_values] if class_names is None else list(class_names)
         )
@@ -153,7 +154,8 @@ class MuViTPointDetector(nn.Module):
         for s in opts["skips"]:
             if not 0 <= s < encoder.num_layers:
                 raise InputError(
-                    f"head_options.skips: expected layer indices in [0, {encoder.num_layers}), got {s}"
+                    f"head_options.skips: expected layer indices in "
+                    f"[0, {encoder.num_layers}), got {s}"
                 )
         stride = int(opts["stride"])
         if stride < 1 or stride > encoder.patch_size or encoder.patch_size % stride:
@@ -163,9 +165,13 @@ class MuViTPointDetector(nn.Module):
             )
         for key in ("pos_radius", "min_distance"):
             if not float(opts[key]) > 0:
-                raise InputError(f"head_options.{key}: expected a positive number, got {opts[key]!r}")
+                raise InputError(
+                    f"head_options.{key}: expected a positive number, got {opts[key]!r}"
+                )
         if not 0.0 < float(opts["threshold"]) < 1.0:
-            raise InputError(f"head_options.threshold: expected a value in (0, 1), got {opts['threshold']!r}")
+            raise InputError(
+                f"head_options.threshold: expected a value in (0, 1), got {opts['threshold']!r}"
+            )
         opts.update(
             stride=stride,
             offsets=bool(opts["offsets"]),
@@ -452,8 +458,10 @@ def point_maps(
     if stride > 1:
         score = score.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
         cls = cls.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
-        ty = (off[:, 0] + cy[None, :, None]).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
-        tx = (off[:, 1] + cx[None, None, :]).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
+        ty = (off[:, 0] + cy[None, :, None]).repeat_interleave(stride, 1)
+        ty = ty.repeat_interleave(stride, 2)
+        tx = (off[:, 1] + cx[None, None, :]).repeat_interleave(stride, 1)
+        tx = tx.repeat_interleave(stride, 2)
         py = torch.arange(ty.shape[1], device=raw.device, dtype=torch.float32)
         px = torch.arange(tx.shape[2], device=raw.device, dtype=torch.float32)
         off = torch.stack([ty - py[None, :, None], tx - px[None, None, :]], 1)
