@@ -35,6 +35,8 @@ VARIANTS = {
 TRAIN_SEED, TEST_SEED = 0, 1000
 SYSTEM, GRID = 512, 4  # 4 × 4 systems of 512² = one 2048² image
 RADIUS = 6.0
+# Scored region of the 2048² test image (set by --eval-region; None = the whole image)
+EVAL_REGION: str | None = None
 
 
 def make_image(folder: Path, seed: int) -> tuple[Path, Path]:
@@ -103,9 +105,10 @@ def evaluate_model(model: Path, v: dict, pseudo: bool, test: tuple[Path, Path], 
                    tag: str) -> dict:
     """Predict the test image with the (possibly stopped early) model through the CLI; score."""
     pred = out / f"{tag}_pred.csv"
+    region = ["--region", EVAL_REGION] if EVAL_REGION else []
     predict_s = cli(["predict", str(test[0]), "--model", str(model), "--out", str(pred),
-                     "--overwrite", "--quiet", "--batch", "16"])
-    score = evaluate(pred, test[1])
+                     "--overwrite", "--quiet", "--batch", "16", *region])
+    score = evaluate(pred, test[1], EVAL_REGION)
     history = json.loads((model / "history.json").read_text())
     score.update(variant=v["label"], pseudo_labels=pseudo, steps_trained=history["step"],
                  status=history["status"], predict_seconds=round(predict_s, 1))
@@ -113,22 +116,29 @@ def evaluate_model(model: Path, v: dict, pseudo: bool, test: tuple[Path, Path], 
     return score
 
 
-def evaluate(pred_csv: Path, truth_csv: Path) -> dict:
+def evaluate(pred_csv: Path, truth_csv: Path, region: str | None = None) -> dict:
+    """Class F1 of the predicted points against the true cell centres (inside ``region``:
+    the true points whose pixel lies in it, all predictions, which were made for it only)."""
     from napari_muvit.data.points_io import read_points
     from napari_muvit.metrics import point_f1
 
     truth = read_points(truth_csv)
+    true_yx, true_cls = truth.yx, truth.classes
+    if region:
+        y0, x0, y1, x1 = (float(v) for v in region.split(","))
+        inside = truth.in_region([[y0, x0], [y1, x1]])
+        true_yx, true_cls = true_yx[inside], true_cls[inside]
     rows = np.loadtxt(pred_csv, delimiter=",", skiprows=1, ndmin=2)
     pred_yx = rows[:, :2] if len(rows) else np.zeros((0, 2))
     pred_cls = rows[:, 2].astype(int) if len(rows) else np.zeros(0, int)
-    s = point_f1(pred_yx, pred_cls, truth.yx, truth.classes, RADIUS, classes=[1, 2])
+    s = point_f1(pred_yx, pred_cls, true_yx, true_cls, RADIUS, classes=[1, 2])
     return {
         "mean_class_f1": round(s["mean_f1"], 4),
         "f1_outer": round(s["classes"][1]["f1"], 4),
         "f1_inner": round(s["classes"][2]["f1"], 4),
         "detection_f1": round(s["detection"]["f1"], 4),
         "n_pred": int(len(pred_yx)),
-        "n_true": int(len(truth)),
+        "n_true": int(len(true_yx)),
     }
 
 
@@ -150,7 +160,11 @@ def main() -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="only predict + score the models already in --out (e.g. runs stopped "
                         "with Ctrl-C: their last checkpoint)")
+    p.add_argument("--eval-region", default=None, metavar="Y0,X0,Y1,X1",
+                   help="predict and score only this box of the test image (CPU budget)")
     args = p.parse_args()
+    global EVAL_REGION
+    EVAL_REGION = args.eval_region
     args.out.mkdir(parents=True, exist_ok=True)
     train = make_image(args.out / "data", TRAIN_SEED)
     test = make_image(args.out / "data", TEST_SEED)
@@ -160,7 +174,7 @@ def main() -> None:
         results = list(pool.map(lambda r: run_variant(*r, train, test, args.out, args), runs))
     load = os.getloadavg()
     summary = {"command": " ".join(sys.argv), "radius_px": RADIUS, "steps": args.steps,
-               "region": args.region, "load_average": [round(v, 2) for v in load],
+               "region": args.region, "eval_region": args.eval_region, "load_average": [round(v, 2) for v in load],
                "results": results}
     text = json.dumps(summary, indent=1)
     print(text)

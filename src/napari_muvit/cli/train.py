@@ -424,9 +424,11 @@ def _add_points_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--stride", type=positive_int, default=None, metavar="N",
                    help="detector grid in pixels (default 1: per-pixel maps)")
     g.add_argument("--pos-radius", type=positive_float, default=None, metavar="PX",
-                   help="locations within this distance of a point learn it (default 3)")
+                   help="locations within this distance of a point learn it (default: 0.3x "
+                        "the median distance between neighbouring points, 3-10 px)")
     g.add_argument("--min-distance", type=positive_float, default=None, metavar="PX",
-                   help="two detections closer than this are one nucleus (default 4)")
+                   help="two detections closer than this are one nucleus (default: 0.5x the "
+                        "median neighbour distance, 4-16 px)")
 
 
 def _train_points(args: argparse.Namespace) -> int:

@@ -211,16 +211,42 @@ class PointTrainer(Trainer):
         preset = preset_for(encoder.dim)
         head_dim = preset.head_dim if preset is not None else DEFAULT_HEAD_DIM
         names = [self._names.get(c, f"class {c}") for c in classes]
+        options = {**self._spacing_defaults(), **self.head_options}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             det = MuViTPointDetector(
                 encoder, num_classes=len(classes), head_dim=head_dim, class_names=names,
-                label_values=classes, head_options=self.head_options,
+                label_values=classes, head_options=options,
                 meta={k: v for k, v in getattr(encoder, "meta", {}).items()
                       if k in ("init", "crop_size")},
             )
         self._event("head", f"new point head for classes {classes} ({det.head_config})")
         return det
+
+    def _spacing_defaults(self) -> dict[str, float]:
+        """``pos_radius`` and ``min_distance`` from the spacing of the clicked points.
+
+        A location learns "point" within ``pos_radius`` of one: too small for large nuclei and
+        the score plateaus below the threshold over the rest of each nucleus (measured: a
+        12 px-radius nucleus with 3 px peaked at 0.48); offsets keep large radii precise.
+        0.3× / 0.5× the median nearest-neighbour distance, within [3, 10] / [4, 16] px.
+        """
+        from scipy.spatial import cKDTree
+
+        dists = []
+        for table in self.tables:
+            if len(table) >= 2:
+                d, _ = cKDTree(table.yx).query(table.yx, k=2)
+                dists.append(d[:, 1])
+        if not dists:
+            return {}
+        nn = float(np.median(np.concatenate(dists)))
+        out = {
+            "pos_radius": round(float(np.clip(0.3 * nn, 3.0, 10.0)), 2),
+            "min_distance": round(float(np.clip(0.5 * nn, 4.0, 16.0)), 2),
+        }
+        self._event("spacing", f"median nearest-neighbour distance {nn:.1f} px -> {out}")
+        return out
 
     def _no_annotation_message(self) -> str:
         where = " outside the validation region" if self.config.val_region is not None else ""
