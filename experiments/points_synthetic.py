@@ -60,8 +60,14 @@ def initial_encoder(folder: Path, levels: str, args: argparse.Namespace) -> Path
     """A random encoder of the CPU-scale size (D=128, 4 layers) for ``--init``."""
     import torch
 
-    from napari_muvit.model import MuViTEncoder
+    from napari_muvit.model import MuViTEncoder, load_encoder
 
+    if args.init_from is not None:
+        # a pretrained encoder, restricted to the variant's levels (same weights for all)
+        enc = load_encoder(args.init_from).select_levels([float(v) for v in levels.split(",")])
+        enc.meta = {"crop_size": args.crop}
+        enc.save(folder, overwrite=True)
+        return folder
     torch.manual_seed(args.seed)
     enc = MuViTEncoder(1, [float(v) for v in levels.split(",")], patch_size=8, dim=args.dim,
                        num_layers=args.layers, heads=4)
@@ -160,6 +166,9 @@ def main() -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="only predict + score the models already in --out (e.g. runs stopped "
                         "with Ctrl-C: their last checkpoint)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start every variant from this model's encoder (select_levels) instead "
+                        "of a random one, e.g. the bundled segmenter")
     p.add_argument("--eval-region", default=None, metavar="Y0,X0,Y1,X1",
                    help="predict and score only this box of the test image (CPU budget)")
     args = p.parse_args()
