@@ -99,6 +99,7 @@ def run_variant(name: str, pseudo: bool, train: tuple[Path, Path], test: tuple[P
             "--pseudo-labels" if pseudo else "--no-pseudo-labels"]
     if args.region:
         argv += ["--region", args.region]
+    argv += args.extra.split()
     if v["naive"]:
         argv.append("--naive-bbox")
     train_s = cli(argv)
@@ -166,6 +167,7 @@ def main() -> None:
     p.add_argument("--eval-only", action="store_true",
                    help="only predict + score the models already in --out (e.g. runs stopped "
                         "with Ctrl-C: their last checkpoint)")
+    p.add_argument("--extra", default="", help="extra train options, e.g. '--stride 1'")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start every variant from this model's encoder (select_levels) instead "
                         "of a random one, e.g. the bundled segmenter")

@@ -422,7 +422,7 @@ def _add_points_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--class-names", default=None, metavar="A,B",
                    help="names of classes 1, 2, ... (text classes in a napari CSV use them)")
     g.add_argument("--stride", type=positive_int, default=None, metavar="N",
-                   help="detector grid in pixels (default 1: per-pixel maps)")
+                   help="detector grid in pixels (default 4; 1 = per-pixel maps)")
     g.add_argument("--pos-radius", type=positive_float, default=None, metavar="PX",
                    help="locations within this distance of a point learn it (default: 0.3x "
                         "the median distance between neighbouring points, 3-10 px)")
