@@ -336,3 +336,28 @@ def test_train_points_validation_and_api_predict(point_files) -> None:
     table = napari_muvit.predict(str(image), model=det, device="cpu")
     assert set(table) == {"y", "x", "class", "score"}
     assert len({len(v) for v in table.values()}) == 1
+
+
+def test_second_writer_on_the_same_csv_is_refused(rng, tmp_path: Path) -> None:
+    from napari_muvit.locks import advisory_lock
+
+    table, image = _oracle_case(rng, n=5, shape=(40, 40))
+    oracle = OracleDetector(table, image.shape)
+    oracle.meta["crop_size"] = 32
+    path = tmp_path / "pred.csv"
+    with advisory_lock(path, "other run"), pytest.raises(InputError):
+        import threading
+
+        errors = []
+
+        def other() -> None:
+            try:
+                predict_points(image, oracle, out=path, device="cpu")
+            except InputError as err:
+                errors.append(err)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        raise errors[0]
+    assert not path.exists()

@@ -746,11 +746,9 @@ class PointCsvSink(_PointSinkBase):
 
 
 def _output_lock(path: Path) -> Any:
-    """One writer per output file (``napari_muvit.locks`` when installed with it)."""
-    try:  # TODO(lead): locks.py comes from the rpred branch; make this import unconditional
-        from napari_muvit.locks import advisory_lock
-    except ImportError:
-        return contextlib.nullcontext()
+    """One writer per output file: a second run on the same CSV stops with one line."""
+    from napari_muvit.locks import advisory_lock
+
     return advisory_lock(path, "points CSV")
 
 
