@@ -153,13 +153,7 @@ def test_perfect_raw_outputs_decode_to_the_points(stride: int) -> None:
     assert got == sorted((float(y), float(x), c) for (y, x), c in pts.items())
     # the loss of these outputs is small (perfect types at 20-logit margin, exact offsets)
     loss, parts = point_loss(raw, t, 2, stride, 3.0)
-    assert parts["loss_reg"] < 1e-10 and parts["loss_type"] < 1e-6 and parts["loss_class"] < 1e-6
-    # the class term sees only positive locations: swapping the two foreground logits there
-    # costs ~20 nats per positive in it, background locations are untouched
-    swapped = raw.clone()
-    swapped[:, [1, 2]] = raw[:, [2, 1]]
-    _, bad = point_loss(swapped, t, 2, stride, 3.0)
-    assert bad["loss_class"] > 19.0
+    assert parts["loss_reg"] < 1e-10 and parts["loss_type"] < 1e-6
 
 
 def test_nms_keeps_best_then_first() -> None:

@@ -377,7 +377,6 @@ def point_loss(
     """MUSE's supervised fine-tuning loss inside the annotated region.
 
     ``type_weight``·CE(K+1 types incl. background) over annotated locations +
-    ``type_weight``·CE(K types) over positive locations (the type head of MUSE) +
     ``reg_weight``·MSE(offsets) over positive locations (offsets in units of
     :func:`offset_scale`). Returns the scalar and its parts. Exactly 0 (with a graph) when
     nothing in the batch is annotated.
@@ -392,15 +391,6 @@ def point_loss(
     weight[0] = float(background_weight)
     ce = F.cross_entropy(logits, types, weight=weight, ignore_index=-1)
     loss = type_weight * ce
-    # MUSE's type head is separate from detection: the class among the foreground types is
-    # also learnt on the positive locations alone, or the background term (most locations)
-    # leaves the type distinction almost no gradient (measured on the Synthetic rings)
-    cls_ce = raw.float().sum() * 0.0
-    fg = positive & (types > 0)
-    if K > 1 and bool(fg.any()):
-        fg_logits = logits[:, 1:].permute(0, 2, 3, 1)[fg]
-        cls_ce = F.cross_entropy(fg_logits, types[fg] - 1)
-        loss = loss + type_weight * cls_ce
     reg = raw.float().sum() * 0.0
     if raw.shape[1] > K + 1 and bool(positive.any()):
         scale = offset_scale(stride, pos_radius)
@@ -408,11 +398,7 @@ def point_loss(
         diff = (pred - offsets / scale).permute(0, 2, 3, 1)[positive]
         reg = (diff * diff).sum(-1).mean()
         loss = loss + reg_weight * reg
-    return loss, {
-        "loss_type": float(ce.detach()),
-        "loss_class": float(cls_ce.detach()),
-        "loss_reg": float(reg.detach()),
-    }
+    return loss, {"loss_type": float(ce.detach()), "loss_reg": float(reg.detach())}
 
 
 def point_consistency_loss(
