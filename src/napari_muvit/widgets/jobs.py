@@ -25,6 +25,7 @@ import numpy as np
 from napari_muvit.data.geometry import grid_cell_region
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
+from napari_muvit.engine.points import PointPredictor, is_detector
 from napari_muvit.engine.predict import Predictor, create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
@@ -68,7 +69,9 @@ class PredictorOptions:
         """A :class:`Predictor` of ``model`` with these options (``overrides`` win)."""
         kwargs: dict[str, Any] = dict(device=self.device, amp=self.precision,
                                       overlap=self.overlap, batch_size=self.batch_size or None)
-        return Predictor(model, **{**kwargs, **overrides})
+        # a point detector's tiles are decoded into points: the engine's point predictor
+        make = PointPredictor if is_detector(model) else Predictor
+        return make(model, **{**kwargs, **overrides})
 
 
 @dataclass(eq=False)
@@ -265,6 +268,15 @@ class Ready:
 
 
 @dataclass(eq=False)
+class PointsFound:
+    """Yielded by a view job of a point detector: the points of ``region`` (level-0 ``y, x``
+    of the plane, ``class``, ``score``; :meth:`PointPredictor.predict_table`)."""
+
+    table: dict[str, np.ndarray]
+    region: np.ndarray
+
+
+@dataclass(eq=False)
 class SinkReady:
     """Yielded by a whole-image job once its zarr store exists."""
 
@@ -305,6 +317,12 @@ def view_job(
                 if job.token.cancelled:
                     return
         with GUI_THREADS.job("predict view"):
+            if is_detector(loaded.model):
+                # points are decoded and de-duplicated over the whole region, then shown at once
+                table = loaded.predictor.predict_table(source, region, cancel=job.token)
+                if not job.token.cancelled:
+                    yield PointsFound(table, region)
+                return
             yield from loaded.predictor.iter_tiles(
                 source, region=region, cancel=job.token, probabilities=req.probabilities
             )
@@ -325,6 +343,11 @@ def image_job(
     sink = None
     try:
         loaded = loader.get(req.choice, req.options)
+        if is_detector(loaded.model):
+            raise InputError(
+                "'Predict whole image' writes labels; for a point detector's points of the "
+                "whole image use 'napari-muvit predict IMAGE --model FOLDER --out points.csv'"
+            )
         plane = with_channels(req.plane, loaded.model.in_channels)
         source = sources.get(req.layer, plane)
         base = loaded.predictor

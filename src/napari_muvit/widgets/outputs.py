@@ -4,6 +4,8 @@
   view predictions, recreated when the model changes, and the painting of streamed tiles.
 * :func:`add_store_layer`: a whole-image OME-Zarr store shown as a Labels layer aligned with
   the displayed plane of its image.
+* :meth:`ViewOutputs.show_points`: a point detector's view predictions as a Points layer
+  (``class`` and ``score`` features, class colours) over its image.
 * :func:`add_annotation_layer` / :func:`add_validation_layer`: what the train panel paints on.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+import pandas as pd
 import zarr
 
 from napari_muvit.engine.sinks import label_dtype
@@ -114,6 +117,7 @@ class ViewOutputs:
     def __init__(self, viewer: Any) -> None:
         self.viewer = viewer
         self._targets: dict[int, ViewTarget] = {}
+        self._points: dict[int, tuple[Any, tuple]] = {}  # image id -> (Points layer, identity)
 
     def target(self, image: Any) -> ViewTarget | None:
         """The outputs of ``image`` (None before its first view prediction)."""
@@ -125,6 +129,10 @@ class ViewOutputs:
     def forget(self, layer: Any) -> None:
         """``layer`` was removed from the viewer: drop what refers to it."""
         self._targets.pop(id(layer), None)
+        self._points.pop(id(layer), None)
+        for key, (points, _identity) in list(self._points.items()):
+            if points is layer:
+                del self._points[key]
         for key, target in list(self._targets.items()):
             if target.labels is layer:
                 del self._targets[key]  # the user deleted our output: start afresh next time
@@ -217,6 +225,53 @@ class ViewOutputs:
         # Tiles already shown have no confidence yet: let them be recomputed (cache hits).
         target.painted.clear()
 
+    def points_layer(self, image: Any) -> Any:
+        """The Points layer of ``image``'s point detections (None before the first)."""
+        hit = None if image is None else self._points.get(id(image))
+        return None if hit is None or hit[0] not in self.viewer.layers else hit[0]
+
+    def show_points(self, image: Any, loaded: Any, plane: L.LayerPlane,
+                    table: dict[str, np.ndarray], region: np.ndarray) -> Any:
+        """Show a detector's points of ``region`` (level-0 ``(y, x)`` pixel edges of the plane)
+        on ``image``'s Points layer, created on first use with the image's transform.
+
+        Points of the same model elsewhere (other regions, other planes) stay, those inside
+        ``region`` on this plane are replaced; another model (or new weights) starts afresh.
+        """
+        model = loaded.model
+        coords = points_coords(plane, table["y"], table["x"])
+        new = pd.DataFrame({"class": np.asarray(table["class"], dtype=np.int64),
+                            "score": np.asarray(table["score"], dtype=np.float32)})
+        layer = self.points_layer(image)
+        if layer is not None and self._points[id(image)][1] == loaded.identity:
+            old = np.asarray(layer.data, dtype=np.float64).reshape(-1, coords.shape[1])
+            keep = ~_in_plane_region(old, plane, region)
+            coords = np.concatenate([old[keep], coords])
+            new = pd.concat([layer.features.loc[keep, ["class", "score"]], new],
+                            ignore_index=True)
+        colormap = L.labels_colormap(model.label_values, getattr(model, "class_colors", None),
+                                     model.class_names)
+        face = (colormap.map(new["class"].to_numpy()) if len(new)
+                else np.zeros((0, 4), np.float32))
+        if layer is None:
+            previous = self.viewer.layers.selection.active
+            layer = self.viewer.add_points(
+                coords, ndim=coords.shape[1], name=f"{image.name} MuViT points",
+                features=new, face_color=face, border_width=0, size=_point_size(model),
+                metadata={"napari_muvit": {"source_layer": image.name,
+                                           "class_names": dict(zip(model.label_values,
+                                                                   model.class_names))}},
+                **L.transform_kwargs(image, plane),
+            )
+            keep_painting(self.viewer, previous)
+        else:
+            layer.data = coords
+            layer.features = new
+            if len(new):
+                layer.face_color = face
+        self._points[id(image)] = (layer, loaded.identity)
+        return layer
+
     def paint(self, target: ViewTarget, plane: L.LayerPlane, res: Any) -> PaintResult:
         """Write one :class:`~napari_muvit.engine.predict.TileResult` into ``target``.
 
@@ -242,6 +297,40 @@ class ViewOutputs:
         else:
             out.regions = [(layer, slice_key) for level, slice_key in written if level == 0]
         return out
+
+
+def points_coords(plane: L.LayerPlane, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``(N, ndim)`` data coordinates of plane points ``(y, x)`` in the output layers' axes
+    (the plane's other axes at their displayed index)."""
+    axes = plane.out_axes
+    out = np.zeros((len(y), len(axes)), dtype=np.float64)
+    for col, axis in enumerate(axes):
+        if axis == plane.displayed[0]:
+            out[:, col] = y
+        elif axis == plane.displayed[1]:
+            out[:, col] = x
+        else:
+            out[:, col] = plane.index.get(axis, 0)
+    return out
+
+
+def _in_plane_region(coords: np.ndarray, plane: L.LayerPlane, region: np.ndarray) -> np.ndarray:
+    """Which points lie on ``plane`` inside ``region`` (pixel edges; pixel ``i`` is centred
+    at ``i``, so its points lie in ``[i - 0.5, i + 0.5)``)."""
+    axes = plane.out_axes
+    (y0, x0), (y1, x1) = np.asarray(region, dtype=np.float64)
+    y = coords[:, axes.index(plane.displayed[0])]
+    x = coords[:, axes.index(plane.displayed[1])]
+    inside = (y >= y0 - 0.5) & (y < y1 - 0.5) & (x >= x0 - 0.5) & (x < x1 - 0.5)
+    for col, axis in enumerate(axes):
+        if axis not in plane.displayed:
+            inside &= coords[:, col] == plane.index.get(axis, 0)
+    return inside
+
+
+def _point_size(model: Any) -> float:
+    """Marker size in data pixels: the detector's duplicate distance (about a nucleus)."""
+    return float(max(3.0, 2 * model.head_options.get("min_distance", 4)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_muvit.data.geometry import grid_cells
+from napari_muvit.engine.points import is_detector
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets import _models as models
@@ -58,6 +59,7 @@ from napari_muvit.widgets.jobs import (
     Job,
     Loaded,
     ModelLoader,
+    PointsFound,
     PredictorOptions,
     Ready,
     SinkReady,
@@ -306,6 +308,11 @@ class PredictWidget(DockPanel):
         target = self.outputs.target(image or self.image_layer)
         return None if target is None else target.labels
 
+    def points_layer(self, image: Any = None) -> Any:
+        """The Points layer of a point detector's view predictions on ``image`` (default: the
+        selected one), or None."""
+        return self.outputs.points_layer(image or self.image_layer)
+
     def confidence_layer(self, image: Any = None) -> Any:
         target = self.outputs.target(image or self.image_layer)
         return None if target is None else target.confidence
@@ -512,7 +519,7 @@ class PredictWidget(DockPanel):
         if self.live:
             self._debounce.start()
             return None
-        if self.labels_layer() is not None:
+        if self.labels_layer() is not None or self.points_layer() is not None:
             return self.predict_view()
         return None
 
@@ -638,6 +645,9 @@ class PredictWidget(DockPanel):
         if isinstance(msg, Ready):
             self._on_view_ready(job, msg)
             return
+        if isinstance(msg, PointsFound):
+            self._show_points(job, msg)
+            return
         if (job.token.cancelled and job.target is None) or job.budget_stop:
             return  # not started, or the live budget is spent (the rest stays in the cache)
         self._paint_tile(job, msg)
@@ -652,6 +662,14 @@ class PredictWidget(DockPanel):
             self.state.model_problem = False
             self.state.model_info = ready.loaded.summary()
             self._note_precision(ready.loaded)
+        if is_detector(ready.loaded.model):
+            # a detector's points are decoded over the whole region, then shown at once
+            job.total = len(grid_cells(ready.region, ready.loaded.predictor.step))
+            self.state.progress = (0, job.total)
+            self.set_status(f"detecting points in {job.total} tiles on "
+                            f"{ready.loaded.predictor.device}…")
+            job.answer(True)
+            return
         try:
             target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
                                           job.request.probabilities)
@@ -703,6 +721,16 @@ class PredictWidget(DockPanel):
         return (f"zoomed out too far: this view needs {new} new tiles{_eta(pred, new)}, more "
                 f"than {EXPLICIT_MAX_S // 60:.0f} min; zoom in, or use 'Predict whole image' "
                 "(written to disk, resumable)")
+
+    def _show_points(self, job: Job, found: PointsFound) -> None:
+        if self.state.view_job is not job or job.token.cancelled:
+            return
+        layer = job.request.layer
+        if layer not in self.viewer.layers:
+            return
+        self.outputs.show_points(layer, job.loaded, job.plane, found.table, found.region)
+        job.painted = job.total
+        self.state.progress = (job.total, job.total)
 
     def _paint_tile(self, job: Job, res: Any) -> None:
         target = job.target
