@@ -16,6 +16,7 @@ pytest.importorskip("pytestqt")
 from test_points import OracleDetector, _oracle_case  # noqa: E402 (pytest puts tests/ on sys.path)
 
 from napari_muvit.engine.points import predict_points  # noqa: E402
+from napari_muvit.errors import InputError  # noqa: E402
 from napari_muvit.widgets._models import SESSION, ModelChoice, registry  # noqa: E402
 
 pytestmark = pytest.mark.gui
@@ -100,3 +101,61 @@ def test_detector_view_prediction_is_a_points_layer(make_napari_viewer, qtbot):
     got = sorted(zip(points.data[:, 0].round(3), points.data[:, 1].round(3),
                      points.features["class"]))
     assert got == sorted(zip(table.yx[:, 0], table.yx[:, 1], table.classes))
+
+
+def test_train_panel_trains_a_detector_on_clicked_points(make_napari_viewer, qtbot, tmp_path):
+    import torch
+
+    from napari_muvit.data import synthetic_rings
+    from napari_muvit.engine.points import is_detector
+    from napari_muvit.model import MuViTEncoder
+    from napari_muvit.widgets import TrainWidget
+
+    torch.manual_seed(0)
+    enc = MuViTEncoder(1, (1, 4), patch_size=8, dim=32, num_layers=1, heads=1)
+    enc.meta = {"crop_size": 32}
+    encoder = enc.save(tmp_path / "encoder")
+
+    rings = synthetic_rings(96, seed=2)
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(rings.image, name="cells", scale=(2.0, 2.0), translate=(4.0, 0.0))
+    # clicked in world space on a layer with its own (identity) transform
+    data_yx = np.array([[10.0, 12.0], [30.0, 40.0], [50.0, 20.0], [70.0, 75.0], [80.0, 30.0]])
+    world = data_yx * 2.0 + np.array([4.0, 0.0])
+    points = viewer.add_points(world, name="clicks", features={"class": [1, 2, 1, 2, 2]})
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="MuViT fine-tune")
+    train.image_layer = image
+    train.points_layer = points
+    train.set_start_model(encoder)
+    train.class_names_edit.setText("small, large")
+    train.steps_spin.setValue(3)
+    train.batch_spin.setValue(2)
+    train.crop_spin.setValue(32)
+    train.publish_spin.setValue(3)
+    train.device_combo.setCurrentText("cpu")
+
+    request = train._points_request(image, points)
+    np.testing.assert_allclose(request.points.yx, data_yx)  # image pixels, not world
+    assert request.points.classes.tolist() == [1, 2, 1, 2, 2]
+
+    worker = train.train()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not train.busy, timeout=180_000)
+    qtbot.wait(50)
+    history = train.job.history
+    assert history is not None and history["status"] == "finished"
+    assert len(train.loss_plot.losses) == 3
+    assert all(np.isfinite(v) for _, v in train.loss_plot.losses)
+    model = registry().session_model(train.job.request.name)
+    assert is_detector(model)
+    assert list(model.label_values) == [1, 2] and list(model.class_names) == ["small", "large"]
+
+    # a points layer without a 'class' feature: every point is class 1
+    plain = viewer.add_points(world[:2], name="plain")
+    req = train._points_request(image, plain)
+    assert req.points.classes.tolist() == [1, 1]
+    # a point outside the image: one clear line naming the problem
+    outside = viewer.add_points(np.array([[-50.0, -50.0]]), name="outside")
+    with pytest.raises(InputError, match="outside|inside"):
+        train._points_request(image, outside)

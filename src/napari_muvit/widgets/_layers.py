@@ -327,6 +327,29 @@ def transform_kwargs(layer: Any, plane: LayerPlane) -> dict[str, Any]:
     return {"affine": full[np.ix_(keep, keep)]}
 
 
+def points_on_plane(points: Any, image: Any, plane: LayerPlane) -> tuple[np.ndarray, np.ndarray]:
+    """``(yx, keep)``: the level-0 plane ``(y, x)`` of a Points layer's points over ``image``
+    (through both layers' transforms), and which of the layer's points lie on the plane."""
+    axes = plane.out_axes
+    image_affine = full_affine(image)
+    keep_axes = [*axes, image_affine.shape[0] - 1]
+    image_affine = image_affine[np.ix_(keep_axes, keep_axes)]
+    data = np.asarray(points.data, dtype=np.float64).reshape(-1, points.ndim)
+    if points.ndim != len(axes):
+        raise InputError(
+            f"points layer {points.name!r} has {points.ndim} dimensions, the image "
+            f"{image.name!r} {len(axes)}: add the points on a layer over this image"
+        )
+    homog = np.concatenate([data, np.ones((len(data), 1))], axis=1)
+    in_image = (np.linalg.inv(image_affine) @ full_affine(points) @ homog.T).T[:, :-1]
+    keep = np.ones(len(data), dtype=bool)
+    for col, axis in enumerate(axes):
+        if axis not in plane.displayed:
+            keep &= np.round(in_image[:, col]) == plane.index.get(axis, 0)
+    cols = [axes.index(plane.displayed[0]), axes.index(plane.displayed[1])]
+    return in_image[np.ix_(keep, cols)], keep
+
+
 # ---------------------------------------------------------------------------------------------
 # output arrays and writing tiles into layers
 # ---------------------------------------------------------------------------------------------

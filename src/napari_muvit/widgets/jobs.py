@@ -25,7 +25,7 @@ import numpy as np
 from napari_muvit.data.geometry import grid_cell_region
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
-from napari_muvit.engine.points import PointPredictor, is_detector
+from napari_muvit.engine.points import PointPredictor, PointTrainer, is_detector
 from napari_muvit.engine.predict import Predictor, create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
@@ -413,6 +413,8 @@ class TrainRequest:
     config: Any
     name: str
     publish_every: int
+    # clicked points (a PointTable of the plane) instead of ``labels``: trains a point detector
+    points: Any = None
 
 
 @dataclass(eq=False)
@@ -486,16 +488,19 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
                 snap.meta = {**dict(getattr(snap, "meta", {}) or {}), "crop_size": trainer.crop_size}
                 report.snapshot(snap, step)
 
-        trainer = Trainer(
-            model,
-            [(source, req.labels)],
-            req.config,
+        common = dict(
             progress=progress,
             cancel=job.token,
             class_names=req.class_names or None,
             provenance={"napari_layer": req.image.name, "source": "napari-muvit TrainWidget"},
             notes=notes,
         )
+        if req.points is not None:
+            # as train_points: the whole plane counts as annotated (unclicked = no point)
+            trainer: Trainer = PointTrainer(model, [(source, req.points, None)], req.config,
+                                            **common)
+        else:
+            trainer = Trainer(model, [(source, req.labels)], req.config, **common)
         job.trainer = trainer
         report.ready(trainer)
         with GUI_THREADS.job("train") as share:

@@ -213,6 +213,7 @@ class TrainState(PanelState):
 
     image: str | None = None
     labels: str | None = None
+    points: str | None = None  # Points layer: clicked points train a point detector
     validation: str | None = None  # Shapes layer whose first rectangle is held out
     start: ModelChoice = setting(ModelChoice(ENCODER), encode=_model_encode,
                                  decode=train_start_from_setting)

@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_muvit.data.points_io import PointTable
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._loss_plot import LossPlot
@@ -55,6 +56,7 @@ from napari_muvit.widgets.outputs import add_annotation_layer, add_validation_la
 from napari_muvit.widgets.state import ENCODER, TrainState, remember_folder
 
 NO_VALIDATION = "(none)"
+NO_POINTS = "(none: train on labels)"
 UI_INTERVAL_MS = 200  # progress bar / status refresh while training
 ACTIVITY_INTERVAL_S = 1.0  # napari activity dock refresh while training
 
@@ -140,6 +142,11 @@ class TrainWidget(DockPanel):
             "Labels", self.labels_combo, "New",
             "Create an empty annotation layer over the image (zarr on disk for big images)")
         self.new_labels_button.clicked.connect(lambda: self.create_annotation_layer())
+        self.points_combo = self.layer_choice("points", "points", none_item=NO_POINTS)
+        self.points_combo.setToolTip(
+            "Clicked points (a 'class' feature, default 1) train a point detector instead of "
+            "a segmenter; every unclicked place of the plane counts as 'no point'")
+        form.layout.addRow("Points", self.points_combo)
         self.class_names_edit = form.line("class_names", "Class names",
                                           "names of labels 1, 2, …  e.g. outer, inner")
         self.val_combo = self.layer_choice("validation", "shapes", none_item=NO_VALIDATION)
@@ -228,6 +235,15 @@ class TrainWidget(DockPanel):
     @labels_layer.setter
     def labels_layer(self, layer: Any) -> None:
         self.select_layer("labels", layer)
+
+    @property
+    def points_layer(self) -> Any:
+        """The Points layer whose points train a detector (None: train on labels)."""
+        return self.layer("points")
+
+    @points_layer.setter
+    def points_layer(self, layer: Any) -> None:
+        self.select_layer("points", layer)
 
     @property
     def validation_layer(self) -> Any:
@@ -336,6 +352,8 @@ class TrainWidget(DockPanel):
         image, labels = self.image_layer, self.labels_layer
         if image is None:
             raise InputError("select an image layer to train on")
+        if self.points_layer is not None:
+            return self._points_request(image, self.points_layer)
         if labels is None:
             raise InputError("select a Labels layer with painted annotations (or press 'New')")
         plane = L.layer_plane(self.viewer, image)
@@ -359,6 +377,39 @@ class TrainWidget(DockPanel):
             config=train_config(self.state, self.validation_region()),
             name=f"{image.name} #{self._run_counter}",
             publish_every=int(self.state.publish_every),
+        )
+
+    def _points_request(self, image: Any, points: Any) -> TrainRequest:
+        """A request that trains a point detector on ``points`` (those on the shown plane)."""
+        plane = L.layer_plane(self.viewer, image)
+        yx, keep = L.points_on_plane(points, image, plane)
+        if len(yx) == 0:
+            raise InputError(f"points layer {points.name!r} has no points on the shown plane "
+                             f"of {image.name!r}: click a few nuclei per class")
+        feats = points.features
+        if "class" in feats.columns:
+            raw = feats["class"].to_numpy()[keep]
+            try:
+                classes = np.asarray(raw, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"points layer {points.name!r}: its 'class' feature must hold "
+                                 "class numbers 1, 2, … (name them in 'Class names')") from None
+            if np.any(np.isnan(classes)) or np.any(classes < 1) or np.any(classes % 1):
+                raise InputError(f"points layer {points.name!r}: 'class' values must be whole "
+                                 "numbers >= 1")
+        else:
+            classes = np.ones(len(yx))
+        table = PointTable(yx, classes.astype(np.int64), {}, f"napari layer {points.name!r}")
+        table.check_inside(plane.shape)
+        start = self.start_choice
+        start_model = registry().session_model(start.value) if start.kind == SESSION else None
+        self._run_counter += 1
+        return TrainRequest(
+            image=image, plane=plane, labels=None, start=start, start_model=start_model,
+            class_names=self.state.class_name_map(),
+            config=train_config(self.state, self.validation_region()),
+            name=f"{image.name} points #{self._run_counter}",
+            publish_every=int(self.state.publish_every), points=table,
         )
 
     def train(self) -> Any:
