@@ -664,10 +664,16 @@ class PredictWidget(DockPanel):
             self._note_precision(ready.loaded)
         if is_detector(ready.loaded.model):
             # a detector's points are decoded over the whole region, then shown at once
-            job.total = len(grid_cells(ready.region, ready.loaded.predictor.step))
+            pred = ready.loaded.predictor
+            job.total = len(grid_cells(ready.region, pred.step))
+            far = self._too_far(pred, job.total,
+                                self._live_budget(pred) if job.request.live else None)
+            if far is not None:
+                self.set_status(far)  # nothing started: the points shown stay as they are
+                job.answer(False)
+                return
             self.state.progress = (0, job.total)
-            self.set_status(f"detecting points in {job.total} tiles on "
-                            f"{ready.loaded.predictor.device}…")
+            self.set_status(f"detecting points in {job.total} tiles on {pred.device}…")
             job.answer(True)
             return
         try:
