@@ -38,7 +38,7 @@ def _predict(qtbot, widget):
     return widget.state.view_job
 
 
-def test_detector_view_prediction_is_a_points_layer(make_napari_viewer, qtbot):
+def test_detector_view_prediction_is_a_points_layer(make_napari_viewer, qtbot, tmp_path):
     from napari_muvit.widgets import PredictWidget
 
     rng = np.random.default_rng(3)
@@ -101,6 +101,15 @@ def test_detector_view_prediction_is_a_points_layer(make_napari_viewer, qtbot):
     got = sorted(zip(points.data[:, 0].round(3), points.data[:, 1].round(3),
                      points.features["class"]))
     assert got == sorted(zip(table.yx[:, 0], table.yx[:, 1], table.classes))
+
+    # 'Predict whole image' writes labels: a detector is refused with the command that works
+    store = tmp_path / "whole.zarr"
+    worker = widget.predict_image(store)
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    qtbot.wait(50)
+    assert "point detector" in widget.status and "--out points.csv" in widget.status
+    assert not store.exists()
 
 
 def test_train_panel_trains_a_detector_on_clicked_points(make_napari_viewer, qtbot, tmp_path):
