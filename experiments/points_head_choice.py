@@ -84,7 +84,7 @@ def main() -> None:
     with ProcessPoolExecutor(len(names)) as pool:
         results = list(pool.map(run, names, [image] * len(names), [points] * len(names),
                                 [test_yx] * len(names), [args] * len(names)))
-    summary = {"command": " ".join(sys.argv), "steps": args.steps, "results": results,
+    summary = {"script": "experiments/points_head_choice.py", "command": " ".join(sys.argv), "steps": args.steps, "results": results,
                "load_average": [round(v, 2) for v in os.getloadavg()]}
     text = json.dumps(summary, indent=1)
     print(text)

@@ -104,6 +104,7 @@ def main() -> None:
     pred_s = cli(["predict", str(image), "--model", str(model), "--out", str(pred),
                   "--overwrite", "--quiet"])
     result = {
+        "script": "experiments/points_nuclei.py",
         "command": " ".join(sys.argv),
         "image": "StarDist img2d.tif (DSB 2018), 512x512; train: left half, test: right half",
         "n_train_points": int(len(train_yx)),

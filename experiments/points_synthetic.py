@@ -11,7 +11,7 @@ MuViT[1,4] vs MuViT[1] vs MuViT[1,4] with naive bboxes.
     python experiments/points_synthetic.py --out experiments/runs/points_syn_pl \
         --variants muvit14 --region 0,0,1024,1024 --pseudo both   # consistency loss on / off
 
-Results: ``docs/data/points_synthetic*.json`` and docs/results.md.
+Results: ``docs/data/points_synthetic.json`` (and the ``_pretrained`` / ``_typeloss`` variants) and docs/results.md.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda r: run_variant(*r, train, test, args.out, args), runs))
     load = os.getloadavg()
-    summary = {"command": " ".join(sys.argv), "radius_px": RADIUS, "steps": args.steps,
+    summary = {"script": "experiments/points_synthetic.py", "command": " ".join(sys.argv), "radius_px": RADIUS, "steps": args.steps,
                "region": args.region, "eval_region": args.eval_region, "load_average": [round(v, 2) for v in load],
                "results": results}
     text = json.dumps(summary, indent=1)

@@ -35,6 +35,7 @@ def main() -> None:
     from napari_muvit.data.samples import synthetic_sample_image
 
     result: dict = {
+        "script": "scripts/check_bioimageio.py",
         "command": "python scripts/check_bioimageio.py --out docs/data/bioimageio.json",
         "versions": {"napari_muvit": nm.__version__, "torch": torch.__version__,
                      "bioimageio.spec": bioimageio.spec.__version__,

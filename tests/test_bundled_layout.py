@@ -23,6 +23,8 @@ def test_bundled_folder_layout(kind: str) -> None:
         text = (folder / name).read_text()
         # no absolute POSIX or Windows paths (e.g. /work/..., /home/..., C:\...)
         assert not re.search(r"(^|[\s'\"\[])(/[A-Za-z]|[A-Za-z]:\\)", text), (folder / name)
-    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == [
-        "config.yaml", "history.json", "model.safetensors"
-    ]
+    # the segmenter also ships its measured scores for bioimage.io exports (validation.md)
+    extra = ["validation.md"] if kind == "default_segmenter" else []
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("__")) == sorted(
+        ["config.yaml", "history.json", "model.safetensors", *extra]
+    )
