@@ -258,6 +258,8 @@ def new_segmenter(
         class_names=names,
         label_values=list(label_values),
         meta={k: v for k, v in getattr(encoder, "meta", {}).items() if k in ("init", "crop_size")},
+        # replicate padding: no tile seams in prediction (zero padding marks every tile edge)
+        head_options={"padding_mode": "replicate"},
     )
 
 

@@ -144,8 +144,10 @@ class TrainConfig:
             raise InputError("clip, weight_decay and encoder_lr_factor must be >= 0")
         if self.num_workers < 0:
             raise InputError(f"num_workers: expected >= 0, got {self.num_workers!r}")
-        if self.head not in ("unetr", "mask2former"):
-            raise InputError(f"head: expected 'unetr' or 'mask2former', got {self.head!r}")
+        if self.head not in ("unetr", "mask2former", "pixel"):
+            raise InputError(
+                f"head: expected 'unetr', 'mask2former' or 'pixel', got {self.head!r}"
+            )
         if self.val_region is not None:
             region = np.asarray(self.val_region, dtype=np.float64)
             if region.shape != (2, 2) or np.any(region[1] <= region[0]):

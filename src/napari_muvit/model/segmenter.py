@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
 from napari_muvit.model.encoder import MuViTEncoder
-from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
+from napari_muvit.model.heads import Mask2FormerHead, PixelHead, UNETRHead, default_skips
 
 __all__ = ["HEAD_TYPES", "MuViTSegmenter"]
 
-HEAD_TYPES = ("unetr", "mask2former")
+HEAD_TYPES = ("unetr", "mask2former", "pixel")
 
 
 class MuViTSegmenter(nn.Module):
@@ -22,7 +22,8 @@ class MuViTSegmenter(nn.Module):
 
     Args:
         encoder: the (usually pre-trained) encoder.
-        head: ``"unetr"`` or ``"mask2former"``.
+        head: ``"unetr"``, ``"mask2former"`` or ``"pixel"`` (a per-pixel classifier on filters
+            and encoder maps, fitted in seconds by :func:`napari_muvit.engine.quicktrain.quick_fit`).
         num_classes: K output classes (class index k is written as ``label_values[k]``).
         head_dim: decoder width (256 in the paper).
         class_names: K names (default ``"class 0"`` ...).
@@ -97,6 +98,8 @@ class MuViTSegmenter(nn.Module):
         }
         if head == "unetr":
             self.head: nn.Module = UNETRHead(**common, **opts)
+        elif head == "pixel":
+            self.head = PixelHead(**common, num_levels=encoder.num_levels, **opts)
         else:
             opts.setdefault("rotary_base", encoder.rotary_base)
             self.head = Mask2FormerHead(**common, **opts)
@@ -129,6 +132,12 @@ class MuViTSegmenter(nn.Module):
     # -------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
         """Logits (B, K, H, W) for the level-1 crop ``x[:, 0]``."""
+        maps, feats, coords, x = self.encode(x, bbox)
+        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+
+    def encode(self, x: Tensor, bbox: Any = None) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """What the head sees: level-1 skip maps (B, D, h, w) shallow → deep, the final tokens
+        of all levels (B, N, D), their centred world coordinates and the checked input."""
         enc = self.encoder
         skips = self.head_options["skips"]
         x = enc.check_input(x)
@@ -143,7 +152,7 @@ class MuViTSegmenter(nn.Module):
         feats, inter = enc.run_layers(tokens0, coords, skips, level_idx)
         n = h * w
         maps = [t[:, :n].reshape(B, h, w, -1).permute(0, 3, 1, 2) for t in inter]
-        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+        return maps, feats, coords, x
 
     @torch.no_grad()
     def predict_labels(self, x: Tensor, bbox: Any = None) -> Tensor:
