@@ -221,11 +221,8 @@ def adapt_channels(model: nn.Module, in_channels: int) -> tuple[nn.Module, list[
             new_sd[key] = _adapt_tensor(old, ref.shape, c_old, in_channels, key)
             adapted.append(key)
     new.load_state_dict(new_sd)
-    note = (
-        f"channel adaptation: the starting model has {c_old} input channel(s), the image has "
-        f"{in_channels}; new patch embeddings derived from the pretrained ones (channel sum / "
-        f"{in_channels}, transformer kept) for {len(adapted)} weight(s): {', '.join(adapted)}"
-    )
+    # one short line: the training panel shows it next to the form
+    note = f"channel adaptation: {c_old}-channel starting model adapted to {in_channels} channels"
     return new.to(next(model.parameters()).device), [note]
 
 

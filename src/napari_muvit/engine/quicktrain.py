@@ -222,9 +222,9 @@ class QuickTrainer:
     quick
         :class:`QuickConfig` of stage 1.
     progress
-        Receives dicts: ``{"stage": "features", "done", "total"}``, ``{"stage": "quick",
-        "loss", "train_accuracy", "seconds"}`` and the trainer's per-step dicts with
-        ``"stage": "fine-tune"``.
+        Receives the trainer's per-step dicts with ``"stage": "fine-tune"``, and before them
+        ``"stage": "features"`` (``done``/``total`` tiles) and ``"stage": "quick"``
+        (``loss``, ``train_accuracy``, ``pixels``, ``seconds``) with the same keys.
     fine_tune
         Run stage 2 after the quick fit (``False``: stage 1 only).
     on_snapshot
@@ -269,8 +269,14 @@ class QuickTrainer:
         return self.trainer.model
 
     def _emit(self, info: dict[str, Any]) -> None:
-        if self.progress is not None:
-            self.progress(info)
+        """Stage-1 dicts carry the trainer's keys too (step 0, no loss yet), so one progress
+        callback can show both stages."""
+        if self.progress is None:
+            return
+        base = {"step": self.trainer.step, "steps": self.trainer.config.steps,
+                "loss": float("nan"), "lr": 0.0, "status": "running",
+                "elapsed": time.monotonic() - self._start}
+        self.progress({**base, **info})
 
     def _snapshot(self, stage: str) -> None:
         if self.on_snapshot is None:
@@ -283,7 +289,8 @@ class QuickTrainer:
         self._emit({**info, "stage": "fine-tune"})
         every = self.quick.snapshot_every
         step = int(info["step"])
-        if info.get("status") == "running" and every and step and step % every == 0:
+        last = step >= self.trainer.config.steps  # the final snapshot follows
+        if info.get("status") == "running" and every and step and step % every == 0 and not last:
             self._snapshot("fine-tune")
 
     def fit_quick(self) -> dict[str, float]:
@@ -314,7 +321,7 @@ class QuickTrainer:
         self.quick_stats = stats
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})")
-        self._emit({"stage": "quick", **stats})
+        self._emit({"stage": "quick", **stats, "elapsed": stats["elapsed"]})
         self._snapshot("quick")
         return stats
 

@@ -546,6 +546,13 @@ class Trainer(TrainingLoop):
 
     def _check_annotations(self) -> None:
         values = set(self.painted_values())
+        if len(values) == 1:
+            self._event(
+                "one_class",
+                f"only one class is painted (label {next(iter(values))}): the model can only "
+                "learn to predict it everywhere; paint at least two classes",
+                warning=True,
+            )
         unpainted = [v for v in self.model.label_values if v not in values]
         if 0 in unpainted and not self.config.dense:
             self._event(
@@ -945,6 +952,16 @@ def train(
         "steps": config.steps,
         "preset": preset,
     }
+    if config.head == "pixel" and not resuming:
+        # quick fit of the pixel head on cached features first (seconds), then fine-tuning
+        from napari_muvit.engine.quicktrain import QuickTrainer
+
+        quick = QuickTrainer(
+            model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
+            out=out, class_names=class_names, provenance=provenance, notes=notes,
+        )
+        quick.run()
+        return quick.model
     trainer = Trainer(
         model,
         list(zip(sources, labels)),
