@@ -11,8 +11,8 @@ of it at best. Wall-clock seconds are recorded as well.
 Data sets (all ship offline):
 
 ``context``
-    The paper's Synthetic task (:func:`~napari_muvit.data.synthetic.synthetic_field`, 2×2
-    ring systems, 1024²): a cell's class, outer or inner ring, shows only in the context.
+    The paper's Synthetic task (:func:`~napari_muvit.data.synthetic.synthetic_field`, one
+    512² ring system, seed 3): a cell's class, outer or inner ring, shows only in the context.
 ``nuclei``
     The 2-D fluorescence nuclei image and its instance mask shipped in the ``stardist``
     wheel (``stardist/data/images/img2d.tif``, ``mask2d.tif``; ``pip install stardist
@@ -73,7 +73,7 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     if name == "context":
         from napari_muvit.data.synthetic import synthetic_field
 
-        im = synthetic_field(grid=2, seed=3)
+        im = synthetic_field(grid=1, seed=3)
         return im.image, im.labels.astype(np.int32), list(im.pyramid)
     if name == "nuclei":
         import importlib.util

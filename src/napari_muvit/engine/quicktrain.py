@@ -322,6 +322,9 @@ class QuickTrainer:
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})")
         self._emit({"stage": "quick", **stats, "elapsed": stats["elapsed"]})
+        # the out folder holds a usable model seconds after the start, not after the first
+        # fine-tuning checkpoint
+        self.trainer.checkpoint()
         self._snapshot("quick")
         return stats
 
