@@ -16,9 +16,11 @@ background):
     strokes.
 
 For every model and overlap it prints the ratio, the mDSC and the prediction's CPU time
-relative to overlap 0 (the cost of blending). Usage::
+relative to overlap 0 (the cost of blending). ``--constant-only`` measures the root cause
+instead: the bundled model on constant images, with zero and with replicate padding. Usage::
 
-    python benchmarks/bench_seams.py --json docs/data/seams.json
+    python benchmarks/bench_seams.py --steps 40 --json docs/data/seams.json
+    python benchmarks/bench_seams.py --constant-only --json docs/data/seams_constant.json
 """
 
 from __future__ import annotations
@@ -66,6 +68,32 @@ def scribble_models(steps: int, seed: int) -> dict[str, Any]:
     return models
 
 
+def constant_image_rows(values: list[int]) -> list[dict]:
+    """The root cause on the bundled model: a constant image, one interior tile; how far the
+    class probabilities of its first row/column and of its interior deviate from its centre,
+    with the model's zero padding and with the same weights padded by replication."""
+    model = load_default_model()
+    tile = int(model.meta.get("crop_size") or 128)
+    rows = []
+    for padding in ("zeros", "replicate"):
+        for m in model.head.modules():
+            if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+                m.padding_mode = padding
+        for value in values:
+            img = np.full((8 * tile, 8 * tile), value, np.uint8)
+            _, probs = predict(img, model, device="cpu", probabilities=True)
+            t = probs[:, 4 * tile : 5 * tile, 4 * tile : 5 * tile].astype(np.float32)
+            dev = np.abs(t - t[:, tile // 2 : tile // 2 + 1, tile // 2 : tile // 2 + 1]).max(0)
+            row = {"padding": padding, "value": value, "row0": float(dev[0].max()),
+                   "col0": float(dev[:, 0].max()), "row1": float(dev[1].max()),
+                   "interior": float(dev[8:-8, 8:-8].max())}
+            rows.append({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+            print(f"constant {value:3d}, {padding:9s}: max probability deviation from the tile "
+                  f"centre: row 0 {row['row0']:.3f}, column 0 {row['col0']:.3f}, row 1 "
+                  f"{row['row1']:.3f}, interior {row['interior']:.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--overlaps", type=int, nargs="+", default=[0, 8, 16])
@@ -73,8 +101,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--constant-only", action="store_true",
+                   help="only the constant-image root-cause measurement")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.constant_only:
+        rows = constant_image_rows([60, 120, 200, 255])
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({
+                "command": "python benchmarks/bench_seams.py " + " ".join(sys.argv[1:]),
+                "rows": rows}, indent=1))
+        return 0
     test = synthetic_field(grid=1, seed=args.seed + 100)
     source = PyramidSource(test.pyramid)
     models = {"bundled": load_default_model(), **scribble_models(args.steps, args.seed)}
