@@ -119,3 +119,39 @@ def test_seam_ratio_respects_the_grid_origin():
     lab[:, 22:] = 1  # one change, between world x 29 and 30 when the crop starts at x = 8
     assert seam_ratio(lab, 30, origin=(0, 8))["border"] > 0
     assert seam_ratio(lab, 30, origin=(0, 0))["border"] == 0
+
+
+def test_predict_blends_by_default_and_zero_overlap_stays_available(monkeypatch):
+    # the default overlap is tile // 8 (blending); overlap=0 still gives the unblended tiles
+    from napari_muvit.engine import predict as predict_module
+
+    seen = []
+    real = predict_module.Predictor.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("overlap"))
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module.Predictor, "__init__", spy)
+    seg = _segmenter("replicate", levels=(1, 4))
+    img = np.random.default_rng(0).random((96, 96)).astype(np.float32)
+    blended = predict(img, seg, device="cpu", tile_size=32)
+    plain = predict(img, seg, device="cpu", tile_size=32, overlap=0)
+    assert seen == [4, 0]
+    assert blended.shape == plain.shape == (96, 96)
+    assert predict_module.default_overlap(64) == 8
+
+
+def test_cli_predict_blends_by_default(tmp_path):
+    from napari_muvit.cli import main
+    from napari_muvit.engine.sinks import read_store_info
+
+    seg = _segmenter("replicate", levels=(1, 4))
+    seg.meta["crop_size"] = 32
+    seg.save(tmp_path / "m")
+    np.save(tmp_path / "img.npy", np.random.default_rng(0).random((96, 96)).astype(np.float32))
+    out = tmp_path / "labels.zarr"
+    code = main(["predict", str(tmp_path / "img.npy"), "--model", str(tmp_path / "m"),
+                 "--out", str(out), "--device", "cpu", "--quiet"])
+    assert code == 0
+    assert read_store_info(out)["overlap"] == 4  # 32 // 8

@@ -83,8 +83,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="tiles per batch (default: adapted to free memory)")
-    p.add_argument("--overlap", type=non_negative_int, default=0, metavar="PX",
-                   help="tile overlap in pixels, blended smoothly (default 0)")
+    p.add_argument("--overlap", type=non_negative_int, default=None, metavar="PX",
+                   help="tile overlap in pixels, blended smoothly (default: tile size / 8, "
+                   "which removes tile seams; 0 is faster)")
     p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),

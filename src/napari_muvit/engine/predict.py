@@ -55,7 +55,15 @@ from napari_muvit.engine.device import (
 from napari_muvit.engine.sinks import MemorySink, ZarrSink, label_dtype
 from napari_muvit.errors import CheckpointError, InputError, MuViTError
 
-__all__ = ["Predictor", "TileCache", "TileResult", "model_digest", "predict", "resolve_model"]
+__all__ = [
+    "Predictor",
+    "TileCache",
+    "TileResult",
+    "default_overlap",
+    "model_digest",
+    "predict",
+    "resolve_model",
+]
 
 Progress = Callable[[int, int, str], Any]
 
@@ -63,6 +71,17 @@ DEFAULT_TILE_SIZE = 128
 DEFAULT_EMPTY_STD = 0.02  # normalised units: 2% of the 1-99.8 percentile range
 CPU_BATCH = 4  # measured best or within 5% of best on CPU (docs/bench_predict.md)
 MAX_AUTO_BATCH = 64
+
+
+def default_overlap(tile_size: int) -> int:
+    """The blending overlap used when none is given: ``tile_size // 8`` (8 px for 64² tiles).
+
+    Without overlap, tile borders showed as seams: labels changed 1.7× (the bundled model) to
+    6–11× (models trained for a minute on strokes) more often across tile borders than inside
+    tiles; with ``tile_size // 8`` px of raised-cosine blending the ratio was 0.94–1.01 at
+    1.5–1.8× the prediction time (``benchmarks/bench_seams.py``, docs/benchmarks.md).
+    """
+    return max(0, int(tile_size) // 8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -857,7 +876,7 @@ def predict(
     out: str | Path | None = None,
     device: str | torch.device = "auto",
     batch_size: int | None = None,
-    overlap: int = 0,
+    overlap: int | None = None,
     probabilities: bool = False,
     progress: Progress | None = None,
     cancel: CancelToken | None = None,
@@ -888,12 +907,19 @@ def predict(
         needs ``out``.
     overwrite
         Replace an existing napari-muvit output at ``out`` (foreign data is never deleted).
+    overlap
+        Blending overlap in pixels; ``None``: :func:`default_overlap` of the tile size (no tile
+        seams, about 1.5× the time of ``0``).
 
     The other arguments are those of :class:`Predictor`. Bad input raises
     :class:`~napari_muvit.errors.InputError` before any tile is computed.
     """
     if out is None and (scheduler is not None or workers is not None):
         raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
+    resolved = None
+    if overlap is None:
+        resolved = resolve_model(model)
+        overlap = default_overlap(_tile_size(resolved, tile_size))
     if out is not None and (scheduler is not None or workers is not None):
         from napari_muvit.engine.distributed import predict_distributed
 
@@ -906,7 +932,7 @@ def predict(
     from napari_muvit.data import open_image
 
     source = open_image(image_or_source)
-    seg = resolve_model(model)
+    seg = resolved if resolved is not None else resolve_model(model)
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
                      skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
                      tile_size=tile_size)
