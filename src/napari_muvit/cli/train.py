@@ -228,7 +228,14 @@ def register(subparsers: Any) -> None:
         help="one label image per IMAGE (.npy, TIFF, zarr); 0 = not annotated",
     )
     _common(t)
-    t.add_argument("--head", choices=("unetr", "mask2former"), default="unetr")
+    t.add_argument(
+        "--head",
+        choices=("pixel", "unetr", "mask2former"),
+        default="pixel",
+        help="pixel (default): a first model within seconds (pixel classifier on the encoder's "
+        "features, written to --out at once), then fine-tuning; unetr/mask2former: the paper's "
+        "heads, trained from scratch (docs/benchmarks.md, annotation loop)",
+    )
     t.add_argument(
         "--encoder-lr-factor",
         type=float,
