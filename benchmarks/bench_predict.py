@@ -353,6 +353,7 @@ def section_seams(args: argparse.Namespace) -> dict[str, Any]:
 def section_precision(args: argparse.Namespace) -> dict[str, Any]:
     """Bundled model, float32 vs bf16 autocast: speed (alternating runs), agreement, mDSC."""
     from napari_muvit.data import synthetic_field
+    from napari_muvit.metrics import dice_scores
     from napari_muvit.model import load_model
     from napari_muvit.weights import default_model_path
 
@@ -373,11 +374,8 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
             times[amp].append(time.perf_counter() - t0)
 
     def dice(pred: np.ndarray) -> tuple[float, float]:
-        out = []
-        for value in (1, 2):
-            a, b = pred == value, gt == value
-            out.append(float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1)))
-        return out[0], out[1]
+        scores = dice_scores(pred, gt, values=(1, 2))
+        return scores[1], scores[2]
 
     cpu_bf16 = bool(torch.backends.mkldnn.is_available()
                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())

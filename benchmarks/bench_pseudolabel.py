@@ -9,14 +9,14 @@ three classes on a *held-out* image (another seed), predicted with the engine's 
 ``pseudo``
     Same steps, same seeds, with and without pseudo-labels (EMA teacher, threshold 0.9,
     consistency weight ramped up from 0 over the first third of the run).  Result (see
-    ``docs/bench_train.md``): no measurable gain (-0.011 to +0.005 mean Dice), so
-    ``TrainConfig.pseudo_labels`` defaults to off.
+    "Training benchmarks" in ``docs/benchmarks.md``): no measurable gain (-0.011 to +0.005
+    mean Dice), so ``TrainConfig.pseudo_labels`` defaults to off.
 
 ``cpu``
-    The CPU-usability check of ``docs/bench_train.md``: the default starting encoder (the
-    bundled, MAE-pretrained ``default_encoder`` if the installation has one, else a random
-    ``small`` preset encoder), trained for a fixed wall-clock budget (default 120 s); Dice
-    before (fresh head) and after.
+    The CPU-usability check of "Training benchmarks" in ``docs/benchmarks.md``: the default
+    starting encoder (the bundled, MAE-pretrained ``default_encoder`` if the installation has
+    one, else a random ``small`` preset encoder), trained for a fixed wall-clock budget
+    (default 120 s); Dice before (fresh head) and after.
 
 Usage::
 
@@ -45,6 +45,7 @@ from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
+from napari_muvit import metrics
 
 CLASSES = ("background", "outer", "inner")
 
@@ -87,10 +88,8 @@ def task(size: int, per_class: int) -> dict[str, Any]:
 def dice_scores(model: torch.nn.Module, source: PyramidSource, truth: np.ndarray) -> dict:
     """Per-class and mean Dice of the model's prediction of ``source`` (labels = class+1)."""
     pred = np.asarray(predict(source, model, device="cpu")).astype(np.int64) - 1
-    per_class = {}
-    for k, name in enumerate(CLASSES):
-        p, t = pred == k, truth == k
-        per_class[name] = float(2 * np.sum(p & t) / max(1, p.sum() + t.sum()))
+    scores = metrics.dice_scores(pred, truth, values=range(len(CLASSES)))
+    per_class = {name: scores[k] for k, name in enumerate(CLASSES)}
     return {"mean": float(np.mean(list(per_class.values()))), **per_class}
 
 

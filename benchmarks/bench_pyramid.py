@@ -14,17 +14,23 @@ including misses) and bytes actually fetched, counted by a wrapping zarr store:
 * ``naive``          full resolution only and lazy levels disabled: the 8192² world window is
                      read and area-averaged for every crop (what we avoid).
 
-Run: ``python benchmarks/bench_pyramid.py [--sizes 4096 16384 65536]``.
+Run: ``python benchmarks/bench_pyramid.py [--sizes 4096 16384 65536]``. Writes a small JSON
+summary (default ``docs/data/pyramid_reads.json``: rows, machine, load, and the doc table's
+rows that ``tests/test_docs.py`` checks docs/benchmarks.md against).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,8 @@ from zarr.storage import LocalStore, WrapperStore
 
 from napari_muvit.data import Normalization, PyramidSource, open_image
 from napari_muvit.data.geometry import centered_nested_bboxes
+
+DEFAULT_JSON = Path(__file__).resolve().parents[1] / "docs" / "data" / "pyramid_reads.json"
 
 
 class CountingStore(WrapperStore):
@@ -215,7 +223,23 @@ def run(
     return rows
 
 
-def main() -> None:
+def doc_table(rows: list[dict]) -> list[list[str]]:
+    """The rows of the table in docs/benchmarks.md (header first)."""
+    table = [["image", "case", "read (ms)", "chunks read", "bytes read", "level px read",
+              "one-time build"]]
+    for r in rows:
+        build = "–"
+        if r["case"] in ("stops@8x", "no-coarse"):
+            build = (f"{r['build_s']:.2f} s, {r['build_requests']} chunks, "
+                     f"{r['build_bytes'] / 1e6:.2f} MB")
+        read = r["read_ms"]
+        table.append([f"{r['size']}²", r["case"], f"{read:.2f}" if read < 10 else f"{read:.0f}",
+                      str(r["requests"]), f"{r['bytes']:,d}", f"{r['pixels']:,d}", build])
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -230,7 +254,8 @@ def main() -> None:
         help="largest size for the no-coarse case (its one-time build scans the image)",
     )
     ap.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp dir)")
-    a = ap.parse_args()
+    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="summary file to write")
+    a = ap.parse_args(argv)
     print(
         f"python {platform.python_version()}, numpy {np.__version__}, zarr {zarr.__version__}, "
         f"{platform.machine()}, {platform.processor() or platform.platform()}"
@@ -240,11 +265,25 @@ def main() -> None:
         "median of 5 reads"
     )
     root = a.dir or Path(tempfile.mkdtemp(prefix="bench-pyramid-"))
+    load_before = os.getloadavg()[0]
     try:
-        run(a.sizes, a.crop, a.factor, a.chunk, a.no_coarse_max, root)
+        rows = run(a.sizes, a.crop, a.factor, a.chunk, a.no_coarse_max, root)
     finally:
         if a.dir is None:
             shutil.rmtree(root, ignore_errors=True)
+    summary = {
+        "script": "benchmarks/bench_pyramid.py",
+        "command": " ".join(["python", "benchmarks/bench_pyramid.py", *argv]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, python "
+                   f"{platform.python_version()}, numpy {np.__version__}, zarr {zarr.__version__}",
+        "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "rows": rows,
+        "tables": {"reads": doc_table(rows)},
+    }
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ crops 256², D=512, 12 layers) — for a GPU.
 
     python experiments/synthetic_table4.py --out experiments/runs/cpu --parallel 3
     python experiments/synthetic_table4.py --out experiments/runs/cpu --eval-only --noise 8,16,32,64
+    python experiments/synthetic_table4.py --bundled --noise 8,16,32,64   # shipped model, ~1 min
+
+Model folders and the full ``results.json`` stay in ``--out`` (git-ignored); every run also
+merges its scores, command, date and machine load into ``docs/data/synthetic_table4.json``
+(``--summary``), the small committed file that ``tests/test_docs.py`` checks the tables of
+``docs/results.md`` against.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +64,8 @@ PAPER = {
 # border as a cue, which fails on fields where neighbouring systems fill the context.
 TRAIN_SEEDS = range(3)  # 3 fields × 4 systems
 TEST_SEED = 1000  # a field of 2×2 held-out systems (seeds never used in training)
+SUMMARY = Path(__file__).resolve().parents[1] / "docs" / "data" / "synthetic_table4.json"
+BUNDLED_LABEL = "MuViT[1,4]+UNETR (the bundled model)"
 
 
 def make_training_data(folder: Path, system: int) -> tuple[list[Path], list[Path]]:
@@ -188,6 +198,7 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
 
     from napari_muvit.data import PyramidSource, synthetic_field
     from napari_muvit.engine.predict import Predictor
+    from napari_muvit.metrics import dice_scores
     from napari_muvit.model import load_model
 
     field = synthetic_field(grid=grid, system_size=system, seed=TEST_SEED)
@@ -207,11 +218,8 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
     t0 = time.perf_counter()
     pred = Predictor(model, device="cpu", cache_tiles=0).predict(source).labels
     seconds = time.perf_counter() - t0
-    gt = np.asarray(field.labels)
-    dice = {}
-    for value, name in ((1, "outer"), (2, "inner")):
-        a, b = pred == value, gt == value
-        dice[name] = float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    per_class = dice_scores(pred, np.asarray(field.labels), values=(1, 2))
+    dice = {"outer": per_class[1], "inner": per_class[2]}
     dice["mDSC"] = (dice["outer"] + dice["inner"]) / 2
     dice["predict_seconds"] = seconds
     return dice
@@ -239,7 +247,15 @@ def main() -> None:
     parser.add_argument("--mae", default="", metavar="PRETRAIN,FINETUNE[,FINETUNE...]",
                         help="run the MAE experiment: pre-training steps, then one or more "
                              "fine-tuning budgets, e.g. 5000,300,800")
+    parser.add_argument("--bundled", action="store_true",
+                        help="evaluate the bundled default_segmenter as MuViT[1,4] (no training)")
+    parser.add_argument("--summary", type=Path, default=SUMMARY,
+                        help="committed summary JSON to merge this run's scores into "
+                             "(default docs/data/synthetic_table4.json)")
     args = parser.parse_args()
+    if args.bundled:
+        evaluate_bundled(args)
+        return
     scale = dict(SCALES[args.scale])
     if args.encoder_lr_factor is not None:
         scale["enc_factor"] = args.encoder_lr_factor
@@ -275,7 +291,80 @@ def main() -> None:
             entry.setdefault("noise", {})[sigma] = evaluate(folder, scale["system"], float(sigma))
             print(name, "sigma", sigma, json.dumps(entry["noise"][sigma]), flush=True)
         results_file.write_text(json.dumps(results, indent=2))
+    write_summary(args.summary, args.out.name, results)
     print_table(results)
+
+
+def evaluate_bundled(args: argparse.Namespace) -> None:
+    """Table 4's MuViT[1,4] row (and ``--noise``) for the shipped model: no training."""
+    from napari_muvit.weights import default_model_path
+
+    system = args.system or SCALES["cpu"]["system"]
+    entry: dict = {"label": BUNDLED_LABEL, "variant": "muvit14"}
+    entry["test"] = evaluate(Path(default_model_path()), system)
+    print("bundled", json.dumps(entry["test"]), flush=True)
+    for sigma in filter(None, args.noise.split(",")):
+        entry.setdefault("noise", {})[sigma] = evaluate(Path(default_model_path()), system,
+                                                        float(sigma))
+        print("bundled sigma", sigma, json.dumps(entry["noise"][sigma]), flush=True)
+    results = {"muvit14": entry}
+    write_summary(args.summary, "bundled", results)
+    print_table(results)
+
+
+def write_summary(path: Path, run: str, results: dict) -> None:
+    """Merge this run's scores, command and conditions into the committed summary ``path``
+    (one entry per ``--out`` folder name, or ``bundled``) and rebuild its doc tables."""
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary["script"] = "experiments/synthetic_table4.py"
+    summary["command"] = "python experiments/synthetic_table4.py [options]: see each run"
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    runs = summary.setdefault("runs", {})
+    runs[run] = {
+        "command": " ".join(["python", "experiments/synthetic_table4.py", *sys.argv[1:]]),
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%MZ"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {_torch_version()}, "
+                   f"python {platform.python_version()}",
+        "load_average_1_5_15min": None if load is None else [round(v, 1) for v in load],
+        "results": results,
+    }
+    summary["tables"] = summary_tables(runs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n")
+    print(f"summary: {path}", flush=True)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def summary_tables(runs: dict) -> dict[str, list[list[str]]]:
+    """Markdown table rows (header first) per run, as docs/results.md shows them: Table 4
+    (``RUN/table4``) and the bbox-noise mDSC (``RUN/noise``)."""
+    tables: dict[str, list[list[str]]] = {}
+    for run, info in runs.items():
+        variants = {k: v for k, v in info["results"].items() if k != "mae" and "test" in v}
+        if variants:
+            rows = [["Method", "outer", "inner", "mDSC", "paper outer", "paper inner",
+                     "paper mDSC"]]
+            for name, entry in variants.items():
+                t = entry["test"]
+                paper = PAPER.get(VARIANTS[entry.get("variant", name)]["label"])
+                rows.append([entry["label"], *(f"{t[k]:.3f}" for k in ("outer", "inner", "mDSC")),
+                             *(f"{v:.3f}" for v in paper or ())])
+            tables[f"{run}/table4"] = rows
+        noisy = {k: v for k, v in variants.items() if v.get("noise")}
+        if noisy:
+            sigmas = sorted({s for v in noisy.values() for s in v["noise"]}, key=float)
+            rows = [["σ (px)", "0", *sigmas]]
+            for entry in noisy.values():
+                rows.append([entry["label"], f"{entry['test']['mDSC']:.3f}",
+                             *(f"{entry['noise'][s]['mDSC']:.3f}" if s in entry["noise"] else ""
+                               for s in sigmas)])
+            tables[f"{run}/noise"] = rows
+    return tables
 
 
 def print_table(results: dict) -> None:
@@ -285,7 +374,7 @@ def print_table(results: dict) -> None:
         if key == "mae":
             continue
         t = entry.get("test", {})
-        paper = PAPER.get(entry["label"], (None,) * 3)[2]
+        paper = PAPER.get(VARIANTS[entry.get("variant", key)]["label"], (None,) * 3)[2]
         steps = sum(n for n, _ in entry.get("schedule", []))
         print(f"| {entry['label']} | {steps} | {t.get('outer', 0):.4f} | {t.get('inner', 0):.4f} | "
               f"{t.get('mDSC', 0):.4f} | {paper} | {entry.get('train_seconds', 0) / 60:.1f} |")

@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     viewer.layers.remove(predict.labels_layer())
     viewer.reset_view()
     predict.predict_image(store)
-    settle(0.5, until=lambda: predict._image_job is not None and predict._image_job.total > 0
-           and predict._image_job.painted >= 0.4 * predict._image_job.total, timeout=1800)
+    settle(0.5, until=lambda: predict.state.image_job is not None and predict.state.image_job.total > 0
+           and predict.state.image_job.painted >= 0.4 * predict.state.image_job.total, timeout=1800)
     shoot("whole-image.png")
     settle(1.0, until=lambda: not predict.busy, timeout=3600)
     shoot("whole-image-done.png")

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_muvit.cli.demo import composite, demo_region, read_png, write_png
+from napari_muvit.cli.demo import composite, demo_region, write_png
 from napari_muvit.data import PyramidSource
+from napari_muvit.data.geometry import grid_cells
 from napari_muvit.data.samples import synthetic_sample_image
 from napari_muvit.engine.predict import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
@@ -41,6 +42,14 @@ def tiny_model(tmp_path_factory) -> Path:
     return Path(seg.save(tmp_path_factory.mktemp("demo") / "tiny"))
 
 
+def read_png(path: Path) -> np.ndarray:
+    """The PNG as written: ``(H, W, C)`` uint8 (a grey PNG gets C = 1)."""
+    import imageio.v3 as iio
+
+    arr = np.asarray(iio.imread(path, extension=".png"))
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
 def _run_demo(out: Path, model: Path, *extra: str, env: dict | None = None):
     cmd = [sys.executable, "-m", "napari_muvit", "demo", "--headless", "--out", str(out),
            "--model", str(model), "--size", str(SIZE), "--view", str(VIEW), "--device", "cpu",
@@ -57,12 +66,6 @@ def _expected(model: Path) -> np.ndarray:
     ).labels
 
 
-def _cells(region, step):
-    (y0, x0), (y1, x1) = region
-    return [(r, c) for r in range(y0 // step, (y1 - 1) // step + 1)
-            for c in range(x0 // step, (x1 - 1) // step + 1)]
-
-
 def test_demo_headless_writes_labels_and_viewer_screenshot(tmp_path, tiny_model):
     if not (os.environ.get("DISPLAY") or __import__("shutil").which("xvfb-run")):
         pytest.skip("needs a display or xvfb-run for the viewer screenshot")
@@ -75,7 +78,7 @@ def test_demo_headless_writes_labels_and_viewer_screenshot(tmp_path, tiny_model)
     info = json.loads((out / "demo_labels.json").read_text())
     assert info["region"] == demo_region(SIZE, VIEW).tolist()
     assert info["screenshot_method"] == "napari-viewer"
-    assert info["tiles"] == len(_cells(demo_region(SIZE, VIEW), 32))
+    assert info["tiles"] == len(grid_cells(demo_region(SIZE, VIEW), 32))
     png = read_png(out / "demo_screenshot.png")
     assert png.ndim == 3 and png.shape[2] == 3 and min(png.shape[:2]) >= 200
     # a real rendering: the grey image plus coloured labels, not a blank canvas
@@ -122,9 +125,10 @@ def test_demo_missing_model_is_a_clean_error(tmp_path, capsys):
 
 def test_png_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
-    for shape in [(7, 5, 3), (4, 9, 4), (6, 6)]:
+    for shape in [(7, 5, 3), (4, 9, 4), (6, 6), (5, 4, 1)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
         write_png(tmp_path / "x.png", img)
+        assert (tmp_path / "x.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         back = read_png(tmp_path / "x.png")
         np.testing.assert_array_equal(back.reshape(img.shape), img)
 
@@ -152,7 +156,7 @@ def _gui_demo(make_napari_viewer, qtbot, tiny_model) -> None:
     assert worker is not None
     qtbot.waitUntil(lambda: not predict.busy, timeout=60_000)
     qtbot.wait(100)
-    visible = predict._view_job.request.region
+    visible = predict.state.view_job.request.region
     # the framed region is on screen (the canvas is not square: more is visible on one axis)
     assert np.all(visible[0] <= region[0] + 1) and np.all(visible[1] >= region[1] - 1)
     out = np.asarray(predict.labels_layer().data[0])

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
+from _predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.cli.predict import ProgressBar, parse_region
@@ -66,7 +66,7 @@ def test_cli_refuses_existing_output_then_overwrites(files, capsys) -> None:
     ("extra", "needle"),
     [
         (["--region", "5,5,5,9"], "empty region"),
-        (["--region", "a,b,c"], "four integers"),
+        (["--region", "a,b,c"], "four numbers"),
         (["--region", "900,900,990,990"], "outside the image"),
         (["--device", "tpu"], "device must be"),
     ],

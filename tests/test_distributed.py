@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import rings, tiny_segmenter
+from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.engine import Predictor, predict_distributed
 from napari_muvit.engine.distributed import plan_blocks
@@ -90,7 +90,7 @@ def test_scheduler_address_via_cli_and_objects_via_scatter(client, tmp_path, cap
     out2 = predict_distributed(source, model, tmp_path / "obj.zarr", scheduler=client,
                                device="cpu", batch_size=4)
     np.testing.assert_array_equal(zarr.open_group(str(out2), mode="r")["0"][:], cli_labels)
-    from test_predict_support import reference_labels
+    from _predict_support import reference_labels
 
     np.testing.assert_array_equal(
         cli_labels, reference_labels(model, source, np.array([[0, 0], [192, 192]]))
@@ -116,3 +116,57 @@ def test_cancel_leaves_an_incomplete_resumable_store(client, tmp_path) -> None:
                         chunk_size=64, block_size=64, stats=stats)
     assert read_store_info(out)["status"] == "complete"
     assert stats["total"] == sum(r["tiles"] for r in stats["results"]) <= 36
+
+
+def test_client_holds_the_store_lock_for_the_whole_run(client, tmp_path) -> None:
+    import os
+    import threading
+
+    from napari_muvit.data import PyramidSource
+    from napari_muvit.locks import LockedError, advisory_lock, lock_path, read_lock
+
+    model = tiny_segmenter()
+    source = PyramidSource(rings(192))
+    out = tmp_path / "locked.zarr"
+    seen: list = []
+
+    def progress(done: int, total: int, message: str) -> None:
+        holder = read_lock(out)
+        refused = []
+
+        def other_writer() -> None:  # e.g. a second run started from the same session
+            try:
+                with advisory_lock(out):
+                    pass
+            except LockedError:
+                refused.append(True)
+
+        thread = threading.Thread(target=other_writer)
+        thread.start()
+        thread.join()
+        seen.append((holder.pid if holder else None, bool(refused)))
+
+    predict_distributed(source, model, out, scheduler=client, device="cpu", batch_size=4,
+                        chunk_size=64, block_size=64, progress=progress)
+    assert seen and all(s == (os.getpid(), True) for s in seen)  # the client, not the workers
+    assert not lock_path(out).exists()
+    # a store locked by someone else is refused before anything is written
+    other = tmp_path / "busy.zarr"
+    holder = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with advisory_lock(other, "prediction store"):
+            holder.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holder.wait(60)
+    try:
+        with pytest.raises(LockedError, match="in use by another job"):
+            predict_distributed(source, model, other, scheduler=client, device="cpu")
+        assert not other.exists()
+    finally:
+        release.set()
+        thread.join()

@@ -6,6 +6,7 @@ recorded instead of executed) and how it parses its options.
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -43,3 +44,26 @@ def test_stages_chain_through_train_init(table4, tmp_path, monkeypatch) -> None:
     assert all("--naive-bbox" in c and _option(c, "--levels") == "1,4" for c in calls)
     assert all(float(_option(c, "--encoder-lr-factor")) == scale["enc_factor"] for c in calls)
     assert (tmp_path / "naive_init" / "config.yaml").is_file()
+
+
+def test_summary_merges_runs_and_rebuilds_the_doc_rows(table4, tmp_path) -> None:
+    summary = tmp_path / "data" / "synthetic_table4.json"
+    scores = {"outer": 0.98494, "inner": 0.97966, "mDSC": 0.9823}
+    noisy = {"8": {"outer": 0.98, "inner": 0.97, "mDSC": 0.9745}}
+    table4.write_summary(summary, "bundled", {"muvit14": {
+        "label": table4.BUNDLED_LABEL, "variant": "muvit14", "test": scores, "noise": noisy}})
+    table4.write_summary(summary, "cpu", {"muvit1": {
+        "label": "MuViT[1]+UNETR", "test": {"outer": 0.825, "inner": 0.009, "mDSC": 0.417}}})
+
+    content = json.loads(summary.read_text())
+    assert set(content["runs"]) == {"bundled", "cpu"}  # the second run did not replace the first
+    assert content["script"] == "experiments/synthetic_table4.py"
+    assert content["runs"]["cpu"]["command"].startswith("python experiments/synthetic_table4.py")
+    rows = content["tables"]["bundled/table4"]
+    assert rows[0][:4] == ["Method", "outer", "inner", "mDSC"]
+    # scores rounded as the doc shows them, the paper's row of the same variant beside them
+    assert rows[1] == [table4.BUNDLED_LABEL, "0.985", "0.980", "0.982", "0.950", "0.958", "0.954"]
+    assert content["tables"]["bundled/noise"] == [
+        ["σ (px)", "0", "8"], [table4.BUNDLED_LABEL, "0.982", "0.975"]]
+    assert content["tables"]["cpu/table4"][1][:4] == ["MuViT[1]+UNETR", "0.825", "0.009", "0.417"]
+    assert "cpu/noise" not in content["tables"]

@@ -16,6 +16,7 @@ from napari_muvit.model import (
     MuViTMAE,
     MuViTSegmenter,
     load_encoder,
+    load_history,
     load_model,
     read_config,
     save_official,
@@ -64,14 +65,17 @@ def test_segmenter_roundtrip(tmp_path, head):
         class_names=["bg", "a", "b"],
         label_values=[0, 5, 7],
         normalization={"kind": "percentile", "low": 1.0, "high": 99.8},
-        meta={"history": [{"step": 1}]},
+        meta={"note": "test", "history": {"step": 1, "loss": [0.5]}, "provenance": {"a": 1}},
         class_colors=[[0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 1]],
     ).eval()
     seg.save(tmp_path / "seg")
     back = load_model(tmp_path / "seg")
     assert isinstance(back, MuViTSegmenter) and not back.training
     assert back.class_names == ["bg", "a", "b"] and back.label_values == [0, 5, 7]
-    assert back.normalization == seg.normalization and back.meta == seg.meta
+    assert back.normalization == seg.normalization and back.meta == {"note": "test"}
+    # the training record lives in history.json, read only when asked
+    assert "history" not in read_config(tmp_path / "seg")["meta"]
+    assert load_history(tmp_path / "seg") == {"step": 1, "loss": [0.5], "provenance": {"a": 1}}
     assert back.class_colors == seg.class_colors and back.head_config == seg.head_config
     x, bb = inputs()
     with torch.no_grad():
@@ -339,3 +343,178 @@ def test_numpy_types_in_meta_are_stored_plain(tmp_path):
     )
     seg.save(tmp_path / "s")
     assert load_model(tmp_path / "s").meta == {"loss": 0.5, "steps": 3, "t": [1, 2]}
+
+
+# ----------------------------------------------------------------------------- hostile folders
+def _bomb_lines(levels: int = 9) -> list[str]:
+    """A ~1 KB YAML "billion laughs": 10**levels values once its aliases are expanded."""
+    lines = ["  l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return lines
+
+
+def test_yaml_alias_bomb_in_meta_is_refused_at_once(tmp_path):
+    tiny_encoder().save(tmp_path / "m")
+    text = (tmp_path / "m" / "config.yaml").read_text()
+    text = text.replace("meta: {}", "meta:\n" + "\n".join(_bomb_lines()))
+    assert "&l8" in text and len(text.encode()) < 4000
+    (tmp_path / "m" / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match=r"config.yaml: YAML aliases expand to more than"):
+        load_model(tmp_path / "m")
+    # a few aliases (as yaml.safe_dump writes for a shared list) still load
+    tiny_encoder().save(tmp_path / "ok")
+    text = (tmp_path / "ok" / "config.yaml").read_text()
+    text = text.replace("meta: {}", "meta:\n  a: &s [1, 4]\n  b: *s\n  c: *s")
+    (tmp_path / "ok" / "config.yaml").write_text(text)
+    assert load_model(tmp_path / "ok").meta == {"a": [1, 4], "b": [1, 4], "c": [1, 4]}
+
+
+def test_deep_nesting_recursive_alias_and_huge_config_are_refused(tmp_path):
+    tiny_encoder().save(tmp_path / "m")
+    config = tmp_path / "m" / "config.yaml"
+    good = config.read_text()
+    # 100k nested lists crash libyaml's composer (a segfault): refused from the event stream
+    config.write_text(good.replace("meta: {}", "meta: " + "[" * 100_000 + "]" * 100_000))
+    with pytest.raises(CheckpointError, match="nested deeper than 32 levels"):
+        load_model(tmp_path / "m")
+    config.write_text(good.replace("meta: {}", "meta: &r [1, *r]"))
+    with pytest.raises(CheckpointError, match="recursive or undefined YAML alias"):
+        load_model(tmp_path / "m")
+    config.write_text(good + "#" * (2 << 20))
+    with pytest.raises(CheckpointError, match="more than a model config can be"):
+        load_model(tmp_path / "m")
+
+
+def _mem_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_implausible_dimensions_are_refused_before_allocating(tmp_path):
+    tiny_encoder().save(tmp_path / "m")
+    cfg = read_config(tmp_path / "m")
+    before = _mem_peak_mb()
+    for dim, layers, match in [
+        (65536, 64, r"key 'dim' is 65536, outside the plausible range 1..16384"),
+        (8192, 64, r"num_layers 64 x dim 8192 needs at least .* weights, the weights file holds"),
+        (48, 100_000, r"key 'num_layers' is 100000, outside the plausible range"),
+        (4096, 2, r"num_layers 2 x dim 4096 needs at least"),
+    ]:
+        cfg["encoder"].update(dim=dim, num_layers=layers, heads=2)
+        (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(CheckpointError, match=match):
+            load_model(tmp_path / "m")
+    # within the plausible range and the file's size, but a different shape
+    cfg["encoder"].update(dim=64, num_layers=2, heads=2)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match=r"key 'level_embed' has shape \(2, 1, 1, 48\)"):
+        load_model(tmp_path / "m")
+    assert _mem_peak_mb() - before < 500  # 65536 x 64 layers would be ~51 GB
+
+
+def test_large_files_are_shape_checked_on_the_meta_device(tmp_path, monkeypatch):
+    from napari_muvit.model import checkpoint
+
+    tiny_encoder().save(tmp_path / "m")
+    cfg = read_config(tmp_path / "m")
+    cfg["encoder"].update(dim=64)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    built = []
+    real_build = checkpoint._build
+
+    def recording_build(kind, path, fn):
+        built.append(torch.empty(0).device.type)  # the device new tensors land on
+        return real_build(kind, path, fn)
+
+    monkeypatch.setattr(checkpoint, "_build", recording_build)
+    monkeypatch.setattr(checkpoint, "_META_PROBE_ABOVE", 0)  # as if the file were large
+    with pytest.raises(CheckpointError, match=r"key 'level_embed' has shape \(2, 1, 1, 48\)"):
+        load_model(tmp_path / "m")
+    assert built == ["meta"]  # refused before any real tensor was allocated
+    cfg["encoder"].update(dim=48)
+    (tmp_path / "m" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert isinstance(load_model(tmp_path / "m"), MuViTEncoder) and built[1:] == ["meta", "cpu"]
+
+
+def test_hostile_head_dim_is_refused_before_building(tmp_path):
+    seg = MuViTSegmenter(tiny_encoder(), num_classes=2, head_dim=32)
+    seg.save(tmp_path / "s")
+    cfg = read_config(tmp_path / "s")
+    cfg["head"]["head_dim"] = 16000
+    (tmp_path / "s" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CheckpointError, match="head_dim 16000 needs at least"):
+        load_model(tmp_path / "s")
+
+
+def test_official_folder_with_implausible_dimensions(tmp_path):
+    enc = tiny_encoder(coord_mode="linspace")
+    save_official(enc, tmp_path / "o")
+    text = (tmp_path / "o" / "config.yaml").read_text()
+    (tmp_path / "o" / "config.yaml").write_text(
+        text.replace("dim: 48", "dim: 65536").replace("num_layers: 2", "num_layers: 64")
+    )
+    with pytest.raises(CheckpointError, match="'dim' is 65536, outside the plausible range"):
+        load_model(tmp_path / "o")
+    (tmp_path / "o" / "config.yaml").write_text(text.replace("dim: 48", "dim: 4096"))
+    with pytest.raises(CheckpointError, match="num_layers 2 x dim 4096 needs at least"):
+        load_encoder(tmp_path / "o")
+
+
+def test_c_and_python_safe_loaders_agree():
+    from napari_muvit.model.checkpoint import TupleSafeLoader, _FastTupleSafeLoader
+    from napari_muvit.weights import WEIGHTS_DIR
+
+    fixtures = Path(__file__).parent / "fixtures" / "muvit-official"
+    files = sorted(WEIGHTS_DIR.glob("*/config.yaml")) + sorted(fixtures.glob("*/config.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        text = path.read_text()
+        assert yaml.load(text, Loader=_FastTupleSafeLoader) == yaml.load(
+            text, Loader=TupleSafeLoader
+        ), path
+    assert yaml.__with_libyaml__ is False or _FastTupleSafeLoader.__mro__[1] is yaml.CSafeLoader
+
+
+def test_load_model_names_a_wrong_argument():
+    with pytest.raises(CheckpointError, match=r"model folder: expected a path .* got NoneType"):
+        load_model(None)
+
+
+def test_save_keeps_the_users_files_and_replaces_only_model_files(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "NOTES.txt").write_text("mine")
+    enc = tiny_encoder(coord_mode="linspace")
+    enc.save(folder, overwrite=True)
+    save_official(enc, folder, overwrite=True)  # official files replace ours, notes stay
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "config.yaml", "model.pth"]
+    assert (folder / "NOTES.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_old_layout_keeps_loading_and_splits_without_touching_weights(tmp_path):
+    from napari_muvit.model.checkpoint import split_history
+
+    seg = MuViTSegmenter(tiny_encoder(), num_classes=2, head_dim=32, meta={"crop_size": 32})
+    seg.save(tmp_path / "old")
+    # the layout before history.json: history and provenance inside config.yaml's meta
+    cfg = read_config(tmp_path / "old")
+    cfg["meta"]["history"] = {"status": "finished", "step": 2, "loss": [0.9, 0.5]}
+    cfg["meta"]["provenance"] = {"images": ["/home/someone/data/a.npy"], "steps": 2}
+    (tmp_path / "old" / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    weights = (tmp_path / "old" / "model.safetensors").read_bytes()
+    old = load_model(tmp_path / "old")
+    assert old.meta["history"]["loss"] == [0.9, 0.5] and old.meta["crop_size"] == 32
+    assert load_history(tmp_path / "old") == {
+        "status": "finished", "step": 2, "loss": [0.9, 0.5],
+        "provenance": {"images": ["/home/someone/data/a.npy"], "steps": 2},
+    }
+    assert split_history(tmp_path / "old") is True
+    assert (tmp_path / "old" / "model.safetensors").read_bytes() == weights
+    assert load_model(tmp_path / "old").meta == {"crop_size": 32}
+    record = load_history(tmp_path / "old")
+    assert record["loss"] == [0.9, 0.5] and record["provenance"]["images"] == ["a.npy"]
+    assert "/home/someone" not in "".join(p.read_text() for p in (tmp_path / "old").glob("*.*")
+                                          if p.suffix in (".yaml", ".json"))
+    assert split_history(tmp_path / "old") is False  # already split

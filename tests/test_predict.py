@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_predict_support import (
+from _predict_support import (
     CROP,
     reference_labels,
     rings,

@@ -52,7 +52,7 @@ def test_pretrain_folder_roundtrip_and_encoder_for_finetuning(tmp_path: Path) ->
     assert isinstance(loaded, MuViTMAE)
     ref = mae.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in loaded.state_dict().items())
-    assert loaded.meta["crop_size"] == 32 and loaded.meta["history"]["step"] == 3
+    assert loaded.meta["crop_size"] == 32 and ckpt.load_history(out)["step"] == 3
     assert ckpt.load_train_state(out)["step"] == 3
     encoder = MuViTEncoder.from_pretrained(out)
     assert list(encoder.levels) == [1, 4]

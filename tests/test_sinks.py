@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import reference_labels, rings_source, tiny_segmenter
+from _predict_support import reference_labels, rings_source, tiny_segmenter
 
 from napari_muvit.data import plan_tiles
 from napari_muvit.engine import CancelToken, MemorySink, Predictor, ZarrSink

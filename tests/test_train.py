@@ -194,8 +194,10 @@ def test_checkpoint_roundtrip_identical(pair, tmp_path: Path) -> None:
     assert loaded.normalization == source.normalization.to_dict()
     meta = loaded.meta
     assert meta["crop_size"] == 32 and meta["train_config"]["steps"] == 3
-    assert meta["history"]["status"] == "finished" and len(meta["history"]["loss"]) == 3
-    assert meta["provenance"]["images"] == ["blobs"]
+    assert "history" not in meta and "provenance" not in meta  # history.json holds those
+    record = ckpt.load_history(out)
+    assert record["status"] == "finished" and len(record["loss"]) == 3
+    assert record["provenance"]["images"] == ["blobs"]
     assert list(loaded.levels) == [1, 4]
     history = json.loads((out / "history.json").read_text())
     assert history["loss"] == trainer.history["loss"]
@@ -371,6 +373,35 @@ def test_validation_region_is_held_out_and_scored(pair) -> None:
     trainer.run()
     assert [v["step"] for v in trainer.history["val"]] == [2, 4]
     assert 0.0 <= reports[-1]["val_dice"] <= 1.0
+
+
+def test_validation_scores_what_the_predictor_predicts(pair) -> None:
+    """Validation is the Predictor's labels of the region against the painted pixels: painting
+    the Predictor's own output scores exactly 1, every changed pixel costs what Dice says, and
+    unpainted pixels (value 0) are not scored."""
+    from napari_muvit.engine.predict import Predictor
+    from napari_muvit.metrics import mean_dice
+
+    source, labels = pair
+    region = [[8.5, 0], [56, 90.2]]  # fractional: clipped outward like any prediction region
+    trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=1, val_region=region))
+    seen = trainer.pairs[0][1]
+    predicted = Predictor(trainer.model, device="cpu", tile_size=trainer.crop_size).predict(
+        source, region
+    ).labels
+    assert predicted.shape == (48, 91)
+    window = seen[8:56, 0:91]
+    window[:] = predicted
+    window[::3, ::3] = 0  # not annotated
+    assert trainer.validate() == 1.0
+
+    other = {1: 2, 2: 1}
+    window[1::4, 1::4] = np.vectorize(other.get)(predicted[1::4, 1::4])
+    painted = window > 0
+    expected = mean_dice(predicted[painted], window[painted])
+    assert expected < 0.95
+    assert trainer.validate() == pytest.approx(expected)
+    assert [v["dice"] for v in trainer.history["val"]] == [1.0, pytest.approx(expected)]
 
 
 # ------------------------------------------------------------------------------ train()

@@ -21,6 +21,7 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QTimer
 
 from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.data.geometry import grid_cells
 from napari_muvit.engine.predict import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
@@ -171,13 +172,9 @@ def _expected_bbox(viewer, layer) -> np.ndarray:
 
 
 def _cells(bbox: np.ndarray, step: int) -> set[tuple[int, int]]:
-    y0, x0 = np.floor(bbox[0]).astype(int)
-    y1, x1 = np.ceil(bbox[1]).astype(int)
-    return {
-        (r, c)
-        for r in range(y0 // step, (y1 - 1) // step + 1)
-        for c in range(x0 // step, (x1 - 1) // step + 1)
-    }
+    """Tile-grid cells touched by ``bbox`` (the grid itself is checked against the engine's
+    tile plan in test_widget_state)."""
+    return set(grid_cells(bbox, step))
 
 
 def _cell_mask(cells, shape, step) -> np.ndarray:
@@ -200,7 +197,7 @@ def test_predict_view_lands_exactly_on_visible_region(make_napari_viewer, qtbot,
     _wait_idle(qtbot, widget)
 
     expected = _expected_bbox(viewer, layer)
-    region = widget._view_job.request.region
+    region = widget.state.view_job.request.region
     np.testing.assert_allclose(region, expected, atol=1e-9)
     assert np.all(expected[1] - expected[0] > TILE)  # a real partial view, not the whole image
 
@@ -279,7 +276,7 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
     _wait_idle(qtbot, widget)
     first_stall = first_beat.stop()
     pred = widget.predictor
-    first = _cells(widget._view_job.request.region, TILE)
+    first = _cells(widget.state.view_job.request.region, TILE)
     assert pred.stats["tiles_computed"] == len(first)
     calls_before = pred.stats["model_calls"]
 
@@ -300,7 +297,7 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
 
     # pan by exactly one tile (world = data here): one new row and column of tiles
     navigate(center=(100.0 + TILE, 100.0 + TILE))
-    second = _cells(widget._view_job.request.region, TILE)
+    second = _cells(widget.state.view_job.request.region, TILE)
     new = second - first
     assert 0 < len(new) < len(second)
     assert pred.stats["tiles_computed"] == len(first) + len(new)
@@ -314,8 +311,7 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
 
     # a burst of pans: debounced, only the final view is predicted
     starts = []
-    widget_start = widget._start_view
-    widget._start_view = lambda live: starts.append(live) or widget_start(live)
+    widget.state.events.view_job.connect(lambda job: starts.append(job.request.live))
     for k in range(5):
         camera.center = (150.0 + 5 * k, 60.0 + 5 * k)
         qtbot.wait(40)
@@ -324,7 +320,7 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
     # zoom out: more tiles streamed in
     navigate(zoom=5.0)
     whole_stall = whole.stop()
-    last = _cells(widget._view_job.request.region, TILE)
+    last = _cells(widget.state.view_job.request.region, TILE)
     out = np.asarray(widget.labels_layer().data)
     assert np.all(_cell_mask(last, out.shape, TILE) <= (out > 0))
     print(
@@ -377,13 +373,13 @@ def test_cancel_view_leaves_consistent_layer(make_napari_viewer, qtbot, model_di
     widget.batch_spin.setValue(2)
     viewer.reset_view()
     worker = widget.predict_view()
-    qtbot.waitUntil(lambda: widget._view_job.painted >= 2, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.state.view_job.painted >= 2, timeout=30_000)
     widget.cancel()
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
-    job = widget._view_job
+    job = widget.state.view_job
     assert job.token.cancelled and 2 <= job.painted < 64
-    target = widget._targets[id(layer)]
+    target = widget.outputs.target(layer)
     out = np.asarray(widget.labels_layer().data)
     painted = {cell for _, cell in target.painted}
     # every painted tile is complete, nothing else was written
@@ -405,7 +401,7 @@ def test_switch_models_and_layers_mid_run(make_napari_viewer, qtbot, model_dirs,
     widget.batch_spin.setValue(2)
     viewer.reset_view()
     w1 = widget.predict_view()
-    qtbot.waitUntil(lambda: widget._view_job.painted >= 1, timeout=30_000)
+    qtbot.waitUntil(lambda: widget.state.view_job.painted >= 1, timeout=30_000)
     widget.set_model(model_dirs[1])  # switch model mid-run
     w2 = widget.predict_view()
     widget.image_layer = other  # and the layer
@@ -421,7 +417,7 @@ def test_switch_models_and_layers_mid_run(make_napari_viewer, qtbot, model_dirs,
     # the first layer's output is consistent: only whole tiles, all from the one model its
     # layer belongs to (the job with model B was superseded before it painted anything)
     out_a = np.asarray(widget.labels_layer(layer).data)
-    target_a = widget._targets[id(layer)]
+    target_a = widget.outputs.target(layer)
     painted = {cell for _, cell in target_a.painted}
     assert painted
     mask = _cell_mask(painted, out_a.shape, TILE)
@@ -442,11 +438,11 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
     out = tmp_path / "rings_muvit.zarr"
     worker = widget.predict_image(out)
     assert worker is not None
-    qtbot.waitUntil(lambda: widget._image_job.painted >= 8, timeout=60_000)
+    qtbot.waitUntil(lambda: widget.state.image_job.painted >= 8, timeout=60_000)
     widget.cancel()
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
-    job = widget._image_job
+    job = widget.state.image_job
     assert read_store_info(out)["status"] == "incomplete"
     assert "resume" in widget.status
     lab_layer = job.target
@@ -464,19 +460,19 @@ def test_whole_image_to_zarr_cancel_resume_and_close(make_napari_viewer, qtbot, 
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
     assert read_store_info(out)["status"] == "complete"
-    assert widget._image_job.total == 64 - done_cells
+    assert widget.state.image_job.total == 64 - done_cells
     model = load_model(model_dirs[0])
     source = PyramidSource.from_layer_data(layer.data, multiscale=True, rgb=False)
     expected = Predictor(model, device="cpu").predict(source).labels
-    final = widget._image_job.target
+    final = widget.state.image_job.target
     np.testing.assert_array_equal(np.asarray(final.data[0] if final.multiscale else final.data), expected)
     assert "done" in widget.status
 
     # closing the viewer while a whole-image job runs does not crash
     widget.overwrite_check.setChecked(True)
     worker = widget.predict_image(tmp_path / "second.zarr")
-    qtbot.waitUntil(lambda: widget._image_job.painted >= 1, timeout=60_000)
-    job = widget._image_job
+    qtbot.waitUntil(lambda: widget.state.image_job.painted >= 1, timeout=60_000)
+    job = widget.state.image_job
     viewer.close()
     qtbot.waitUntil(job.done.is_set, timeout=30_000)
     qtbot.wait(100)
@@ -551,12 +547,12 @@ def test_settings_persist_and_model_errors_are_notifications(
 
 def test_bundled_model_absence_is_explained(make_napari_viewer, qtbot, monkeypatch):
     from napari_muvit.errors import CheckpointError
-    from napari_muvit.widgets import PredictWidget, _predict
+    from napari_muvit.widgets import PredictWidget, _models
 
     def missing():
         raise CheckpointError("bundled model 'default_segmenter' is missing from /x")
 
-    monkeypatch.setattr(_predict, "bundled_segmenter_path", missing)
+    monkeypatch.setattr(_models, "bundled_segmenter_path", missing)
     viewer = make_napari_viewer()
     widget = PredictWidget(viewer)
     assert widget.model_choice.kind == "bundled"
@@ -613,7 +609,7 @@ def test_nd_stack_predicts_the_displayed_plane(
     worker = widget.predict_image(tmp_path / "plane3.zarr")
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
-    whole = widget._image_job.target
+    whole = widget.state.image_job.target
     assert whole.ndim == 3 and whole.data.shape[0] == 1
     np.testing.assert_allclose(whole.data_to_world((0, 10, 20)), layer.data_to_world((3, 10, 20)))
     np.testing.assert_array_equal(np.asarray(whole.data)[0], data[3])
@@ -670,7 +666,7 @@ def test_widgets_from_the_plugin_manifest(make_napari_viewer, qtbot, model_dirs,
     stable layer identities, and the fine-tune panel finds the predict panel."""
     import warnings
 
-    from napari_muvit.widgets._train import _predict_widgets
+    from napari_muvit.widgets.train import predict_widgets
 
     viewer = make_napari_viewer(show=True)
     layer = viewer.add_image(rings[2], name="rings")
@@ -678,7 +674,7 @@ def test_widgets_from_the_plugin_manifest(make_napari_viewer, qtbot, model_dirs,
         warnings.simplefilter("error", FutureWarning)
         _, predict = viewer.window.add_plugin_dock_widget("napari-muvit", "MuViT predict")
         _, train = viewer.window.add_plugin_dock_widget("napari-muvit", "MuViT fine-tune")
-        assert _predict_widgets(train.viewer) == [predict]
+        assert predict_widgets(train.viewer) == [predict]
         predict.set_model(model_dirs[0])
         predict.device_combo.setCurrentText("cpu")
         predict.image_layer = layer

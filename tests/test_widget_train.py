@@ -178,7 +178,7 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     # the predict widget switched to the model being trained and shows its latest weights
     name = train.job.request.name
     assert predict.model_choice.kind == SESSION and predict.model_choice.value == name
-    target = predict._targets[id(image)]
+    target = predict.outputs.target(image)
     assert target.identity[1] == registry().session_version(name) >= 2
     final = registry().session_model(name)
     out = np.asarray(predict.labels_layer().data)

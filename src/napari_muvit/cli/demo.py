@@ -13,7 +13,7 @@ to ``--out``:
 * ``demo_screenshot.png``: the view with the labels overlaid.  It is rendered by a real napari
   viewer when one can be created (a ``$DISPLAY``, or ``xvfb-run`` to make one), in a
   subprocess so that a missing OpenGL cannot take this process down; otherwise it is composed
-  with numpy (grey image + label colours) and written by a built-in PNG encoder.  The JSON
+  with numpy (grey image + label colours) and written with imageio.  The JSON
   file and the output say which method was used.
 
 Examples::
@@ -29,11 +29,9 @@ import argparse
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -363,49 +361,12 @@ def composite(image: np.ndarray, labels: np.ndarray, label_values: list[int],
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
-    """Write an 8-bit RGB(A) or grey image as PNG with zlib only (no imaging library)."""
+    """Write an 8-bit RGB(A) or grey image as PNG (imageio, which comes with napari)."""
+    import imageio.v3 as iio
+
     arr = np.ascontiguousarray(rgb, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    h, w, c = arr.shape
-    color_type = {1: 0, 3: 2, 4: 6}[c]
-    raw = b"".join(b"\x00" + arr[y].tobytes() for y in range(h))  # filter 0 per row
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(
-            ">I", zlib.crc32(tag + data) & 0xFFFFFFFF
-        )
-
-    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(
-        b"IDAT", zlib.compress(raw, 6)
-    ) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
-
-
-def read_png(path: Path) -> np.ndarray:
-    """Read a PNG written by :func:`write_png` (8-bit, filter 0) back to an array (tests)."""
-    data = Path(path).read_bytes()
-    if data[:8] != b"\x89PNG\r\n\x1a\n":
-        raise InputError(f"{path} is not a PNG file")
-    pos, idat, header = 8, b"", None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        tag = data[pos + 4 : pos + 8]
-        body = data[pos + 8 : pos + 8 + length]
-        if tag == b"IHDR":
-            header = struct.unpack(">IIBBBBB", body)
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + length
-    if header is None:
-        raise InputError(f"{path}: no IHDR chunk")
-    w, h, _depth, color_type = header[:4]
-    c = {0: 1, 2: 3, 6: 4}[color_type]
-    raw = np.frombuffer(zlib.decompress(idat), dtype=np.uint8).reshape(h, w * c + 1)
-    if np.any(raw[:, 0] != 0):
-        raise InputError(f"{path}: only filter type 0 is supported")
-    return raw[:, 1:].reshape(h, w, c)
+    iio.imwrite(Path(path), arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr,
+                extension=".png")
 
 
 if __name__ == "__main__":  # pragma: no cover - subprocess entry of the screenshot

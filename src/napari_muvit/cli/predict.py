@@ -13,30 +13,23 @@ Re-running the same command after an interruption resumes the unfinished store.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import os
+import re
 import sys
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from napari_muvit.cli._args import non_negative_int, positive_int
+from napari_muvit.cli._args import non_negative_int, parse_region, positive_int
 from napari_muvit.cli._terminal import StatusLine, clock
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
-
-
-def parse_region(text: str) -> list[list[int]]:
-    """``"y0,x0,y1,x1"`` -> ``[[y0, x0], [y1, x1]]`` (world pixels)."""
-    parts = [p.strip() for p in text.split(",")]
-    try:
-        y0, x0, y1, x1 = (int(p) for p in parts)
-    except ValueError:
-        raise InputError(f"--region: expected four integers y0,x0,y1,x1, got {text!r}") from None
-    if y1 <= y0 or x1 <= x0:
-        raise InputError(f"--region: expected y0 < y1 and x0 < x1, got {text!r} (empty region)")
-    return [[y0, x0], [y1, x1]]
 
 
 class ProgressBar(StatusLine):
@@ -64,6 +57,26 @@ class ProgressBar(StatusLine):
 
 
 
+
+
+# "-100,0,50,50" is a --region value, not an option: argparse only treats plain negative
+# numbers as values, so the sub-parser gets a matcher that also accepts comma lists of them
+_NEGATIVE_VALUE = re.compile(r"^-\d+(\.\d*)?(,\s*-?\d+(\.\d*)?)*$|^-\.\d+$")
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show Python warnings raised during the command as ``napari-muvit CMD: warning: ...``
+    (one line each, like the errors) instead of Python's two-line format."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+             line: Any = None) -> None:
+        print(f"napari-muvit {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = show
+        yield
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -104,21 +117,38 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="replace an existing napari-muvit output at --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+    p._negative_number_matcher = _NEGATIVE_VALUE  # see _NEGATIVE_VALUE
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``predict``; user errors raise MuViTError (one line, exit 2)."""
     try:
-        return _run(args)
+        with one_line_warnings("predict"):
+            return _run(args)
     except (MuViTError, KeyboardInterrupt):
         raise
     except Exception as err:
         if os.environ.get(DEBUG_ENV):
             raise
+        if _is_disk_full(err):
+            raise MuViTError(
+                f"no space left on the disk of {args.out}: free some space and rerun the same "
+                "command to resume (the tiles written so far are kept)"
+            ) from None
         raise MuViTError(
             f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)"
         ) from None
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    """ENOSPC anywhere in the exception chain (zarr may wrap the OSError)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -127,6 +157,8 @@ def _run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.exists():
         raise InputError(f"IMAGE {args.image!r} does not exist")
+    if not str(args.out).strip():
+        raise InputError("--out: expected the path of an output .zarr store, got an empty string")
     region = parse_region(args.region) if args.region else None
     bar = None if args.quiet else ProgressBar()
     t0 = time.monotonic()

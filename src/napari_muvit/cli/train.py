@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from napari_muvit.cli._args import positive_float, positive_int
+from napari_muvit.cli._args import parse_region, positive_float, positive_int
 from napari_muvit.cli._terminal import StatusLine, clock
 from napari_muvit.errors import InputError, MuViTError
 
@@ -44,21 +44,6 @@ def parse_interval(text: str) -> tuple[float, str]:
     if unit.startswith("step"):
         return float(max(1, round(value))), "steps"
     return (value * 60.0 if unit.startswith("m") else value), "seconds"
-
-
-def parse_region(text: str) -> list[list[float]]:
-    """``"y0,x0,y1,x1"`` -> ``[[y0, x0], [y1, x1]]``."""
-    try:
-        y0, x0, y1, x1 = (float(p) for p in text.split(","))
-    except ValueError:
-        raise InputError(f"--val-region: expected four numbers y0,x0,y1,x1, got {text!r}") from None
-    if y1 <= y0 or x1 <= x0:
-        raise InputError(f"--val-region: expected y0 < y1 and x0 < x1, got {text!r}")
-    return [[y0, x0], [y1, x1]]
-
-
-
-
 
 
 # ------------------------------------------------------------------------------ progress
@@ -356,7 +341,7 @@ def _train(args: argparse.Namespace) -> int:
         naive_bbox=args.naive_bbox,
         freeze_encoder=args.freeze_encoder,
         head=args.head,
-        val_region=parse_region(args.val_region) if args.val_region else None,
+        val_region=parse_region(args.val_region, "--val-region") if args.val_region else None,
     )
     overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})

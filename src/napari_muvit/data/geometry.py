@@ -28,6 +28,8 @@ __all__ = [
     "blend_weights",
     "centered_nested_bboxes",
     "clip_region",
+    "grid_cell_region",
+    "grid_cells",
     "level_to_world",
     "naive_bboxes",
     "plan_tiles",
@@ -385,6 +387,32 @@ def plan_tiles(
             )
         )
     return out
+
+
+def grid_cells(region: np.ndarray | Sequence, step: int) -> list[tuple[int, int]]:
+    """``(iy, ix)`` cells of the global tile grid (step ``step``, see :func:`plan_tiles`) whose
+    cores intersect ``region`` (a float bbox; floored/ceiled to whole pixels), row-major."""
+    reg = np.asarray(region, dtype=np.float64)
+    y0, x0 = (int(np.floor(v)) for v in reg[0])
+    y1, x1 = (int(np.ceil(v)) for v in reg[1])
+    rows = range(y0 // step, (y1 - 1) // step + 1)
+    cols = range(x0 // step, (x1 - 1) // step + 1)
+    return [(r, c) for r in rows for c in cols]
+
+
+def grid_cell_region(
+    region: np.ndarray | Sequence, step: int, image_shape: Sequence[int]
+) -> np.ndarray:
+    """``region`` grown to whole cells of the global tile grid, clipped to the image.
+
+    A prediction of the grown region fills every cell it touches completely, so a later,
+    overlapping request never has to recompute a half-filled cell.
+    """
+    reg = np.asarray(region, dtype=np.float64)
+    shape = np.asarray(image_shape, dtype=np.float64).reshape(-1)[-2:]
+    lo = np.floor(np.floor(reg[0]) / step) * step
+    hi = np.minimum(np.ceil(np.ceil(reg[1]) / step) * step, shape)
+    return np.stack([np.maximum(lo, 0), hi])
 
 
 def blend_weights(size: int, overlap: int, floor: float = 1e-3) -> np.ndarray:

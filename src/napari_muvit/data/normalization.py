@@ -16,7 +16,7 @@ from napari_muvit.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     from napari_muvit.data.pyramid import PyramidSource
 
-__all__ = ["Normalization", "compute_normalization"]
+__all__ = ["Normalization", "compute_normalization", "normalization_for_image"]
 
 _KINDS = ("percentile", "divide", "none")
 
@@ -166,3 +166,96 @@ def compute_normalization(
         return Normalization("divide", 0.0, 255.0)
     sample = source.sample_for_statistics(max_pixels=max_pixels)  # (C, N) raw values
     return percentile_normalization(sample, pmin, pmax, channel_axis=0)
+
+
+# ------------------------------------------------------------------ a model's normalisation
+
+#: ``normalization.extra["mode"]`` of a model: how its stored percentile range is applied
+FIXED = "fixed"  # the stored low/high (its training images' percentiles) for every image
+PER_IMAGE = "per_image"  # each image's own pmin/pmax percentiles (robust to any bit depth)
+#: an image whose percentile span is within this factor of the model's fits its fixed range
+SPAN_TOLERANCE = 4.0
+
+
+def normalization_for_image(
+    model_normalization: dict | Normalization, source: PyramidSource
+) -> tuple[Normalization, str | None]:
+    """How to normalise ``source`` for a model; returns ``(normalization, note)``.
+
+    A model's ``normalization`` (its config) is the percentile range of its training images.
+    ``extra["mode"]`` says how to apply it (:data:`FIXED` when absent, as every model so far
+    was trained that way):
+
+    * :data:`PER_IMAGE`: the image's own ``pmin``/``pmax`` percentiles, for any input.
+    * :data:`FIXED`: the stored ``low``/``high`` for every image, so that all images of one
+      acquisition get the same mapping. When the image's own percentile span differs from
+      the model's by more than :data:`SPAN_TOLERANCE`× the range cannot fit, then:
+      an integer image wider than 8 bits for a model trained on 8-bit intensities (range
+      within 0-255), or a float image in [0, 1] for such a model, gets the range scaled by
+      the bit-depth ratio (×257 for uint16: exact for ``uint8 × 257`` data) if that fits;
+      otherwise the stored range is kept and ``note`` warns that the labels may be wrong.
+
+    ``note`` is a one-line message (``None`` when nothing needs saying).
+    """
+    norm = Normalization.from_dict(model_normalization)
+    if norm.kind != "percentile":
+        return norm, None
+    mode = norm.extra.get("mode", FIXED)
+    if mode == PER_IMAGE:
+        own = compute_normalization(source, norm.pmin, norm.pmax)
+        return Normalization("percentile", own.low, own.high, norm.pmin, norm.pmax,
+                             dict(norm.extra)), None
+    if mode != FIXED:
+        raise InputError(
+            f"model normalization mode: expected {FIXED!r} or {PER_IMAGE!r}, got {mode!r}"
+        )
+    own = source.normalization  # the image's own percentiles (computed once, cached)
+    if own.kind != "percentile" or _span_fits(own, norm, 1.0):
+        return norm, None
+    name = source.describe() if hasattr(source, "describe") else "the image"
+    dtype = np.dtype(source.dtype)
+    shown = f"{_range_text(own.low, own.high)} at the {norm.pmin:g}-{norm.pmax:g} % percentiles"
+    for scale in _bit_depth_scales(dtype, norm):
+        if _span_fits(own, norm, scale):
+            extra = {**norm.extra, "rescaled_by": scale}
+            scaled = Normalization("percentile", np.asarray(norm.low) * scale,
+                                   np.asarray(norm.high) * scale, norm.pmin, norm.pmax, extra)
+            return scaled, (
+                f"{name} is {dtype} ({shown}) but the model was trained on 8-bit intensities "
+                f"(fixed range {_range_text(norm.low, norm.high)}); its range is scaled by "
+                f"{scale:.6g} to {_range_text(scaled.low, scaled.high)}"
+            )
+    return norm, (
+        f"{name} ({dtype}, {shown}) does not match the model's fixed intensity range "
+        f"{_range_text(norm.low, norm.high)}; labels may be wrong - convert the image to the "
+        "training data's bit depth/range or fine-tune a model on such images"
+    )
+
+
+def _span_fits(own: Normalization, model: Normalization, scale: float) -> bool:
+    """The image's percentile span is within SPAN_TOLERANCE× of the (scaled) model span, and
+    its low end is not beyond the model's high end (all channels)."""
+    own_span = np.abs(np.asarray(own.high, np.float64) - np.asarray(own.low, np.float64))
+    span = np.abs(np.asarray(model.high, np.float64) - np.asarray(model.low, np.float64)) * scale
+    if np.all(own_span < 1e-12):  # a flat image: any range maps it to one value
+        return True
+    ratio = own_span / np.maximum(span, 1e-12)
+    below_top = np.asarray(own.low, np.float64) < np.asarray(model.high, np.float64) * scale
+    return bool(np.all((ratio <= SPAN_TOLERANCE) & (ratio >= 1 / SPAN_TOLERANCE) & below_top))
+
+
+def _bit_depth_scales(dtype: np.dtype, model: Normalization) -> list[float]:
+    """Bit-depth ratios worth trying for a model trained on 8-bit intensities."""
+    low, high = np.asarray(model.low, np.float64), np.asarray(model.high, np.float64)
+    if not (np.all(low >= 0) and np.all(high <= 255)):
+        return []
+    if np.issubdtype(dtype, np.integer) and np.iinfo(dtype).max > 255:
+        return [np.iinfo(dtype).max / 255.0]  # uint16: 257 (the usual 8 → 16 bit scaling)
+    if np.issubdtype(dtype, np.floating):
+        return [1 / 255.0]  # images scaled to [0, 1]
+    return []
+
+
+def _range_text(low: Any, high: Any) -> str:
+    lo, hi = np.atleast_1d(np.asarray(low, np.float64)), np.atleast_1d(np.asarray(high, np.float64))
+    return ", ".join(f"{a:.4g}-{b:.4g}" for a, b in zip(lo, hi))

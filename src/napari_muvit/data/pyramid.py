@@ -25,6 +25,7 @@ How a crop is read
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -39,7 +40,7 @@ import numpy as np
 from napari_muvit.data.normalization import Normalization, compute_normalization
 from napari_muvit.errors import InputError
 
-__all__ = ["PyramidSource", "open_image"]
+__all__ = ["PyramidSource", "input_fingerprint", "open_image"]
 
 _TOL = 1e-6
 # TIFFs up to this size are read into RAM (random crops from RAM beat tile decoding per crop)
@@ -270,11 +271,21 @@ class PyramidSource:
                 raise InputError(
                     f"arrays[{i}]: expected {levels[0].channels} channels like level 0, got {lv.channels}"
                 )
+        for i, lv in enumerate(levels):
+            if min(lv.shape) < 1:
+                raise InputError(
+                    f"image: expected a non-empty 2-D image, got {lv.shape[0]}×{lv.shape[1]} "
+                    f"pixels" + (f" in pyramid level {i}" if i else "")
+                    + f" (shape {tuple(arrays[i].shape)})"
+                )
         factors = self._resolve_factors(levels, downsample_factors, axes)
         for lv, f in zip(levels, factors):
             lv.factor = f
         self._levels: list[_Level] = levels
         self._derived: dict[float, _Level] = {}
+        # where the pixels come from (a file path, a layer name): named in error messages
+        self.origin: str | None = None
+        self._finite_checked = False
         self._lazy = bool(lazy_levels)
         self._max_ratio = max(1, int(max_read_ratio))
         self._cache_bytes = int(cache_bytes)
@@ -395,6 +406,32 @@ class PyramidSource:
             if value is None or isinstance(value, Normalization)
             else Normalization.from_dict(value)
         )
+
+    def describe(self) -> str:
+        """How to name this image in a message: its file/layer, else its shape."""
+        return repr(self.origin) if self.origin else f"image of shape {self.shape}"
+
+    def check_finite(self, max_pixels: int = 4_000_000) -> None:
+        """Raise :class:`InputError` if the image holds NaN or infinite values (float images).
+
+        Cheap: the pixels read for the intensity statistics
+        (:meth:`sample_for_statistics`: all of an image up to ``max_pixels``, else its
+        coarsest fitting level or a sample). Lazily built coarse levels average blocks, so a
+        NaN anywhere under a built level shows there too; an isolated NaN that escapes the
+        sample is still caught per tile by the model's input check. Checked once per source.
+        """
+        if self._finite_checked or not np.issubdtype(self.dtype, np.floating):
+            return
+        sample = self.sample_for_statistics(max_pixels=max_pixels)
+        bad = ~np.isfinite(sample)
+        if bad.any():
+            kinds = sorted({"NaN" if np.isnan(v) else "infinite" for v in sample[bad][:1000]})
+            raise InputError(
+                f"{self.describe()}: contains {' and '.join(kinds)} values ({int(bad.sum())} of "
+                f"{bad.size} pixels checked); replace them (e.g. numpy.nan_to_num) before "
+                "predicting or training"
+            )
+        self._finite_checked = True
 
     def __repr__(self) -> str:
         return (
@@ -856,38 +893,101 @@ def open_image(path_or_array: Any, **kwargs: Any) -> PyramidSource:
     if isinstance(path_or_array, PyramidSource):
         return path_or_array
     if isinstance(path_or_array, (str, os.PathLike)):
-        path = Path(path_or_array)
-        if not path.exists():
-            raise InputError(
-                f"path: expected an existing image file or folder, got {str(path)!r} (not found)"
-            )
-        name = path.name.lower()
-        if name.endswith(".npy"):
-            return PyramidSource([np.load(path, mmap_mode="r")], **kwargs)
-        if name.endswith((".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn")):
-            return _open_tiff(path, **kwargs)
-        if path.is_dir() or name.endswith(".zarr"):
-            import zarr
-
-            try:
-                z = zarr.open(str(path), mode="r")
-            except Exception as e:  # zarr raises several types for non-zarr folders
-                raise InputError(
-                    f"path: expected a zarr/OME-Zarr folder, got {str(path)!r} ({e})"
-                ) from e
-            if hasattr(z, "array_keys"):
-                return _source_from_group(z, **kwargs)
-            return PyramidSource([z], **kwargs)
-        if name.endswith(".npz"):
-            raise InputError(
-                f"path: expected .npy (not .npz), a TIFF or a zarr folder, got {str(path)!r}"
-            )
-        try:  # other formats: let tifffile try (it detects TIFF by content)
-            return _open_tiff(path, **kwargs)
-        except Exception as e:
-            raise InputError(
-                f"path: expected an OME-Zarr/zarr folder, a TIFF or a .npy file, got {str(path)!r}"
-            ) from e
+        try:
+            return _open_path(Path(path_or_array), **kwargs)
+        except InputError as err:
+            if str(path_or_array) in str(err):
+                raise
+            detail = str(err).removeprefix("image: ")
+            raise InputError(f"image {str(path_or_array)!r}: {detail}") from None
     if hasattr(path_or_array, "array_keys"):  # zarr group object
         return _source_from_group(path_or_array, **kwargs)
     return PyramidSource(path_or_array, **kwargs)
+
+
+def _open_path(path: Path, **kwargs: Any) -> PyramidSource:
+    """:func:`open_image` of a file or folder."""
+    if not path.exists():
+        raise InputError(
+            f"path: expected an existing image file or folder, got {str(path)!r} (not found)"
+        )
+    name = path.name.lower()
+    if name.endswith(".npy"):
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            raise InputError(
+                f"image {str(path)!r}: cannot read this .npy file ({err}); it is truncated "
+                "or damaged - copy it again or re-save it with numpy.save"
+            ) from None
+        return _named(PyramidSource([array], **kwargs), path)
+    if name.endswith((".tif", ".tiff", ".btf", ".tf8", ".svs", ".ndpi", ".scn")):
+        try:
+            return _named(_open_tiff(path, **kwargs), path)
+        except InputError:
+            raise
+        except Exception as err:  # tifffile raises many types for damaged files
+            raise InputError(
+                f"image {str(path)!r}: cannot read this TIFF ({type(err).__name__}: {err}); it "
+                "is damaged or not a TIFF"
+            ) from None
+    if path.is_dir() or name.endswith(".zarr"):
+        import zarr
+
+        try:
+            z = zarr.open(str(path), mode="r")
+        except Exception as e:  # zarr raises several types for non-zarr folders
+            raise InputError(
+                f"path: expected a zarr/OME-Zarr folder, got {str(path)!r} ({e})"
+            ) from e
+        if hasattr(z, "array_keys"):
+            return _named(_source_from_group(z, **kwargs), path)
+        return _named(PyramidSource([z], **kwargs), path)
+    if name.endswith(".npz"):
+        raise InputError(
+            f"path: expected .npy (not .npz), a TIFF or a zarr folder, got {str(path)!r}"
+        )
+    try:  # other formats: let tifffile try (it detects TIFF by content)
+        return _named(_open_tiff(path, **kwargs), path)
+    except Exception as e:
+        raise InputError(
+            f"path: expected an OME-Zarr/zarr folder, a TIFF or a .npy file, got {str(path)!r}"
+        ) from e
+
+
+def _named(source: PyramidSource, path: Path) -> PyramidSource:
+    source.origin = str(Path(path).absolute())
+    return source
+
+
+def input_fingerprint(source: PyramidSource, windows: int = 5, window: int = 64,
+                      whole_pixels: int = 1 << 20) -> dict[str, Any]:
+    """A cheap identity of an image's pixels: shape, channels, dtype and a content hash.
+
+    The hash covers the raw values of the coarsest native level if it has at most
+    ``whole_pixels`` pixels (for a single-level image up to 1 Mpx: every pixel), and
+    ``windows × windows`` windows of ``window²`` level-0 pixels on a regular grid (aligned to
+    the array's chunks, so each window reads about one chunk). Two different images of the same
+    shape get different fingerprints unless they agree on every sampled pixel. Used to refuse
+    resuming a prediction store onto another image; independent of the file's name or location.
+    """
+    digest = hashlib.sha256()
+    coarse = max(source._levels, key=lambda lv: lv.factor)
+    if coarse.shape[0] * coarse.shape[1] <= whole_pixels:
+        digest.update(np.ascontiguousarray(coarse.read(0, coarse.shape[0], 0, coarse.shape[1])).tobytes())
+    level = source._levels[0]
+    (height, width), chunks = level.shape, level.chunks
+    for fy, fx in itertools.product(np.linspace(0, 1, windows), repeat=2):
+        y = min(int(fy * max(height - window, 0)), max(height - window, 0))
+        x = min(int(fx * max(width - window, 0)), max(width - window, 0))
+        if chunks is not None:  # start on a chunk corner: one chunk read per window
+            y, x = y // chunks[0] * chunks[0], x // chunks[1] * chunks[1]
+        win = level.read(y, min(y + window, height), x, min(x + window, width))
+        digest.update(f"{y},{x}".encode())
+        digest.update(np.ascontiguousarray(win).tobytes())
+    return {
+        "shape": [int(v) for v in source.shape],
+        "channels": int(source.channels),
+        "dtype": str(np.dtype(source.dtype)),
+        "pixels_sha256": digest.hexdigest()[:32],
+    }

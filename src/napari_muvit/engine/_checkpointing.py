@@ -1,126 +1,129 @@
-"""Atomic, resumable training checkpoints shared by fine-tuning and MAE pre-training.
+"""Resumable training checkpoints shared by fine-tuning and MAE pre-training.
 
-A training output folder is an ordinary model folder (``config.yaml`` + ``model.safetensors``,
-written by the model's ``save``) plus ``train_state.pt``: optimizer, scheduler, step and random
-number generator states, saved with :func:`torch.save` from tensors and plain containers only so
-that it loads with ``weights_only=True`` (no arbitrary code runs when resuming a folder someone
-sent you).
+A training output folder is an ordinary model folder (``config.yaml`` + ``model.safetensors`` +
+``history.json``) plus ``train_state.pt``: optimizer, scheduler, step and random number generator
+states, saved with :func:`torch.save` from tensors and plain containers only so that it loads
+with ``weights_only=True`` (no arbitrary code runs when resuming a folder someone sent you).
 
-Every checkpoint is written into a hidden sibling folder first and then swapped in with two
-renames, so the output folder always holds one complete checkpoint: a run that crashes while
-writing leaves the previous checkpoint (or, in the tiny window between the two renames, a
-``.NAME.old-*`` folder that :func:`recover_folder` puts back).
+Every checkpoint replaces these four files as one set with the model layer's single atomic
+writer (:func:`napari_muvit.model._atomic.commit_files`): a kill at any moment leaves the previous
+checkpoint or the new one, and every other file in the folder (the user's notes, predictions)
+is never touched. A run holds the folder's advisory lock (:func:`run_folder_lock`) from the
+first check of the folder to its last checkpoint, so a second run on the same folder gets a
+one-line error instead of interleaving checkpoints.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import re
 import shutil
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from napari_muvit.errors import CheckpointError, InputError
+from napari_muvit.locks import _pid_alive, advisory_lock
+from napari_muvit.model._atomic import commit_files, committed_path, recover_files
+from napari_muvit.model.checkpoint import (
+    CONFIG,
+    FORMAT,
+    OWNED_FILES,
+    TRAIN_STATE,
+    load_history,
+    model_files,
+    read_config,
+)
 
-TRAIN_STATE = "train_state.pt"
-CONFIG = "config.yaml"
-HISTORY = "history.json"
+__all__ = [
+    "TRAIN_STATE",
+    "check_out_folder",
+    "folder_kind",
+    "load_history",
+    "load_train_state",
+    "recover_folder",
+    "run_folder_lock",
+    "write_checkpoint",
+]
 
 
-def _siblings(out: Path, kind: str) -> list[Path]:
-    """Hidden temporary/old folders that belong to ``out`` (``.NAME.tmp-*``/``.NAME.old-*``)."""
+@contextlib.contextmanager
+def run_folder_lock(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the advisory lock of a training folder (re-entrant in one thread)."""
+    with advisory_lock(out, "training folder") as lock:
+        yield lock
+
+
+# Folders left by versions that swapped whole folders: ``.NAME.tmp-PID-HEX`` (the checkpoint
+# being written), ``..NAME.tmp-PID-HEX.tmp-RAND`` (the model save inside it) and
+# ``.NAME.old-PID-HEX`` (the previous checkpoint, between two renames).
+_LEGACY = re.compile(r"^\.\.?(?P<name>.+?)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]+(\.tmp-.+)?$")
+
+
+def _legacy_siblings(out: Path) -> list[tuple[Path, str, int]]:
     if not out.parent.is_dir():
         return []
-    return sorted(out.parent.glob(f".{out.name}.{kind}-*"), key=lambda p: p.stat().st_mtime)
+    found = []
+    for entry in out.parent.iterdir():
+        match = _LEGACY.match(entry.name)
+        if match and match["name"] == out.name and entry.is_dir():
+            found.append((entry, match["kind"], int(match["pid"])))
+    return sorted(found, key=lambda item: item[0].stat().st_mtime)
 
 
 def recover_folder(out: str | os.PathLike[str]) -> None:
-    """Repair ``out`` after a crash in the middle of :func:`atomic_replace_folder`.
+    """Repair ``out`` after a crash: finish or undo an interrupted checkpoint.
 
-    If ``out`` is missing but a ``.NAME.old-*`` copy exists (crash between the two renames), the
-    newest old copy is renamed back; stale temporary folders are removed either way.
+    Inside the folder, :func:`~napari_muvit.model._atomic.recover_files` completes a committed
+    checkpoint or deletes an uncommitted one's temporaries. Beside it, folders left by older
+    versions are cleaned up when the process that made them is gone: if ``out`` is missing, the
+    newest ``.NAME.old-*`` copy is put back; temporaries are deleted. The caller holds the lock.
     """
     out = Path(out)
-    olds = _siblings(out, "old")
+    legacy = [(p, kind) for p, kind, pid in _legacy_siblings(out) if not _pid_alive(pid)]
+    olds = [p for p, kind in legacy if kind == "old"]
     if not out.exists() and olds:
         os.rename(olds[-1], out)
         olds = olds[:-1]
-    for stale in [*olds, *_siblings(out, "tmp")]:
+    for stale in [*olds, *(p for p, kind in legacy if kind == "tmp")]:
         shutil.rmtree(stale, ignore_errors=True)
+    recover_files(out)
 
 
-def atomic_replace_folder(out: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Write a folder with ``write(tmp)`` and swap it into ``out`` without a torn state.
-
-    ``write`` receives a fresh, existing, empty temporary folder next to ``out`` (same file
-    system, so renames are atomic).  If ``write`` raises, ``out`` is untouched.
-    """
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{tag}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush the files of ``folder`` to disk so a power loss cannot leave empty files behind."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def save_train_state(folder: Path, state: dict[str, Any]) -> None:
-    """Save optimizer/scheduler/step/RNG state (tensors and plain containers only)."""
-    torch.save(state, folder / TRAIN_STATE)
+def write_checkpoint(
+    out: Path, model: Any, state: dict[str, Any], history: dict[str, Any]
+) -> Path:
+    """Commit model files, ``history.json`` and ``train_state.pt`` into ``out`` as one set."""
+    writers: dict[str, Callable[[Path], None]] = model_files(model, history=history)
+    writers[TRAIN_STATE] = lambda path: torch.save(state, path)
+    return commit_files(out, writers, OWNED_FILES)
 
 
 def load_train_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Load ``train_state.pt`` with ``weights_only=True`` onto the CPU."""
-    path = Path(folder) / TRAIN_STATE
-    if not path.is_file():
-        raise CheckpointError(f"{Path(folder)} has no {TRAIN_STATE}: it is not a resumable run")
+    folder = Path(folder)
+    path = committed_path(folder, TRAIN_STATE)
+    if path is None or not path.is_file():
+        raise CheckpointError(f"{folder} has no {TRAIN_STATE}: it is not a resumable run")
+    shown = folder / TRAIN_STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or foreign pickle: say which file
-        raise CheckpointError(f"cannot read training state {path}: {err}") from err
-
-
-def save_history(folder: Path, history: dict[str, Any]) -> None:
-    """Write the full training history as JSON beside the model (easy to plot)."""
-    (folder / HISTORY).write_text(json.dumps(history, indent=1, default=_json_default))
-
-
-def load_history(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The ``history.json`` of a training folder, or ``None`` if it has none."""
-    path = Path(folder) / HISTORY
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON encoding for numpy scalars/arrays and paths found in histories."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt file or a pickle with foreign objects
+        # torch's own message spans lines and suggests weights_only=False, which would run
+        # the file's code: never give that advice for a file that may come from anyone
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "weights_only" in first or "Weights only load failed" in first:
+            first = "it holds objects other than tensors and plain containers"
+        raise CheckpointError(
+            f"cannot read training state {shown}: {first[:200]}; refused (only plain "
+            "training states are loaded); start a new run with --overwrite"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"cannot read training state {shown}: not a napari-muvit run")
+    return state
 
 
 def folder_kind(folder: Path) -> str:
@@ -136,12 +139,11 @@ def folder_kind(folder: Path) -> str:
         return "foreign"
     if not any(folder.iterdir()):
         return "empty"
-    config = folder / CONFIG
     try:
-        meta = yaml.safe_load(config.read_text()) if config.is_file() else None
-    except yaml.YAMLError:
+        meta = read_config(folder) if (folder / CONFIG).is_file() else None
+    except CheckpointError:
         meta = None
-    if not isinstance(meta, dict) or meta.get("format") != "napari-muvit":
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return "foreign"
     return "resumable" if (folder / TRAIN_STATE).is_file() else "model"
 
@@ -153,6 +155,9 @@ def check_out_folder(out: str | os.PathLike[str], resume: bool, overwrite: bool)
     * a resumable run: resume if ``resume``, replace if ``overwrite``, else an error;
     * a finished napari-muvit model folder: replace only with ``overwrite``;
     * anything else (user data): never touched, even with ``overwrite``.
+
+    Replacing means replacing napari-muvit's own files: other files in the folder are kept.
+    The caller holds :func:`run_folder_lock`.
     """
     out = Path(out)
     recover_folder(out)
@@ -171,7 +176,10 @@ def check_out_folder(out: str | os.PathLike[str], resume: bool, overwrite: bool)
     if overwrite:
         return False
     if kind == "resumable":
-        history = load_history(out) or {}
+        try:
+            history = load_history(out) or {}
+        except CheckpointError:
+            history = {}
         status = {"finished": "finished", "cancelled": "stopped"}.get(
             history.get("status"), "unfinished"
         )

@@ -116,6 +116,7 @@ class LabelIndex:
         self._tiles: dict[tuple[int, int], dict[int, np.ndarray]] = {}
         self._cache: dict[int, np.ndarray] | None = None
         self.tiles_scanned = 0
+        self.negative_pixels: dict[tuple[int, int], int] = {}  # per scanned tile origin
         self.update(None)
 
     # ------------------------------------------------------------------ scanning
@@ -127,7 +128,10 @@ class LabelIndex:
         """Painted coordinates per value of one tile (global pixel coordinates)."""
         sy, sx = self._tile_slices(ti, tj)
         block = np.asarray(self.labels[sy, sx])
-        # negative values are never classes (the sampler maps them to "ignore" as well)
+        # negative values are never classes (the sampler maps them to "ignore" as well); they
+        # are counted so that the trainer can say so instead of ignoring them silently
+        if block.dtype.kind == "i":
+            self.negative_pixels[(sy.start, sx.start)] = int(np.count_nonzero(block < 0))
         mask = block >= 0 if self.dense else block > 0
         if self.exclude is not None:
             mask &= ~self._inside_exclude(sy, sx)

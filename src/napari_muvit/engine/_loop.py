@@ -9,6 +9,7 @@ Subclasses provide the model, the parameter groups, ``_batch(step)`` and ``train
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -26,9 +27,11 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import resolve_amp, resolve_device
 from napari_muvit.errors import InputError, MuViTError
 
-Progress = Callable[[dict[str, Any]], None]
-# Loss/lr curves stored inside config.yaml are thinned to this many points; history.json
-# beside the model keeps every step.
+# Training progress: one dict per step ({step, steps, loss, lr, elapsed, ...}); prediction
+# progress (engine.predict.Progress) is a different signature, (done, total, message).
+StepProgress = Callable[[dict[str, Any]], None]
+# The history kept in ``model.meta`` (live previews, a model saved from the panel) has its
+# curves thinned to this many points; a checkpoint's history.json keeps every step.
 META_HISTORY_POINTS = 500
 CURVES = ("steps", "loss", "lr", "elapsed")
 
@@ -56,7 +59,8 @@ def now() -> str:
 
 
 def thin_history(history: Mapping[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
-    """Compact history for ``config.yaml`` (curves thinned; history.json keeps everything)."""
+    """Compact history for ``model.meta`` (curves thinned; a checkpoint's history.json keeps
+    everything)."""
     n = len(history["steps"])
     stride = max(1, math.ceil(n / META_HISTORY_POINTS))
     keep = list(range(0, n, stride))
@@ -89,7 +93,7 @@ class TrainingLoop:
     def __init__(
         self,
         config: Any,
-        progress: Progress | None,
+        progress: StepProgress | None,
         cancel: CancelToken | None,
         out: str | os.PathLike[str] | None,
         provenance: Mapping[str, Any] | None,
@@ -107,6 +111,7 @@ class TrainingLoop:
         self._elapsed_before = 0.0  # wall time of earlier sessions of a resumed run
         self._last_ckpt_time = time.monotonic()
         self._step_lock = threading.Lock()  # held during each optimisation step
+        self._holds_lock = False  # whether run() holds the output folder's advisory lock
         prov = {"napari_muvit": __version__, "started": now(), **dict(provenance or {})}
         self.history: dict[str, Any] = {
             "status": "created",
@@ -182,6 +187,14 @@ class TrainingLoop:
         ``history["status"]`` is ``"finished"`` or ``"cancelled"`` (both checkpointed); a
         diverging run raises :class:`TrainingDivergedError` (status ``"diverged"``).
         """
+        with self._folder_lock():
+            self._holds_lock = self.out is not None
+            try:
+                return self._run()
+            finally:
+                self._holds_lock = False
+
+    def _run(self) -> dict[str, Any]:
         steps = self.config.steps
         self.history["status"] = "running"
         start = time.monotonic()
@@ -300,16 +313,18 @@ class TrainingLoop:
         if self.out is None:
             return None
         state = self._train_state()
-
-        def write(tmp: Path) -> None:
-            self.model.save(tmp, overwrite=True)
-            ckpt.save_train_state(tmp, state)
-            ckpt.save_history(tmp, self.history)
-
-        ckpt.atomic_replace_folder(self.out, write)
+        with self._folder_lock():
+            ckpt.write_checkpoint(self.out, self.model, state, self.history)
         self._good_step = self.step
         self._last_ckpt_time = time.monotonic()
         return self.out
+
+    def _folder_lock(self) -> Any:
+        """The run folder's lock: already held while :meth:`run` trains (possibly in another
+        thread than a :meth:`checkpoint` call), else taken for the duration of the block."""
+        if self._holds_lock or self.out is None:
+            return contextlib.nullcontext()
+        return ckpt.run_folder_lock(self.out)
 
     def _train_state(self) -> dict[str, Any]:
         return {
@@ -330,9 +345,12 @@ class TrainingLoop:
             raise InputError("resume: needs an output folder (out) holding a training run")
         from safetensors.torch import load_file
 
-        state = ckpt.load_train_state(self.out)
+        with self._folder_lock():
+            ckpt.recover_folder(self.out)
+            state = ckpt.load_train_state(self.out)
+            weights = load_file(str(self.out / self.weights_file), device="cpu")
+            old_history = ckpt.load_history(self.out) or {}
         self._load_extra_state(state)
-        weights = load_file(str(self.out / self.weights_file), device="cpu")
         self.model.load_state_dict(weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -340,11 +358,10 @@ class TrainingLoop:
         torch.set_rng_state(state["torch_rng"])
         self.step = self._good_step = int(state["step"])
         self._elapsed_before = float(state.get("elapsed", 0.0))
-        self._restore_history()
-        self._event("resumed", f"resumed from {self.out} at step {self.step}")
+        self._restore_history(old_history)
+        self._event("resumed", f"resumed from {self.out.name} at step {self.step}")
 
-    def _restore_history(self) -> None:
-        old = ckpt.load_history(self.out) or {}
+    def _restore_history(self, old: Mapping[str, Any]) -> None:
         for key in self.curve_keys:
             self.history[key] = list(old.get(key, []))[: self.step]
         if "val" in self.history:

@@ -103,7 +103,8 @@ def load_start(init: str | os.PathLike[str] | nn.Module) -> nn.Module:
         raise
     except (OSError, ValueError) as err:
         raise CheckpointError(f"init: cannot load a model from {path}: {err}") from err
-    model.meta = {**getattr(model, "meta", {}), "init": str(path)}
+    # the folder's name, not its path: model folders travel and must not carry machine paths
+    model.meta = {**getattr(model, "meta", {}), "init": path.resolve().name}
     return model
 
 

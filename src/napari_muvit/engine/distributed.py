@@ -321,16 +321,19 @@ def predict_distributed(
         raise InputError(f"block_size: expected a positive number of pixels, got {block_size!r}")
     sink = create_zarr_sink(pred, source, out, region=region, probabilities=probabilities,
                             overwrite=overwrite, write_pyramid=False, chunk_size=chunk_size)
-    blocks = plan_blocks(sink.blocks(), sink.chunk_size, block_size)
-    total = sink.remaining()
-    sink.expect_external_writes()
-    norm = pred._reading_source(source)[1].normalization.to_dict()
-    if scheduler is None and torch_threads is None and processes:
-        n = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
-        torch_threads = max(1, (os.cpu_count() or 1) // n)
-    options.update(torch_threads=torch_threads, client_pid=os.getpid())
-    client, close = _client(scheduler, workers, processes, threads_per_worker)
+    # The store's lock is held by this (client) process for the whole run, not by the workers:
+    # they write disjoint chunks of a store that no other run may touch meanwhile.
+    close: Callable[[], None] | None = None
     try:
+        blocks = plan_blocks(sink.blocks(), sink.chunk_size, block_size)
+        total = sink.remaining()
+        sink.expect_external_writes()
+        norm = pred._reading_source(source)[1].normalization.to_dict()
+        if scheduler is None and torch_threads is None and processes:
+            n = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
+            torch_threads = max(1, (os.cpu_count() or 1) // n)
+        options.update(torch_threads=torch_threads, client_pid=os.getpid())
+        client, close = _client(scheduler, workers, processes, threads_per_worker)
         image_spec = str(Path(image_path).absolute()) if isinstance(image_path, (str, Path)) else source
         model_spec = (
             str(Path(model_folder).absolute())
@@ -361,7 +364,9 @@ def predict_distributed(
         _build_pyramid(client, sink, cancel)
         sink.mark("complete")
     finally:
-        close()
+        if close is not None:
+            close()
+        sink.release_lock()
     return sink.path
 
 

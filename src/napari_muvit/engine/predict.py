@@ -25,6 +25,7 @@ import json
 import math
 import time
 import uuid
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -69,7 +70,7 @@ Progress = Callable[[int, int, str], Any]
 
 DEFAULT_TILE_SIZE = 128
 DEFAULT_EMPTY_STD = 0.02  # normalised units: 2% of the 1-99.8 percentile range
-CPU_BATCH = 4  # measured best or within 5% of best on CPU (docs/bench_predict.md)
+CPU_BATCH = 4  # best or within 5% of best on CPU (docs/benchmarks.md, bench_predict.py)
 MAX_AUTO_BATCH = 64
 
 
@@ -314,7 +315,8 @@ class Predictor:
         self._weights = (
             blend_weights(self.tile_size, self.overlap) if self.overlap else None
         )
-        self._sources: weakref.WeakKeyDictionary[Any, tuple[str, Any]] = weakref.WeakKeyDictionary()
+        # source -> (normalisation key, source to read from, model normalisation it was made for)
+        self._sources: weakref.WeakKeyDictionary[Any, tuple[str, Any, str]] = weakref.WeakKeyDictionary()
         self.stats: dict[str, float] = {}
         self.reset_stats()
 
@@ -356,6 +358,8 @@ class Predictor:
                 f"{self.model.in_channels}; pick a matching model or image"
             )
         source.check_levels(self.levels)
+        if hasattr(source, "check_finite"):
+            source.check_finite()  # NaN/inf named up front, once per source
         coarsest = self.levels[-1]
         if coarsest > max(source.shape):
             raise InputError(
@@ -370,21 +374,28 @@ class Predictor:
         A shallow copy keeps the caller's source untouched while sharing its pyramid levels.
         """
         want = getattr(self.model, "normalization", None)
+        wanted = json.dumps(want, sort_keys=True, default=str)
         cached = self._sources.get(source) if _weakrefable(source) else None
-        if cached is not None and cached[0] == _norm_key(want, source, cached[1]):
-            return cached
+        if cached is not None and cached[2] == wanted and (
+            want is not None  # else the source's own normalisation may have been changed
+            or cached[0] == json.dumps(source.normalization.to_dict(), sort_keys=True, default=str)
+        ):
+            return cached[:2]
         if want is None:
             reader = source
         else:
-            from napari_muvit.data.normalization import Normalization
+            from napari_muvit.data.normalization import normalization_for_image
 
-            norm = Normalization.from_dict(want)
+            # the model's range, adapted (or warned about) when the image cannot match it
+            norm, note = normalization_for_image(want, source)
+            if note is not None:
+                warnings.warn(note, RuntimeWarning, stacklevel=3)
             reader = source if source.normalization == norm else copy.copy(source)
             reader.normalization = norm
-        entry = (_norm_key(want, source, reader), reader)
+        key = json.dumps(reader.normalization.to_dict(), sort_keys=True, default=str)
         if _weakrefable(source):
-            self._sources[source] = entry
-        return entry
+            self._sources[source] = (key, reader, wanted)
+        return key, reader
 
     # ---------------------------------------------------------------- planning
 
@@ -773,12 +784,6 @@ def _weakrefable(obj: Any) -> bool:
     return True
 
 
-def _norm_key(want: dict | None, source: Any, reader: Any) -> str:
-    """Cache-key text of the normalisation actually applied to the crops."""
-    norm = want if want is not None else reader.normalization.to_dict()
-    return json.dumps(norm, sort_keys=True, default=str)
-
-
 def _order(pool: dict[tuple[int, int], Tile], targets: list[Tile]) -> list[tuple[int, int]]:
     """Needed tiles in target order (centre-first), then the remaining margin tiles."""
     seen: dict[tuple[int, int], None] = {}
@@ -931,6 +936,8 @@ def predict(
         )
     from napari_muvit.data import open_image
 
+    if out is not None:
+        out = _output_path(out)
     source = open_image(image_or_source)
     seg = resolved if resolved is not None else resolve_model(model)
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
@@ -943,16 +950,23 @@ def predict(
         return (sink.labels, sink.probs) if probabilities else sink.labels
     sink = create_zarr_sink(pred, source, out, region=region, probabilities=probabilities,
                             overwrite=overwrite)
-    pred.predict(source, sink=sink, progress=progress, cancel=cancel)
+    try:
+        pred.predict(source, sink=sink, progress=progress, cancel=cancel)
+    finally:
+        sink.release_lock()  # predict() closes the sink; this covers errors before it starts
     return sink.path
 
 
 def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
-    """What must match for a zarr store to be resumed: model weights, levels, normalisation,
-    tile plan and image geometry (not the device: results agree across devices up to
-    precision)."""
+    """What must match for a zarr store to be resumed: the input image (shape, dtype, sampled
+    pixels: :func:`~napari_muvit.data.pyramid.input_fingerprint`), model weights, levels,
+    normalisation and channels (not the device: results agree across devices up to
+    precision). The tile plan and region are compared by the store itself."""
+    from napari_muvit.data.pyramid import input_fingerprint
+
     key, _reader = pred._reading_source(source)
     return {
+        "input": input_fingerprint(source),
         "model_sha256": model_digest(pred.model),
         "levels": list(pred.levels),
         "normalization": json.loads(key),
@@ -966,7 +980,16 @@ def create_zarr_sink(
     probabilities: bool = False, overwrite: bool = False, write_pyramid: bool = True,
     chunk_size: int | None = None,
 ) -> ZarrSink:
-    """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one)."""
+    """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one).
+
+    The image is checked first (NaN/inf, the output is not the input), so a bad input never
+    leaves a store behind. The sink holds the store's lock until it is closed.
+    """
+    out = _output_path(out)
+    check = getattr(source, "check_finite", None)
+    if check is not None:
+        check()
+    _refuse_input_as_output(source, out)
     model = pred.model
     return ZarrSink.create(
         out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
@@ -975,4 +998,46 @@ def create_zarr_sink(
         class_colors=getattr(model, "class_colors", None), probabilities=probabilities,
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
         write_pyramid=write_pyramid, chunk_size=chunk_size,
+        input_path=getattr(source, "origin", None),
     )
+
+
+def _output_path(out: Any) -> Path:
+    """``out`` as a path, or a one-line :class:`InputError` for anything else."""
+    if isinstance(out, Path):
+        return out
+    if isinstance(out, str) and out.strip():
+        return Path(out)
+    if hasattr(out, "__fspath__"):
+        return Path(out)
+    raise InputError(f"out: expected the path of an output .zarr store, got {out!r}")
+
+
+def _source_paths(source: Any) -> list[Path]:
+    """Files/folders the pixels of ``source`` are read from (as far as they can be known)."""
+    paths = []
+    origin = getattr(source, "origin", None)
+    if origin:
+        paths.append(Path(origin))
+    for array in getattr(source, "arrays", None) or []:
+        root = getattr(getattr(array, "store", None), "root", None)  # zarr LocalStore
+        if root is not None:
+            paths.append(Path(str(root)))
+        filename = getattr(array, "filename", None)  # numpy memmap
+        if filename:
+            paths.append(Path(filename))
+    return paths
+
+
+def _refuse_input_as_output(source: Any, out: Path) -> None:
+    """Refuse an output that is the input image or contains it (``--overwrite`` would delete
+    the image). An output *inside* an input folder (OME-Zarr ``labels/``) is allowed."""
+    target = out.expanduser().absolute().resolve()
+    for path in _source_paths(source):
+        image = path.expanduser().absolute().resolve()
+        if target == image or target in image.parents:
+            raise InputError(
+                f"output {str(out)!r} is the input image {str(path)!r}"
+                + ("" if target == image else " or contains it")
+                + "; choose another output path (the input is never overwritten)"
+            )

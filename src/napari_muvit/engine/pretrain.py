@@ -11,16 +11,18 @@ folder, so ``load_model(out)`` gives the MAE and ``MuViTEncoder.from_pretrained(
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from napari_muvit.engine import _checkpointing as ckpt
-from napari_muvit.engine._loop import Progress, TrainingLoop, thin_history
+from napari_muvit.engine._loop import StepProgress, TrainingLoop, thin_history
 from napari_muvit.engine._models import (
     adapt_channels,
     load_start,
@@ -113,7 +115,7 @@ class Pretrainer(TrainingLoop):
         model: nn.Module,
         sources: Sequence[Any],
         config: PretrainConfig | None = None,
-        progress: Progress | None = None,
+        progress: StepProgress | None = None,
         cancel: CancelToken | None = None,
         out: str | os.PathLike[str] | None = None,
         *,
@@ -259,7 +261,7 @@ def pretrain(
     preset: str | None = None,
     init: str | os.PathLike[str] | nn.Module | None = None,
     config: PretrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     cancel: CancelToken | None = None,
     *,
     resume: bool = False,
@@ -281,32 +283,42 @@ def pretrain(
         config = replace(config, steps=int(steps))
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     sources = [open_image(i) for i in images]
-    resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
-    if resuming:
-        model, notes = load_model(out), [f"resuming the run in {out}"]
-    else:
-        model, notes = _start_model(init, parse_levels(levels), preset, sources[0].channels, config)
-    provenance = {
-        "init": str(init) if init is not None and not isinstance(init, nn.Module) else None,
-        "images": [
-            str(i) if isinstance(i, (str, os.PathLike)) else type(i).__name__ for i in images
-        ],
-        "steps": config.steps,
-        "preset": preset,
-    }
-    trainer = Pretrainer(
-        model,
-        sources,
-        config,
-        progress,
-        cancel,
-        out,
-        resume=resuming,
-        provenance=provenance,
-        notes=notes,
-    )
-    trainer.run()
+    lock = ckpt.run_folder_lock(out) if out is not None else contextlib.nullcontext()
+    with lock:  # one run per output folder, from the first look at it to the last checkpoint
+        resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
+        if resuming:
+            model, notes = load_model(out), [f"resuming the run in {Path(out).name}"]
+        else:
+            model, notes = _start_model(
+                init, parse_levels(levels), preset, sources[0].channels, config
+            )
+        # names only: a model folder travels and must not carry this machine's paths
+        provenance = {
+            "init": _name(init) if not isinstance(init, nn.Module) else None,
+            "images": [
+                _name(i) if isinstance(i, (str, os.PathLike)) else type(i).__name__
+                for i in images
+            ],
+            "steps": config.steps,
+            "preset": preset,
+        }
+        trainer = Pretrainer(
+            model,
+            sources,
+            config,
+            progress,
+            cancel,
+            out,
+            resume=resuming,
+            provenance=provenance,
+            notes=notes,
+        )
+        trainer.run()
     return trainer.model
+
+
+def _name(path: Any) -> str | None:
+    return None if path is None else Path(path).resolve().name
 
 
 def _start_model(
@@ -328,7 +340,7 @@ def _start_model(
             f"start: randomly initialised {preset or 'small'} encoder, levels {list(enc.levels)}"
         ]
     model = load_start(init)
-    notes = [f"start: {init}"]
+    notes = [f"start: {init if isinstance(init, nn.Module) else _name(init)}"]
     if isinstance(model, MuViTSegmenter):
         model = model.encoder
         notes.append("start: the encoder of a segmenter (head dropped)")

@@ -24,7 +24,11 @@ the image in napari without any translation; pixels outside the predicted region
 from __future__ import annotations
 
 import math
+import os
+import secrets
 import shutil
+import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,6 +38,7 @@ import numpy as np
 
 from napari_muvit.data.geometry import clip_region
 from napari_muvit.errors import InputError
+from napari_muvit.locks import AdvisoryLock
 
 if TYPE_CHECKING:  # pragma: no cover
     import zarr
@@ -358,6 +363,8 @@ class ZarrSink:
         # cells flushed so far when the store started empty (None: unknown, read the flags)
         self._done_count: int | None = 0 if fresh else None
         self.chunks_written = 0
+        self.repaired: list[str] = []  # chunk files found damaged and recomputed on resume
+        self._lock: AdvisoryLock | None = None
 
     # ---------------------------------------------------------------- creation / opening
 
@@ -381,6 +388,8 @@ class ZarrSink:
         resume: bool = True,
         write_pyramid: bool = True,
         name: str = "labels",
+        lock: bool = True,
+        input_path: str | None = None,
     ) -> ZarrSink:
         """Create (or resume) a prediction store at ``path``.
 
@@ -389,10 +398,16 @@ class ZarrSink:
           tile plan and outputs, and ``resume=True``: it is reopened and only missing tiles are
           computed.
         * ``path`` is another napari-muvit store: replaced only with ``overwrite=True``.
+          ``overwrite=True`` always starts a fresh store (it never resumes).
         * anything else (user data): always refused, even with ``overwrite=True``.
-        """
-        import zarr
 
+        ``fingerprint`` holds what must match to resume (model, normalisation, the input's
+        :func:`~napari_muvit.data.pyramid.input_fingerprint`); a mismatch is named in the error.
+        With ``lock`` (default) the store's :class:`~napari_muvit.locks.AdvisoryLock` is held
+        from here until :meth:`close`: a second writer gets a one-line error. ``input_path``
+        (the image's file) is recorded to name it in later messages. Undecodable chunks of a
+        resumed store are recomputed (see :meth:`_repair_damaged_chunks`).
+        """
         path = Path(path).expanduser().absolute()
         shape = tuple(int(v) for v in image_shape)
         reg = clip_region(region, shape)
@@ -416,30 +431,66 @@ class ZarrSink:
             "pyramid_levels": len(_pyramid_shapes(shape)),
             "fingerprint": fingerprint or {},
         }
+        if input_path is not None:
+            wanted["input_path"] = str(input_path)
+        store_lock = None
+        if lock:
+            _check_writable(path)  # creates the parent folder the lock file lives in
+            store_lock = AdvisoryLock(path, "prediction store")
+            store_lock.acquire()  # before looking at the path: nobody else decides about it now
+        try:
+            sink = cls._create_locked(path, shape, wanted, values, class_names, class_colors,
+                                      overwrite=overwrite, resume=resume,
+                                      write_pyramid=write_pyramid, name=name)
+        except BaseException:
+            if store_lock is not None:
+                store_lock.release()
+            raise
+        sink._hold(store_lock)
+        return sink
+
+    @classmethod
+    def _create_locked(
+        cls, path: Path, shape: tuple[int, int], wanted: dict[str, Any], values: list[int],
+        class_names: Sequence[str] | None, class_colors: Sequence[Sequence[float]] | None, *,
+        overwrite: bool, resume: bool, write_pyramid: bool, name: str,
+    ) -> ZarrSink:
+        import zarr
+
+        _remove_trash(path)
         existing = _existing_kind(path)
         if existing == "ours":
             info = read_store_info(path) or {}
-            if resume and info.get("status") == STATUS_INCOMPLETE and _matches(info, wanted):
-                group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+            differences = _differences(info, wanted)
+            # overwrite means a fresh store: never resume, whatever is there
+            if (resume and not overwrite and info.get("status") == STATUS_INCOMPLETE
+                    and not differences):
                 try:
-                    return cls(path, group, write_pyramid=write_pyramid, resumed=True)
+                    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+                    sink = cls(path, group, write_pyramid=write_pyramid, resumed=True)
                 except KeyError:
                     # interrupted while creating its arrays: our own empty store, start over
                     overwrite = True
+                except Exception as err:
+                    raise InputError(
+                        f"output {str(path)!r} is a damaged unfinished prediction ({err}); pass "
+                        "overwrite=True (--overwrite) to start afresh or choose another path"
+                    ) from None
+                else:
+                    sink.repaired = sink._repair_damaged_chunks()
+                    return sink
             if not overwrite:
-                why = (
-                    "a finished prediction"
-                    if info.get("status") == STATUS_COMPLETE
-                    else "an unfinished prediction with different settings"
-                )
+                if info.get("status") == STATUS_COMPLETE:
+                    why = "a finished prediction"
+                else:
+                    why = f"an unfinished prediction with different settings: {'; '.join(differences)}"
+                    if info.get("input_path"):
+                        why += f"; it was started on {info['input_path']}"
                 raise InputError(
                     f"output {str(path)!r} already exists ({why}); pass overwrite=True "
-                    "(--overwrite) to replace it or choose another path"
+                    "(--overwrite) to start afresh or choose another path"
                 )
-            try:
-                shutil.rmtree(path)
-            except OSError as err:
-                raise InputError(f"output {str(path)!r}: cannot remove the old prediction ({err})") from None
+            _remove_store(path)
         elif existing == "foreign":
             raise InputError(
                 f"output {str(path)!r} already exists and is not a napari-muvit prediction; "
@@ -451,8 +502,68 @@ class ZarrSink:
             "napari_muvit": {**wanted, "status": STATUS_INCOMPLETE},
         }
         group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
-        _create_arrays(group, shape, chunk, step, num_classes, values, probabilities)
+        _create_arrays(group, shape, wanted["chunk_size"], wanted["tile_size"] - wanted["overlap"],
+                       wanted["num_classes"], values, wanted["probabilities"])
         return cls(path, group, write_pyramid=write_pyramid, fresh=True)
+
+    def _hold(self, store_lock: AdvisoryLock | None) -> None:
+        """Keep ``store_lock`` until :meth:`close` (or until this sink is garbage-collected)."""
+        self._lock = store_lock
+        if store_lock is not None:
+            self._lock_finalizer = weakref.finalize(self, store_lock.release)
+
+    def release_lock(self) -> None:
+        """Let other runs write this store again (done by :meth:`close`)."""
+        store_lock = getattr(self, "_lock", None)
+        if store_lock is not None:
+            store_lock.release()
+            self._lock = None
+
+    def _repair_damaged_chunks(self) -> list[str]:
+        """Decode every chunk written so far; undecodable ones are deleted and recomputed.
+
+        A damaged label or probability chunk loses its cells' done flags (recomputed on this
+        run), a damaged done-flag chunk resets its flags (its chunk is recomputed), a damaged
+        coarse pyramid chunk is rebuilt from the level below. Each repair is reported with a
+        one-line warning naming the chunk file. Reads every written chunk once (resume only).
+        """
+        arrays: list[tuple[str, Any]] = [("done", self._done)]
+        arrays += [(str(k), level) for k, level in enumerate(self._levels)]
+        if self._probs is not None:
+            arrays.append(("probabilities/0", self._probs))
+        repaired: list[str] = []
+        coarse: list[tuple[int, tuple[int, ...]]] = []
+        for name, array in arrays:
+            for coords, file in _chunk_files(self.path / name):
+                try:
+                    array.get_block_selection(coords)
+                except Exception as err:  # zarr/numcodecs raise RuntimeError, ValueError...
+                    file.unlink()
+                    repaired.append(str(file))
+                    warnings.warn(
+                        f"prediction store {self.path}: chunk {file} was unreadable ({err}); "
+                        "it is recomputed", RuntimeWarning, stacklevel=4,
+                    )
+                    if name in ("0", "probabilities/0"):
+                        self._forget_chunk(coords[-2:])
+                    elif name != "done":
+                        coarse.append((int(name), coords))
+        for level, coords in sorted(coarse):
+            if self.write_pyramid:  # else the pyramid is rebuilt after all tiles anyway
+                array = self._levels[level]
+                lo = np.array(coords) * np.array(array.chunks)
+                box = np.stack([lo, np.minimum(lo + array.chunks, array.shape)])
+                build_pyramid_chunk(self, level, box)
+        return repaired
+
+    def _forget_chunk(self, key: Sequence[int]) -> None:
+        """Mark every cell of level-0 chunk ``key`` as not done (it will be recomputed)."""
+        n = self._cells_per_chunk
+        r0, q0 = int(key[0]) * n, int(key[1]) * n
+        rows = min(n, self._done.shape[0] - r0)
+        cols = min(n, self._done.shape[1] - q0)
+        self._done[r0 : r0 + rows, q0 : q0 + cols] = False
+        self._done_blocks.pop((int(key[0]), int(key[1])), None)
 
     @classmethod
     def open(cls, path: str | Path, write_pyramid: bool = False,
@@ -698,16 +809,20 @@ class ZarrSink:
 
         ``complete=False`` keeps it incomplete (e.g. a cancelled run); a sink attached with
         :meth:`open` (a Dask worker) only flushes. Returns whether the store is now complete.
+        Releases the store's lock (also on errors).
         """
-        self.flush()
-        if complete is False or not self.finalize:
-            return False
-        if self.remaining() > 0:
-            return False
-        if not self.write_pyramid:
-            self.build_pyramid()
-        self.mark(STATUS_COMPLETE)
-        return True
+        try:
+            self.flush()
+            if complete is False or not self.finalize:
+                return False
+            if self.remaining() > 0:
+                return False
+            if not self.write_pyramid:
+                self.build_pyramid()
+            self.mark(STATUS_COMPLETE)
+            return True
+        finally:
+            self.release_lock()
 
     def mark(self, status: str) -> None:
         """Set the store status in one atomic metadata write (zarr writes via rename)."""
@@ -760,12 +875,94 @@ def _existing_kind(path: Path) -> str:
     return "foreign"
 
 
-def _matches(info: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    keys = (
-        "format_version", "image_shape", "region", "tile_size", "overlap", "chunk_size",
-        "num_classes", "label_values", "probabilities", "pyramid_levels", "fingerprint",
-    )
-    return all(info.get(k) == wanted.get(k) for k in keys)
+_SETTING_NAMES = {
+    "format_version": "store format version",
+    "image_shape": "image shape",
+    "region": "region",
+    "tile_size": "tile size",
+    "overlap": "overlap",
+    "chunk_size": "chunk size",
+    "num_classes": "number of classes",
+    "label_values": "label values",
+    "probabilities": "probabilities on/off",
+    "pyramid_levels": "pyramid levels",
+}
+_FINGERPRINT_NAMES = {
+    "input": "the input image",
+    "model_sha256": "the model weights",
+    "levels": "the model levels",
+    "normalization": "the intensity normalisation",
+    "skip_empty": "skip-empty",
+    "channels": "the number of channels",
+}
+
+
+def _differences(info: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What differs between a store's settings and a new run's, in words ([] = resumable)."""
+    out = []
+    for key, name in _SETTING_NAMES.items():
+        if info.get(key) != wanted.get(key):
+            out.append(f"{name} {info.get(key)} vs {wanted.get(key)} now")
+    old, new = info.get("fingerprint") or {}, wanted.get("fingerprint") or {}
+    for key in sorted(set(old) | set(new), key=lambda k: (k not in _FINGERPRINT_NAMES, k)):
+        if old.get(key) == new.get(key):
+            continue
+        if key == "input":
+            out.append(_input_difference(old.get(key), new.get(key)))
+        else:
+            out.append(f"different {_FINGERPRINT_NAMES.get(key, key).removeprefix('the ')}")
+    return out
+
+
+def _input_difference(old: dict | None, new: dict | None) -> str:
+    if not old:
+        return "the input image was not recorded (store written by an older napari-muvit)"
+    if not new:
+        return "the input image is not known now"
+    for key in ("shape", "channels", "dtype"):
+        if old.get(key) != new.get(key):
+            return f"the input image differs ({key} {old.get(key)} vs {new.get(key)} now)"
+    return "the input image differs (its pixels)"
+
+
+def _chunk_files(array_dir: Path) -> Iterator[tuple[tuple[int, ...], Path]]:
+    """``(chunk coordinates, file)`` of every chunk written for a zarr v3 array folder."""
+    root = array_dir / "c"
+    if not root.is_dir():
+        return
+    for dirpath, _dirs, files in os.walk(root):
+        for file in files:
+            full = Path(dirpath) / file
+            try:
+                coords = tuple(int(part) for part in full.relative_to(root).parts)
+            except ValueError:  # not a chunk (e.g. a temporary file of an interrupted write)
+                continue
+            yield coords, full
+
+
+TRASH_MARK = ".napari-muvit-trash-"
+
+
+def _remove_store(path: Path) -> None:
+    """Delete an old store: renamed away first (atomic), so a crash never leaves half a store
+    under ``path``; the renamed copy is removed now or by the next run."""
+    trash = path.with_name(f".{path.name}{TRASH_MARK}{secrets.token_hex(4)}")
+    try:
+        os.replace(path, trash)
+    except OSError as err:
+        raise InputError(f"output {str(path)!r}: cannot remove the old prediction ({err})") from None
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_trash(path: Path) -> None:
+    """Finish deleting old stores of ``path`` that a killed run had renamed away."""
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    prefix = f".{path.name}{TRASH_MARK}"
+    for entry in parent.iterdir():
+        if entry.name.startswith(prefix) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _create_arrays(

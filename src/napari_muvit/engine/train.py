@@ -14,6 +14,7 @@ atomically every ``checkpoint_every`` seconds (or steps) and at the end, and can
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine._labels import LabelIndex
 from napari_muvit.engine._loop import (
-    Progress,
+    StepProgress,
     TrainingDivergedError,
     TrainingLoop,
     cpu_state,
@@ -49,7 +50,9 @@ from napari_muvit.engine._models import (
 )
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import autocast
+from napari_muvit.engine.predict import Predictor
 from napari_muvit.errors import InputError
+from napari_muvit.metrics import mean_dice
 
 __all__ = [
     "TrainConfig",
@@ -234,31 +237,11 @@ def _check_pair(source: Any, labels: Any, i: int) -> Any:
 
 # ============================================================================ sampling
 def _crop_dataset_class() -> type:
-    """:class:`NestedCropDataset` whose anchors come from the trainer's live label index.
+    """The trainer's dataset class (:class:`._anchored.AnchoredCrops`), imported on first use
+    so that importing this module does not import the sampler's dependencies."""
+    from napari_muvit.engine._anchored import AnchoredCrops
 
-    Defined lazily so that importing this module does not import the sampler's dependencies.
-    The data package's sampler does everything else (nested bboxes, reading, targets through
-    the label mapping, augmentations); only the choice of the anchor pixel is replaced, so that
-    newly painted pixels are used without rebuilding the dataset.
-    """
-    from napari_muvit.data.sampler import NestedCropDataset
-
-    class _AnchoredCrops(NestedCropDataset):
-        # per class index: [(source index, (N, 2) points)], set by Trainer._refresh_anchors
-        anchor_table: list[list[tuple[int, np.ndarray]]]
-
-        def _anchor(self, rng: np.random.Generator) -> tuple[int, tuple[int, int] | None]:
-            table = getattr(self, "anchor_table", None)
-            if table and rng.random() < self.anchor_prob:
-                per_class = table[int(rng.integers(len(table)))]  # balance classes
-                counts = np.array([len(p) for _, p in per_class], dtype=np.float64)
-                j = int(rng.choice(len(per_class), p=counts / counts.sum()))
-                src, points = per_class[j]
-                y, x = points[int(rng.integers(len(points)))]
-                return src, (int(y), int(x))
-            return int(rng.choice(len(self.sources), p=self._area_probs)), None
-
-    return _AnchoredCrops
+    return AnchoredCrops
 
 
 def _collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -369,7 +352,7 @@ class Trainer(TrainingLoop):
         model: nn.Module,
         pairs: Sequence[tuple[Any, Any]],
         config: TrainConfig | None = None,
-        progress: Progress | None = None,
+        progress: StepProgress | None = None,
         cancel: CancelToken | None = None,
         out: str | os.PathLike[str] | None = None,
         *,
@@ -421,7 +404,7 @@ class Trainer(TrainingLoop):
 
     def _build_indexes(self) -> list[LabelIndex]:
         cfg = self.config
-        return [
+        indexes = [
             LabelIndex(
                 labels,
                 dense=cfg.dense,
@@ -430,6 +413,16 @@ class Trainer(TrainingLoop):
             )
             for i, (_, labels) in enumerate(self.pairs)
         ]
+        for i, index in enumerate(indexes):
+            negative = sum(index.negative_pixels.values())
+            if negative:
+                name = self.history["provenance"].get("labels") or []
+                what = f"labels[{i}]" + (f" ({name[i]})" if i < len(name) and name[i] else "")
+                raise InputError(
+                    f"{what}: {negative} pixel(s) hold negative values; label values must be "
+                    ">= 0 (0 = not annotated): set them to 0 to leave those pixels unannotated"
+                )
+        return indexes
 
     def painted_values(self) -> list[int]:
         """Label values painted anywhere (sorted; includes 0 in dense mode)."""
@@ -454,6 +447,21 @@ class Trainer(TrainingLoop):
         values = self.painted_values()
         if not values:
             raise InputError(self._no_annotation_message())
+        if len(values) < 2 and (
+            isinstance(model, MuViTEncoder) or not set(values) <= set(model.label_values)
+        ):
+            raise InputError(
+                f"labels: only label value {values[0]} is painted, so the model would learn a "
+                "single class; paint at least two classes (e.g. background and object) before "
+                "training"
+            )
+        if len(values) < 2:
+            self._event(
+                "one_class",
+                f"only label value {values[0]} is painted: fine-tuning pulls every pixel towards "
+                "that class; paint at least two classes",
+                warning=True,
+            )
         if isinstance(model, MuViTEncoder):
             model = self._fresh_head(model, values, class_names, reason="")
         elif not set(values) <= set(model.label_values):
@@ -780,20 +788,23 @@ class Trainer(TrainingLoop):
 
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean Dice over classes on the annotated pixels of the validation region."""
+        """Mean Dice over the trained classes on the annotated pixels of the validation region.
+
+        The region is predicted by the engine's :class:`Predictor` (the tiles, context crops and
+        precision of any prediction), so the score is what a user predicting it would get.
+        """
         cfg = self.config
         source, labels = self.pairs[cfg.val_pair]
-        pred, truth = _predict_region(
-            self.model,
-            source,
-            labels,
-            cfg.val_region,
-            self.crop_size,
-            self.label_mapping,
-            self.device,
-            self.amp_dtype,
+        predictor = Predictor(
+            self.model, device=self.device, amp=cfg.amp, cache_tiles=0, tile_size=self.crop_size
         )
-        dice = _mean_dice(pred, truth)
+        sink = predictor.predict(source, cfg.val_region)
+        (y0, x0), (y1, x1) = sink.region
+        truth = np.asarray(labels[y0:y1, x0:x1])
+        # only the trained classes' painted pixels are scored (value 0 = not annotated in
+        # sparse mode, unpainted or unknown values are not this model's classes)
+        scored = np.isin(truth, list(self.label_mapping))
+        dice = mean_dice(sink.labels[scored], truth[scored])
         self.history["val"].append({"step": self.step, "dice": dice})
         return dice
 
@@ -855,52 +866,6 @@ def _pseudo_label_loss(
     return F.cross_entropy(logits, pseudo_target, ignore_index=-1), frac
 
 
-def _predict_region(
-    model: nn.Module,
-    source: Any,
-    labels: Any,
-    region: Bbox,
-    size: int,
-    mapping: Mapping[int, int],
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class indices and mapped labels of the pixels of ``region`` (flat arrays)."""
-    from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
-
-    was_training = model.training
-    model.eval()
-    preds, truths = [], []
-    top = max(mapping) + 1
-    lut = np.full(top + 1, -1, np.int64)  # lut[top] = every value outside the mapping
-    for v, k in mapping.items():
-        lut[v] = k
-    for tile in plan_tiles(region, size, source.shape):
-        bboxes = centered_nested_bboxes(tile.origin, size, model.levels)
-        crops, _ = source.read_nested(bboxes, model.levels, size)
-        x = torch.from_numpy(crops)[None].to(device)
-        with autocast(device, amp_dtype):
-            logits = model(x, torch.from_numpy(bboxes)[None].to(device))
-        pred = logits.argmax(1)[0].cpu().numpy()[tile.core_in_tile]
-        (y0, x0), (y1, x1) = tile.core
-        lab = np.asarray(labels[y0:y1, x0:x1]).astype(np.int64)
-        truths.append(lut[np.where((lab >= 0) & (lab < top), lab, top)].ravel())
-        preds.append(pred.ravel())
-    model.train(was_training)
-    return np.concatenate(preds), np.concatenate(truths)
-
-
-def _mean_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean Dice over the classes present in ``truth`` (pixels with truth -1 are ignored)."""
-    keep = truth >= 0
-    pred, truth = pred[keep], truth[keep]
-    scores = []
-    for k in np.unique(truth):
-        p, t = pred == k, truth == k
-        scores.append(2.0 * np.sum(p & t) / max(1, p.sum() + t.sum()))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
 # ============================================================================ convenience
 def train(
     images: Any,
@@ -911,7 +876,7 @@ def train(
     preset: str | None = None,
     head: str | None = None,
     config: TrainConfig | None = None,
-    progress: Progress | None = None,
+    progress: StepProgress | None = None,
     cancel: CancelToken | None = None,
     *,
     resume: bool = False,
@@ -936,45 +901,51 @@ def train(
         config = replace(config, head=head)
     images, labels = _pair_lists(images, labels)
     sources = [open_image(i) for i in images]
-    resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
-    if resuming:
-        from napari_muvit.model import load_model
+    lock = ckpt.run_folder_lock(out) if out is not None else contextlib.nullcontext()
+    with lock:  # one run per output folder, from the first look at it to the last checkpoint
+        resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
+        if resuming:
+            from napari_muvit.model import load_model
 
-        model, notes = load_model(out), [f"resuming the run in {out}"]
-        if init is not None or levels is not None or preset is not None:
-            notes.append("init/levels/preset are ignored when resuming: the run's model is used")
-    else:
-        model, notes = prepare_start_model(init, levels, preset, sources[0].channels, config.seed)
-    provenance = {
-        "init": str(out) if resuming else (model.meta.get("init") or _describe(init)),
-        "images": [_describe(i) for i in images],
-        "labels": [_describe(lab) for lab in labels],
-        "steps": config.steps,
-        "preset": preset,
-    }
-    if config.head == "pixel" and not resuming:
-        # quick fit of the pixel head on cached features first (seconds), then fine-tuning
-        from napari_muvit.engine.quicktrain import QuickTrainer
+            model, notes = load_model(out), [f"resuming the run in {Path(out).name}"]
+            if init is not None or levels is not None or preset is not None:
+                notes.append(
+                    "init/levels/preset are ignored when resuming: the run's model is used"
+                )
+        else:
+            model, notes = prepare_start_model(
+                init, levels, preset, sources[0].channels, config.seed
+            )
+        provenance = {
+            "init": Path(out).name if resuming else (model.meta.get("init") or _describe(init)),
+            "images": [_describe(i) for i in images],
+            "labels": [_describe(lab) for lab in labels],
+            "steps": config.steps,
+            "preset": preset,
+        }
+        if config.head == "pixel" and not resuming:
+            # quick fit of the pixel head on cached features first (seconds), then fine-tuning
+            from napari_muvit.engine.quicktrain import QuickTrainer
 
-        quick = QuickTrainer(
-            model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
-            out=out, class_names=class_names, provenance=provenance, notes=notes,
+            quick = QuickTrainer(
+                model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
+                out=out, class_names=class_names, provenance=provenance, notes=notes,
+            )
+            quick.run()
+            return quick.model
+        trainer = Trainer(
+            model,
+            list(zip(sources, labels)),
+            config,
+            progress,
+            cancel,
+            out,
+            resume=resuming,
+            class_names=class_names,
+            provenance=provenance,
+            notes=notes,
         )
-        quick.run()
-        return quick.model
-    trainer = Trainer(
-        model,
-        list(zip(sources, labels)),
-        config,
-        progress,
-        cancel,
-        out,
-        resume=resuming,
-        class_names=class_names,
-        provenance=provenance,
-        notes=notes,
-    )
-    trainer.run()
+        trainer.run()
     return trainer.model
 
 
@@ -993,9 +964,10 @@ def _pair_lists(images: Any, labels: Any) -> tuple[list[Any], list[Any]]:
 
 
 def _describe(obj: Any) -> str | None:
-    """Provenance text for a path, an array or a model."""
+    """Provenance text for a path (its name only: a model folder travels to other machines and
+    must not carry this one's paths), an array or a model."""
     if obj is None or isinstance(obj, (str, os.PathLike)):
-        return None if obj is None else str(Path(obj).resolve())
+        return None if obj is None else Path(obj).resolve().name
     if isinstance(obj, nn.Module):
         return str(getattr(obj, "meta", {}).get("init", type(obj).__name__))
     shape = getattr(obj, "shape", None)

@@ -5,25 +5,35 @@ Our format::
     folder/
       config.yaml        format: napari-muvit, format_version: 1, kind: encoder|segmenter|mae,
                          encoder: {...}, head: {...} | null, class_names, label_values,
-                         class_colors, normalization, meta
+                         class_colors, normalization, meta (small: crop size, recipe, ...)
       model.safetensors  float tensors, our key names (fused qkv)
+      history.json       optional: the training record (loss curve, events, provenance), read
+                         only when asked (:func:`load_history`), never when loading the model
+      train_state.pt     only in a resumable training run (see engine/_checkpointing.py)
+
+Folders written before history.json existed keep their history in ``meta`` and load as before
+(:func:`split_history` moves it out). Provenance stores file names, not this machine's paths.
 
 Official muvit 0.1.0 folders (spec §2): ``config.yaml`` written by ``yaml.dump`` (with
 ``!!python/tuple`` tags) + ``model.pth`` (a torch zip pickle of the state dict). We never
 unpickle arbitrary objects: ``torch.load(weights_only=True)`` only, so a malicious ``model.pth``
-is refused without running any of its code. YAML is parsed with ``yaml.safe_load`` or a
-``SafeLoader`` subclass that only adds the python/tuple tag.
+is refused without running any of its code.
 
-Writing is atomic: everything goes to a temporary sibling folder which is renamed into place;
-an existing non-empty folder is only replaced with ``overwrite=True``.
+Reading is bounded: YAML goes through a safe loader (libyaml's C parser when available) after a
+check of the parser's event stream (nesting depth, alias expansion, file size), and the sizes a
+config asks for are checked against the weights file's header before anything is allocated.
+
+Writing goes through the project's one atomic writer, :func:`_atomic.commit_files`, under the
+folder's advisory lock: napari-muvit's own files are replaced as one set (a kill leaves the old
+set or the new one), any other file in the folder is kept; an existing non-empty folder is only
+written with ``overwrite=True``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
-import uuid
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,18 +45,22 @@ import yaml
 from torch import Tensor, nn
 
 from napari_muvit.errors import CheckpointError, InputError
+from napari_muvit.locks import advisory_lock
+from napari_muvit.model._atomic import commit_files, committed_path
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "is_official_folder",
     "load_encoder",
+    "load_history",
     "load_model",
     "official_to_ours",
     "ours_to_official",
     "read_config",
     "save_model",
     "save_official",
+    "split_history",
 ]
 
 FORMAT = "napari-muvit"
@@ -54,18 +68,81 @@ FORMAT_VERSION = 1
 CONFIG = "config.yaml"
 WEIGHTS = "model.safetensors"
 OFFICIAL_WEIGHTS = "model.pth"
+HISTORY = "history.json"
+TRAIN_STATE = "train_state.pt"
+#: the files napari-muvit owns in a model/run folder; every other file there is the user's
+OWNED_FILES = (CONFIG, WEIGHTS, OFFICIAL_WEIGHTS, HISTORY, TRAIN_STATE)
+#: ``meta`` entries stored in history.json instead of config.yaml
+HISTORY_META_KEYS = ("history", "provenance")
 
 
 # =============================================================================== YAML
+# A config is a few dozen lines; these bounds only stop hostile files (an alias "billion
+# laughs", nesting deep enough to crash the C parser, a huge file) before they cost memory/time.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
+
+_SafeBase: type = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
+
+
 class TupleSafeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that also accepts ``!!python/tuple`` (official configs)."""
+
+
+class _FastTupleSafeLoader(_SafeBase):  # type: ignore[misc, valid-type]
+    """The same on libyaml's C parser (a safe loader too: only plain data is constructed)."""
 
 
 def _construct_tuple(loader: yaml.SafeLoader, node: yaml.Node) -> tuple:
     return tuple(loader.construct_sequence(node, deep=True))
 
 
-TupleSafeLoader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+for _loader in (TupleSafeLoader, _FastTupleSafeLoader):
+    _loader.add_constructor("tag:yaml.org,2002:python/tuple", _construct_tuple)
+
+
+def _check_yaml_bounds(text: str, path: Path) -> None:
+    """Refuse nesting deeper than MAX_CONFIG_DEPTH, recursive aliases and alias expansion beyond
+    MAX_CONFIG_NODES nodes, from the parser's event stream (iterative, nothing is built)."""
+    sizes: dict[str, int] = {}  # anchor -> nodes of its expanded subtree
+    stack: list[list[Any]] = [[0, None]]  # open collections: [expanded nodes, anchor]
+    for event in yaml.parse(text, Loader=_SafeBase):
+        if isinstance(event, yaml.CollectionStartEvent):
+            stack.append([1, event.anchor])
+            if len(stack) > MAX_CONFIG_DEPTH + 1:
+                raise CheckpointError(
+                    f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels; not a model config"
+                )
+            continue
+        if isinstance(event, yaml.CollectionEndEvent):
+            size, anchor = stack.pop()
+            if anchor is not None:
+                sizes[anchor] = size
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor not in sizes:
+                raise CheckpointError(
+                    f"{path}: recursive or undefined YAML alias; not a model config"
+                )
+            size = sizes[event.anchor]
+        else:
+            continue
+        stack[-1][0] += size
+        if stack[-1][0] > MAX_CONFIG_NODES:
+            raise CheckpointError(
+                f"{path}: YAML aliases expand to more than {MAX_CONFIG_NODES} values; "
+                "not a model config"
+            )
+
+
+def parse_config_text(text: str, path: Path) -> Any:
+    """Parse a config's YAML with bounds and a safe loader (C parser when available)."""
+    _check_yaml_bounds(text, path)
+    return yaml.load(text, Loader=_FastTupleSafeLoader)
 
 
 def _plain(v: Any) -> Any:
@@ -86,36 +163,53 @@ def _plain(v: Any) -> Any:
 
 
 def _folder(path: str | Path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"model folder: expected a path (str or pathlib.Path), got {type(path).__name__} "
+            f"{path!r}"
+        )
     p = Path(path).expanduser()
-    if p.is_file() and p.name in (CONFIG, WEIGHTS, OFFICIAL_WEIGHTS):
+    if p.is_file() and p.name in OWNED_FILES:
         p = p.parent
     return p
 
 
+def _owned(folder: Path, name: str) -> Path:
+    """The committed version of an owned file (see :func:`_atomic.committed_path`)."""
+    return committed_path(folder, name) or folder / name
+
+
 def read_config(folder: str | Path) -> dict[str, Any]:
-    """Parse ``folder/config.yaml`` safely (python/tuple tags allowed) and return the mapping."""
+    """Parse ``folder/config.yaml`` safely (python/tuple tags allowed) and return the mapping.
+
+    Bounded: a file over 1 MiB, nesting deeper than 32 levels or aliases expanding to more than
+    100,000 values are refused before anything is built.
+    """
     folder = _folder(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: model folder not found")
-    path = folder / CONFIG
+    path = _owned(folder, CONFIG)
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: missing; a model folder holds {CONFIG} and {WEIGHTS} (ours) or "
+            f"{folder / CONFIG}: missing; a model folder holds {CONFIG} and {WEIGHTS} (ours) or "
             f"{OFFICIAL_WEIGHTS} (official muvit)"
         )
+    shown = folder / CONFIG
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise CheckpointError(
+                f"{shown}: {path.stat().st_size} bytes, more than a model config can be "
+                f"({MAX_CONFIG_BYTES} bytes)"
+            )
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read ({exc})") from None
+        raise CheckpointError(f"{shown}: cannot read ({exc})") from None
     try:
-        try:
-            cfg = yaml.safe_load(text)
-        except yaml.constructor.ConstructorError:
-            cfg = yaml.load(text, Loader=TupleSafeLoader)
+        cfg = parse_config_text(text, shown)
     except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{shown}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a mapping of keys, got {type(cfg).__name__}")
+        raise CheckpointError(f"{shown}: expected a mapping of keys, got {type(cfg).__name__}")
     return cfg
 
 
@@ -130,8 +224,7 @@ def is_official_folder(folder: str | Path) -> bool:
 
 
 # =============================================================================== saving
-def _atomic_folder(folder: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
-    folder = Path(folder).expanduser()
+def _check_target(folder: Path, overwrite: bool) -> None:
     if folder.exists():
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: exists and is not a folder")
@@ -139,33 +232,89 @@ def _atomic_folder(folder: Path, write: Callable[[Path], None], overwrite: bool)
             raise CheckpointError(
                 f"{folder}: already exists and is not empty; pass overwrite=True to replace it"
             )
+
+
+def _save_files(folder: Path, writers: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
+    """Commit ``writers`` into ``folder`` under its advisory lock; only owned files change."""
+    folder = Path(folder).expanduser()
+    _check_target(folder, overwrite)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    umask = os.umask(0)
-    os.umask(umask)
+    with advisory_lock(folder, "model folder"):
+        return commit_files(folder, writers, OWNED_FILES)
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for numpy scalars/arrays and paths found in histories."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def model_files(
+    model: nn.Module, meta: dict | None = None, history: dict[str, Any] | None = None
+) -> dict[str, Callable[[Path], None]]:
+    """Writers of a model's files (our format), for :func:`_atomic.commit_files`.
+
+    ``config.yaml`` gets what builds the model and its small metadata; the training history
+    (``history``, else ``meta["history"]``) and ``meta["provenance"]`` go to ``history.json``,
+    which loading never reads (see :func:`load_history`).
+    """
+    from safetensors.torch import save_file
+
+    full_meta = {**getattr(model, "meta", {}), **(meta or {})}
+    record = history if history is not None else full_meta.get("history")
+    provenance = full_meta.get("provenance")
+    # only mappings are training records; anything else someone put there stays in the meta
+    record = record if isinstance(record, dict) else None
+    provenance = provenance if isinstance(provenance, dict) else None
+    moved = {"history": record, "provenance": provenance}
+    small = {k: v for k, v in full_meta.items() if moved.get(k) is None}
+    cfg = _model_config(model, small)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    writers: dict[str, Callable[[Path], None]] = {
+        CONFIG: lambda p: p.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8"),
+        WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": FORMAT}),
+    }
+    if record is not None or provenance is not None:
+        content = dict(record or {})
+        if provenance is not None:
+            content.setdefault("provenance", provenance)
+        text = json.dumps(content, indent=1, default=_json_default)
+        writers[HISTORY] = lambda p: p.write_text(text, encoding="utf-8")
+    return writers
+
+
+def load_history(folder: str | Path) -> dict[str, Any] | None:
+    """The training history of a model folder (loss curve, events, provenance), or ``None``.
+
+    Read from ``history.json``; folders written before it existed keep their history in
+    ``config.yaml``'s ``meta`` and are read from there.
+    """
+    folder = _folder(folder)
+    path = committed_path(folder, HISTORY)
+    if path is not None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{folder / HISTORY}: cannot read ({exc})") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{folder / HISTORY}: expected a JSON object")
+        return data
     try:
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model folder should be shareable
-        write(tmp)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o666 & ~umask)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-            folder.rename(old)
-            try:
-                tmp.rename(folder)
-            except BaseException:
-                old.rename(folder)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+        meta = read_config(folder).get("meta")
+    except CheckpointError:
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("history", {}), dict):
+        return None
+    if "history" not in meta and "provenance" not in meta:
+        return None
+    content = dict(meta.get("history") or {})
+    if "provenance" in meta:
+        content.setdefault("provenance", meta["provenance"])
+    return content
 
 
-def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
+def _model_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     from napari_muvit.model.encoder import MuViTEncoder
     from napari_muvit.model.mae import MuViTMAE
     from napari_muvit.model.segmenter import MuViTSegmenter
@@ -180,7 +329,7 @@ def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
             label_values=model.label_values,
             class_colors=model.class_colors,
             normalization=model.normalization,
-            meta={**model.meta, **(meta or {})},
+            meta=meta,
         )
     elif isinstance(model, MuViTMAE):
         cfg.update(
@@ -191,7 +340,7 @@ def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
             label_values=None,
             class_colors=None,
             normalization=model.normalization,
-            meta={**model.meta, **(meta or {})},
+            meta=meta,
         )
     elif isinstance(model, MuViTEncoder):
         cfg.update(
@@ -202,7 +351,7 @@ def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
             label_values=None,
             class_colors=None,
             normalization=None,
-            meta={**getattr(model, "meta", {}), **(meta or {})},
+            meta=meta,
         )
     else:
         raise InputError(
@@ -214,25 +363,60 @@ def _model_config(model: nn.Module, meta: dict | None) -> dict[str, Any]:
 def save_model(
     model: nn.Module, folder: str | Path, overwrite: bool = False, meta: dict | None = None
 ) -> Path:
-    """Save an encoder, segmenter or MAE in our format (atomic; see module docstring)."""
-    from safetensors.torch import save_file
+    """Save an encoder, segmenter or MAE in our format (atomic; see module docstring).
 
-    cfg = _model_config(model, meta)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    Only the files napari-muvit owns in ``folder`` are replaced; the user's other files stay.
+    """
+    return _save_files(Path(folder), model_files(model, meta), overwrite)
 
-    def write(tmp: Path) -> None:
-        (tmp / CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
 
-    return _atomic_folder(Path(folder), write, overwrite)
+def _portable(value: Any) -> Any:
+    """``value`` with absolute paths replaced by their last component (recursively)."""
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, str) and (value.startswith("/") or re.match(r"^[A-Za-z]:[\\/]", value)):
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+    return value
+
+
+def split_history(folder: str | Path) -> bool:
+    """Move an older folder's training history out of ``config.yaml`` into ``history.json``.
+
+    Only those two files are rewritten (as one atomic step); the weights stay byte-identical.
+    Absolute paths in the provenance become file names. Returns whether anything changed.
+    """
+    folder = _folder(folder)
+    cfg = read_config(folder)
+    meta = cfg.get("meta")
+    if cfg.get("format") != FORMAT or not isinstance(meta, dict):
+        return False
+    moved = {k: meta[k] for k in HISTORY_META_KEYS if isinstance(meta.get(k), dict)}
+    if not moved:
+        return False
+    record = dict(moved.get("history", {}))
+    if "provenance" in moved:
+        record.setdefault("provenance", moved["provenance"])
+    cfg["meta"] = {k: v for k, v in meta.items() if k not in moved}
+    config_text = yaml.safe_dump(cfg, sort_keys=False)
+    history_text = json.dumps(_portable(record), indent=1, default=_json_default)
+    writers: dict[str, Callable[[Path], None]] = {
+        CONFIG: lambda p: p.write_text(config_text, encoding="utf-8"),
+        HISTORY: lambda p: p.write_text(history_text, encoding="utf-8"),
+    }
+    with advisory_lock(folder, "model folder"):
+        commit_files(folder, writers, (CONFIG, HISTORY))
+    return True
 
 
 # =============================================================================== loading
-def _load_state(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
-    """Strict state-dict load with errors naming the file and the key."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
+def _check_shapes(
+    own: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], path: Path
+) -> None:
+    """Same keys and shapes, or an error naming the file and the first offending key."""
+    missing = [k for k in own if k not in found]
+    unexpected = [k for k in found if k not in own]
     if missing:
         raise CheckpointError(
             f"{path}: missing key {missing[0]!r} ({len(missing)} missing in total)"
@@ -241,11 +425,22 @@ def _load_state(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
         raise CheckpointError(
             f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in total)"
         )
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
+    for k, shape in own.items():
+        if tuple(found[k]) != tuple(shape):
             raise CheckpointError(
-                f"{path}: key {k!r} has shape {tuple(sd[k].shape)}, the config expects {tuple(v.shape)}"
+                f"{path}: key {k!r} has shape {tuple(found[k])}, the config expects {tuple(shape)}"
             )
+
+
+def _shapes(sd: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def _load_state(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
+    """Strict state-dict load with errors naming the file and the key."""
+    own = model.state_dict()
+    _check_shapes(_shapes(own), _shapes(sd), path)
+    for k in own:
         if not torch.isfinite(sd[k].float()).all():
             raise CheckpointError(f"{path}: key {k!r} contains NaN or inf")
     model.load_state_dict({k: sd[k].to(own[k].dtype) for k in own}, strict=True)
@@ -254,10 +449,82 @@ def _load_state(model: nn.Module, sd: dict[str, Tensor], path: Path) -> None:
 def _build(kind_desc: str, path: Path, fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except TypeError as exc:
+    except (TypeError, InputError, ValueError, ArithmeticError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: bad {kind_desc} config ({exc})") from None
-    except (InputError, ValueError) as exc:
-        raise CheckpointError(f"{path}: bad {kind_desc} config ({exc})") from None
+
+
+# Plausible ranges of the size-defining config values: far beyond any MuViT, but they keep a
+# hostile config from making even the allocation-free (meta device) build take minutes.
+_PLAUSIBLE = {
+    "dim": 16384, "num_layers": 512, "heads": 1024, "patch_size": 1024, "in_channels": 4096,
+    "decoder_dim": 16384, "decoder_layers": 512, "decoder_heads": 1024, "head_dim": 16384,
+    "num_classes": 65536,
+}
+# Above this many weights the exact shape check runs on the meta device before the real build
+# (it costs about one more construction: negligible next to reading such a file). Below it,
+# the lower bounds of _check_plausible already cap what a build can allocate at a small
+# multiple of a file this small, and the shapes are compared right after building.
+_META_PROBE_ABOVE = 32_000_000
+_MAX_LEVELS = 32
+
+
+def _check_plausible(enc: dict, dec: dict, values_in_file: int, cpath: Path) -> None:
+    """Refuse sizes out of range, or a model bigger than the weights file can hold.
+
+    ``values_in_file`` is the number of tensor values the weights hold (from the file header);
+    lower bounds of the model's size must fit in it: the q/k/v projections (3·dim² per layer)
+    of the encoder and of the MAE decoders, a head's 3x3 convolutions (at least head_dim²).
+    ``dec`` is the MAE decoder or segmentation head section of the config.
+    """
+    head_dim = dec.get("head_dim")
+    if isinstance(head_dim, int) and head_dim * head_dim > values_in_file:
+        raise CheckpointError(
+            f"{cpath}: head_dim {head_dim} needs at least {head_dim * head_dim:,} weights, the "
+            f"weights file holds {values_in_file:,}; config and weights do not belong together"
+        )
+    for section in (enc, dec):
+        for key, top in _PLAUSIBLE.items():
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and not 1 <= value <= top:
+                raise CheckpointError(
+                    f"{cpath}: key {key!r} is {value}, outside the plausible range 1..{top}"
+                )
+    levels = enc.get("levels")
+    if isinstance(levels, (list, tuple)) and not 1 <= len(levels) <= _MAX_LEVELS:
+        raise CheckpointError(
+            f"{cpath}: key 'levels' lists {len(levels)} levels (1..{_MAX_LEVELS})"
+        )
+    stacks = [(enc, "dim", "num_layers", 1)]
+    if isinstance(levels, (list, tuple)):
+        stacks.append((dec, "decoder_dim", "decoder_layers", len(levels)))
+    for section, dim_key, layers_key, copies in stacks:
+        dim, layers = section.get(dim_key), section.get(layers_key)
+        if isinstance(dim, int) and isinstance(layers, int):
+            need = 3 * dim * dim * layers * copies
+            if need > values_in_file:
+                raise CheckpointError(
+                    f"{cpath}: {layers_key} {layers} x {dim_key} {dim} needs at least {need:,} "
+                    f"weights, the weights file holds {values_in_file:,}; config and weights "
+                    "do not belong together"
+                )
+
+
+def _build_checked(
+    kind_desc: str,
+    cpath: Path,
+    fn: Callable[[], nn.Module],
+    found: dict[str, tuple[int, ...]],
+    wpath: Path,
+) -> nn.Module:
+    """Build ``fn()`` and compare its parameter shapes with the weights file's; for a large
+    file, first on the meta device (no memory), so a mismatch never allocates."""
+    if _values(found) > _META_PROBE_ABOVE:
+        with torch.device("meta"):
+            probe = _build(kind_desc, cpath, fn)
+        _check_shapes(_shapes(probe.state_dict()), found, wpath)
+    model = _build(kind_desc, cpath, fn)
+    _check_shapes(_shapes(model.state_dict()), found, wpath)
+    return model
 
 
 def _section(cfg: dict, key: str, path: Path, kind: type = dict) -> Any:
@@ -269,6 +536,22 @@ def _section(cfg: dict, key: str, path: Path, kind: type = dict) -> Any:
             f"{path}: key {key!r} should be a {kind.__name__}, got {type(val).__name__}"
         )
     return val
+
+
+def _safetensors_header(path: Path, shown: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header (nothing else is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            names = list(handle.keys())
+            return {k: tuple(handle.get_slice(k).get_shape()) for k in names}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{shown}: not a readable safetensors file ({exc})") from None
+
+
+def _values(shapes: dict[str, tuple[int, ...]]) -> int:
+    return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
 
 
 def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = False) -> nn.Module:
@@ -292,21 +575,22 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
     if kind not in ("encoder", "segmenter", "mae"):
         raise CheckpointError(f"{cpath}: key 'kind' should be encoder|segmenter|mae, got {kind!r}")
     enc_cfg = _section(cfg, "encoder", cpath)
-    wpath = folder / WEIGHTS
+    wpath, shown = _owned(folder, WEIGHTS), folder / WEIGHTS
     if not wpath.is_file():
-        raise CheckpointError(f"{wpath}: missing (the weights of this model folder)")
-    try:
-        sd = load_file(str(wpath), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{wpath}: not a readable safetensors file ({exc})") from None
-    encoder = _build("encoder", cpath, lambda: MuViTEncoder(**enc_cfg))
+        raise CheckpointError(f"{shown}: missing (the weights of this model folder)")
+    found = _safetensors_header(wpath, shown)
+    dec_cfg = cfg.get("head") if isinstance(cfg.get("head"), dict) else {}
+    _check_plausible(enc_cfg, dec_cfg, _values(found), cpath)
     meta = cfg.get("meta") or {}
+    meta = dict(meta) if isinstance(meta, dict) else {}
     if kind == "encoder" or encoder_only:
         if kind != "encoder":
-            sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
-        encoder.meta = dict(meta) if isinstance(meta, dict) else {}
-        _load_state(encoder, sd, wpath)
-        model: nn.Module = encoder
+            found = {k[len("encoder.") :]: v for k, v in found.items() if k.startswith("encoder.")}
+
+        def build() -> nn.Module:
+            return MuViTEncoder(**enc_cfg)
+
+        desc = "encoder"
     elif kind == "segmenter":
         head = dict(_section(cfg, "head", cpath))
         htype = head.pop("type", None)
@@ -314,36 +598,41 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
         hd = head.pop("head_dim", 256)
         if not isinstance(K, int):
             raise CheckpointError(f"{cpath}: key 'head.num_classes' should be an int, got {K!r}")
-        model = _build(
-            "head",
-            cpath,
-            lambda: MuViTSegmenter(
-                encoder,
+
+        def build() -> nn.Module:
+            return MuViTSegmenter(
+                MuViTEncoder(**enc_cfg),
                 head=htype,
                 num_classes=K,
                 head_dim=hd,
                 class_names=cfg.get("class_names"),
                 label_values=cfg.get("label_values"),
                 normalization=cfg.get("normalization"),
-                meta=meta if isinstance(meta, dict) else {},
+                meta=meta,
                 class_colors=cfg.get("class_colors"),
                 head_options=head,
-            ),
-        )
-        _load_state(model, sd, wpath)
+            )
+
+        desc = "segmenter"
     else:
         dec = dict(_section(cfg, "head", cpath))
-        model = _build(
-            "mae decoder",
-            cpath,
-            lambda: MuViTMAE(
-                encoder,
-                **dec,
-                normalization=cfg.get("normalization"),
-                meta=meta if isinstance(meta, dict) else {},
-            ),
-        )
-        _load_state(model, sd, wpath)
+
+        def build() -> nn.Module:
+            return MuViTMAE(
+                MuViTEncoder(**enc_cfg), **dec, normalization=cfg.get("normalization"), meta=meta
+            )
+
+        desc = "mae"
+    model = _build_checked(desc, cpath, build, found, shown)
+    if isinstance(model, MuViTEncoder):
+        model.meta = meta
+    try:
+        sd = load_file(str(wpath), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{shown}: not a readable safetensors file ({exc})") from None
+    if encoder_only and kind != "encoder":
+        sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    _load_state(model, sd, shown)
     return model.to(map_location).eval()
 
 
@@ -468,7 +757,14 @@ def _torch_load_safe(path: Path) -> dict[str, Tensor]:
     try:
         # weights_only=True: the restricted unpickler only rebuilds tensors and containers and
         # refuses any other global, so a malicious pickle is rejected before it can run.
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
+        # mmap: the tensors stay on disk until used, so shapes are checked before any memory
+        # is spent; pickles in torch's old non-zip format cannot be mapped and are read.
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, zip errors ...
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -693,12 +989,12 @@ def save_official(model: nn.Module, folder: str | Path, overwrite: bool = False)
         )
     sd, cfg = ours_to_official(model)
 
-    def write(tmp: Path) -> None:
-        # yaml.dump (not safe_dump) writes the tuples as !!python/tuple, like the official save.
-        (tmp / CONFIG).write_text(yaml.dump(cfg), encoding="utf-8")
-        torch.save(sd, str(tmp / OFFICIAL_WEIGHTS))
-
-    return _atomic_folder(Path(folder), write, overwrite)
+    # yaml.dump (not safe_dump) writes the tuples as !!python/tuple, like the official save.
+    writers: dict[str, Callable[[Path], None]] = {
+        CONFIG: lambda p: p.write_text(yaml.dump(cfg), encoding="utf-8"),
+        OFFICIAL_WEIGHTS: lambda p: torch.save(sd, str(p)),
+    }
+    return _save_files(Path(folder), writers, overwrite)
 
 
 def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: bool) -> nn.Module:
@@ -708,17 +1004,27 @@ def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: boo
     cpath = folder / CONFIG
     is_mae, enc_cfg, mae_cfg = _official_config(cfg, cpath)
     wpath = folder / OFFICIAL_WEIGHTS
-    raw = _torch_load_safe(wpath)
-    encoder = _build("encoder", cpath, lambda: MuViTEncoder(**enc_cfg))
-    encoder.meta = {"source": "official muvit", "folder": str(folder)}
+    raw = _torch_load_safe(_owned(folder, OFFICIAL_WEIGHTS))
+    dec = {} if encoder_only else mae_cfg
+    _check_plausible(enc_cfg, dec, _values(_shapes(raw)), cpath)
+    meta = {"source": "official muvit", "folder": folder.name}
     if not is_mae or encoder_only:
         sd = official_to_ours(raw, enc_cfg, mae_cfg if is_mae else None, wpath, encoder_only=True)
+        encoder = _build_checked(
+            "encoder", cpath, lambda: MuViTEncoder(**enc_cfg), _shapes(sd), wpath
+        )
+        encoder.meta = meta
         _load_state(encoder, sd, wpath)
         return encoder.to(map_location).eval()
-    model = _build(
-        "mae", cpath, lambda: MuViTMAE(encoder, **mae_cfg, meta={"source": "official muvit"})
-    )
     sd = official_to_ours(raw, enc_cfg, mae_cfg, wpath)
+    model = _build_checked(
+        "mae",
+        cpath,
+        lambda: MuViTMAE(MuViTEncoder(**enc_cfg), **mae_cfg, meta={"source": "official muvit"}),
+        _shapes(sd),
+        wpath,
+    )
+    model.encoder.meta = meta
     _load_state(model, sd, wpath)
     return model.to(map_location).eval()
 

@@ -1,14 +1,17 @@
 """MuViT encoder: one transformer over the patch tokens of several resolution levels.
 
-Math follows the official package (docs: /work/shared/reference/muvit-official-spec.md §4) so
-official checkpoints load and reproduce their features; the implementation differs for speed:
+The math is the official ``muvit`` 0.1.0 package's, so official checkpoints load and reproduce
+their features to ~1e-6 (``tests/test_model_official.py``, against outputs the official package
+saved: ``tests/fixtures/muvit-official``). The implementation differs for speed:
 
 * q, k, v come from one fused ``qkv`` projection (official ``to_q/to_k/to_v`` are concatenated
   on load and split on export);
-* RoPE cos/sin are computed once per layer and forward in float32, and q and k are rotated
-  together in the ``(B, N, 2, heads, dh)`` layout straight out of the projection (no transposes
-  before the rotation);
-* attention is ``F.scaled_dot_product_attention`` on strided views (no ``contiguous`` copies).
+* RoPE angles are computed once per layer and forward, in float32; q and k are rotated together
+  as one complex multiply whose result is written into a fresh contiguous ``(2, B, H, N, dh)``
+  tensor (:func:`~napari_muvit.model.rope.apply_rope`);
+* attention is ``F.scaled_dot_product_attention`` on contiguous ``(B, H, N, dh)`` q, k and v
+  (v is copied out of the projection: the CPU flash kernel is slower on strided inputs);
+* under autocast the residual stream stays float32 (the level embedding is added in float32).
 """
 
 from __future__ import annotations

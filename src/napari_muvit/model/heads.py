@@ -79,8 +79,8 @@ class PixelDecoder(nn.Module):
 
     Channels: ``head_dim`` everywhere (``taper=False``, the paper's layout, matching its
     parameter counts) or halved at every stage down to 16 (``taper=True``: for 256² crops and
-    ``head_dim=256`` the decoder costs ~15 instead of ~280 GFLOP per crop; see
-    docs/bench_encoder.md).
+    ``head_dim=256`` the decoder costs about 1/15 of the FLOPs per crop; see "Decoder heads" in
+    docs/benchmarks.md, measured by ``benchmarks/model_size.py``).
 
     ``padding_mode`` (:data:`PADDING_MODES`) is how the 3×3 convolutions pad the crop border:
     ``"zeros"`` for the paper's layout and older checkpoints, ``"replicate"`` for new models

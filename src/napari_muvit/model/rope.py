@@ -95,8 +95,9 @@ def apply_rope(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     of ``t.dtype`` in ``t``'s logical layout — exactly what the attention kernel wants.
 
     Pair ``(2m, 2m+1)`` is rotated as the complex product ``(t[2m] + i·t[2m+1])·e^{i·angle[m]}``;
-    one complex multiply written straight into a contiguous buffer is ~10-50× faster than the
-    equivalent real-valued formula on strided views (measured on CPU, see docs/bench_encoder.md).
+    one complex multiply written straight into a contiguous buffer is much faster on CPU than the
+    equivalent real-valued formula on strided views (``benchmarks/bench_attention.py``,
+    docs/benchmarks.md).
     """
     B, N, half = cos.shape
     if t.device.type == "mps":  # complex support on MPS is incomplete: real-valued formula

@@ -27,6 +27,7 @@ event loop for a few hundred ms.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,8 @@ from napari_muvit.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import napari
     from napari.layers import Image
+
+log = logging.getLogger("napari_muvit.widgets")
 
 # Beyond this many level-0 pixels an output plane is stored in a sparse in-memory zarr array
 # instead of numpy: a view-sized prediction of a gigapixel image must not allocate gigabytes.
@@ -465,12 +468,24 @@ def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
     (napari's own partial-refresh path for painting; a full ``refresh`` re-colours the whole
     plane, which takes tens of ms for large planes and would stall the event loop on every
     tile).  Other layers fall back to ``refresh()``.  Uses napari internals defensively: any
-    surprise falls back to the full refresh.
+    surprise falls back to the full refresh, and is logged (a warning the first time for each
+    kind of error, so that a napari update that breaks the fast path does not go unnoticed).
     """
     try:
         _partial_labels_refresh(layer, slice_key)
-    except Exception:  # noqa: BLE001 - private napari API: never worse than a full refresh
+    except Exception as err:  # noqa: BLE001 - private napari API: never worse than a full refresh
+        kind = type(err).__name__
+        first = kind not in _FAST_REFRESH_FAILURES
+        _FAST_REFRESH_FAILURES.add(kind)
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "napari's partial Labels refresh failed (%s: %s); refreshing the whole layer "
+            "instead, which is slower for large planes", kind, err, exc_info=first,
+        )
         refresh_data(layer)
+
+
+_FAST_REFRESH_FAILURES: set[str] = set()
 
 
 def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
@@ -564,3 +579,51 @@ def painted_bboxes(atoms: Iterable[Any], displayed: Sequence[int] | None = None)
             hi = [int(i.max()) + 1 for i in idx]
         out.append(np.array([lo, hi], dtype=np.float64))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# training inputs: painted plane, validation rectangle
+# ---------------------------------------------------------------------------------------------
+
+
+def labels_plane(data: Any, plane: LayerPlane) -> Any:
+    """The 2-D plane of a Labels array the trainer reads (a live view: new paint is seen)."""
+    if data.ndim == 2:
+        return data
+    axes = plane.out_axes
+    key: list[Any] = [slice(None)] * data.ndim
+    for axis, i in plane.index.items():
+        key[axes.index(axis)] = i
+    if isinstance(data, np.ndarray):
+        return data[tuple(key)]  # a numpy view shares memory with the layer
+    return _lazy(data)[tuple(key)]
+
+
+def _pad_world(world: np.ndarray, viewer: Any) -> np.ndarray:
+    """A shapes vertex in world coordinates padded with the current point for missing dims."""
+    point = np.asarray(viewer.dims.point, dtype=np.float64)
+    if world.size >= point.size:
+        return world
+    out = point.copy()
+    out[-world.size :] = world
+    return out
+
+
+def rectangle_region(viewer: Any, shapes: Any, image: Any) -> np.ndarray | None:
+    """The first shape of ``shapes`` as a bbox ``[[y0, x0], [y1, x1]]`` (pixel edges) of
+    ``image``'s displayed plane; None when there is no shape.  Raises :class:`InputError` when
+    it lies outside the image."""
+    if shapes is None or image is None or len(shapes.data) == 0:
+        return None
+    plane = layer_plane(viewer, image)
+    corners = []
+    for vertex in np.asarray(shapes.data[0], dtype=np.float64):
+        world = np.asarray(shapes.data_to_world(vertex), dtype=np.float64)
+        data = np.asarray(image.world_to_data(_pad_world(world, viewer)), dtype=np.float64)
+        corners.append([data[plane.displayed[0]], data[plane.displayed[1]]])
+    edges = np.asarray(corners) + 0.5  # napari pixel centres -> MuViT pixel edges
+    lo = np.clip(np.floor(edges.min(axis=0) + 1e-6), 0, plane.shape)
+    hi = np.clip(np.ceil(edges.max(axis=0) - 1e-6), 0, plane.shape)
+    if np.any(hi - lo < 1):
+        raise InputError("the validation rectangle lies outside the image")
+    return np.stack([lo, hi])

@@ -9,7 +9,8 @@
   the trainer between steps, so prediction never reads weights that an optimizer step is
   changing.
 
-Loading runs in worker threads: this module never touches widgets.
+Loading runs in worker threads: this module never touches widgets and has no Qt (the
+registry's signal is a psygnal signal, emitted in the thread that publishes: the main thread).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtCore import QObject, Signal
+from psygnal import Signal
 
 from napari_muvit.errors import CheckpointError
 from napari_muvit.model import load_model
@@ -126,20 +127,19 @@ class _Session:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class ModelRegistry(QObject):
+class ModelRegistry:
     """Fine-tuned models of this napari session, shared by train and predict widgets.
 
     Signals
     -------
     updated(name: str)
-        A new snapshot of session model ``name`` was published (emitted in the main thread
-        when :meth:`publish` is called there; connect with the default auto connection).
+        A new snapshot of session model ``name`` was published (emitted synchronously in the
+        thread that called :meth:`publish`; the train panel publishes from the main thread).
     """
 
     updated = Signal(str)
 
     def __init__(self) -> None:
-        super().__init__()
         self._lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
 

@@ -1,7 +1,7 @@
 """Shared helpers for the prediction tests (tiny models, small images, reference stitching).
 
-Lives in a ``test_predict*`` module so that the prediction test files can import it; it holds
-no tests itself.
+Not a test module (no ``test_`` prefix, so pytest does not collect it); the test files import it
+as ``_predict_support`` (pytest puts the tests folder on ``sys.path``).
 """
 
 from __future__ import annotations

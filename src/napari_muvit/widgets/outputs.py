@@ -1,0 +1,364 @@
+"""The napari layers the panels create and write into (no Qt, no compute).
+
+* :class:`ViewOutputs`: per image layer, the Labels layer (and optional confidence layer) of
+  view predictions, recreated when the model changes, and the painting of streamed tiles.
+* :func:`add_store_layer`: a whole-image OME-Zarr store shown as a Labels layer aligned with
+  the displayed plane of its image.
+* :func:`add_annotation_layer` / :func:`add_validation_layer`: what the train panel paints on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from napari_muvit.widgets import _layers as L
+
+PAINT_MODES = ("paint", "erase", "fill", "polygon")
+
+
+def safe_name(name: str, fallback: str = "image") -> str:
+    """``name`` usable as a file name (letters, digits, ``-_.``; others become ``_``)."""
+    keep = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name.strip())
+    return keep.strip("._") or fallback
+
+
+def unique_name(viewer: Any, name: str) -> str:
+    """``name``, or ``name [k]`` when the viewer already has a layer called ``name``."""
+    names = {layer.name for layer in viewer.layers}
+    if name not in names:
+        return name
+    k = 2
+    while f"{name} [{k}]" in names:
+        k += 1
+    return f"{name} [{k}]"
+
+
+def keep_painting(viewer: Any, previous: Any) -> None:
+    """napari makes every new layer the active one; while the user is annotating (a Labels
+    layer in a painting mode) give the selection back so the next stroke lands where meant."""
+    if (previous is not None and previous in viewer.layers
+            and str(getattr(previous, "mode", "")) in PAINT_MODES):
+        viewer.layers.selection.active = previous
+
+
+def is_prediction(layer: Any) -> bool:
+    """Whether ``layer`` is an output of the predict panel (not an annotation)."""
+    meta = getattr(layer, "metadata", {}) or {}
+    info = meta.get("napari_muvit", {}) if isinstance(meta, dict) else {}
+    return isinstance(info, dict) and "source_layer" in info
+
+
+# ---------------------------------------------------------------------------------------------
+# view predictions
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class ViewTarget:
+    """The output layers of view predictions for one image layer.
+
+    ``identity`` is the :attr:`~.jobs.Loaded.identity` of the model whose tiles the layer
+    shows; ``painted`` holds ``(plane key, grid cell)`` of every tile shown.
+    """
+
+    image: Any
+    identity: tuple
+    labels: Any
+    confidence: Any = None
+    label_levels: list[Any] = field(default_factory=list)
+    conf_levels: list[Any] | None = None
+    painted: set[tuple] = field(default_factory=set)
+    label_values: list[int] = field(default_factory=list)
+    style: tuple = ()
+    writers: dict[tuple, tuple[L.LevelWriter, L.LevelWriter | None]] = field(default_factory=dict)
+
+    def writer(self, plane: L.LayerPlane) -> tuple[L.LevelWriter, L.LevelWriter | None]:
+        key = plane.key()
+        hit = self.writers.get(key)
+        if hit is None:
+            conf = None if self.conf_levels is None else L.LevelWriter(plane, self.conf_levels)
+            hit = (L.LevelWriter(plane, self.label_levels), conf)
+            self.writers[key] = hit
+        return hit
+
+    def painted_cells(self, plane: L.LayerPlane | None = None) -> set[tuple[int, int]]:
+        """Grid cells shown (of ``plane``, default: every plane)."""
+        key = None if plane is None else plane.key()
+        return {cell for k, cell in self.painted if key is None or k == key}
+
+
+def _same_family(a: tuple, b: tuple) -> bool:
+    """Identities of the same model choice and tiling (only the weights differ)."""
+    return a[0] == b[0] and a[3:] == b[3:]
+
+
+@dataclass
+class PaintResult:
+    """What one painted tile changed: layers to refresh later, level-0 slices to refresh now."""
+
+    painted: bool = False
+    dirty: list[Any] = field(default_factory=list)
+    regions: list[tuple[Any, tuple]] = field(default_factory=list)
+
+
+class ViewOutputs:
+    """The view-prediction layers of one viewer, keyed by their image layer."""
+
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+        self._targets: dict[int, ViewTarget] = {}
+
+    def target(self, image: Any) -> ViewTarget | None:
+        """The outputs of ``image`` (None before its first view prediction)."""
+        return None if image is None else self._targets.get(id(image))
+
+    def is_current(self, target: ViewTarget | None) -> bool:
+        return target is not None and self._targets.get(id(target.image)) is target
+
+    def forget(self, layer: Any) -> None:
+        """``layer`` was removed from the viewer: drop what refers to it."""
+        self._targets.pop(id(layer), None)
+        for key, target in list(self._targets.items()):
+            if target.labels is layer:
+                del self._targets[key]  # the user deleted our output: start afresh next time
+            elif target.confidence is layer:
+                target.confidence, target.conf_levels = None, None
+                target.writers.clear()
+
+    def prepare(self, image: Any, loaded: Any, plane: L.LayerPlane, probabilities: bool) -> ViewTarget:
+        """The output layers for ``image``, (re)created when the model changed."""
+        viewer = self.viewer
+        target = self._targets.get(id(image))
+        if target is not None and target.labels not in viewer.layers:
+            target = None
+        model = loaded.model
+        dtype = L.label_dtype(model.label_values)
+        if (
+            target is not None
+            and target.identity != loaded.identity
+            and _same_family(target.identity, loaded.identity)
+            and target.label_values == list(model.label_values)
+            and target.label_levels[0].dtype == dtype
+        ):
+            # New weights of the same model (fine-tuning snapshots): keep showing the old
+            # labels until each tile is overwritten, instead of blanking the layer.
+            target.identity = loaded.identity
+            target.painted.clear()
+        if target is None or target.identity != loaded.identity:
+            target = self._new_labels(image, loaded, plane, target, dtype)
+            self._targets[id(image)] = target
+        if probabilities and (target.confidence is None or target.confidence not in viewer.layers):
+            self._add_confidence(target, image, plane)
+        return target
+
+    def _new_labels(self, image: Any, loaded: Any, plane: L.LayerPlane,
+                    target: ViewTarget | None, dtype: np.dtype) -> ViewTarget:
+        viewer, model = self.viewer, loaded.model
+        colors = getattr(model, "class_colors", None)
+        style = (tuple(model.label_values), repr(colors), tuple(model.class_names))
+        if target is not None:
+            # Same layer, new model: no stale tile of the old model may survive.
+            layer = target.labels
+            levels = target.label_levels
+            if all(isinstance(a, np.ndarray) for a in levels) and levels[0].dtype == dtype:
+                for arr in levels:
+                    arr[...] = 0  # in place: far cheaper for napari than new data
+                L.refresh_data(layer)
+            else:
+                levels = L.allocate_levels(plane, dtype)
+                layer.data = levels if plane.multiscale else levels[0]
+            if target.style != style:
+                layer.colormap = L.labels_colormap(model.label_values, colors, model.class_names)
+                layer.features = L.class_features(model.label_values, model.class_names)
+            if target.confidence is not None and target.confidence in viewer.layers:
+                viewer.layers.remove(target.confidence)
+        else:
+            levels = L.allocate_levels(plane, dtype)
+            previous = viewer.layers.selection.active
+            layer = viewer.add_labels(
+                levels if plane.multiscale else levels[0],
+                name=f"{image.name} MuViT",
+                multiscale=plane.multiscale,
+                colormap=L.labels_colormap(model.label_values, colors, model.class_names),
+                features=L.class_features(model.label_values, model.class_names),
+                opacity=0.6,
+                metadata={"napari_muvit": {"source_layer": image.name}},
+                **L.transform_kwargs(image, plane),
+            )
+            keep_painting(viewer, previous)
+        return ViewTarget(image=image, identity=loaded.identity, labels=layer,
+                          label_levels=levels, label_values=list(model.label_values),
+                          style=style)
+
+    def _add_confidence(self, target: ViewTarget, image: Any, plane: L.LayerPlane) -> None:
+        conf_levels = L.allocate_levels(plane, np.uint8)
+        previous = self.viewer.layers.selection.active
+        target.confidence = self.viewer.add_image(
+            conf_levels if plane.multiscale else conf_levels[0],
+            name=f"{image.name} MuViT confidence",
+            multiscale=plane.multiscale,
+            colormap="magma",
+            contrast_limits=(0, 100),
+            opacity=0.5,
+            blending="additive",
+            metadata={"napari_muvit": {"source_layer": image.name, "unit": "percent"}},
+            **L.transform_kwargs(image, plane),
+        )
+        keep_painting(self.viewer, previous)
+        target.conf_levels = conf_levels
+        target.writers.clear()
+        # Tiles already shown have no confidence yet: let them be recomputed (cache hits).
+        target.painted.clear()
+
+    def paint(self, target: ViewTarget, plane: L.LayerPlane, res: Any) -> PaintResult:
+        """Write one :class:`~napari_muvit.engine.predict.TileResult` into ``target``.
+
+        Returns what to refresh: non-multiscale Labels layers are refreshed region by region
+        (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
+        """
+        out = PaintResult()
+        key = (plane.key(), tuple(res.tile.grid))
+        if key in target.painted and res.cached:
+            return out
+        core = np.asarray(res.tile.core, dtype=np.int64)
+        labels_writer, conf_writer = target.writer(plane)
+        written = labels_writer.write(core, np.asarray(res.labels))
+        if conf_writer is not None and res.probs is not None:
+            conf = (np.asarray(res.probs, dtype=np.float32).max(axis=0) * 100).astype(np.uint8)
+            conf_writer.write(core, conf)
+            out.dirty.append(target.confidence)
+        target.painted.add(key)
+        out.painted = True
+        layer = target.labels
+        if layer.multiscale:
+            out.dirty.append(layer)
+        else:
+            out.regions = [(layer, slice_key) for level, slice_key in written if level == 0]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# whole-image stores
+# ---------------------------------------------------------------------------------------------
+
+
+def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, model: Any,
+                    out_path: Path) -> Any:
+    """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
+    (replacing the layer of a previous run of the same store)."""
+    levels = [sink.labels(k) for k in range(sink.n_levels)]
+    name = f"{image.name} MuViT ({out_path.name})"
+    for layer in list(viewer.layers):
+        if layer.name == name:
+            viewer.layers.remove(layer)  # a previous run of the same store
+    data, kwargs = stack_for_plane(levels, image, plane)
+    return viewer.add_labels(
+        data,
+        name=name,
+        multiscale=len(levels) > 1,
+        colormap=L.labels_colormap(
+            model.label_values, getattr(model, "class_colors", None), model.class_names
+        ),
+        features=L.class_features(model.label_values, model.class_names),
+        opacity=0.6,
+        metadata={"napari_muvit": {"store": str(out_path), "source_layer": image.name}},
+        **kwargs,
+    )
+
+
+def stack_for_plane(levels: list[Any], image: Any, plane: L.LayerPlane) -> tuple[Any, dict]:
+    """2-D store levels as layer data aligned with ``image``'s displayed plane.
+
+    A 2-D image uses the arrays and transforms as they are.  For nD images the 2-D levels get
+    length-1 axes for the other dimensions (lazily, via dask) and the plane's index is folded
+    into the affine, so the result sits exactly on the plane it was computed for.
+    """
+    if plane.ndim == 2 and plane.channel_axis is None:
+        return (levels if len(levels) > 1 else levels[0]), L.transform_kwargs(image, plane)
+    out_axes = plane.out_axes
+    ndim = len(out_axes)
+    disp = (out_axes.index(plane.displayed[0]), out_axes.index(plane.displayed[1]))
+    stacked = []
+    for arr in levels:
+        lazy = da.from_array(arr, chunks=arr.chunks)
+        shape = [1] * ndim
+        shape[disp[0]], shape[disp[1]] = arr.shape
+        stacked.append(lazy.reshape(tuple(shape)))
+    full = L.full_affine(image)
+    keep = [*out_axes, full.shape[0] - 1]
+    affine = full[np.ix_(keep, keep)]
+    shift = np.eye(ndim + 1)
+    for axis, index in plane.index.items():
+        shift[out_axes.index(axis), -1] = index
+    data = stacked if len(stacked) > 1 else stacked[0]
+    return data, {"affine": affine @ shift}
+
+
+def default_store_path(image: Any, output_dir: str) -> Path:
+    """``<folder>/<image>_muvit.zarr``: next to the image's file when it has one, else in
+    ``output_dir``."""
+    name = "image" if image is None else safe_name(image.name)
+    folder = Path(output_dir)
+    source_path = getattr(getattr(image, "source", None), "path", None)
+    if source_path:
+        folder = Path(source_path).expanduser().parent
+    return folder / f"{name}_muvit.zarr"
+
+
+# ---------------------------------------------------------------------------------------------
+# training inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def add_annotation_layer(viewer: Any, image: Any, store: str | Path | None,
+                         annotation_dir: str) -> Any:
+    """An empty Labels layer over ``image``'s plane, ready to paint (brush, label 1).
+
+    In memory for planes up to :data:`._layers.DENSE_OUTPUT_MAX_PIXELS`; beyond that (or when
+    ``store`` is given) a zarr array on disk, default ``<annotation_dir>/<name>.zarr``, so that
+    the annotations of a big image survive the session.
+    """
+    plane = L.layer_plane(viewer, image)
+    shape = L.output_level_shapes(plane)[0]
+    name = unique_name(viewer, f"{image.name} annotations")
+    if int(np.prod(plane.shape)) <= L.DENSE_OUTPUT_MAX_PIXELS and store is None:
+        data: Any = np.zeros(shape, dtype=np.uint8)
+    else:
+        path = Path(store) if store is not None else (
+            Path(annotation_dir) / f"{safe_name(name, 'labels')}.zarr"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        chunks = tuple(min(1024, n) if n > 64 else 1 for n in shape)
+        data = zarr.open_array(
+            str(path), mode="a", shape=shape, chunks=chunks, dtype="uint8", fill_value=0
+        )
+    layer = viewer.add_labels(
+        data,
+        name=name,
+        metadata={"napari_muvit": {"annotations_for": image.name}},
+        **L.transform_kwargs(image, plane),
+    )
+    layer.mode = "paint"
+    layer.selected_label = 1
+    layer.brush_size = 10
+    return layer
+
+
+def add_validation_layer(viewer: Any, image: Any) -> Any:
+    """A Shapes layer in rectangle mode (over ``image``) for the validation region."""
+    kwargs = {} if image is None else {"scale": image.scale, "translate": image.translate}
+    layer = viewer.add_shapes(
+        name=unique_name(viewer, "validation region"),
+        edge_color="yellow",
+        face_color="transparent",
+        edge_width=2,
+        **kwargs,
+    )
+    layer.mode = "add_rectangle"
+    return layer

@@ -1,0 +1,735 @@
+"""The MuViT predict panel: segment the view, live while navigating, or the whole image.
+
+A thin Qt view over :class:`~.state.PredictState`: the form is bound to the state, the work runs
+in the worker functions of :mod:`.jobs`, and the output layers are managed by
+:class:`~.outputs.ViewOutputs`.  What stays here is the main-thread side: reading the camera,
+answering the jobs' handshake, painting streamed tiles and coalescing layer refreshes so that
+the event loop stays responsive while tiles stream in.
+
+Three modes:
+
+* **Predict view** segments the part of the plane visible on the canvas.
+* **Live** does that again (debounced) whenever the camera moves or the displayed plane
+  changes.  Tiles already in the layer are not recomputed (and the engine's tile cache makes
+  overlapping requests cheap); a newer view cancels an older request; a view that needs more
+  new tiles than the cap is refused with a status message instead of grinding.
+* **Whole image** writes a resumable OME-Zarr on disk (the engine's ``ZarrSink``) and shows it
+  as a multiscale Labels layer that fills in as chunks complete, with a napari progress bar and
+  a Cancel button.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSizePolicy,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_muvit.data.geometry import grid_cells
+from napari_muvit.errors import CancelledError, InputError, MuViTError
+from napari_muvit.widgets import _layers as L
+from napari_muvit.widgets import _models as models
+from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice, registry
+from napari_muvit.widgets._workers import error_message, report_error, start_worker
+from napari_muvit.widgets.base import DockPanel, Form, _alive, bind_label, compact, set_progress
+from napari_muvit.widgets.jobs import (
+    Job,
+    Loaded,
+    ModelLoader,
+    PredictorOptions,
+    Ready,
+    SinkReady,
+    SourceCache,
+    ViewRequest,
+    image_job,
+    load_job,
+    view_job,
+)
+from napari_muvit.widgets.outputs import ViewOutputs, add_store_layer, default_store_path
+from napari_muvit.widgets.state import PredictState, remember_folder
+
+log = logging.getLogger("napari_muvit.widgets")
+
+LIVE_DEBOUNCE_MS = 300
+# Coalesce full layer refreshes (multiscale and image layers re-read the visible region).
+REFRESH_INTERVAL_MS = 80
+IMAGE_REFRESH_INTERVAL_MS = 400
+
+
+class _Relay(QObject):
+    """Carries whole-image progress from the worker thread to the main thread (queued)."""
+
+    progressed = Signal(int, int)
+
+
+class PredictWidget(DockPanel):
+    """Dock widget: segment the view (once or live) or the whole image with a MuViT model.
+
+    Scripting surface: :meth:`predict_view`, :meth:`predict_image` and :meth:`set_live` return
+    the worker they started (``None`` when nothing was started; the reason is in
+    :attr:`status`).  :meth:`cancel` stops everything.  :attr:`state` holds every choice and
+    the running jobs (``state.view_job``, ``state.image_job``); :attr:`outputs` the layers.
+    """
+
+    STATE = PredictState
+    state: PredictState
+    _instances: ClassVar[weakref.WeakSet[PredictWidget]] = weakref.WeakSet()
+
+    def __init__(self, napari_viewer: Any, parent: QWidget | None = None) -> None:
+        self.loader = ModelLoader()
+        self.sources = SourceCache()
+        self._loaded_info: Loaded | None = None
+        self._dirty_layers: dict[int, Any] = {}
+        self._last_image_refresh = 0.0
+        self._progress_value: int | None = None
+        super().__init__(napari_viewer, parent)
+        self.outputs = ViewOutputs(self.viewer)
+        PredictWidget._instances.add(self)
+        self._debounce = _timer(self, LIVE_DEBOUNCE_MS, self._on_live_timeout)
+        self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
+        st = self.state.events
+        st.image.connect(self._on_image_changed)
+        st.model.connect(self._on_model_changed)
+        for name in ("device", "precision", "overlap"):
+            getattr(st, name).connect(self._on_model_changed)
+        st.live.connect(self._on_live_changed)
+        st.view_job.connect(self._update_buttons)
+        st.image_job.connect(self._update_buttons)
+        self._refresh_model_choices(select=self.state.model)
+        self._on_model_changed()
+
+    @classmethod
+    def instances(cls) -> list[PredictWidget]:
+        """Open predict widgets (the train panel finds the one in its viewer)."""
+        return [w for w in list(cls._instances) if w.alive]
+
+    # ------------------------------------------------------------------------------ UI
+
+    def build(self) -> None:
+        layout = QVBoxLayout(self)
+        layout.addLayout(self._build_model_form())
+        layout.addWidget(self._build_options())
+        layout.addWidget(self._build_view_box())
+        layout.addWidget(self._build_image_box())
+        layout.addLayout(self._build_progress_row())
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+        bind_label(self.status_label, self.state, "status")
+        layout.addWidget(self.status_label)
+        layout.addStretch(1)
+
+    def _build_model_form(self) -> QFormLayout:
+        form_layout = QFormLayout()
+        form = Form(self.state, form_layout)
+        self.image_combo = self.layer_choice("image", "image", prefer_active=True)
+        self.image_combo.setToolTip("Image layer to segment (2-D, or the displayed plane of nD)")
+        form_layout.addRow("Image", self.image_combo)
+        self.model_combo = compact(QComboBox())
+        self.model_combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+        self.model_combo.setToolTip(
+            "A MuViT segmenter: the bundled default, a folder saved by napari-muvit or the "
+            "official muvit package, or a model being fine-tuned in this session"
+        )
+        self.model_combo.currentIndexChanged.connect(self._on_model_combo)
+        self.browse_button = form.row_with_button(
+            "Model", self.model_combo, "Folder…",
+            "Choose a model folder (the one holding config.yaml)")
+        self.browse_button.clicked.connect(self._browse_model)
+        self.device_combo = form.combo("device", "Device")
+        self.precision_combo = form.combo(
+            "precision", "Precision",
+            "auto: bf16/fp16 on CUDA, float32 elsewhere. bf16 also speeds up CPUs with native "
+            "bfloat16 (AVX512-BF16, AMX): 1.4x faster with the bundled model, 99.998% of labels "
+            "identical (docs/benchmarks.md); elsewhere it is slower. off: float32 everywhere")
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        bind_label(self.model_info, self.state, "model_info")
+        self.state.events.model_problem.connect(self._show_model_problem)
+        form_layout.addRow(self.model_info)
+        return form_layout
+
+    def _build_options(self) -> QGroupBox:
+        box = QGroupBox("Options")
+        form = Form(self.state, QFormLayout(box))
+        self.confidence_check = form.check("confidence", "Confidence layer (max class probability)")
+        self.cap_spin = form.spin(
+            "tile_cap", "Tile cap (view)", 1, 100000,
+            "Most new tiles one view prediction may compute; zoom in (or use Whole image) "
+            "when the view needs more")
+        self.overlap_spin = form.spin(
+            "overlap", "Tile overlap", 0, 256,
+            "Pixels shared by neighbouring tiles (blended; removes seams)")
+        self.batch_spin = form.spin("batch_size", "Batch size", 0, 512, special="auto")
+        return box
+
+    def _build_view_box(self) -> QGroupBox:
+        box = QGroupBox("View")
+        row = QHBoxLayout(box)
+        self.view_button = QPushButton("Predict view")
+        self.view_button.setToolTip("Segment the part of the image visible on the canvas")
+        self.view_button.clicked.connect(lambda: self.predict_view())
+        self.live_check = Form(self.state).check(
+            "live", "Live", "Re-predict whenever you pan, zoom or change the plane")
+        row.addWidget(self.view_button)
+        row.addWidget(self.live_check)
+        return box
+
+    def _build_image_box(self) -> QGroupBox:
+        box = QGroupBox("Whole image")
+        form = Form(self.state, QFormLayout(box))
+        self.output_edit = Form(self.state).line(
+            "output", "", "output .zarr (default: in the folder below)")
+        self.output_button = form.row_with_button("Output", self.output_edit, "…")
+        self.output_button.setMaximumWidth(32)
+        self.output_button.clicked.connect(self._browse_output)
+        self.overwrite_check = form.check("overwrite", "Overwrite an existing prediction")
+        self.image_button = QPushButton("Predict whole image")
+        self.image_button.setToolTip(
+            "Segment the whole image (plane) into an OME-Zarr on disk; resumes an unfinished one")
+        self.image_button.clicked.connect(lambda: self.predict_image())
+        form.layout.addRow(self.image_button)
+        return box
+
+    def _build_progress_row(self) -> QHBoxLayout:
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        bar = self.progress
+        self.state.events.progress.connect(_alive(bar, lambda p: set_progress(bar, *p)))
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        row = QHBoxLayout()
+        row.addWidget(self.progress, 1)
+        row.addWidget(self.cancel_button)
+        return row
+
+    # ------------------------------------------------------------------------------ state
+
+    @property
+    def image_layer(self) -> Any:
+        """The selected image layer."""
+        return self.layer("image")
+
+    @image_layer.setter
+    def image_layer(self, layer: Any) -> None:
+        self.select_layer("image", layer)
+
+    @property
+    def live(self) -> bool:
+        return self.state.live
+
+    @property
+    def model_choice(self) -> ModelChoice:
+        return self.state.model
+
+    def set_model(self, model: str | Path | ModelChoice | None) -> None:
+        """Select a model: ``None``/``"bundled"``, a folder, or a :class:`ModelChoice`."""
+        if model is None or model == BUNDLED:
+            choice = ModelChoice(BUNDLED)
+        elif isinstance(model, ModelChoice):
+            choice = model
+        else:
+            choice = ModelChoice(FOLDER, str(Path(model).expanduser().absolute()))
+        self._refresh_model_choices(select=choice)
+
+    @property
+    def device(self) -> str:
+        return self.state.device
+
+    @property
+    def predictor_options(self) -> PredictorOptions:
+        """The panel's device, precision, overlap and batch size."""
+        return PredictorOptions.of(self.state)
+
+    def labels_layer(self, image: Any = None) -> Any:
+        """The view-prediction Labels layer of ``image`` (default: the selected one)."""
+        target = self.outputs.target(image or self.image_layer)
+        return None if target is None else target.labels
+
+    def confidence_layer(self, image: Any = None) -> Any:
+        target = self.outputs.target(image or self.image_layer)
+        return None if target is None else target.confidence
+
+    @property
+    def predictor(self) -> Any:
+        """The predictor of the last view job (for inspection: ``.stats``, ``.cache``)."""
+        job = self.state.view_job
+        if job is not None and job.loaded is not None:
+            return job.loaded.predictor
+        return None if self._loaded_info is None else self._loaded_info.predictor
+
+    def follow_session(self, name: str | None) -> None:
+        """Switch to fine-tuned model ``name`` at its first published snapshot."""
+        self.state.follow_session = name
+
+    # ------------------------------------------------------------------------------ viewer events
+
+    def on_viewer_connected(self) -> None:
+        v = self.viewer
+        cam = L.camera(v)
+        self._connect(cam.events.center, self._on_view_changed)
+        self._connect(cam.events.zoom, self._on_view_changed)
+        canvas = getattr(v, "canvas", None)
+        if canvas is not None and hasattr(getattr(canvas, "events", None), "size"):
+            self._connect(canvas.events.size, self._on_view_changed)
+        self._connect(v.dims.events.current_step, self._on_view_changed)
+        self._connect(v.dims.events.order, self._on_view_changed)
+        self._connect(registry().updated, self._on_session_model)
+
+    def on_layer_removed(self, layer: Any) -> None:
+        for job in self.state.jobs():
+            req = job.request
+            if req is not None and req.layer is layer and job.running:
+                job.cancel()
+        self.sources.drop_layer(layer)
+        self.outputs.forget(layer)
+
+    def _on_image_changed(self, *_: Any) -> None:
+        # A view job of the previous image keeps painting into *its* layer; only live mode
+        # should follow the new selection.
+        if self.live:
+            self._debounce.start()
+
+    def _on_view_changed(self, event: Any = None) -> None:
+        if self.live:
+            self._debounce.start()
+
+    def _on_live_timeout(self) -> None:
+        if self.live and self.alive:
+            self._start_view(live=True)
+
+    def _on_live_changed(self, on: bool) -> None:
+        if self.alive:
+            self._apply_live(on)
+
+    # ------------------------------------------------------------------------------ models
+
+    def _refresh_model_choices(self, select: ModelChoice | None = None) -> None:
+        """Re-list the models and select ``select`` (reloading it when it is the same)."""
+        select = select or self.model_choice
+        self._list_models(select)
+        if self.state.model == select:
+            self._on_model_changed()  # the same choice again: reload (e.g. a changed folder)
+        else:
+            self.state.model = select
+
+    def _list_models(self, select: ModelChoice) -> None:
+        choices = [ModelChoice(BUNDLED)]
+        choices += [ModelChoice(FOLDER, str(p)) for p in self.state.recent_models]
+        choices += [ModelChoice(SESSION, name) for name in registry().names()]
+        if select not in choices:
+            choices.insert(1, select)
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for choice in choices:
+            self.model_combo.addItem(choice.label, choice)
+        self.model_combo.setCurrentIndex(choices.index(select))
+        self.model_combo.blockSignals(False)
+
+    def _on_model_combo(self, *_: Any) -> None:
+        data = self.model_combo.currentData()
+        self.state.model = data if isinstance(data, ModelChoice) else ModelChoice(BUNDLED)
+
+    def _browse_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "MuViT model folder (with config.yaml)")
+        if folder:
+            self.set_model(folder)
+
+    def _browse_output(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(
+            self, "Whole-image prediction (OME-Zarr folder)", str(self._default_output()), "*.zarr"
+        )
+        if path:
+            self.state.output = path if path.endswith(".zarr") else path + ".zarr"
+
+    def _on_model_changed(self, *_: Any) -> None:
+        if not self.alive:
+            return
+        choice = self.model_choice
+        if self.model_combo.currentData() != choice:  # set from code: show it
+            self._list_models(choice)
+        self.state.recent_models = remember_folder(self.state.recent_models, choice)
+        self._loaded_info = None
+        if choice.kind == BUNDLED:
+            try:
+                models.bundled_segmenter_path()
+            except MuViTError as err:
+                self._model_problem(f"{err}. Choose a model folder with 'Folder…'.")
+                return
+        self.state.model_problem = False
+        self.state.model_info = "loading model…"
+        start_worker(
+            load_job, self.loader, choice, self.predictor_options,
+            lifeline=self.lifeline,
+            on_return=self._on_model_loaded,
+            on_error=lambda err, c=choice: self._on_model_error(c, err),
+        )
+        if self.live:
+            self._debounce.start()
+
+    def _on_model_loaded(self, loaded: Loaded) -> None:
+        if loaded.choice != self.model_choice:
+            return  # the user picked another model meanwhile
+        self._loaded_info = loaded
+        self.state.model_problem = False
+        self.state.model_info = loaded.summary()
+
+    def _on_model_error(self, choice: ModelChoice, err: BaseException) -> None:
+        if choice != self.model_choice:
+            return
+        self._model_problem(error_message(err))
+        if choice.kind != BUNDLED:
+            report_error(err, "MuViT model")
+
+    def _model_problem(self, text: str) -> None:
+        self.state.model_problem = True
+        self.state.model_info = text
+
+    def _show_model_problem(self, problem: bool) -> None:
+        self.model_info.setStyleSheet("color: #e06c5a;" if problem else "")
+
+    def _on_session_model(self, name: str) -> None:
+        """A fine-tuning run published new weights: list the model, re-predict if shown."""
+        if not self.alive:
+            return
+        current = self.model_choice
+        listed = [self.model_combo.itemData(i) for i in range(self.model_combo.count())]
+        if ModelChoice(SESSION, name) not in listed:
+            self._refresh_model_choices(select=current)
+        if self.state.follow_session == name:
+            # first snapshot of the run this panel follows: switch to its model
+            self.state.follow_session = None
+            self.set_model(ModelChoice(SESSION, name))
+            self.repredict()
+        elif current == ModelChoice(SESSION, name):
+            self._on_model_changed()
+            self.repredict()
+
+    def repredict(self) -> Any:
+        """Predict the view again after the model changed: live mode re-predicts (debounced);
+        otherwise the view is re-predicted only if it was predicted before."""
+        if self.live:
+            self._debounce.start()
+            return None
+        if self.labels_layer() is not None:
+            return self.predict_view()
+        return None
+
+    # ------------------------------------------------------------------------------ public API
+
+    def predict_view(self) -> Any:
+        """Segment the visible part of the selected image; returns the worker (or None)."""
+        return self._start_view(live=False)
+
+    def set_live(self, on: bool) -> Any:
+        """Turn live prediction on/off; turning it on predicts the current view at once and
+        returns that worker."""
+        on = bool(on)
+        if self.state.live == on:
+            return self._apply_live(on)
+        self._live_worker = None
+        self.state.live = on  # -> _on_live_changed -> _apply_live
+        return self._live_worker
+
+    def _apply_live(self, on: bool) -> Any:
+        if not on:
+            self._debounce.stop()
+            job = self.state.view_job
+            if job is not None and job.request.live:
+                job.cancel()
+            self.set_status("live prediction off")
+            return None
+        self._live_worker = self._start_view(live=True)
+        return self._live_worker
+
+    def predict_image(self, out: str | Path | None = None) -> Any:
+        """Segment the whole image (displayed plane) into an OME-Zarr at ``out`` (default: the
+        Output field, else ``<output folder>/<layer>_muvit.zarr``); returns the worker."""
+        try:
+            req = self._request(live=False, whole=True)
+        except MuViTError as err:
+            report_error(err, "MuViT whole image")
+            self.set_status(error_message(err))
+            return None
+        if self.state.image_job is not None and self.state.image_job.running:
+            self.set_status("a whole-image prediction is already running (Cancel it first)")
+            return None
+        path = Path(out) if out is not None else Path(self.state.output or self._default_output())
+        path = path.expanduser().absolute()
+        self.state.output = str(path)
+        self.state.output_dir = str(path.parent)
+        job = Job("image", request=req, out_path=path)
+        relay = _Relay(self)
+        relay.progressed.connect(
+            self.lifeline.guard(lambda d, t, j=job: self._on_image_progress(j, d, t)))
+        job.relay = relay
+        self.state.image_job = job
+        job.worker = start_worker(
+            image_job, job, self.loader, self.sources, relay.progressed.emit,
+            self.state.overwrite,
+            lifeline=self.lifeline,
+            on_yield=lambda msg, j=job: self._on_image_message(j, msg),
+            on_return=lambda complete, j=job: self._on_image_returned(j, complete),
+            on_error=lambda err, j=job: self._on_job_error(j, err),
+            on_finish=lambda j=job: self._on_image_finished(j),
+        )
+        self.set_status(f"whole image → {path}: loading model…")
+        self._update_buttons()
+        return job.worker
+
+    def cancel(self) -> None:
+        """Cancel every running job; tiles already shown/written stay valid."""
+        for job in self.state.jobs():
+            if job.running:
+                job.cancel()
+        self.set_status("cancelling…")
+
+    # ------------------------------------------------------------------------------ view jobs
+
+    def _request(self, live: bool, whole: bool = False) -> ViewRequest:
+        layer = self.image_layer
+        if layer is None:
+            raise InputError("no image layer selected: add or select an image layer")
+        plane = L.layer_plane(self.viewer, layer)
+        if whole:
+            region = np.array([[0, 0], plane.shape], dtype=np.float64)
+        else:
+            region = L.visible_bbox(self.viewer, layer, plane)
+        return ViewRequest(
+            layer=layer, plane=plane, region=region, choice=self.model_choice,
+            options=self.predictor_options, probabilities=self.state.confidence, live=live,
+        )
+
+    def _start_view(self, live: bool) -> Any:
+        try:
+            req = self._request(live=live)
+        except MuViTError as err:
+            if not live:
+                report_error(err, "MuViT predict view")
+            self.set_status(error_message(err))
+            return None
+        if np.any(req.region[1] - req.region[0] < 1):
+            self.set_status("the image is not visible on the canvas")
+            return None
+        previous = self.state.view_job
+        if previous is not None and previous.running:
+            previous.cancel()  # a newer view supersedes the older one
+        else:
+            previous = None
+        job = Job("view", request=req)
+        self.state.view_job = job
+        job.worker = start_worker(
+            view_job, job, self.loader, self.sources, previous,
+            lifeline=self.lifeline,
+            on_yield=lambda msg, j=job: self._on_view_message(j, msg),
+            on_error=lambda err, j=job: self._on_job_error(j, err),
+            on_finish=lambda j=job: self._on_view_finished(j),
+        )
+        self.set_status("predicting view…" if not live else "live: predicting view…")
+        self._update_buttons()
+        return job.worker
+
+    def _on_view_message(self, job: Job, msg: Any) -> None:
+        if isinstance(msg, Ready):
+            self._on_view_ready(job, msg)
+            return
+        if job.token.cancelled and job.target is None:
+            return
+        self._paint_tile(job, msg)
+
+    def _on_view_ready(self, job: Job, ready: Ready) -> None:
+        job.loaded, job.plane = ready.loaded, ready.plane
+        if self.state.view_job is not job or job.token.cancelled:
+            job.answer(False)
+            return
+        self._loaded_info = ready.loaded
+        if job.request.choice == self.model_choice:
+            self.state.model_problem = False
+            self.state.model_info = ready.loaded.summary()
+        try:
+            target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
+                                          job.request.probabilities)
+        except MuViTError as err:
+            job.answer(False)
+            self._on_job_error(job, err)
+            return
+        job.target = target
+        pred = ready.loaded.predictor
+        cells = grid_cells(ready.region, pred.step)
+        key = ready.plane.key()
+        new = [c for c in cells if (key, c) not in target.painted]
+        cap = self.state.tile_cap
+        job.total = len(new)
+        live = "live: " if job.request.live else ""
+        if not new:
+            self.set_status(f"view up to date ({len(cells)} tiles)")
+        elif len(new) > cap:
+            self.set_status(
+                f"the view needs {len(new)} new tiles, more than the cap of {cap}: zoom in, "
+                "raise 'Tile cap' or use 'Predict whole image'"
+            )
+        else:
+            self.state.progress = (0, len(new))
+            self.set_status(
+                f"{live}predicting {len(new)} tiles ({len(cells) - len(new)} already shown) "
+                f"on {pred.device}…"
+            )
+        job.answer(0 < len(new) <= cap)
+
+    def _paint_tile(self, job: Job, res: Any) -> None:
+        target = job.target
+        if not self.outputs.is_current(target):
+            return  # the output was replaced (model switch) or removed
+        result = self.outputs.paint(target, job.plane, res)
+        if not result.painted:
+            return
+        job.painted += 1
+        for layer in result.dirty:
+            self._mark_dirty(layer)
+        for layer, slice_key in result.regions:
+            L.refresh_region(layer, slice_key)
+        self._progress_value = job.painted  # shown by the coalescing refresh timer
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
+
+    def _mark_dirty(self, layer: Any) -> None:
+        if layer is None:
+            return
+        self._dirty_layers[id(layer)] = layer
+        if not self._refresh_timer.isActive():
+            self._refresh_timer.start()
+
+    def _flush_refresh(self) -> None:
+        if self._progress_value is not None:
+            done, total = self._progress_value, self.state.progress[1]
+            self.state.progress = (done, total)
+            self._progress_value = None
+        layers, self._dirty_layers = self._dirty_layers, {}
+        for layer in layers.values():
+            if layer in self.viewer.layers:
+                L.refresh_data(layer)
+
+    def _on_view_finished(self, job: Job) -> None:
+        job.done.set()
+        if job.target is not None and job.painted:
+            self._flush_refresh()
+        if self.state.view_job is job:
+            if job.token.cancelled:
+                if job.proceed:
+                    self.set_status(f"view cancelled after {job.painted}/{job.total} tiles")
+            elif job.proceed:
+                dt = time.perf_counter() - job.started
+                self.set_status(
+                    f"{'live: ' if job.request.live else ''}view done: {job.painted} tiles in "
+                    f"{dt:.1f} s"
+                )
+        self._update_buttons()
+
+    def _on_job_error(self, job: Job, err: BaseException) -> None:
+        if isinstance(err, CancelledError) or job.token.cancelled:
+            return
+        context = "MuViT whole image" if job.kind == "image" else "MuViT predict view"
+        if job.kind == "view" and job.request is not None and job.request.live and self.live:
+            # Every camera move would fail the same way: stop live mode, say it once.
+            self.set_live(False)
+            context = "MuViT live prediction stopped"
+        report_error(err, context)
+        self.set_status(f"error: {error_message(err)}")
+
+    # ------------------------------------------------------------------------------ whole image
+
+    def _default_output(self) -> Path:
+        return default_store_path(self.image_layer, self.state.output_dir)
+
+    def _on_image_message(self, job: Job, msg: Any) -> None:
+        if not isinstance(msg, SinkReady):
+            return
+        job.loaded, job.plane, job.sink = msg.loaded, msg.plane, msg.sink
+        if job.token.cancelled:
+            job.answer(False)
+            return
+        image = job.request.layer
+        job.target = add_store_layer(self.viewer, image, msg.plane, msg.sink, msg.loaded.model,
+                                     job.out_path)
+        from napari.utils import progress
+
+        job.total = msg.remaining
+        job.progress_bar = progress(total=max(1, msg.remaining), desc=f"MuViT {image.name}")
+        self.state.progress = (0, max(1, msg.remaining))
+        resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
+        self.set_status(
+            f"whole image{resumed}: {msg.remaining} tiles to compute → {job.out_path}"
+        )
+        job.answer(True)
+
+    def _on_image_progress(self, job: Job, done: int, total: int) -> None:
+        job.painted = done
+        now = time.perf_counter()
+        # The zarr chunks on disk change as tiles complete; re-reading the visible region and
+        # updating napari's progress bar (which repaints synchronously) a few times per second
+        # is enough to watch it fill in.
+        if now - self._last_image_refresh < IMAGE_REFRESH_INTERVAL_MS / 1000 and done < total:
+            return
+        self._last_image_refresh = now
+        if job.progress_bar is not None:
+            job.progress_bar.update(done - job.progress_bar.n)
+        self.state.progress = (done, max(1, total))
+        if job.target is not None:
+            self._mark_dirty(job.target)
+
+    def _on_image_returned(self, job: Job, complete: Any) -> None:
+        dt = time.perf_counter() - job.started
+        if complete:
+            self.set_status(f"whole image done in {dt:.1f} s → {job.out_path}")
+
+    def _on_image_finished(self, job: Job) -> None:
+        job.done.set()
+        if job.progress_bar is not None:
+            job.progress_bar.close()
+            job.progress_bar = None
+        if job.target is not None and job.target in self.viewer.layers:
+            job.target.refresh()
+        if job.token.cancelled and job.proceed:
+            self.set_status(
+                f"whole image cancelled after {job.painted}/{job.total} tiles; run it again to "
+                f"resume ({job.out_path})"
+            )
+        self._update_buttons()
+
+    # ------------------------------------------------------------------------------ lifecycle
+
+    def _update_buttons(self, *_: Any) -> None:
+        if self.alive:
+            self.cancel_button.setEnabled(self.running)
+
+    def on_closing(self) -> None:
+        self._debounce.stop()
+        self._refresh_timer.stop()
+
+
+def _timer(parent: QObject, interval_ms: int, callback: Any) -> QTimer:
+    timer = QTimer(parent)
+    timer.setSingleShot(True)
+    timer.setInterval(interval_ms)
+    timer.timeout.connect(callback)
+    return timer
