@@ -1,5 +1,5 @@
 """Quick training (issue 13): a pixel head fitted on cached features in seconds, then
-fine-tuning; simulated strokes; the one-class warning."""
+fine-tuning; simulated strokes; one painted class."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.metrics import mean_dice
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, collect_features
-from napari_muvit.engine.train import TrainConfig, Trainer, train
+from napari_muvit.engine.train import TrainConfig, train
 from napari_muvit.model import MuViTSegmenter, load_model
 
 
@@ -139,7 +139,9 @@ def test_train_with_a_pixel_head_writes_a_model_that_predicts(tmp_path):
     again = load_model(tmp_path / "m")
     assert again.head_type == "pixel"
     np.testing.assert_allclose(again.head.feature_std.numpy(), model.head.feature_std.numpy())
-    events = [e["kind"] for e in again.meta["history"]["events"]]
+    from napari_muvit.model.checkpoint import load_history
+
+    events = [e["kind"] for e in load_history(tmp_path / "m")["events"]]
     assert "quick_fit" in events
     np.testing.assert_array_equal(predict(image, again, device="cpu"),
                                   predict(image, model, device="cpu"))
@@ -155,11 +157,10 @@ def test_quick_fit_refuses_a_head_it_cannot_fit():
 
 
 # ------------------------------------------------------------------------------ guardrails
-def test_one_painted_class_is_warned_about():
+def test_one_painted_class_is_refused_before_the_quick_fit():
+    from napari_muvit.errors import InputError
+
     image, truth = _discs(128)
     strokes = simulate_strokes(truth, classes=[1], strokes_per_class=2, length=10, seed=0)
-    trainer = Trainer(_tiny(), [(image, strokes)], _quick_cfg(steps=1))
-    assert any("only one class" in w for w in trainer.history["warnings"])
-    two = simulate_strokes(truth, strokes_per_class=2, length=10, seed=0)
-    trainer = Trainer(_tiny(), [(image, two)], _quick_cfg(steps=1))
-    assert not any("only one class" in w for w in trainer.history["warnings"])
+    with pytest.raises(InputError, match="two classes"):
+        QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=1))

@@ -554,13 +554,6 @@ class Trainer(TrainingLoop):
 
     def _check_annotations(self) -> None:
         values = set(self.painted_values())
-        if len(values) == 1:
-            self._event(
-                "one_class",
-                f"only one class is painted (label {next(iter(values))}): the model can only "
-                "learn to predict it everywhere; paint at least two classes",
-                warning=True,
-            )
         unpainted = [v for v in self.model.label_values if v not in values]
         if 0 in unpainted and not self.config.dense:
             self._event(
