@@ -521,13 +521,17 @@ def labels_colormap(
 ) -> Any:
     """A napari ``DirectLabelColormap`` for a model's label values.
 
-    The model's class colours when it has them, else napari's label colours; value 0 and a
+    The model's class colours when it has them, else the colours napari gives the same value in
+    a new Labels layer (the annotations); value 0 and a
     class *named* ``background`` (annotated as a class when training on scribbles) are
     transparent, so that the predicted objects stand out over the image.
     """
-    from napari.utils.colormaps import DirectLabelColormap, label_colormap
+    from napari.layers import Labels
+    from napari.utils.colormaps import DirectLabelColormap
 
-    default = label_colormap(max(2, len(label_values) + 1))
+    # one colour table: the colours napari gives a new Labels layer (the annotation layer),
+    # so a class painted in a colour is predicted in that colour
+    default = Labels(np.zeros((1, 1), np.uint8)).colormap
     colors: dict[int | None, Any] = {None: np.zeros(4), 0: np.zeros(4)}
     for k, value in enumerate(label_values):
         if int(value) == 0:
