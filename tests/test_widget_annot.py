@@ -8,6 +8,8 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
+from _predict_support import tiny_segmenter
+
 pytestmark = pytest.mark.gui
 
 
@@ -56,3 +58,24 @@ def test_prediction_colours_match_annotation_colours(make_napari_viewer):
     cmap = labels_colormap([1, 2, 3, 4], None, ["a", "b", "c", "d"])
     values = np.array([1, 2, 3, 4])
     np.testing.assert_allclose(cmap.map(values), painted.colormap.map(values), atol=1e-6)
+
+
+def test_every_training_snapshot_refreshes_a_view_never_predicted(make_napari_viewer, qtbot):
+    # the panel follows a fine-tuning run: its snapshots predict the view even though the
+    # user never pressed "Predict view" (before: only a view predicted earlier was refreshed)
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets._models import registry
+
+    viewer = make_napari_viewer()
+    rgb = np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+    viewer.add_image(rgb, name="slide", rgb=True)
+    panel = PredictWidget(viewer)
+    panel.follow_session("annot-run")
+    seg = tiny_segmenter(in_channels=3)
+    registry().publish("annot-run", seg, step=1)
+
+    def predicted() -> bool:
+        return any(layer.name.startswith("slide") and type(layer).__name__ == "Labels"
+                   and np.asarray(layer.data).any() for layer in viewer.layers)
+
+    qtbot.waitUntil(predicted, timeout=60_000)

@@ -27,6 +27,8 @@ event loop for a few hundred ms.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -514,6 +516,15 @@ def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
     layer._partial_labels_refresh()
 
 
+@functools.lru_cache(maxsize=1)
+def _annotation_colormap() -> Any:
+    """The colours napari gives a new Labels layer (the annotation layer): one colour table,
+    so a class painted in a colour is predicted in that colour (built once: not cheap)."""
+    from napari.layers import Labels
+
+    return Labels(np.zeros((1, 1), np.uint8)).colormap
+
+
 def labels_colormap(
     label_values: Sequence[int],
     class_colors: Sequence[Any] | None = None,
@@ -526,12 +537,9 @@ def labels_colormap(
     class *named* ``background`` (annotated as a class when training on scribbles) are
     transparent, so that the predicted objects stand out over the image.
     """
-    from napari.layers import Labels
     from napari.utils.colormaps import DirectLabelColormap
 
-    # one colour table: the colours napari gives a new Labels layer (the annotation layer),
-    # so a class painted in a colour is predicted in that colour
-    default = Labels(np.zeros((1, 1), np.uint8)).colormap
+    default = _annotation_colormap()
     colors: dict[int | None, Any] = {None: np.zeros(4), 0: np.zeros(4)}
     for k, value in enumerate(label_values):
         if int(value) == 0:
