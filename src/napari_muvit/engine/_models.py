@@ -223,7 +223,7 @@ def adapt_channels(model: nn.Module, in_channels: int) -> tuple[nn.Module, list[
             adapted.append(key)
     new.load_state_dict(new_sd)
     # one short line: the training panel shows it next to the form
-    note = f"channel adaptation: {c_old}-channel starting model adapted to {in_channels} channels"
+    note = f"channel adaptation: {c_old}-channel starting model adapted to {in_channels} channel(s)"
     return new.to(next(model.parameters()).device), [note]
 
 
