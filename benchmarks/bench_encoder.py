@@ -255,6 +255,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(levels) * (args.size // args.patch) ** 2} tokens, {flops / 1e9:.1f} GFLOP/forward"
     )
     print(f"baseline: {base_name}")
+    from napari_muvit.engine.hardware import cpu_capabilities
+
+    caps = cpu_capabilities()
+    print(f"hardware: {caps.model} | {caps.short} | load avg "
+          f"{', '.join(f'{v:.2f}' for v in os.getloadavg())} (bf16 rows below are emulated "
+          f"unless the CPU has native bf16)")
     with torch.inference_mode():
         a, b = ours(x), base(x)
     print(

@@ -17,17 +17,33 @@ Sections (``--section``, default all):
   seed 1000: the test image of ``experiments/synthetic_table4.py``), float32 vs bf16 autocast,
   timed alternately; label agreement and mDSC of each against the ground truth. bf16 pays off
   on CPUs with native bfloat16 (AVX512-BF16, AMX) and is emulated (slower) elsewhere.
+* ``contention``: the bundled model on a 512² region of the sample, idle and with one busy
+  process per core (started and killed by the benchmark): the package default (passive OpenMP
+  wait policy, every core) against simple settings (GNU OpenMP's own spin-wait default,
+  passive, a short spin, one thread). The wait policy is read when torch loads, so every
+  setting runs in a fresh child process, round-robin; the parent reports ratios against the
+  best setting of the same load. Then ``--workers 2`` on this machine (a Dask LocalCluster,
+  cores divided between the workers) against one process, alternately in one process.
+* ``profile``: why the engine / naive ratio is what it is: CPU ms per tile of reading (full
+  resolution vs pyramid), the encoder and the head (batch 1 and 4), for the default flat UNETR
+  head and narrower layouts, the engine / naive ratio those costs allow, and the top ops of the
+  torch profiler.
 * ``rss``: whole-image zarr prediction (a :class:`~napari_muvit.engine.ZarrSink` spanning the
   full image) of lazy dask pyramids of 4096², 16384² and 65536², each in a fresh subprocess,
   stopped (cancel token) after a fixed number of tiles because a full 64k² run takes hours on
   2 CPU cores. Reports the peak RSS during prediction, which must not depend on the image size.
 
-Run: ``python benchmarks/bench_predict.py [--section throughput|seams|precision|rss|all] [--quick]``.
+Every section prints the detected hardware (CPU flags, native bf16, torch dispatch level)
+and the load average next to its rows.
+
+Run: ``python benchmarks/bench_predict.py [--section throughput|seams|precision|contention|rss|all]
+[--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,6 +57,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import napari_muvit  # noqa: F401  (first: sets the OpenMP wait policy before torch loads)
 import numpy as np
 import torch
 
@@ -48,7 +65,12 @@ from napari_muvit.data import PyramidSource, centered_nested_bboxes, plan_tiles,
 from napari_muvit.engine import CancelToken, Predictor
 from napari_muvit.engine.predict import create_zarr_sink
 from napari_muvit.errors import CancelledError
+from napari_muvit.engine.hardware import cpu_capabilities
+from napari_muvit.engine.threads import wait_policy
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _load import busy_cores, cores  # noqa: E402  (a sibling module of this script)
 
 LEVELS = (1, 8, 32)
 TILE = 128
@@ -80,6 +102,15 @@ def bench_model(kind: str = "small", seed: int = 0) -> MuViTSegmenter:
         seg.head.out.weight.mul_(20.0)
         seg.head.out.bias.zero_()
     return seg
+
+
+def hardware_line() -> str:
+    """Detected capabilities and the load, printed next to every section's rows."""
+    caps = cpu_capabilities()
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return (f"[hardware: {caps.model or 'cpu'} | torch dispatch {caps.isa} | avx512 {caps.avx512} "
+            f"| avx512_bf16 {caps.avx512_bf16} | amx_bf16 {caps.amx_bf16} | native bf16 "
+            f"{caps.native_bf16} | {wait_policy().short} | load avg {load}]")
 
 
 def hwm_mb() -> float:
@@ -280,12 +311,14 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
     prefetch_lazy = rows["lazy dask, prefetch"]["mpx_s"] / rows["lazy dask, no prefetch"]["mpx_s"]
 
     dim, layers, heads, head_dim = MODELS[args.model]
-    print(f"\nthroughput on {args.size}², central {args.region}² region, tile {TILE}, "
+    print(f"\n{hardware_line()}")
+    print(f"throughput on {args.size}², central {args.region}² region, tile {TILE}, "
           f"levels {LEVELS}, model {args.model!r} (dim {dim}, {layers} layers, {heads} heads, "
           f"UNETR {head_dim}), torch threads {torch.get_num_threads()}")
     print(f"nested-crop read, CPU ms/tile: full resolution {reads['full-res']:.1f}, "
           f"pyramid {reads['pyramid']:.2f} ({reads['full-res'] / reads['pyramid']:.0f}x)")
     _print_rows(rows)
+    print(f"(the amp=bf16 row ran on: {cpu_capabilities().short})")
     print(f"pan by {args.region // 4} px: {pan['tiles']} tiles, {pan['computed']} computed, "
           f"{pan['cache_hits']} from cache, {pan['seconds']:.2f} s")
     print(f"engine / naive: {ratio:.1f}x wall, {ratio_cpu:.1f}x per CPU-second "
@@ -295,7 +328,8 @@ def section_throughput(args: argparse.Namespace) -> dict[str, Any]:
           f"{100 * same_fp32:.4f}%, bf16 vs fp32 {100 * same_bf16:.2f}%")
     return {"rows": rows, "reads_ms": reads, "pan": pan, "ratio": ratio, "ratio_cpu": ratio_cpu,
             "ratio_bf16_cpu": ratio_bf16, "prefetch_gain": prefetch_gain,
-            "prefetch_gain_lazy": prefetch_lazy, "identical_vs_naive": same}
+            "prefetch_gain_lazy": prefetch_lazy, "identical_vs_naive": same,
+            "hardware": cpu_capabilities().as_dict(), "loadavg": os.getloadavg()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +396,10 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
     src = PyramidSource(field.pyramid, downsample_factors=field.factors,
                         normalization=model.normalization)
     gt = np.asarray(field.labels)
+    region = None
+    if args.precision_side:  # a central part only (bf16 is ~30x slower where it is emulated)
+        region = central_region(gt.shape, args.precision_side)
+        gt = gt[region[0, 0]:region[1, 0], region[0, 1]:region[1, 1]]
     preds = {amp: Predictor(model, device="cpu", amp=amp, cache_tiles=0) for amp in ("off", "bf16")}
     for pred in preds.values():  # warm-up (oneDNN primitive creation)
         pred.predict(src, [[0, 0], [256, 256]])
@@ -370,16 +408,17 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
     for rep in range(max(2, args.repeats) * 2):
         for amp in (("off", "bf16") if rep % 2 == 0 else ("bf16", "off")):
             t0 = time.perf_counter()
-            labels[amp] = preds[amp].predict(src).labels
+            labels[amp] = preds[amp].predict(src, region).labels
             times[amp].append(time.perf_counter() - t0)
 
     def dice(pred: np.ndarray) -> tuple[float, float]:
         scores = dice_scores(pred, gt, values=(1, 2))
         return scores[1], scores[2]
 
-    cpu_bf16 = bool(torch.backends.mkldnn.is_available()
-                    and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    print(f"\nprecision: bundled model on a held-out {gt.shape[0]}x{gt.shape[1]} field, "
+    caps = cpu_capabilities()
+    cpu_bf16 = caps.native_bf16
+    print(f"\n{hardware_line()}")
+    print(f"precision: bundled model on a held-out {gt.shape[0]}x{gt.shape[1]} field, "
           f"{len(times['off'])} alternating runs each; native CPU bf16: {cpu_bf16} "
           f"(capability {torch.backends.cpu.get_cpu_capability()})")
     rows = {}
@@ -389,11 +428,237 @@ def section_precision(args: argparse.Namespace) -> dict[str, Any]:
         rows[amp] = {"median_s": med, "mpx_s": gt.size / med / 1e6, "outer": outer,
                      "inner": inner, "mDSC": (outer + inner) / 2}
         print(f"{name:<15} median {med:6.2f} s  {gt.size / med / 1e6:6.2f} Mpx/s  "
-              f"Dice outer {outer:.4f} inner {inner:.4f} mDSC {(outer + inner) / 2:.4f}")
+              f"Dice outer {outer:.4f} inner {inner:.4f} mDSC {(outer + inner) / 2:.4f}  "
+              f"[{caps.short}]")
     same = float((labels["off"] == labels["bf16"]).mean())
     speedup = rows["off"]["median_s"] / rows["bf16"]["median_s"]
     print(f"bf16 / float32 speed-up x{speedup:.2f}; identical labels {100 * same:.4f}%")
-    return {"rows": rows, "speedup": speedup, "identical": same, "native_bf16": cpu_bf16}
+    return {"rows": rows, "speedup": speedup, "identical": same, "native_bf16": cpu_bf16,
+            "hardware": caps.as_dict(), "loadavg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------------------
+# profile: why the engine / naive ratio is what it is
+# --------------------------------------------------------------------------------------------
+
+
+def _component_ms(model: MuViTSegmenter, crops: torch.Tensor, bbs: torch.Tensor,
+                  repeats: int) -> dict[str, float]:
+    """CPU ms per tile of the encoder and of the head (forward hooks), batch of ``len(crops)``."""
+    marks: dict[str, float] = {}
+    spent = {"head": 0.0, "total": 0.0}
+    head = model.head  # the segmenter runs the encoder's parts itself: encoder = total - head
+    hooks = [head.register_forward_pre_hook(lambda *_: marks.__setitem__("t", time.process_time())),
+             head.register_forward_hook(lambda *_: spent.__setitem__(
+                 "head", spent["head"] + time.process_time() - marks["t"]))]
+    try:
+        with torch.inference_mode():
+            model(crops, bbs)  # warm-up
+            spent["head"] = 0.0
+            c0 = time.process_time()
+            for _ in range(repeats):
+                model(crops, bbs)
+            spent["total"] = time.process_time() - c0
+    finally:
+        for h in hooks:
+            h.remove()
+    spent["encoder"] = spent["total"] - spent["head"]
+    n = repeats * len(crops)
+    return {k: 1000 * v / n for k, v in spent.items()}
+
+
+def section_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Per-tile CPU cost of reading (naive vs pyramid), encoder and head, for the default head
+    and narrower layouts; the engine / naive ratio these costs allow; top ops (torch profiler)."""
+    img = rings_pyramid(args.size)
+    pyramid = PyramidSource(img.pyramid, downsample_factors=img.factors, normalization=NORM)
+    full_res = PyramidSource([img.pyramid[0]], normalization=NORM, lazy_levels=False)
+    tiles = plan_tiles(central_region(pyramid.shape, args.region), TILE, pyramid.shape)[:8]
+    reads = _read_costs(full_res, pyramid, tiles)
+    crops = np.stack([pyramid.read_nested(centered_nested_bboxes(t.origin, TILE, LEVELS),
+                                          LEVELS, TILE)[0] for t in tiles[:4]])
+    bbs = np.stack([centered_nested_bboxes(t.origin, TILE, LEVELS) for t in tiles[:4]])
+    x, bb = torch.from_numpy(crops), torch.from_numpy(bbs)
+    dim, layers, heads, head_dim = MODELS[args.model]
+    layouts = {"flat (default)": {}, "taper=True": {"taper": True},
+               "channels (32, 32, 16, 8)": {"channels": [head_dim, head_dim, head_dim // 2,
+                                                         head_dim // 4]}}
+    print(f"\n{hardware_line()}")
+    print(f"profile: model {args.model!r}, tile {TILE}, torch threads {torch.get_num_threads()}; "
+          f"CPU ms per tile. Reading nested crops: full resolution (naive) "
+          f"{reads['full-res']:.1f}, pyramid (engine) {reads['pyramid']:.2f}")
+    print(f"{'head layout':<28}{'batch':>6}{'encoder':>9}{'head':>8}{'model':>8}{'head %':>8}"
+          f"{'engine/naive bound':>20}")
+    rows: dict[str, Any] = {}
+    for name, opts in layouts.items():
+        torch.manual_seed(0)
+        enc = MuViTEncoder(in_channels=1, levels=LEVELS, patch_size=8, dim=dim, num_layers=layers,
+                           heads=heads)
+        model = MuViTSegmenter(enc, num_classes=3, head_dim=head_dim, head_options=opts,
+                               meta={"crop_size": TILE}).eval()
+        one = _component_ms(model, x[:1], bb[:1], args.profile_repeats * 4)
+        four = _component_ms(model, x, bb, args.profile_repeats)
+        # naive = batch 1 + full-res reads; engine = batch 4 + pyramid reads
+        bound = (reads["full-res"] + one["total"]) / (reads["pyramid"] + four["total"])
+        rows[name] = {"batch1": one, "batch4": four, "engine_vs_naive_bound": bound}
+        for b, r in (("1", one), ("4", four)):
+            print(f"{name:<28}{b:>6}{r['encoder']:>9.2f}{r['head']:>8.2f}{r['total']:>8.2f}"
+                  f"{100 * r['head'] / max(r['total'], 1e-9):>7.0f}%"
+                  f"{(f'{bound:.2f}x' if b == '4' else ''):>20}")
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = bench_model(args.model)
+    with torch.inference_mode():
+        model(x, bb)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.profile_repeats):
+                model(x, bb)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    print(table)
+    return {"reads_ms": reads, "layouts": rows, "top_ops": table,
+            "hardware": cpu_capabilities().as_dict(), "loadavg": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------------------
+# contention
+# --------------------------------------------------------------------------------------------
+
+# name: (environment, torch threads or None for the default). GOMP_SPINCOUNT=300000 is what GNU
+# OpenMP does when no policy is set (~3 ms of spinning per wait): torch's behaviour before this
+# package set a passive policy.
+CONTENTION_CONFIGS: dict[str, tuple[dict[str, str], int | None]] = {
+    "default": ({}, None),
+    "spin (GNU OpenMP default)": ({"GOMP_SPINCOUNT": "300000"}, None),
+    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
+    "short spin (GOMP_SPINCOUNT=10000)": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "1 thread (spin)": ({"GOMP_SPINCOUNT": "300000"}, 1),
+    "1 thread, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+}
+POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def _sample_source(model: Any, side: int) -> tuple[PyramidSource, np.ndarray]:
+    from napari_muvit.data.samples import synthetic_sample_image
+
+    syn = synthetic_sample_image(size=max(1024, 2 * side))
+    src = PyramidSource(syn.pyramid, downsample_factors=syn.factors,
+                        normalization=model.normalization)
+    return src, central_region(src.shape, side)
+
+
+def contention_child(threads: int | None, side: int, min_seconds: float) -> dict[str, Any]:
+    """One setting in this (fresh) process: bundled model, ``side``² region, repeated runs."""
+    from napari_muvit.model import load_model
+    from napari_muvit.weights import default_model_path
+
+    model = load_model(default_model_path())
+    src, region = _sample_source(model, side)
+    pred = Predictor(model, device="cpu", cache_tiles=0, threads=threads)
+    pred.predict(src, [[0, 0], [128, 128]])  # warm-up (oneDNN primitives)
+    times = []
+    t_start = time.perf_counter()
+    while not times or (time.perf_counter() - t_start < min_seconds and len(times) < 5):
+        t0 = time.perf_counter()
+        pred.predict(src, region)
+        times.append(time.perf_counter() - t0)
+    return {"seconds": float(np.median(times)), "runs": len(times), "mpx_s": side * side / float(np.median(times)) / 1e6,
+            "threads": torch.get_num_threads() if threads is None else threads,
+            "policy": wait_policy().short, "describe": pred.describe(),
+            "loadavg": os.getloadavg()}
+
+
+def workers_child(side: int, rounds: int) -> dict[str, Any]:
+    """One process vs ``--workers 2`` (Dask LocalCluster on this machine), alternately."""
+    from napari_muvit.engine.distributed import predict_distributed
+    from napari_muvit.engine.predict import predict as predict_api
+    from napari_muvit.model import load_model
+    from napari_muvit.weights import default_model_path
+
+    model = load_model(default_model_path())
+    src, region = _sample_source(model, side)
+    folder = str(default_model_path())
+    times: dict[str, list[float]] = {"1 process": [], "--workers 2": []}
+    stats: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(rounds):
+            order = list(times) if rep % 2 == 0 else list(times)[::-1]
+            for name in order:
+                out = Path(tmp) / f"{name.replace(' ', '_')}_{rep}.zarr"
+                t0 = time.perf_counter()
+                if name == "1 process":
+                    predict_api(src, model=folder, region=region, out=out, device="cpu")
+                else:
+                    predict_distributed(src, folder, out, workers=2, region=region, device="cpu",
+                                        stats=stats)
+                times[name].append(time.perf_counter() - t0)
+    block_s = [r["seconds"] for r in stats.get("results", [])]
+    return {"seconds": {k: float(np.median(v)) for k, v in times.items()},
+            "worker_block_seconds_sum": float(sum(block_s)), "blocks": len(block_s),
+            "tiles": int(stats.get("total", 0)), "loadavg": os.getloadavg()}
+
+
+def _child(argv: list[str], env_extra: dict[str, str]) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k not in POLICY_VARS}
+    env.update(env_extra)
+    res = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+                         env=env)
+    if res.returncode:
+        raise RuntimeError(f"child {argv} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def section_contention(args: argparse.Namespace) -> dict[str, Any]:
+    side = args.contention_region
+    names = list(CONTENTION_CONFIGS)
+    out: dict[str, Any] = {"region": side, "cores": cores(), "loads": {}}
+    print(f"\n{hardware_line()}")
+    print(f"contention: bundled model, {side}² region of the sample, {cores()} cores; each "
+          f"setting in a fresh process, {args.contention_rounds} rounds round-robin")
+    for load in args.loads:
+        runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        ctx = busy_cores() if load == "busy" else contextlib.nullcontext()
+        with ctx:
+            for rnd in range(args.contention_rounds):
+                order = names[rnd % len(names):] + names[:rnd % len(names)]
+                for name in order:
+                    env, threads = CONTENTION_CONFIGS[name]
+                    argv = ["--contention-child", str(side), "--min-seconds", str(args.min_seconds)]
+                    if threads is not None:
+                        argv += ["--child-threads", str(threads)]
+                    runs[name].append(_child(argv, env))
+            workers = None
+            if not args.no_workers:
+                workers = _child(["--workers-child", str(args.workers_region)], {})
+        med = {n: float(np.median([r["seconds"] for r in rs])) for n, rs in runs.items()}
+        best = min(med.values())
+        simple_best = min(v for n, v in med.items() if n != "default")
+        print(f"-- {load}: {'one busy process per core' if load == 'busy' else 'nothing started'}")
+        print(f"{'setting':<36}{'threads':>8}{'median s':>10}{'Mpx/s':>8}{'vs best':>9}  load avg")
+        rows = {}
+        for n in names:
+            r = runs[n][-1]
+            la = ", ".join(f"{x[0]:.1f}" for x in (rr["loadavg"] for rr in runs[n]))
+            rows[n] = {"seconds": med[n], "mpx_s": side * side / med[n] / 1e6,
+                       "vs_best": best / med[n], "threads": r["threads"], "policy": r["policy"],
+                       "loadavg_1min": [rr["loadavg"][0] for rr in runs[n]],
+                       "all_seconds": [rr["seconds"] for rr in runs[n]]}
+            print(f"{n:<36}{r['threads']:>8}{med[n]:>10.2f}{side * side / med[n] / 1e6:>8.3f}"
+                  f"{best / med[n]:>9.2f}  {la}")
+        ratio = simple_best / med["default"]
+        print(f"default / best simple setting: {ratio:.2f}x   ({runs['default'][-1]['describe']})")
+        entry: dict[str, Any] = {"rows": rows, "default_vs_best_simple": ratio}
+        if workers is not None:
+            w = workers["seconds"]
+            wr = w["1 process"] / w["--workers 2"]
+            print(f"--workers 2 on this machine ({workers['tiles']} tiles, {workers['blocks']} "
+                  f"blocks): 1 process {w['1 process']:.2f} s, --workers 2 {w['--workers 2']:.2f} s "
+                  f"(incl. cluster start) -> {wr:.2f}x; worker block time summed "
+                  f"{workers['worker_block_seconds_sum']:.2f} s")
+            entry["workers"] = {**workers, "ratio_vs_1_process": wr}
+        out["loads"][load] = entry
+    return out
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,7 +756,21 @@ def section_rss(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=("throughput", "seams", "precision", "rss", "all"), default="all")
+    parser.add_argument("--section", choices=("throughput", "seams", "precision", "profile", "contention", "rss",
+                                 "all"),
+                        default="all")
+    parser.add_argument("--loads", nargs="+", choices=("idle", "busy"), default=["idle", "busy"],
+                        help="contention: without / with one busy process per core")
+    parser.add_argument("--contention-region", type=int, default=512)
+    parser.add_argument("--contention-rounds", type=int, default=2)
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="contention: repeat a setting's prediction for this long (max 5 runs)")
+    parser.add_argument("--workers-region", type=int, default=2048,
+                        help="contention: region side for the --workers 2 comparison")
+    parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 row")
+    parser.add_argument("--profile-repeats", type=int, default=5)
+    parser.add_argument("--precision-side", type=int, default=None,
+                        help="precision: predict only a central square of this side")
     parser.add_argument("--size", type=int, default=8192, help="synthetic pyramid side")
     parser.add_argument("--region", type=int, default=1024, help="central region side")
     parser.add_argument("--naive-tiles", type=int, default=16)
@@ -502,8 +781,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best-of-N timings")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--contention-child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workers-child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     args = parser.parse_args()
+    if args.contention_child is not None:  # the defaults under test: no explicit thread count
+        print(json.dumps(contention_child(args.child_threads, args.contention_child,
+                                          args.min_seconds)))
+        return
+    if args.workers_child is not None:
+        print(json.dumps(workers_child(args.workers_child, rounds=2)))
+        return
     torch.set_num_threads(args.threads)
     if args.rss_child is not None:
         print(json.dumps(rss_child(args.rss_child, args.rss_tiles)))
@@ -520,9 +809,15 @@ def main() -> None:
         out["seams"] = section_seams(args)
     if args.section in ("precision", "all"):
         out["precision"] = section_precision(args)
+    if args.section in ("profile", "all"):
+        out["profile"] = section_profile(args)
+    if args.section in ("contention", "all"):
+        out["contention"] = section_contention(args)
     if args.section in ("rss", "all"):
         out["rss"] = section_rss(args)
     if args.json is not None:
+        out["script"] = "benchmarks/bench_predict.py"
+        out["command"] = " ".join(["python", out["script"], *sys.argv[1:]])
         args.json.write_text(json.dumps(out, indent=1, default=str))
 
 

@@ -204,10 +204,14 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
     outcomes: list[dict] = []
     for i in range(trials):
         out = ctx["tmp"] / f"kill{i}.zarr"
-        delay = rng.uniform(0.0, ctx["compute_s"])
-        # the store's life (creation, chunk writes, completion) is where a kill can do harm
+        # the store's life is where a kill can do harm: even trials at a random point of
+        # progress (between and during chunk writes), odd trials at a random time after the
+        # store appears (also its creation, the final pyramid/status write and the exit)
+        target = rng.randint(0, 80) if i % 2 == 0 else None
+        delay = 0.0 if target is not None else rng.uniform(0.0, ctx["compute_s"])
         proc = start_and_wait(predict_cmd(ctx["a"], out, ctx["model"]),
-                              lambda out=out: (out / "zarr.json").exists())
+                              lambda out=out, target=target: (out / "zarr.json").exists()
+                              and (target is None or done_cells(out) >= target))
         time.sleep(delay)
         code, _err = kill(proc)
         state = store_state(out)
@@ -215,13 +219,14 @@ def case_kill9(ctx: dict, trials: int, rng: random.Random) -> dict:
         if state != "complete":  # a finished store is refused by a rerun (it is done)
             rerun_exit = run(predict_cmd(ctx["a"], out, ctx["model"])).returncode
         ok = rerun_exit in (None, 0) and identical(out, ctx["ref_a"]) and not leftovers(out)
-        outcomes.append({"kill_after_s": round(delay, 2), "exit": code, "state": state,
-                         "rerun_exit": rerun_exit, "identical": ok})
+        outcomes.append({"at_tiles": target, "after_s": round(delay, 2), "exit": code,
+                         "state": state, "rerun_exit": rerun_exit, "identical": ok})
         shutil.rmtree(out, ignore_errors=True)
     states = [o["state"].split(" (")[0] for o in outcomes]
     return row(
         "predict", "kill -9 at a random moment",
-        f"SIGKILL U(0, {ctx['compute_s']:.1f} s) after the store appears (the uninterrupted "
+        "SIGKILL once a random number (0-80 of 81) of tiles is done (even trials) or "
+        f"U(0, {ctx['compute_s']:.1f} s) after the store appears (odd trials; the uninterrupted "
         "run's time from there to its exit), then the same command again", trials, sum(o["identical"] for o in outcomes),
         "the process dies; the rerun resumes (a dead run's lock is taken over) and exits 0",
         "resumed store bit-identical to an uninterrupted run (labels, pyramid, probabilities); "
@@ -410,7 +415,7 @@ def case_hostile_outputs(ctx: dict) -> dict:
     return row(
         "predict", "hostile output paths",
         "; ".join(name for name, _ in attempts), len(attempts), passed,
-        " / ".join(f"`{o['message'][:110]}`" for o in outcomes[:2]) + " ...",
+        " / ".join(f"`{o['message']}`" for o in outcomes[:2]) + " / ...",
         "input image, input store and the user's folder unchanged",
         {"attempts": outcomes},
     )
@@ -459,7 +464,7 @@ def case_bad_inputs(ctx: dict) -> list[dict]:
     rows.append(row(
         "input", "uint16 image with the bundled (8-bit) model",
         "the same image as uint8 and as uint16 (×257), bundled model", 1, int(same),
-        f"`{last_line(outs['u16'].stderr)[:200]}`",
+        f"`{last_line(outs['u16'].stderr)}`",
         "identical labels (the model's fixed 8-200 range is scaled by 257)",
         {"exits": {k: r.returncode for k, r in outs.items()}},
     ))
@@ -512,7 +517,7 @@ def train_rows(path: Path, kills: int, seed: int) -> list[dict]:
 
 def setup(tmp: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_predict_support import rings, tiny_segmenter
+    from _predict_support import rings, tiny_segmenter
 
     ctx: dict = {"tmp": tmp}
     ctx["model"] = tiny_segmenter().save(tmp / "model")
@@ -541,14 +546,76 @@ def setup(tmp: Path) -> dict:
     return ctx
 
 
+def _train_json_rows(path: Path) -> list[dict]:
+    data = json.loads(path.read_text())
+    return [r for r in data["rows"] if r["area"] != "predict"]
+
+
+def render(path: Path, train_json: Path | None) -> int:
+    """Re-render ``path``'s table, replacing its training rows by ``train_json``'s."""
+    data = json.loads(path.read_text())
+    if train_json is not None:
+        train = json.loads(train_json.read_text())
+        data["rows"] = [r for r in data["rows"] if r["area"] != "train"] + _train_json_rows(
+            train_json)
+        data["train_command"] = train.get("command")
+        data["train_load_average_before_after"] = train.get("load_average_before_after")
+        data["train_note"] = train.get("note")
+        data["all_ok"] = all(r["ok"] for r in data["rows"])
+    data["script"] = "benchmarks/reliability.py"
+    data["tables"] = {"faults": table(data["rows"])}
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    if path.resolve() == (ROOT / "docs" / "data" / "reliability.json").resolve():
+        update_doc(data)
+    print(markdown(data["rows"]))
+    return 0 if data["all_ok"] else 1
+
+
+DOC = ROOT / "docs" / "reliability.md"
+DOC_START, DOC_END = "<!-- reliability-table: written by benchmarks/reliability.py -->", \
+    "<!-- /reliability-table -->"
+
+
+def update_doc(data: dict) -> None:
+    """Put the table and its provenance between the markers of docs/reliability.md."""
+    if not DOC.is_file() or DOC_START not in DOC.read_text():
+        return
+    text = DOC.read_text()
+    head, rest = text.split(DOC_START, 1)
+    _old, tail = rest.split(DOC_END, 1)
+    load = data["load_average_before_after"]
+    note = (f"Numbers from `{data['command']}` ({data['date']}, {data['seconds']:.0f} s on "
+            f"{data['cpu_count']} CPU cores, load average {load[0]} before / {load[1]} after: "
+            "other jobs shared the machine)")
+    if data.get("train_command"):
+        tl = data.get("train_load_average_before_after") or ["?", "?"]
+        note += (f"; training rows from `{data['train_command']}` (load average {tl[0]} / "
+                 f"{tl[1]}; docs/data/reliability_train.json)")
+        if data.get("train_note"):
+            note += f". Note on the training rows: {data['train_note']}"
+    note = note.rstrip(".")
+    DOC.write_text(f"{head}{DOC_START}\n<!-- rows: docs/data/reliability.json#faults -->\n"
+                   f"{markdown(data['rows'])}\n{note}.\n{DOC_END}{tail}")
+
+
+HEADER = ["area", "fault", "how", "passed", "what the user sees", "what is preserved"]
+
+
+def table(rows: list[dict]) -> list[list[str]]:
+    """The Markdown table as rows of cells (``tables.faults`` of the JSON, checked against the
+    page by tests/test_docs.py)."""
+    cells = [[r["area"], r["fault"], r["how"],
+              f"{r['passed']}/{r['trials']}" + ("" if r["ok"] else " FAIL"),
+              r["user_sees"], r["preserved"]] for r in rows]
+    return [HEADER, *[[c.replace("|", "/").replace("\n", " ") for c in row] for row in cells]]
+
+
 def markdown(rows: list[dict]) -> str:
-    head = ("| area | fault | how | passed | what the user sees | what is preserved |\n"
-            "|---|---|---|---|---|---|\n")
-    body = "".join(
-        f"| {r['area']} | {r['fault']} | {r['how']} | {r['passed']}/{r['trials']}"
-        f"{'' if r['ok'] else ' **FAIL**'} | {r['user_sees']} | {r['preserved']} |\n"
-        for r in rows)
-    return head + body.replace("\n|", "\n|")
+    header, *body = table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace(" FAIL", " **FAIL**") for c in row) + " |"
+              for row in body]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -560,8 +627,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-cases", type=Path,
                         default=Path(__file__).resolve().parent / "_reliability_train.py",
                         help="the training half's cases() (skipped if missing)")
+    parser.add_argument("--train-json", type=Path, default=None,
+                        help="take the training rows from this file (written by "
+                        "`python benchmarks/_reliability_train.py --json FILE`) instead of "
+                        "running them")
+    parser.add_argument("--render-only", action="store_true",
+                        help="do not run anything: re-render --json (with --train-json's rows)")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "data" / "reliability.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        return render(args.json, args.train_json)
     rng = random.Random(args.seed)
     load_before = os.getloadavg()
     t0 = time.monotonic()
@@ -572,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
                 case_corrupt_chunk(ctx, args.trials, rng), case_other_image(ctx),
                 case_hostile_outputs(ctx), *case_bad_inputs(ctx)]
         timing = {k: round(ctx[k], 2) for k in ("baseline_s", "compute_s")}
-    rows += train_rows(args.train_cases, args.kills, args.seed)
+    if args.train_json is not None:
+        rows += _train_json_rows(args.train_json)
+    else:
+        rows += train_rows(args.train_cases, args.kills, args.seed)
     for r in rows:
         missing = [f for f in FIELDS if f not in r]
         if missing:
@@ -586,9 +664,11 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "cpu_count": os.cpu_count(),
         "setup": {"image": f"{SIZE}² Synthetic rings (uint8)", "model": "tiny test segmenter "
-                  "(tests/test_predict_support.py), 32-px tiles", "chunk": CHUNK, **timing},
+                  "(tests/_predict_support.py), 32-px tiles", "chunk": CHUNK, **timing},
         "all_ok": all(r["ok"] for r in rows),
         "rows": rows,
+        "script": "benchmarks/reliability.py",
+        "tables": {"faults": table(rows)},
     }
     # temporary folders differ per run and machine: shown as <tmp>
     text = re.sub(re.escape(tempfile.gettempdir()) + r"/napari-muvit-reliability[\w-]*", "<tmp>",
@@ -596,6 +676,8 @@ def main(argv: list[str] | None = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(text + "\n")
     rows = json.loads(text)["rows"]
+    if args.json.resolve() == (ROOT / "docs" / "data" / "reliability.json").resolve():
+        update_doc(json.loads(text))
     print(markdown(rows))
     print(f"{sum(r['ok'] for r in rows)}/{len(rows)} rows ok; wrote {args.json}")
     return 0 if result["all_ok"] else 1

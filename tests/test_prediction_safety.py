@@ -4,6 +4,7 @@ locks, kill -9, damaged chunks, and one-line errors for bad inputs."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_predict_support import reference_labels, rings, rings_source, tiny_segmenter
+from _predict_support import reference_labels, rings, rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.engine import CancelToken, Predictor
@@ -194,7 +195,7 @@ KILLABLE = """
 import sys
 import numpy as np
 sys.path.insert(0, sys.argv[3])
-from test_predict_support import rings_source
+from _predict_support import rings_source
 from napari_muvit.engine import Predictor
 from napari_muvit.engine.predict import create_zarr_sink, resolve_model
 source = rings_source(192)
@@ -280,11 +281,24 @@ def test_damaged_chunks_are_reported_and_recomputed_on_resume(model, tmp_path) -
     np.testing.assert_array_equal(group["1"][:], ref[::2, ::2])  # pyramid rebuilt too
 
 
-def test_cli_repairs_a_damaged_chunk_and_overwrite_always_works(model, files, tmp_path) -> None:
-    out = tmp_path / "E.zarr"
-    _interrupted_store(model, rings_source(192), out)
-    chunk = _files(out / "0" / "c")[0]
+def _damaged_cli_store(model, files, out: Path) -> Path:
+    """An unfinished store exactly like the CLI's for image a (default 512-px chunks: one chunk
+    for 192²) whose half-done label chunk holds random bytes; returns that chunk."""
+    from napari_muvit.data import open_image
+
+    sink = create_zarr_sink(Predictor(model, device="cpu"), open_image(str(files["a"])), out)
+    sink.close(complete=False)
+    group = zarr.open_group(str(out), mode="r+")
+    group["0"][:] = 1  # a written chunk, half of whose tiles are marked done
+    group["done"][:3] = True
+    chunk = out / "0" / "c" / "0" / "0"
     chunk.write_bytes(os.urandom(200))
+    return chunk
+
+
+def test_cli_overwrite_always_works_on_a_damaged_store(model, files, tmp_path) -> None:
+    out = tmp_path / "E.zarr"
+    _damaged_cli_store(model, files, out)
     # --overwrite starts afresh without reading anything of the damaged store
     code = main(["predict", str(files["a"]), "--model", str(files["model"]), "--out", str(out),
                  "--overwrite", "--quiet", "--device", "cpu"])
@@ -294,18 +308,7 @@ def test_cli_repairs_a_damaged_chunk_and_overwrite_always_works(model, files, tm
 
 def test_cli_resume_names_the_damaged_chunk_on_one_line(model, files, tmp_path) -> None:
     out = tmp_path / "G.zarr"
-    # the CLI's store (default 512-px chunks = the whole 192² image): a cancelled run of the
-    # same command leaves one written chunk that is then damaged
-    pred = Predictor(model, device="cpu", batch_size=4)
-    from napari_muvit.data import open_image
-
-    source = open_image(str(files["a"]))
-    sink = create_zarr_sink(pred, source, out)
-    sink.close(complete=False)
-    group = zarr.open_group(str(out), mode="r+")
-    group["0"][:] = 1  # a written chunk
-    chunk = out / "0" / "c" / "0" / "0"
-    chunk.write_bytes(os.urandom(200))
+    chunk = _damaged_cli_store(model, files, out)
     result = _cli(str(files["a"]), "--model", str(files["model"]), "--out", str(out), "--quiet",
                   "--device", "cpu")
     assert result.returncode == 0, result.stderr
@@ -425,3 +428,24 @@ def test_cli_prints_the_bit_depth_note_on_one_line(files, tmp_path) -> None:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("napari-muvit predict: warning:"), lines
     assert "scaled by 257" in lines[0] and str(image) in lines[0]
+
+
+def test_nan_missed_by_the_sample_stops_at_its_tile_and_keeps_the_store(model, tmp_path) -> None:
+    from napari_muvit.data import PyramidSource
+
+    image = np.asarray(rings(192)[0]).astype(np.float32)
+    image[150, 20] = np.nan
+    source = PyramidSource(image, normalization={"kind": "divide", "low": 0.0, "high": 255.0})
+    source._finite_checked = True  # as if the up-front sample of a huge image had missed it
+    out = tmp_path / "nan.zarr"
+    with pytest.raises(InputError, match=r"NaN or infinite values (in|in the coarse context "
+                                         r"of) the tile at y \d+-\d+, x \d+-\d+") as err:
+        predict_api(source, model=model, out=out, device="cpu", batch_size=1)
+    assert "\n" not in str(err.value)
+    # the tile named holds the NaN, or sees it in its 4× context (128 px around)
+    y0, y1, x0, x1 = map(int, re.findall(r"y (\d+)-(\d+), x (\d+)-(\d+)", str(err.value))[0])
+    if "coarse context" in str(err.value):
+        assert abs((y0 + y1) / 2 - 150) <= 80 and abs((x0 + x1) / 2 - 20) <= 80
+    else:
+        assert y0 <= 150 < y1 and x0 <= 20 < x1
+    assert read_store_info(out)["status"] == "incomplete" and not lock_path(out).exists()

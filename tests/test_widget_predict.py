@@ -29,6 +29,7 @@ pytestmark = pytest.mark.gui
 
 TILE = 32
 LIVE_WAIT_MS = 400  # > the widget's 300 ms debounce
+BLOCKING_S = 2.0  # a GUI-thread stall this long is a blocking call, whatever the machine's load
 SCALE = (0.5, 0.75)
 TRANSLATE = (10.0, -20.0)
 
@@ -330,24 +331,68 @@ def test_live_pan_computes_only_new_tiles_and_stays_responsive(
         f"incl. adding the layer {first_stall * 1000:.1f}; idle loop noise {noise * 1000:.1f}"
     )
     assert streaming.ticks > 50
-    assert streaming.stall < 0.100 + noise, (
-        f"event loop stalled {streaming.stall * 1000:.0f} ms (idle noise {noise * 1000:.0f} ms)"
+    # A blocking call on the GUI thread (seconds), not the 100 ms goal: that is measured by
+    # benchmarks/bench_ui.py, because a busy machine must not fail a test.
+    assert streaming.stall < BLOCKING_S + noise, (
+        f"event loop blocked {streaming.stall * 1000:.0f} ms (idle noise {noise * 1000:.0f} ms)"
     )
     widget.set_live(False)
     assert not widget.live
 
 
-def test_view_cap_refuses_large_views(make_napari_viewer, qtbot, model_dirs, rings):
+def test_view_predicts_what_is_visible_and_live_uses_a_budget(
+    make_napari_viewer, qtbot, model_dirs, rings
+):
     viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
-    widget.cap_spin.setValue(4)
-    viewer.reset_view()  # whole 256² image: 64 tiles
+    viewer.reset_view()  # the whole 512² image: 256 tiles of 32 px
+    widget.cap_spin.setValue(30)  # live budget before a tile has been timed
+
+    # live: the 30 tiles nearest the centre, then it says how many are left and how to finish
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    total = widget.state.view_job.total
+    assert total == 256
+    assert widget.predictor.stats["tiles_computed"] >= 30
+    painted = np.asarray(widget.labels_layer().data) > 0
+    assert painted.sum() == 30 * TILE * TILE
+    ys, xs = np.nonzero(painted)
+    centre = np.array(painted.shape) / 2
+    assert np.hypot(ys.mean() - centre[0], xs.mean() - centre[1]) < 2 * TILE  # centre first
+    assert "centre first" in widget.status and "click 'Predict view'" in widget.status
+    widget.set_live(False)
+
+    # one click finishes the view: every visible tile, however many the zoom needs
     worker = widget.predict_view()
     _wait_worker(qtbot, worker)
     _wait_idle(qtbot, widget)
-    assert "more than the cap of 4" in widget.status
-    assert widget.predictor.stats["tiles_computed"] == 0
-    assert not np.any(np.asarray(widget.labels_layer().data))
+    labels = widget.labels_layer()
+    full = np.asarray(labels.data)
+    assert np.all(full > 0), "the whole visible image is labelled"
+    assert "view done: 226 tiles" in widget.status  # the 30 shown were not recomputed
 
+    # a time budget once a tile was timed: 2 s at 0.25 s per tile = 8 tiles
+    pred = widget.predictor
+    pred.seconds_per_tile = 0.25
+    widget.live_seconds_spin.setValue(2)
+    assert widget._live_budget(pred) == 8
+    # zoomed far out for live (256 new tiles > 10 x 8): not started, the labels stay
+    widget.outputs.target(widget.image_layer).painted.clear()  # as if all 64 were new
+    before = full.copy()
+    computed = pred.stats["tiles_computed"]
+    worker = widget.set_live(True)
+    _wait_worker(qtbot, worker)
+    _wait_idle(qtbot, widget)
+    assert "zoomed out too far" in widget.status and "Predict whole image" in widget.status
+    assert "256 new tiles (about 64 s here)" in widget.status  # 256 tiles x 0.25 s
+    assert pred.stats["tiles_computed"] == computed
+    now = np.asarray(labels.data)
+    np.testing.assert_array_equal(now, before)  # a refused request never clears labels
+    widget.set_live(False)
+
+
+def test_view_zoomed_in_with_confidence_layer(make_napari_viewer, qtbot, model_dirs, rings):
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[0])
     # zoomed in, within the cap, with the confidence layer
     widget.confidence_check.setChecked(True)
     camera = viewer.scene.camera
@@ -684,3 +729,46 @@ def test_widgets_from_the_plugin_manifest(make_napari_viewer, qtbot, model_dirs,
         _wait_idle(qtbot, predict)
         assert predict.labels_layer() is predict.labels_layer()  # stable identity
         assert np.all(np.asarray(predict.labels_layer().data) > 0)
+
+
+def test_precision_is_checked_against_the_hardware_and_jobs_share_the_cores(
+    make_napari_viewer, qtbot, model_dirs, rings, monkeypatch
+):
+    from napari.utils import notifications
+
+    from napari_muvit.engine import hardware
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets.jobs import GUI_THREADS
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", lambda msg: warned.append(msg))
+    # as on a CPU that emulates bf16: the one-off micro-timing measures it 20x slower
+    monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 0.05)
+    viewer, _layer, widget = _viewer_with_widget(make_napari_viewer, model_dirs[0], rings[2])
+    qtbot.waitUntil(lambda: "MuViT[1, 4]" in widget.model_info.text(), timeout=30_000)
+    info = widget.model_info.text()
+    assert "float32" in info and "thread" in info and "batch" in info  # the runtime line
+
+    # an explicit bf16 is honoured, with a warning that says how much slower it measured
+    widget.precision_combo.setCurrentText("bf16")
+    qtbot.waitUntil(lambda: bool(warned), timeout=30_000)
+    assert "bf16 is emulated" in warned[-1] and "20.0x slower" in warned[-1]
+    assert "20.0x slower" in widget.status
+    assert widget.state.precision == "bf16" and "bf16 autocast" in widget.model_info.text()
+
+    # the next session remembers bf16, but on this hardware it falls back to auto, and says so
+    widget.close_widget()
+    warned.clear()
+    again = PredictWidget(viewer)
+    qtbot.waitUntil(lambda: again.state.precision == "auto", timeout=30_000)
+    assert warned and "remembered precision 'bf16' not used" in warned[-1]
+    qtbot.waitUntil(lambda: "float32" in again.model_info.text(), timeout=30_000)
+
+    # the Threads setting is the budget all jobs of the panels share
+    again.threads_spin.setValue(1)
+    assert GUI_THREADS.threads == 1 and GUI_THREADS.share() == 1
+    assert "1 thread," in again.model_info.text()
+    again.threads_spin.setValue(0)
+    assert GUI_THREADS.threads is None
+    again.close_widget()
+    again.deleteLater()

@@ -77,12 +77,6 @@ def test_painted_bboxes_from_both_atom_kinds():
     np.testing.assert_array_equal(boxes[1], [[4, 1], [8, 4]])
 
 
-def test_label_dtype():
-    assert L.label_dtype([1, 2]) == np.uint8
-    assert L.label_dtype([0, 300]) == np.uint16
-    assert L.label_dtype([70000]) == np.uint32
-
-
 def test_loss_plot_points_and_repaint_coalescing(qtbot):
     from napari_muvit.widgets import LossPlot
 

@@ -11,6 +11,13 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# OpenMP reads its wait policy once, when torch loads: set a passive one (unless the user chose
+# one) before anything imports torch, so that busy cores do not make torch 6-10x slower.
+# engine.threads imports no torch at module level.
+from napari_muvit.engine.threads import configure_wait_policy as _configure_wait_policy
+
+_configure_wait_policy()
+
 _LAZY = {
     "MuViTEncoder": "napari_muvit.model",
     "MuViTSegmenter": "napari_muvit.model",
@@ -23,6 +30,7 @@ _LAZY = {
     "pretrain": "napari_muvit.engine.pretrain",
     "default_model_path": "napari_muvit.weights",
     "load_default_model": "napari_muvit.weights",
+    "export_bioimageio": "napari_muvit.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -17,6 +17,7 @@ from napari_muvit import __version__
 from napari_muvit.errors import MuViTError
 
 SUBCOMMAND_MODULES = ("demo", "predict", "train")
+SUBCOMMAND_MODULES += ("export",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ Examples::
     napari-muvit predict big.tif --model my_model/ --out big.zarr --region 0,0,8192,8192
     napari-muvit predict big.zarr --out big_labels.zarr --workers 4      # Dask LocalCluster
     napari-muvit predict big.zarr --out big_labels.zarr --scheduler tcp://10.0.0.1:8786
+    napari-muvit predict slide.ome.zarr --into-source --labels-name muvit   # slide.ome.zarr/labels/muvit
 
 Re-running the same command after an interruption resumes the unfinished store.
 """
@@ -79,6 +80,24 @@ def one_line_warnings(command: str) -> Iterator[None]:
         yield
 
 
+def _runtime_line(args: argparse.Namespace) -> str:
+    """Device, precision, threads and batch this run will use (one line)."""
+    from napari_muvit.engine.device import resolve_amp, resolve_device
+    from napari_muvit.engine.hardware import describe_runtime
+    from napari_muvit.engine.predict import CPU_BATCH
+
+    device = resolve_device(args.device)
+    dtype = resolve_amp(args.amp, device, check=False)  # the engine warns, once
+    batch = args.batch or (CPU_BATCH if device.type != "cuda" else None)
+    if args.workers:  # each local worker gets its share of the cores
+        from napari_muvit.engine.threads import worker_threads
+
+        threads = args.threads or worker_threads(args.workers)
+        line = describe_runtime(device, dtype, threads, batch)
+        return f"{line} each · {args.workers} local workers"
+    return describe_runtime(device, dtype, args.threads, batch)
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``predict`` sub-command."""
     p = subparsers.add_parser(
@@ -90,7 +109,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="OME-Zarr/zarr group or array, TIFF or .npy")
     p.add_argument("--model", metavar="FOLDER", default=None,
                    help="segmenter folder (default: the bundled model)")
-    p.add_argument("--out", metavar="OUT.zarr", required=True, help="output OME-Zarr store")
+    # --- where the labels go: a new store (--out) or the source OME-Zarr (--into-source)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", metavar="OUT.zarr", help="output OME-Zarr store")
+    target.add_argument("--into-source", action="store_true",
+                        help="write the labels into IMAGE (an OME-Zarr 0.4/0.5 image) as "
+                             "labels/NAME; the image itself is not modified")
+    p.add_argument("--labels-name", metavar="NAME", default=None,
+                   help="label image name with --into-source (default: muvit)")
     p.add_argument("--region", metavar="Y0,X0,Y1,X1", default=None,
                    help="only predict this world-pixel box (default: whole image)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -102,8 +128,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision: auto (default) = bf16/fp16 on CUDA, float32 elsewhere; "
-                        "bf16 also speeds up CPUs with native bfloat16 (AVX512-BF16/AMX)")
+                   help="mixed precision: auto (default) = bf16/fp16 on GPUs that have it "
+                        "natively, float32 elsewhere; bf16 also speeds up CPUs with native "
+                        "bfloat16 (AVX512-BF16/AMX) and warns where it is emulated (slower)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: every core; with --workers: per "
+                        "worker, default cores / workers)")
     p.add_argument("--skip-empty", action="store_true",
                    help="skip tiles whose coarse context is flat background (label 0)")
     dist = p.add_mutually_exclusive_group()
@@ -114,7 +144,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--probabilities", action="store_true",
                    help="also store float16 class probabilities")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing napari-muvit output at --out")
+                   help="replace an existing napari-muvit output at --out (with --into-source: "
+                        "labels/NAME, only if napari-muvit wrote it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     p._negative_number_matcher = _NEGATIVE_VALUE  # see _NEGATIVE_VALUE
@@ -133,12 +164,20 @@ def run(args: argparse.Namespace) -> int:
             raise
         if _is_disk_full(err):
             raise MuViTError(
-                f"no space left on the disk of {args.out}: free some space and rerun the same "
+                f"no space left on the disk of {args.out or args.image}: free some space and "
+                "rerun the same "
                 "command to resume (the tiles written so far are kept)"
             ) from None
         raise MuViTError(
             f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)"
         ) from None
+
+
+def _into_source(args: argparse.Namespace) -> bool | str:
+    """``predict(into_source=...)`` from ``--into-source`` / ``--labels-name``."""
+    if args.labels_name is not None and not args.into_source:
+        raise InputError("--labels-name: only used with --into-source")
+    return (args.labels_name or True) if args.into_source else False
 
 
 def _is_disk_full(err: BaseException | None) -> bool:
@@ -157,9 +196,11 @@ def _run(args: argparse.Namespace) -> int:
     image = Path(args.image)
     if not image.exists():
         raise InputError(f"IMAGE {args.image!r} does not exist")
-    if not str(args.out).strip():
+    if args.out is not None and not str(args.out).strip():
         raise InputError("--out: expected the path of an output .zarr store, got an empty string")
     region = parse_region(args.region) if args.region else None
+    if not args.quiet:
+        print(f"napari-muvit predict: {_runtime_line(args)}", file=sys.stderr)
     bar = None if args.quiet else ProgressBar()
     t0 = time.monotonic()
     try:
@@ -168,7 +209,7 @@ def _run(args: argparse.Namespace) -> int:
             batch_size=args.batch, overlap=args.overlap, probabilities=args.probabilities,
             progress=bar, scheduler=args.scheduler, workers=args.workers,
             overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
-            amp=args.amp,
+            amp=args.amp, into_source=_into_source(args), threads=args.threads,
         )
     finally:
         if bar is not None:

@@ -178,8 +178,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--amp",
         default="auto",
         choices=("auto", "bf16", "fp16", "off"),
-        help="mixed precision on CUDA (default auto)",
+        help="mixed precision (default auto: bf16/fp16 where the GPU has it natively, float32 "
+        "on CPU); a choice the hardware emulates warns how much slower it measured",
     )
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for torch (default: every core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--resume",
@@ -287,12 +290,18 @@ def _guarded(fn: Any, args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     """Execute ``train``; returns 0 when finished, 130 when interrupted (checkpoint written)."""
-    return _guarded(_train, args)
+    from napari_muvit.engine.threads import thread_budget
+
+    with thread_budget(getattr(args, "threads", None)):
+        return _guarded(_train, args)
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
     """Execute ``pretrain``; returns 0 when finished, 130 when interrupted."""
-    return _guarded(_pretrain, args)
+    from napari_muvit.engine.threads import thread_budget
+
+    with thread_budget(getattr(args, "threads", None)):
+        return _guarded(_pretrain, args)
 
 
 def _check_paths(paths: list[str], what: str) -> None:

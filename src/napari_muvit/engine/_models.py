@@ -45,6 +45,13 @@ PRESETS: dict[str, Preset] = {
     "paper": Preset(512, 12, 8, 8, 256, 256, 256),
 }
 DEFAULT_LEVELS: tuple[int, ...] = (1, 4)
+# Head layout of newly trained models (old folders keep the layout their config names): a
+# tapered UNETR decoder trains 1.5x more steps per CPU-second and predicts ~30 % cheaper than
+# the flat one, and was level with it on held-out quality after the same CPU time
+# (benchmarks/bench_head_ttq.py, docs/benchmarks.md; docs/model-card.md records the choice).
+# Replicate padding: zero padding made every prediction tile's edge look like a dark frame
+# (tile seams on bright background, issue 13; benchmarks/bench_seams.py).
+NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate"}
 
 
 def get_preset(name: str) -> Preset:
@@ -256,8 +263,7 @@ def new_segmenter(
         class_names=names,
         label_values=list(label_values),
         meta={k: v for k, v in getattr(encoder, "meta", {}).items() if k in ("init", "crop_size")},
-        # replicate padding: no tile seams in prediction (zero padding marks every tile edge)
-        head_options={"padding_mode": "replicate"},
+        head_options=dict(NEW_HEAD_OPTIONS),
     )
 
 

@@ -179,12 +179,19 @@ def _client(scheduler: Any, workers: int | None, processes: bool, threads_per_wo
         except (OSError, TimeoutError) as err:
             raise InputError(f"scheduler: cannot connect to {scheduler!r} ({err})") from None
         return client, client.close
-    n = int(workers) if workers is not None else max(1, min(4, (os.cpu_count() or 2) // 2))
+    n = int(workers) if workers is not None else _default_workers()
     if n < 1:
         raise InputError(f"workers: expected a positive integer, got {workers!r}")
+    from napari_muvit.engine.threads import PASSIVE_ENV, USER_POLICY_VARS
+
+    # worker processes inherit os.environ; say the wait policy explicitly anyway, so that a
+    # worker spawned by a nanny with its own environment does not spin (the user's choice wins)
+    extra: dict[str, Any] = {}
+    if processes and not any(os.environ.get(k) for k in USER_POLICY_VARS):
+        extra["env"] = dict(PASSIVE_ENV)  # in-process workers share this process's runtime
     cluster = LocalCluster(
         n_workers=n, threads_per_worker=threads_per_worker, processes=processes,
-        dashboard_address=None,
+        dashboard_address=None, **extra,
     )
     client = Client(cluster)
 
@@ -193,6 +200,13 @@ def _client(scheduler: Any, workers: int | None, processes: bool, threads_per_wo
         cluster.close()
 
     return client, close
+
+
+def _default_workers() -> int:
+    """Local workers when none are asked for: half the cores, 1 to 4."""
+    from napari_muvit.engine.threads import available_cores
+
+    return max(1, min(4, available_cores() // 2))
 
 
 class _EventToken:
@@ -330,8 +344,10 @@ def predict_distributed(
         sink.expect_external_writes()
         norm = pred._reading_source(source)[1].normalization.to_dict()
         if scheduler is None and torch_threads is None and processes:
-            n = workers or max(1, min(4, (os.cpu_count() or 2) // 2))
-            torch_threads = max(1, (os.cpu_count() or 1) // n)
+            from napari_muvit.engine.threads import worker_threads
+
+            # N torch processes on one machine divide its cores (no oversubscription)
+            torch_threads = worker_threads(workers or _default_workers())
         options.update(torch_threads=torch_threads, client_pid=os.getpid())
         client, close = _client(scheduler, workers, processes, threads_per_worker)
         image_spec = str(Path(image_path).absolute()) if isinstance(image_path, (str, Path)) else source

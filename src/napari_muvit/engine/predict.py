@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 import uuid
 import warnings
@@ -268,6 +269,14 @@ class Predictor:
     prefetch
         Read the next batch's crops in a background thread while the model runs; ``None``
         (default) enables it on CUDA/MPS and disables it on CPU, where it did not help.
+    threads
+        torch CPU threads while predicting, set in the thread that predicts (and restored
+        after): an int, a callable re-read before every batch (a
+        :class:`~napari_muvit.engine.threads.ThreadShares` job share), or ``None`` (default)
+        to keep the calling thread's count. See :mod:`napari_muvit.engine.threads`.
+
+    :attr:`seconds_per_tile` is a running estimate of the time one computed tile costs here
+    (read + model), for budgets expressed in seconds (:meth:`tiles_within`).
     """
 
     def __init__(
@@ -281,10 +290,19 @@ class Predictor:
         cache_tiles: int = 512,
         tile_size: int | None = None,
         prefetch: bool | None = None,
+        threads: int | Callable[[], int] | None = None,
     ) -> None:
         _check_segmenter(model)
         self.device = resolve_device(device)
-        self.amp_dtype = resolve_amp(amp, self.device)
+        self.amp_dtype = resolve_amp(
+            amp, self.device, dim=int(getattr(getattr(model, "encoder", None), "dim", 128)),
+            head_dim=int(getattr(model, "head_dim", 32)),
+        )
+        if threads is not None and not callable(threads) and (
+                int(threads) != threads or threads < 1):
+            raise InputError(f"threads: expected a positive integer, got {threads!r}")
+        self.threads = threads
+        self.seconds_per_tile: float | None = None
         self.model = model.to(self.device)
         self.tile_size = _tile_size(model, tile_size)
         self.levels = tuple(float(v) for v in model.levels)
@@ -328,6 +346,36 @@ class Predictor:
             "model_calls": 0, "tiles_computed": 0, "tiles_skipped": 0, "cache_hits": 0,
             "batches": 0, "oom_retries": 0, "read_s": 0.0, "compute_s": 0.0, "wait_s": 0.0,
         }
+
+    def tiles_within(self, seconds: float) -> int | None:
+        """How many new tiles fit in ``seconds`` at the measured :attr:`seconds_per_tile`
+        (``None`` before the first computed batch)."""
+        if self.seconds_per_tile is None:
+            return None
+        return max(0, int(seconds / self.seconds_per_tile))
+
+    def describe(self) -> str:
+        """One line: device, precision, threads, batch (for the CLI and the panel)."""
+        from napari_muvit.engine.hardware import describe_runtime
+
+        return describe_runtime(self.device, self.amp_dtype, self._thread_count(),
+                                self.batch_size)
+
+    def _thread_count(self) -> int | None:
+        return self.threads() if callable(self.threads) else self.threads
+
+    def _apply_threads(self) -> None:
+        n = self._thread_count()
+        if n and n != torch.get_num_threads():
+            torch.set_num_threads(int(n))
+
+    def _update_tile_time(self, seconds: float, tiles: int) -> None:
+        """Running mean (recent batches weigh more) of read + model seconds per tile."""
+        if tiles <= 0:
+            return
+        per_tile = seconds / tiles
+        old = self.seconds_per_tile
+        self.seconds_per_tile = per_tile if old is None else 0.7 * old + 0.3 * per_tile
 
     def clear_cache(self) -> None:
         """Forget all cached tiles (e.g. after the image data changed in place)."""
@@ -551,6 +599,7 @@ class Predictor:
         t0 = time.perf_counter()
         labels = probs = None
         if len(batch.crops):
+            _check_finite_crops(batch)
             with _eval_mode(self.model):
                 labels, probs = self._run_model(batch.crops, batch.bboxes, need_probs)
         out = []
@@ -655,17 +704,29 @@ class Predictor:
         done = 0
         _report(progress, 0, total, "starting")
         pool = ThreadPoolExecutor(1, thread_name_prefix="napari-muvit-read") if self.prefetch else None
+        threads_before = torch.get_num_threads()
         try:
+            self._apply_threads()
             pending = self._submit(pool, reader, next(batches, None))
             while pending is not None:
                 if cancel is not None:
                     cancel.raise_if_cancelled()
+                if callable(self.threads):
+                    self._apply_threads()  # another job started or ended: new share
                 t0 = time.perf_counter()
                 batch = pending.result() if isinstance(pending, Future) else pending
                 self.stats["wait_s"] += time.perf_counter() - t0
                 self.stats["read_s"] += batch.read_s
                 pending = self._submit(pool, reader, next(batches, None))
-                for need, out in self._compute(batch, tile_probs) if batch.needs else []:
+                if batch.needs:
+                    t_compute = time.perf_counter()
+                    outputs = self._compute(batch, tile_probs)
+                    computed = int(len(batch.needs) - batch.empty.sum())
+                    self._update_tile_time(time.perf_counter() - t_compute + batch.read_s,
+                                           computed)
+                else:
+                    outputs = []
+                for need, out in outputs:
                     batch.job.avail[need.tile.grid] = out
                 results = self._ready(batch.job, need_probs)
                 yield from results
@@ -675,6 +736,8 @@ class Predictor:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
 
     def _submit(self, pool: ThreadPoolExecutor | None, reader: Any, batch: _Batch | None
                 ) -> Future | _Batch | None:
@@ -810,6 +873,25 @@ def _overlap_slices(core: np.ndarray, origin: np.ndarray, size: int
     return dst, src  # type: ignore[return-value]
 
 
+def _check_finite_crops(batch: _Batch) -> None:
+    """Per-batch guard behind the up-front NaN check (which samples large images): name the
+    first tile whose crops hold NaN/inf."""
+    finite = np.isfinite(batch.crops)  # (B, L, C, S, S)
+    bad = ~finite.reshape(len(finite), -1).all(axis=1)
+    if not bad.any():
+        return
+    in_tile = ~finite[:, 0].reshape(len(finite), -1).all(axis=1)  # the full-resolution crop
+    first = int(np.argmax(in_tile)) if in_tile.any() else int(np.argmax(bad))
+    tiles = [need.tile for need, empty in zip(batch.needs, batch.empty) if not empty]
+    (y0, x0), (y1, x1) = np.asarray(tiles[first].bbox).astype(int).tolist()
+    where = "in" if in_tile.any() else "in the coarse context of"
+    raise InputError(
+        f"the image has NaN or infinite values {where} the tile at y {y0}-{y1}, x {x0}-{x1} "
+        "(world pixels); replace them (e.g. numpy.nan_to_num) and rerun - tiles written so far "
+        "are kept"
+    )
+
+
 def _check_segmenter(model: Any) -> None:
     missing = [a for a in ("levels", "num_classes", "label_values", "in_channels", "patch_size")
                if not hasattr(model, a)]
@@ -892,6 +974,8 @@ def predict(
     skip_empty: bool | float = False,
     tile_size: int | None = None,
     amp: str | bool | None = "auto",
+    into_source: bool | str = False,
+    threads: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
     """Segment an image with a MuViT segmenter.
 
@@ -912,6 +996,13 @@ def predict(
         needs ``out``.
     overwrite
         Replace an existing napari-muvit output at ``out`` (foreign data is never deleted).
+    into_source
+        Write the labels into the source OME-Zarr (``image_or_source`` must be its path) as
+        ``labels/muvit`` (``True``) or ``labels/<into_source>`` (a name), instead of ``out``;
+        returns that group's path. See :mod:`napari_muvit.engine.ome_labels`.
+    threads
+        torch CPU threads (default: torch's, i.e. every core); with Dask, threads per worker
+        (default: cores // workers on a local cluster).
     overlap
         Blending overlap in pixels; ``None``: :func:`default_overlap` of the tile size (no tile
         seams, about 1.5× the time of ``0``).
@@ -919,6 +1010,8 @@ def predict(
     The other arguments are those of :class:`Predictor`. Bad input raises
     :class:`~napari_muvit.errors.InputError` before any tile is computed.
     """
+    if into_source:
+        out = _source_labels_target(image_or_source, out, into_source)
     if out is None and (scheduler is not None or workers is not None):
         raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
     resolved = None
@@ -932,17 +1025,17 @@ def predict(
             image_or_source, model, out, scheduler=scheduler, workers=workers, region=region,
             device=device, batch_size=batch_size, overlap=overlap, probabilities=probabilities,
             progress=progress, cancel=cancel, overwrite=overwrite, skip_empty=skip_empty,
-            tile_size=tile_size, amp=amp,
+            tile_size=tile_size, amp=amp, torch_threads=threads,
         )
     from napari_muvit.data import open_image
 
-    if out is not None:
+    if out is not None and not into_source:
         out = _output_path(out)
     source = open_image(image_or_source)
     seg = resolved if resolved is not None else resolve_model(model)
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
                      skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
-                     tile_size=tile_size)
+                     tile_size=tile_size, threads=threads)
     pred.check_source(source)
     if out is None:
         sink = pred.predict(source, region, probabilities=probabilities, progress=progress,
@@ -955,6 +1048,18 @@ def predict(
     finally:
         sink.release_lock()  # predict() closes the sink; this covers errors before it starts
     return sink.path
+
+
+def _source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
+    """The :class:`~napari_muvit.engine.ome_labels.SourceLabels` target of ``into_source``."""
+    from napari_muvit.engine.ome_labels import DEFAULT_LABELS_NAME, SourceLabels
+
+    if out is not None:
+        raise InputError("out/into_source: pass one of them (into_source writes into the image)")
+    if not isinstance(image, (str, os.PathLike)):
+        raise InputError("into_source: expected the path of an OME-Zarr image, got "
+                         f"{type(image).__name__}")
+    return SourceLabels(Path(image), DEFAULT_LABELS_NAME if into_source is True else str(into_source))
 
 
 def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
@@ -982,24 +1087,43 @@ def create_zarr_sink(
 ) -> ZarrSink:
     """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one).
 
+    ``out`` is a path, or a :class:`~napari_muvit.engine.ome_labels.SourceLabels` target
+    (labels written into the source OME-Zarr).
+
     The image is checked first (NaN/inf, the output is not the input), so a bad input never
     leaves a store behind. The sink holds the store's lock until it is closed.
     """
-    out = _output_path(out)
+    from napari_muvit.engine import ome_labels
+
+    target = out if isinstance(out, ome_labels.SourceLabels) else None
+    if target is None:
+        out = _output_path(out)
     check = getattr(source, "check_finite", None)
     if check is not None:
         check()
-    _refuse_input_as_output(source, out)
     model = pred.model
-    return ZarrSink.create(
+    class_names = getattr(model, "class_names", None)
+    class_colors = getattr(model, "class_colors", None)
+    layout = None
+    if target is not None:
+        if probabilities:
+            raise InputError("probabilities: not stored inside a source OME-Zarr; "
+                             "write them to a separate store with out= (--out)")
+        out, layout = ome_labels.prepare_source_labels(
+            target, source.shape, list(pred.label_values), class_names, class_colors)
+    _refuse_input_as_output(source, out)  # labels/NAME inside the input image is allowed
+    sink = ZarrSink.create(
         out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
         region=clip_region(region, source.shape), label_values=pred.label_values,
-        class_names=getattr(model, "class_names", None),
-        class_colors=getattr(model, "class_colors", None), probabilities=probabilities,
+        class_names=class_names,
+        class_colors=class_colors, probabilities=probabilities,
         fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
-        write_pyramid=write_pyramid, chunk_size=chunk_size,
+        write_pyramid=write_pyramid, chunk_size=chunk_size, layout=layout,
         input_path=getattr(source, "origin", None),
     )
+    if target is not None:
+        ome_labels.register_source_labels(target)
+    return sink
 
 
 def _output_path(out: Any) -> Path:

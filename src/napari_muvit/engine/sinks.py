@@ -19,6 +19,11 @@ the image in napari without any translation; pixels outside the predicted region
       0, 1, 2, ...       labels (Y, X), (Y/2, X/2), ... uint8/uint16/uint32
       probabilities/0    float16 (K, Y, X)        only with probabilities=True
       done               bool (ceil(Y/step), ceil(X/step))   one flag per tile grid cell
+
+A :class:`LevelLayout` changes where the levels go and what they look like (the labels of a
+source OME-Zarr: the image's level shapes and downsampling, its axes with size-1 non-spatial
+axes, zarr v2 or v3, and the NGFF attributes of the store's version); see
+:mod:`napari_muvit.engine.ome_labels`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +62,7 @@ MIN_PYRAMID_SIZE = 256
 
 __all__ = [
     "STORE_FORMAT",
+    "LevelLayout",
     "MemorySink",
     "ZarrSink",
     "label_dtype",
@@ -218,12 +225,16 @@ def read_store_info(path: str | Path) -> dict[str, Any] | None:
     """
     import json
 
-    meta_file = Path(path) / "zarr.json"
+    path = Path(path)
     try:
-        meta = json.loads(meta_file.read_text())
+        if (path / "zarr.json").is_file():
+            meta = json.loads((path / "zarr.json").read_text())
+            attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+        else:  # zarr v2 (labels inside an NGFF 0.4 image)
+            attrs = json.loads((path / ".zattrs").read_text())
     except (OSError, ValueError):
         return None
-    info = meta.get("attributes", {}).get("napari_muvit") if isinstance(meta, dict) else None
+    info = attrs.get("napari_muvit") if isinstance(attrs, dict) else None
     if not isinstance(info, dict) or info.get("format") != STORE_FORMAT:
         return None
     return info
@@ -294,6 +305,86 @@ def _ngff_attrs(
     }
 
 
+@dataclass(frozen=True)
+class LevelLayout:
+    """How a :class:`ZarrSink` lays out its label levels (default: our own store).
+
+    Attributes
+    ----------
+    shapes
+        ``(Y, X)`` of each level, level 0 = the image.
+    factors
+        Integer ``(fy, fx)`` downsampling of each level relative to level 0 (level 0 is
+        ``(1, 1)``), each a multiple of the previous one: level ``k`` pixel ``(i, j)`` is
+        level-0 pixel ``(i·fy, j·fx)`` (nearest neighbour).
+    axes
+        Axis names of the label arrays; every axis but ``y`` and ``x`` has size 1.
+    zarr_format
+        2 or 3.
+    attrs
+        NGFF attributes written as the group's attributes (in the store version's layout).
+    """
+
+    shapes: tuple[tuple[int, int], ...]
+    factors: tuple[tuple[int, int], ...]
+    axes: str = "yx"
+    zarr_format: int = 3
+    attrs: dict[str, Any] | None = None
+
+    @classmethod
+    def default(cls, image_shape: Sequence[int]) -> LevelLayout:
+        """Our own store: a factor-2 pyramid down to ``MIN_PYRAMID_SIZE``, zarr v3, 2-D."""
+        shapes = tuple(_pyramid_shapes(image_shape))
+        return cls(shapes, tuple((2**k, 2**k) for k in range(len(shapes))))
+
+    def array_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The ``(.., Y, X)`` array shape of a level with ``(Y, X)`` plane ``shape``."""
+        plane = {"y": int(shape[0]), "x": int(shape[1])}
+        return tuple(plane.get(a, 1) for a in self.axes)
+
+
+class _PlaneView:
+    """The ``(y, x)`` plane of a zarr array whose other axes have size 1, indexed in 2-D."""
+
+    def __init__(self, array: Any, axes: str) -> None:
+        self.array = array
+        self._iy, self._ix = axes.index("y"), axes.index("x")
+        self.shape = (int(array.shape[self._iy]), int(array.shape[self._ix]))
+        self.chunks = (int(array.chunks[self._iy]), int(array.chunks[self._ix]))
+        self.dtype = array.dtype
+        self.ndim = 2
+
+    def _key(self, key: Any) -> tuple:
+        ky, kx = key if isinstance(key, tuple) else (key, slice(None))
+        full: list[Any] = [slice(None)] * self.array.ndim
+        full[self._iy], full[self._ix] = ky, kx
+        return tuple(full)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        out = np.asarray(self.array[self._key(key)])
+        keep = [self._iy, self._ix]
+        return out.reshape(tuple(out.shape[i] for i in keep)) if out.ndim > 2 else out
+
+    def __setitem__(self, key: Any, value: np.ndarray) -> None:
+        sel = self._key(key)
+        value = np.asarray(value)
+        shape = [1] * self.array.ndim
+        shape[self._iy], shape[self._ix] = value.shape
+        self.array[sel] = value.reshape(shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self[:, :]
+        return out if dtype is None else out.astype(dtype)
+
+
+def _plane(array: Any, axes: str) -> Any:
+    return array if axes == "yx" else _PlaneView(array, axes)
+
+
+def _zarr_format(path: Path) -> int:
+    return 3 if (path / "zarr.json").is_file() else 2
+
+
 class ChunkPlan(Sequence):
     """Chunk bboxes ``((y0, x0), (y1, x1))`` (clipped to a region) in processing order,
     stored as an ``(N, 2)`` int32 array of chunk indices."""
@@ -348,12 +439,18 @@ class ZarrSink:
         self.label_values = [int(v) for v in info["label_values"]]
         self.wants_probabilities = bool(info["probabilities"])
         self.n_levels = int(info["pyramid_levels"])
+        # stores written before layouts existed: factor-2 pyramid, 2-D arrays
+        self.factors = [
+            (int(f[0]), int(f[1]))
+            for f in info.get("pyramid_factors") or [(2**k, 2**k) for k in range(self.n_levels)]
+        ]
+        self.axes = str(info.get("axes", "yx"))
         self.write_pyramid = write_pyramid
         self.max_buffered_chunks = max(1, int(max_buffered_chunks))
         self.resumed = resumed
         # only the process that created the store may declare it complete (not Dask workers)
         self.finalize = finalize
-        self._levels = [group[str(k)] for k in range(self.n_levels)]
+        self._levels = [_plane(group[str(k)], self.axes) for k in range(self.n_levels)]
         self._probs = group["probabilities/0"] if self.wants_probabilities else None
         self._done = group["done"]
         self._buffers: OrderedDict[tuple[int, int], _ChunkBuffer] = OrderedDict()
@@ -388,6 +485,7 @@ class ZarrSink:
         resume: bool = True,
         write_pyramid: bool = True,
         name: str = "labels",
+        layout: LevelLayout | None = None,
         lock: bool = True,
         input_path: str | None = None,
     ) -> ZarrSink:
@@ -400,6 +498,9 @@ class ZarrSink:
         * ``path`` is another napari-muvit store: replaced only with ``overwrite=True``.
           ``overwrite=True`` always starts a fresh store (it never resumes).
         * anything else (user data): always refused, even with ``overwrite=True``.
+
+        ``layout`` (default :meth:`LevelLayout.default`) sets the levels, axes, zarr format
+        and NGFF attributes (e.g. labels inside a source OME-Zarr).
 
         ``fingerprint`` holds what must match to resume (model, normalisation, the input's
         :func:`~napari_muvit.data.pyramid.input_fingerprint`); a mismatch is named in the error.
@@ -416,6 +517,7 @@ class ZarrSink:
             raise InputError(f"label_values: expected {num_classes} values, got {len(values)}")
         step = int(tile_size) - int(overlap)
         chunk = _chunk_size(step, chunk_size)
+        layout = LevelLayout.default(shape) if layout is None else layout
         wanted = {
             "format": STORE_FORMAT,
             "format_version": STORE_FORMAT_VERSION,
@@ -428,7 +530,9 @@ class ZarrSink:
             "label_values": values,
             "class_names": list(class_names) if class_names is not None else None,
             "probabilities": bool(probabilities),
-            "pyramid_levels": len(_pyramid_shapes(shape)),
+            "pyramid_levels": len(layout.shapes),
+            "pyramid_factors": [list(f) for f in layout.factors],
+            "axes": layout.axes,
             "fingerprint": fingerprint or {},
         }
         if input_path is not None:
@@ -441,7 +545,7 @@ class ZarrSink:
         try:
             sink = cls._create_locked(path, shape, wanted, values, class_names, class_colors,
                                       overwrite=overwrite, resume=resume,
-                                      write_pyramid=write_pyramid, name=name)
+                                      write_pyramid=write_pyramid, name=name, layout=layout)
         except BaseException:
             if store_lock is not None:
                 store_lock.release()
@@ -453,7 +557,7 @@ class ZarrSink:
     def _create_locked(
         cls, path: Path, shape: tuple[int, int], wanted: dict[str, Any], values: list[int],
         class_names: Sequence[str] | None, class_colors: Sequence[Sequence[float]] | None, *,
-        overwrite: bool, resume: bool, write_pyramid: bool, name: str,
+        overwrite: bool, resume: bool, write_pyramid: bool, name: str, layout: LevelLayout,
     ) -> ZarrSink:
         import zarr
 
@@ -466,7 +570,7 @@ class ZarrSink:
             if (resume and not overwrite and info.get("status") == STATUS_INCOMPLETE
                     and not differences):
                 try:
-                    group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+                    group = zarr.open_group(str(path), mode="r+", zarr_format=_zarr_format(path))
                     sink = cls(path, group, write_pyramid=write_pyramid, resumed=True)
                 except KeyError:
                     # interrupted while creating its arrays: our own empty store, start over
@@ -497,13 +601,15 @@ class ZarrSink:
                 "refusing to touch it (even with overwrite) - choose another path"
             )
         _check_writable(path)
-        attrs = {
-            "ome": _ngff_attrs(name, wanted["pyramid_levels"], values, class_names, class_colors),
-            "napari_muvit": {**wanted, "status": STATUS_INCOMPLETE},
-        }
-        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
-        _create_arrays(group, shape, wanted["chunk_size"], wanted["tile_size"] - wanted["overlap"],
-                       wanted["num_classes"], values, wanted["probabilities"])
+        ngff = layout.attrs
+        if ngff is None:
+            ngff = {"ome": _ngff_attrs(name, len(layout.shapes), values, class_names, class_colors)}
+        attrs = {**ngff, "napari_muvit": {**wanted, "status": STATUS_INCOMPLETE}}
+        group = zarr.open_group(str(path), mode="w", zarr_format=layout.zarr_format,
+                                attributes=attrs)
+        _create_arrays(group, layout, shape, wanted["chunk_size"],
+                       wanted["tile_size"] - wanted["overlap"], wanted["num_classes"], values,
+                       wanted["probabilities"])
         return cls(path, group, write_pyramid=write_pyramid, fresh=True)
 
     def _hold(self, store_lock: AdvisoryLock | None) -> None:
@@ -528,7 +634,8 @@ class ZarrSink:
         one-line warning naming the chunk file. Reads every written chunk once (resume only).
         """
         arrays: list[tuple[str, Any]] = [("done", self._done)]
-        arrays += [(str(k), level) for k, level in enumerate(self._levels)]
+        # the zarr arrays themselves (a layout's levels may be 2-D views of n-D arrays)
+        arrays += [(str(k), self.group[str(k)]) for k in range(self.n_levels)]
         if self._probs is not None:
             arrays.append(("probabilities/0", self._probs))
         repaired: list[str] = []
@@ -550,8 +657,8 @@ class ZarrSink:
                         coarse.append((int(name), coords))
         for level, coords in sorted(coarse):
             if self.write_pyramid:  # else the pyramid is rebuilt after all tiles anyway
-                array = self._levels[level]
-                lo = np.array(coords) * np.array(array.chunks)
+                array = self._levels[level]  # (y, x): the last two chunk coordinates
+                lo = np.array(coords[-2:]) * np.array(array.chunks)
                 box = np.stack([lo, np.minimum(lo + array.chunks, array.shape)])
                 build_pyramid_chunk(self, level, box)
         return repaired
@@ -574,7 +681,7 @@ class ZarrSink:
         path = Path(path).expanduser().absolute()
         if read_store_info(path) is None:
             raise InputError(f"{str(path)!r} is not a napari-muvit prediction store")
-        group = zarr.open_group(str(path), mode="r+", zarr_format=3)
+        group = zarr.open_group(str(path), mode="r+", zarr_format=_zarr_format(path))
         return cls(path, group, write_pyramid=write_pyramid,
                    max_buffered_chunks=max_buffered_chunks, finalize=False)
 
@@ -593,7 +700,8 @@ class ZarrSink:
         self._done_blocks.clear()
 
     def labels(self, level: int = 0) -> zarr.Array:
-        """The zarr array of pyramid level ``level`` (0 = full resolution)."""
+        """The zarr array of pyramid level ``level`` (0 = full resolution); with a layout of
+        more than two axes, a 2-D view of its ``(y, x)`` plane."""
         return self._levels[level]
 
     @property
@@ -768,11 +876,14 @@ class ZarrSink:
             self._probs[:, y0:y1, x0:x1] = buf.probs
         if self.write_pyramid:
             for k in range(1, self.n_levels):
-                f = 2**k
-                a, b, oy = _downsample_slices(y0, y1, f)
-                c, d, ox = _downsample_slices(x0, x1, f)
+                fy, fx = self.factors[k]
+                level = self._levels[k]
+                a, b, oy = _downsample_slices(y0, y1, fy)
+                c, d, ox = _downsample_slices(x0, x1, fx)
+                # a level may be a pixel shorter than ceil(Y / f) (a source image's pyramid)
+                b, d = min(b, level.shape[0]), min(d, level.shape[1])
                 if b > a and d > c:
-                    self._levels[k][a:b, c:d] = buf.labels[oy::f, ox::f]
+                    level[a:b, c:d] = buf.labels[oy::fy, ox::fx][: b - a, : d - c]
         # flags last: a crash before this line only costs recomputing the chunk on resume
         n = self._cells_per_chunk
         block = self._done_block(key)
@@ -834,11 +945,12 @@ class ZarrSink:
 
 def pyramid_chunk_boxes(sink: ZarrSink, level: int, region: np.ndarray) -> list[np.ndarray]:
     """Level-``level`` chunk bboxes (level pixels) covering world ``region``."""
-    f = 2**level
+    fy, fx = sink.factors[level]
     arr = sink.labels(level)
     cy, cx = arr.chunks
-    a0, a1 = -(-int(region[0, 0]) // f) // cy * cy, -(-int(region[1, 0]) // f)
-    b0, b1 = -(-int(region[0, 1]) // f) // cx * cx, -(-int(region[1, 1]) // f)
+    a0, a1 = -(-int(region[0, 0]) // fy) // cy * cy, -(-int(region[1, 0]) // fy)
+    b0, b1 = -(-int(region[0, 1]) // fx) // cx * cx, -(-int(region[1, 1]) // fx)
+    a1, b1 = min(a1, arr.shape[0]), min(b1, arr.shape[1])
     boxes = []
     for y in range(a0, a1, cy):
         for x in range(b0, b1, cx):
@@ -851,8 +963,12 @@ def pyramid_chunk_boxes(sink: ZarrSink, level: int, region: np.ndarray) -> list[
 def build_pyramid_chunk(sink: ZarrSink, level: int, box: np.ndarray) -> None:
     """Write one chunk of pyramid ``level`` from level ``level - 1`` (one writer per chunk)."""
     (y0, x0), (y1, x1) = np.asarray(box).tolist()
-    prev = sink.labels(level - 1)
-    sink.labels(level)[y0:y1, x0:x1] = np.asarray(prev[2 * y0 : 2 * y1 : 2, 2 * x0 : 2 * x1 : 2])
+    (fy, fx), (py, px) = sink.factors[level], sink.factors[level - 1]
+    ry, rx = fy // py, fx // px
+    block = np.asarray(sink.labels(level - 1)[ry * y0 : ry * y1 : ry, rx * x0 : rx * x1 : rx])
+    if block.shape != (y1 - y0, x1 - x0):  # the previous level is a pixel short: read level 0
+        block = np.asarray(sink.labels(0)[fy * y0 : fy * y1 : fy, fx * x0 : fx * x1 : fx])
+    sink.labels(level)[y0:y1, x0:x1] = block
 
 
 def _chunk_size(step: int, chunk_size: int | None) -> int:
@@ -886,6 +1002,8 @@ _SETTING_NAMES = {
     "label_values": "label values",
     "probabilities": "probabilities on/off",
     "pyramid_levels": "pyramid levels",
+    "pyramid_factors": "pyramid factors",
+    "axes": "label axes",
 }
 _FINGERPRINT_NAMES = {
     "input": "the input image",
@@ -900,9 +1018,15 @@ _FINGERPRINT_NAMES = {
 def _differences(info: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """What differs between a store's settings and a new run's, in words ([] = resumable)."""
     out = []
+    # stores written before layouts existed have the default layout
+    old_default = {
+        "pyramid_factors": [[2**k, 2**k] for k in range(int(info.get("pyramid_levels") or 0))],
+        "axes": "yx",
+    }
     for key, name in _SETTING_NAMES.items():
-        if info.get(key) != wanted.get(key):
-            out.append(f"{name} {info.get(key)} vs {wanted.get(key)} now")
+        stored = info.get(key, old_default.get(key))
+        if stored != wanted.get(key):
+            out.append(f"{name} {stored} vs {wanted.get(key)} now")
     old, new = info.get("fingerprint") or {}, wanted.get("fingerprint") or {}
     for key in sorted(set(old) | set(new), key=lambda k: (k not in _FINGERPRINT_NAMES, k)):
         if old.get(key) == new.get(key):
@@ -967,6 +1091,7 @@ def _remove_trash(path: Path) -> None:
 
 def _create_arrays(
     group: zarr.Group,
+    layout: LevelLayout,
     shape: tuple[int, int],
     chunk: int,
     step: int,
@@ -975,14 +1100,19 @@ def _create_arrays(
     probabilities: bool,
 ) -> None:
     dtype = label_dtype(num_classes, values)
-    for k, level_shape in enumerate(_pyramid_shapes(shape)):
+    # NGFF 0.4 (zarr v2) asks for "/"-separated chunk keys; v3 arrays name their dimensions
+    names: dict[str, Any] = (
+        {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
+        if layout.zarr_format == 2 else {"dimension_names": tuple(layout.axes)}
+    )
+    for k, level_shape in enumerate(layout.shapes):
         group.create_array(
             str(k),
-            shape=level_shape,
-            chunks=(min(chunk, level_shape[0]), min(chunk, level_shape[1])),
+            shape=layout.array_shape(level_shape),
+            chunks=layout.array_shape((min(chunk, level_shape[0]), min(chunk, level_shape[1]))),
             dtype=dtype,
             fill_value=0,
-            dimension_names=("y", "x"),
+            **names,
         )
     if probabilities:
         sub = group.create_group(
@@ -1028,7 +1158,7 @@ def _create_arrays(
         chunks=(min(per_chunk, cells[0]), min(per_chunk, cells[1])),
         dtype=bool,
         fill_value=False,
-        dimension_names=("cell_y", "cell_x"),
+        **({"dimension_names": ("cell_y", "cell_x")} if layout.zarr_format == 3 else {}),
     )
 
 

@@ -1050,8 +1050,13 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     """Load whatever the folder holds: MuViTEncoder, MuViTSegmenter or MuViTMAE (eval mode).
 
     Accepts our folders and official muvit folders (encoder → MuViTEncoder with
-    ``coord_mode="linspace"``, MAE → MuViTMAE reproducing the official loss).
+    ``coord_mode="linspace"``, MAE → MuViTMAE reproducing the official loss), and bioimage.io
+    packages (``.zip``) exported by napari-muvit (see :mod:`napari_muvit.model.bioimageio`).
     """
+    if str(folder).lower().endswith(".zip"):
+        from napari_muvit.model.bioimageio import load_package
+
+        return load_package(folder, map_location=map_location)
     folder = _folder(folder)
     cfg = read_config(folder)
     if cfg.get("format") == FORMAT:

@@ -80,7 +80,11 @@ class PixelDecoder(nn.Module):
     Channels: ``head_dim`` everywhere (``taper=False``, the paper's layout, matching its
     parameter counts) or halved at every stage down to 16 (``taper=True``: for 256² crops and
     ``head_dim=256`` the decoder costs about 1/15 of the FLOPs per crop; see "Decoder heads" in
-    docs/benchmarks.md, measured by ``benchmarks/model_size.py``).
+    docs/benchmarks.md, measured by ``benchmarks/model_size.py``), or explicit ``channels``:
+    one width for the bottleneck and one per upsampling stage (``log2(P) + 1`` numbers, coarse
+    to full resolution), e.g. ``(32, 32, 16, 8)``. The full-resolution stages dominate the cost
+    on CPU, so their width is what to trade for speed (``benchmarks/bench_head_ttq.py``
+    measures time to quality).
 
     ``padding_mode`` (:data:`PADDING_MODES`) is how the 3×3 convolutions pad the crop border:
     ``"zeros"`` for the paper's layout and older checkpoints, ``"replicate"`` for new models
@@ -95,6 +99,7 @@ class PixelDecoder(nn.Module):
         head_dim: int,
         num_skips: int,
         taper: bool = False,
+        channels: Sequence[int] | None = None,
         padding_mode: str = "zeros",
     ):
         super().__init__()
@@ -105,7 +110,16 @@ class PixelDecoder(nn.Module):
                 f"the UNETR/Mask2Former heads need a power-of-two patch size, got {patch_size}"
             )
         self.n_up = n_up
-        dims = [max(head_dim >> i, 16) if taper else head_dim for i in range(n_up + 1)]
+        if channels is not None:
+            dims = [int(c) for c in channels]
+            if taper or len(dims) != n_up + 1 or min(dims) < 1 or dims != list(channels):
+                raise ValueError(
+                    f"head channels: expected {n_up + 1} positive integers (bottleneck and "
+                    f"{n_up} upsampling stages for patch size {patch_size}), not together with "
+                    f"taper; got {list(channels)!r}"
+                )
+        else:
+            dims = [max(head_dim >> i, 16) if taper else head_dim for i in range(n_up + 1)]
         self.dims = dims
         self.out_dim = dims[-1]
         # Which stage each encoder skip feeds: deepest -> bottleneck (dims[0]); the others,
@@ -160,12 +174,13 @@ class UNETRHead(nn.Module):
         head_dim: int = 256,
         skips: Sequence[int] = (0, 5, 11),
         taper: bool = False,
+        channels: Sequence[int] | None = None,
         padding_mode: str = "zeros",
     ):
         super().__init__()
         self.skips = list(skips)
         self.pixel_decoder = PixelDecoder(
-            dim, in_channels, patch_size, head_dim, len(self.skips), taper, padding_mode
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels, padding_mode
         )
         self.out = nn.Conv2d(self.pixel_decoder.out_dim, num_classes, 1)
 
@@ -222,6 +237,7 @@ class Mask2FormerHead(nn.Module):
         ff_mult: int = 2,
         rotary_base: float = 10000.0,
         taper: bool = False,
+        channels: Sequence[int] | None = None,
         padding_mode: str = "zeros",
     ):
         super().__init__()
@@ -237,7 +253,7 @@ class Mask2FormerHead(nn.Module):
         if self.num_queries < num_classes:
             raise ValueError(f"num_queries ({num_queries}) must be >= num_classes ({num_classes})")
         self.pixel_decoder = PixelDecoder(
-            dim, in_channels, patch_size, head_dim, len(self.skips), taper, padding_mode
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels, padding_mode
         )
         self.memory_proj = nn.Sequential(nn.Linear(dim, head_dim), nn.LayerNorm(head_dim))
         self.queries = nn.Parameter(torch.randn(self.num_queries, head_dim) * 0.02)

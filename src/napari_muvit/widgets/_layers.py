@@ -334,15 +334,6 @@ def transform_kwargs(layer: Any, plane: LayerPlane) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def label_dtype(label_values: Sequence[int]) -> np.dtype:
-    """The smallest unsigned dtype holding every label value (and 0, background)."""
-    top = max([0, *(int(v) for v in label_values)])
-    for dt in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    return np.dtype(np.int64)
-
-
 def output_level_shapes(plane: LayerPlane) -> list[tuple[int, ...]]:
     """Per level, the shape of an output array (the image level without channel axis)."""
     return [tuple(s[a] for a in plane.out_axes) for s in plane.level_shapes]

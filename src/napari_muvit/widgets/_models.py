@@ -72,12 +72,15 @@ def bundled_encoder_path() -> Path:
 
 
 def load_any(folder: str | Path) -> Any:
-    """Whatever the folder holds (encoder, MAE or segmenter), on the CPU."""
+    """Whatever the folder (or bioimage.io package) holds (encoder, MAE or segmenter), on the
+    CPU."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise CheckpointError(f"model folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"{str(path)!r} is a file; choose the model *folder* that holds config.yaml")
+    if not path.is_dir() and path.suffix.lower() != ".zip":  # a bioimage.io package is a file
+        raise CheckpointError(
+            f"{str(path)!r} is a file; choose the model *folder* that holds config.yaml, or a "
+            "bioimage.io package (.zip)")
     return load_model(path, map_location="cpu")
 
 

@@ -21,6 +21,7 @@ import logging
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from qtpy.QtCore import QEvent, QObject
@@ -28,6 +29,7 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
+    QFileDialog,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -292,6 +294,49 @@ class DockPanel(QWidget):
 
     def set_status(self, text: str) -> None:
         self.state.status = text
+
+    # --------------------------------------------------------------------------- export
+
+    def export_model(self, model: Any, out: str | Path | None = None, layer: Any = None) -> Any:
+        """Write ``model`` (a segmenter, model folder or package, ``None`` = bundled) as a
+        bioimage.io package at ``out`` (asked with a file dialog when ``None``), in a worker,
+        with the test tile from ``layer``'s displayed plane; returns the worker."""
+        from napari.utils import progress
+
+        from napari_muvit.errors import MuViTError
+        from napari_muvit.widgets._workers import error_message, report_error, start_worker
+        from napari_muvit.widgets.jobs import export_job
+
+        if out is None:
+            start = Path(self.state.output_dir if hasattr(self.state, "output_dir") else Path.home())
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export as a bioimage.io model package", str(start / "muvit_model.zip"),
+                "bioimage.io package (*.zip)")
+            if not path:
+                return None
+            out = path if path.lower().endswith(".zip") else path + ".zip"
+        out = Path(out).expanduser().absolute()
+        plane = None
+        if layer is not None:
+            try:
+                plane = L.layer_plane(self.viewer, layer)
+            except MuViTError:
+                layer = None
+        # napari's activity dock: an indeterminate bar while the package is written
+        bar = progress(total=0, desc=f"MuViT export {out.name}")
+        self.set_status(f"exporting the model → {out}…")
+
+        def failed(err: BaseException) -> None:
+            report_error(err, "MuViT export")
+            self.set_status(f"export failed: {error_message(err)}")
+
+        self.export_worker = start_worker(
+            export_job, model, out, layer, plane, lifeline=self.lifeline,
+            on_return=lambda path: self.set_status(f"exported a bioimage.io package → {path}"),
+            on_error=failed,
+        )
+        self.export_worker.finished.connect(bar.close)  # also when the panel is gone by then
+        return self.export_worker
 
     # --------------------------------------------------------------------------- layers
 

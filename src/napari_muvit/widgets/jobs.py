@@ -24,7 +24,9 @@ import numpy as np
 
 from napari_muvit.data.geometry import grid_cell_region
 from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.hardware import check_precision, describe_runtime
 from napari_muvit.engine.predict import Predictor, create_zarr_sink
+from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
 from napari_muvit.errors import InputError
 from napari_muvit.widgets import _layers as L
@@ -38,6 +40,10 @@ from napari_muvit.widgets._models import (
     registry,
 )
 from napari_muvit.widgets.state import ENCODER
+
+#: torch threads of this process's GUI jobs (view, whole image, training): they share the cores
+#: but one, which stays with napari's event loop; ``threads`` is the panel's Threads setting.
+GUI_THREADS = ThreadShares(reserve=1)
 
 # ---------------------------------------------------------------------------------------------
 # models and sources
@@ -74,6 +80,7 @@ class Loaded:
     model: Any
     predictor: Any
     options: PredictorOptions
+    precision_warning: str | None = None  # the chosen precision is emulated (slow) here
 
     @property
     def identity(self) -> tuple:
@@ -83,7 +90,23 @@ class Loaded:
         return (self.choice, self.version, id(self.model), p.tile_size, p.overlap, p.amp_dtype)
 
     def summary(self) -> str:
-        return describe(self.model, self.predictor.device, self.predictor.tile_size)
+        """The model line, then device (and what it has), precision, threads and batch."""
+        p = self.predictor
+        runtime = describe_runtime(p.device, p.amp_dtype, GUI_THREADS.share(), p.batch_size)
+        return f"{describe(self.model, p.device, p.tile_size)}\n{runtime}"
+
+
+def precision_warning(predictor: Any) -> str | None:
+    """One line if the predictor's autocast precision is emulated (slower) on this hardware.
+
+    Runs a one-off micro-timing (cached per process), so call it from a worker thread."""
+    if predictor.amp_dtype is None:
+        return None
+    model = predictor.model
+    check = check_precision(predictor.device, predictor.amp_dtype,
+                            int(getattr(getattr(model, "encoder", None), "dim", 128)),
+                            int(getattr(model, "head_dim", 32)))
+    return check.message if check.slow else None
 
 
 class ModelLoader:
@@ -108,7 +131,9 @@ class ModelLoader:
             pkey = (mkey, options)
             loaded = self._loaded.get(pkey)
             if loaded is None:
-                loaded = Loaded(choice, version, model, options.make(model), options)
+                predictor = options.make(model)
+                loaded = Loaded(choice, version, model, predictor, options,
+                                precision_warning(predictor))
                 while len(self._loaded) >= 4:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[pkey] = loaded
@@ -206,6 +231,11 @@ class Job:
     progress_bar: Any = None
     sink: Any = None
     relay: Any = None  # the view's queued-signal relay, kept alive with the job
+    # where a whole-image job writes when not to ``out_path`` itself (labels inside the
+    # source OME-Zarr: an :class:`~napari_muvit.engine.ome_labels.SourceLabels`)
+    sink_target: Any = None
+    limit: int | None = None  # live: new tiles the time budget allows (centre first)
+    budget_stop: bool = False  # live: stopped at ``limit``; a click on Predict view finishes
 
     @property
     def running(self) -> bool:
@@ -274,9 +304,10 @@ def view_job(
             while not previous.done.wait(0.05):
                 if job.token.cancelled:
                     return
-        yield from loaded.predictor.iter_tiles(
-            source, region=region, cancel=job.token, probabilities=req.probabilities
-        )
+        with GUI_THREADS.job("predict view"):
+            yield from loaded.predictor.iter_tiles(
+                source, region=region, cancel=job.token, probabilities=req.probabilities
+            )
     finally:
         job.done.set()
 
@@ -291,6 +322,7 @@ def image_job(
     """Worker: predict the whole plane into a resumable OME-Zarr store; returns whether the
     store is complete.  ``progress(done, total)`` is called from this thread."""
     req: ViewRequest = job.request
+    sink = None
     try:
         loaded = loader.get(req.choice, req.options)
         plane = with_channels(req.plane, loaded.model.in_channels)
@@ -302,21 +334,28 @@ def image_job(
                                 tile_size=base.tile_size, cache_tiles=0)
         pred.check_source(source)
         sink = create_zarr_sink(
-            pred, source, job.out_path, probabilities=req.probabilities, overwrite=overwrite
+            pred, source, job.sink_target or job.out_path, probabilities=req.probabilities,
+            overwrite=overwrite,
         )
         remaining = sink.remaining()
         yield SinkReady(loaded, plane, sink, remaining)
         if not wait_go(job):
             sink.close(complete=False)
             return
-        pred.predict(
-            source,
-            sink=sink,
-            progress=lambda done, total, _msg: progress(int(done), int(total)),
-            cancel=job.token,
-        )
+        with GUI_THREADS.job("whole image") as share:
+            pred.threads = share  # re-read before every batch: training may start or end
+            pred.predict(
+                source,
+                sink=sink,
+                progress=lambda done, total, _msg: progress(int(done), int(total)),
+                cancel=job.token,
+            )
         return sink.complete
     finally:
+        # Aborted between creating the store and predicting (viewer closed, worker quit):
+        # free the store for other runs now, not when the sink is garbage-collected.
+        if sink is not None:
+            sink.release_lock()
         job.done.set()
 
 
@@ -409,8 +448,11 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
         source = L.plane_source(req.image, req.plane)
         model, notes = resolve_start(req, source.channels)
         last_publish = [0]
+        share = None
 
         def progress(info: dict[str, Any]) -> None:
+            if share is not None:
+                share.apply()  # after every step: a view job may have started or ended
             report.progressed(dict(info))
             step = int(info.get("step", 0))
             final = info.get("status") not in (None, "running")
@@ -433,7 +475,8 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
         )
         job.trainer = trainer
         report.ready(trainer)
-        return trainer.run()
+        with GUI_THREADS.job("train") as share:
+            return trainer.run()
     finally:
         job.done.set()
 
@@ -474,3 +517,25 @@ def latest_model(job: TrainJob | None, fallback: Any) -> Any:
 def save_job(model: Any, folder: Path, overwrite: bool) -> Path:
     """Worker: save ``model`` as a model folder."""
     return Path(model.save(folder, overwrite=overwrite))
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+
+def export_job(model: Any, out: Path, layer: Any = None, plane: L.LayerPlane | None = None) -> Path:
+    """Worker: write ``model`` (a segmenter, a model folder/package, or ``None`` for the bundled
+    one) as a bioimage.io package at ``out``, its test tile cut from ``layer``'s plane when the
+    channels fit (else the Synthetic sample)."""
+    from napari_muvit.engine.predict import resolve_model
+    from napari_muvit.export import export_bioimageio
+
+    seg = resolve_model(model)
+    image = None
+    if layer is not None and plane is not None:
+        source = L.plane_source(layer, with_channels(plane, seg.in_channels))
+        if source.channels == seg.in_channels and min(source.shape) >= seg.meta.get("crop_size", 64):
+            image = source
+    # the file dialog already asked before replacing an existing file
+    return export_bioimageio(model, out, image=image, overwrite=True)

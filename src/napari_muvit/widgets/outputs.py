@@ -145,7 +145,7 @@ class ViewOutputs:
         if target is not None and target.labels not in viewer.layers:
             target = None
         model = loaded.model
-        dtype = L.label_dtype(model.label_values)
+        dtype = label_dtype(len(model.label_values), model.label_values)
         if (
             target is not None
             and target.identity != loaded.identity

@@ -11,8 +11,12 @@ Three modes:
 * **Predict view** segments the part of the plane visible on the canvas.
 * **Live** does that again (debounced) whenever the camera moves or the displayed plane
   changes.  Tiles already in the layer are not recomputed (and the engine's tile cache makes
-  overlapping requests cheap); a newer view cancels an older request; a view that needs more
-  new tiles than the cap is refused with a status message instead of grinding.
+  overlapping requests cheap); a newer view cancels an older request.  Each live view gets a
+  time budget (estimated from the measured time per tile): the tiles nearest the centre are
+  predicted first, the panel says how many are left, and one click on *Predict view* finishes
+  them.  A view far beyond any budget (zoomed far out) is not started; the status says so and
+  points to *Predict whole image*.  An explicit *Predict view* computes every visible tile,
+  with progress and Cancel.  A request that is not started never clears the labels shown.
 * **Whole image** writes a resumable OME-Zarr on disk (the engine's ``ZarrSink``) and shows it
   as a multiscale Labels layer that fills in as chunks complete, with a napari progress bar and
   a Cancel button.
@@ -50,6 +54,7 @@ from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice, 
 from napari_muvit.widgets._workers import error_message, report_error, start_worker
 from napari_muvit.widgets.base import DockPanel, Form, _alive, bind_label, compact, set_progress
 from napari_muvit.widgets.jobs import (
+    GUI_THREADS,
     Job,
     Loaded,
     ModelLoader,
@@ -68,6 +73,12 @@ from napari_muvit.widgets.state import PredictState, remember_folder
 log = logging.getLogger("napari_muvit.widgets")
 
 LIVE_DEBOUNCE_MS = 300
+# A live view needing more than this many times its budget is "zoomed far out": not started.
+FAR_OUT_FACTOR = 10
+# An explicit Predict view runs however many tiles a normal zoom needs; beyond this estimated
+# time (a view of a whole slide) it points to Predict whole image instead.
+EXPLICIT_MAX_S = 600.0
+UNTIMED_TILE_S = 0.1  # a guess per tile before one was timed (bundled model on a laptop CPU)
 # Coalesce full layer refreshes (multiscale and image layers re-read the visible region).
 REFRESH_INTERVAL_MS = 80
 IMAGE_REFRESH_INTERVAL_MS = 400
@@ -106,14 +117,23 @@ class PredictWidget(DockPanel):
         self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
         st = self.state.events
         st.image.connect(self._on_image_changed)
+        st.image.connect(self._update_source_ome)
         st.model.connect(self._on_model_changed)
         for name in ("device", "precision", "overlap"):
             getattr(st, name).connect(self._on_model_changed)
+        # a remembered reduced precision is re-validated on this machine at the first load
+        self._remembered_precision = (self.state.precision
+                                      if self.state.precision in ("bf16", "fp16") else None)
+        self._precision_notes: set[str] = set()
+        st.precision.connect(self._on_precision_changed)
+        st.threads.connect(self._on_threads_changed)
+        self._on_threads_changed(self.state.threads)
         st.live.connect(self._on_live_changed)
         st.view_job.connect(self._update_buttons)
         st.image_job.connect(self._update_buttons)
         self._refresh_model_choices(select=self.state.model)
         self._on_model_changed()
+        self._update_source_ome()
 
     @classmethod
     def instances(cls) -> list[PredictWidget]:
@@ -150,14 +170,21 @@ class PredictWidget(DockPanel):
         self.model_combo.currentIndexChanged.connect(self._on_model_combo)
         self.browse_button = form.row_with_button(
             "Model", self.model_combo, "Folder…",
-            "Choose a model folder (the one holding config.yaml)")
+            "Choose a model: its folder's config.yaml, or a bioimage.io package (.zip)")
         self.browse_button.clicked.connect(self._browse_model)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip(
+            "Write the selected model as a bioimage.io model package (.zip), with test tensors "
+            "from the selected image")
+        self.export_button.clicked.connect(lambda: self.export())
+        form_layout.addRow(self.export_button)
         self.device_combo = form.combo("device", "Device")
         self.precision_combo = form.combo(
             "precision", "Precision",
-            "auto: bf16/fp16 on CUDA, float32 elsewhere. bf16 also speeds up CPUs with native "
-            "bfloat16 (AVX512-BF16, AMX): 1.4x faster with the bundled model, 99.998% of labels "
-            "identical (docs/benchmarks.md); elsewhere it is slower. off: float32 everywhere")
+            "auto: bf16/fp16 on GPUs that have it natively, float32 elsewhere. bf16 also speeds "
+            "up CPUs with native bfloat16 (AVX512-BF16, AMX): 1.4x faster with the bundled model, "
+            "99.998% of labels identical (docs/benchmarks.md); where it is emulated it is much "
+            "slower and the panel warns. off: float32 everywhere")
         self.model_info = QLabel("")
         self.model_info.setWordWrap(True)
         self.model_info.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -170,10 +197,17 @@ class PredictWidget(DockPanel):
         box = QGroupBox("Options")
         form = Form(self.state, QFormLayout(box))
         self.confidence_check = form.check("confidence", "Confidence layer (max class probability)")
+        self.live_seconds_spin = form.spin(
+            "live_seconds", "Live budget (s)", 1, 3600,
+            "Live mode predicts what fits in this time (from the measured time per tile), "
+            "centre first; Predict view finishes the rest")
         self.cap_spin = form.spin(
-            "tile_cap", "Tile cap (view)", 1, 100000,
-            "Most new tiles one view prediction may compute; zoom in (or use Whole image) "
-            "when the view needs more")
+            "tile_cap", "Live tiles (untimed)", 1, 100000,
+            "Live budget in tiles until the time per tile has been measured")
+        self.threads_spin = form.spin(
+            "threads", "Threads", 0, 256,
+            "CPU threads for prediction and training together (auto: all cores but one, "
+            "which stays with the viewer)", special="auto")
         self.overlap_spin = form.spin(
             "overlap", "Tile overlap", 0, 256,
             "Pixels shared by neighbouring tiles (blended; removes seams)")
@@ -201,6 +235,12 @@ class PredictWidget(DockPanel):
         self.output_button.setMaximumWidth(32)
         self.output_button.clicked.connect(self._browse_output)
         self.overwrite_check = form.check("overwrite", "Overwrite an existing prediction")
+        self.into_source_check = form.check(
+            "into_source", "Write into the image's OME-Zarr (labels/…)",
+            "Write the labels into the OME-Zarr the image came from, as labels/<name> (NGFF "
+            "0.4/0.5); the image itself is not modified. Only for images opened from an OME-Zarr")
+        self.labels_name_edit = form.line(
+            "labels_name", "Labels name", "muvit", "Name of the label image inside the OME-Zarr")
         self.image_button = QPushButton("Predict whole image")
         self.image_button.setToolTip(
             "Segment the whole image (plane) into an OME-Zarr on disk; resumes an unfinished one")
@@ -351,9 +391,21 @@ class PredictWidget(DockPanel):
         self.state.model = data if isinstance(data, ModelChoice) else ModelChoice(BUNDLED)
 
     def _browse_model(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "MuViT model folder (with config.yaml)")
-        if folder:
-            self.set_model(folder)
+        path, _ = QFileDialog.getOpenFileName(
+            self, "MuViT model: config.yaml in its folder, or a bioimage.io package",
+            "", "MuViT model (config.yaml *.zip)")
+        if path:
+            chosen = Path(path)
+            self.set_model(chosen.parent if chosen.name == "config.yaml" else chosen)
+
+    def export(self, out: str | Path | None = None) -> Any:
+        """Export the selected model as a bioimage.io package (``out`` asked when None)."""
+        choice = self.model_choice
+        if choice.kind == SESSION:
+            model: Any = registry().session_model(choice.value)
+        else:
+            model = None if choice.kind == BUNDLED else choice.value
+        return self.export_model(model, out, layer=self.image_layer)
 
     def _browse_output(self) -> None:
         path, _ = QFileDialog.getSaveFileName(
@@ -393,6 +445,35 @@ class PredictWidget(DockPanel):
         self._loaded_info = loaded
         self.state.model_problem = False
         self.state.model_info = loaded.summary()
+        self._note_precision(loaded)
+
+    def _note_precision(self, loaded: Loaded) -> None:
+        """Warn (status + notification, once) when the chosen precision is emulated here; a
+        remembered choice that is slow here falls back to auto instead of staying slow."""
+        message = loaded.precision_warning
+        if not message or loaded.options.precision != self.state.precision:
+            return
+        if self._remembered_precision == self.state.precision:
+            self._remembered_precision = None
+            text = f"remembered precision '{self.state.precision}' not used: {message}"
+            self.state.precision = "auto"  # reloads the model in float32
+        else:
+            text = message
+        self.set_status(text)
+        if text not in self._precision_notes:
+            self._precision_notes.add(text)
+            from napari.utils.notifications import show_warning
+
+            show_warning(text)
+
+    def _on_precision_changed(self, value: str) -> None:
+        if value != self._remembered_precision:
+            self._remembered_precision = None  # the user chose: warn, but keep the choice
+
+    def _on_threads_changed(self, value: int) -> None:
+        GUI_THREADS.threads = int(value) or None
+        if self._loaded_info is not None:
+            self.state.model_info = self._loaded_info.summary()
 
     def _on_model_error(self, choice: ModelChoice, err: BaseException) -> None:
         if choice != self.model_choice:
@@ -476,11 +557,15 @@ class PredictWidget(DockPanel):
         if self.state.image_job is not None and self.state.image_job.running:
             self.set_status("a whole-image prediction is already running (Cancel it first)")
             return None
-        path = Path(out) if out is not None else Path(self.state.output or self._default_output())
-        path = path.expanduser().absolute()
-        self.state.output = str(path)
-        self.state.output_dir = str(path.parent)
-        job = Job("image", request=req, out_path=path)
+        target = self._source_labels() if out is None else None
+        if target is not None:
+            path = target.path
+        else:
+            path = Path(out) if out is not None else Path(self.state.output or self._default_output())
+            path = path.expanduser().absolute()
+            self.state.output = str(path)
+            self.state.output_dir = str(path.parent)
+        job = Job("image", request=req, out_path=path, sink_target=target)
         relay = _Relay(self)
         relay.progressed.connect(
             self.lifeline.guard(lambda d, t, j=job: self._on_image_progress(j, d, t)))
@@ -555,8 +640,8 @@ class PredictWidget(DockPanel):
         if isinstance(msg, Ready):
             self._on_view_ready(job, msg)
             return
-        if job.token.cancelled and job.target is None:
-            return
+        if (job.token.cancelled and job.target is None) or job.budget_stop:
+            return  # not started, or the live budget is spent (the rest stays in the cache)
         self._paint_tile(job, msg)
 
     def _on_view_ready(self, job: Job, ready: Ready) -> None:
@@ -568,6 +653,7 @@ class PredictWidget(DockPanel):
         if job.request.choice == self.model_choice:
             self.state.model_problem = False
             self.state.model_info = ready.loaded.summary()
+            self._note_precision(ready.loaded)
         try:
             target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
                                           job.request.probabilities)
@@ -580,23 +666,45 @@ class PredictWidget(DockPanel):
         cells = grid_cells(ready.region, pred.step)
         key = ready.plane.key()
         new = [c for c in cells if (key, c) not in target.painted]
-        cap = self.state.tile_cap
         job.total = len(new)
         live = "live: " if job.request.live else ""
+        budget = self._live_budget(pred) if job.request.live else None
+        far = self._too_far(pred, len(new), budget)
         if not new:
             self.set_status(f"view up to date ({len(cells)} tiles)")
-        elif len(new) > cap:
-            self.set_status(
-                f"the view needs {len(new)} new tiles, more than the cap of {cap}: zoom in, "
-                "raise 'Tile cap' or use 'Predict whole image'"
-            )
+        elif far is not None:
+            self.set_status(far)  # nothing started: the labels shown stay as they are
         else:
-            self.state.progress = (0, len(new))
+            job.limit = budget if budget is not None and len(new) > budget else None
+            self.state.progress = (0, job.limit or len(new))
+            within = (f", the {job.limit} nearest the centre within the live budget"
+                      if job.limit else "")
             self.set_status(
-                f"{live}predicting {len(new)} tiles ({len(cells) - len(new)} already shown) "
-                f"on {pred.device}…"
+                f"{live}predicting {len(new)} tiles{within} ({len(cells) - len(new)} already "
+                f"shown) on {pred.device}…"
             )
-        job.answer(0 < len(new) <= cap)
+        job.answer(bool(new) and far is None)
+
+    def _live_budget(self, pred: Any) -> int:
+        """New tiles one live view may compute: what fits in the time budget at the measured
+        time per tile (the tile count setting until a tile has been timed)."""
+        fit = pred.tiles_within(float(self.state.live_seconds))
+        return max(1, int(self.state.tile_cap if fit is None else fit))
+
+    def _too_far(self, pred: Any, new: int, budget: int | None) -> str | None:
+        """Why a view is not started (zoomed far out), or None."""
+        if budget is not None:  # live: far beyond the budget
+            if new <= FAR_OUT_FACTOR * budget:
+                return None
+            return (f"zoomed out too far for live prediction: this view needs {new} new tiles"
+                    f"{_eta(pred, new)}. Zoom in, click 'Predict view' to compute them all "
+                    "(with progress and Cancel), or use 'Predict whole image'")
+        seconds = None if pred.seconds_per_tile is None else new * pred.seconds_per_tile
+        if (seconds if seconds is not None else new * UNTIMED_TILE_S) <= EXPLICIT_MAX_S:
+            return None
+        return (f"zoomed out too far: this view needs {new} new tiles{_eta(pred, new)}, more "
+                f"than {EXPLICIT_MAX_S // 60:.0f} min; zoom in, or use 'Predict whole image' "
+                "(written to disk, resumable)")
 
     def _paint_tile(self, job: Job, res: Any) -> None:
         target = job.target
@@ -606,6 +714,9 @@ class PredictWidget(DockPanel):
         if not result.painted:
             return
         job.painted += 1
+        if job.limit is not None and job.painted >= job.limit and not job.token.cancelled:
+            job.budget_stop = True  # the live budget is spent: stop within one batch
+            job.token.cancel()
         for layer in result.dirty:
             self._mark_dirty(layer)
         for layer, slice_key in result.regions:
@@ -636,7 +747,16 @@ class PredictWidget(DockPanel):
         if job.target is not None and job.painted:
             self._flush_refresh()
         if self.state.view_job is job:
-            if job.token.cancelled:
+            if job.budget_stop:
+                left = max(0, job.total - job.painted)
+                pred = job.loaded.predictor if job.loaded is not None else None
+                self.set_status(
+                    f"live: {job.painted} of {job.total} new tiles (centre first) within the "
+                    f"{self.state.live_seconds} s budget; {left} left"
+                    f"{_eta(pred, left) if pred is not None else ''}: click 'Predict view' to "
+                    "finish them"
+                )
+            elif job.token.cancelled:
                 if job.proceed:
                     self.set_status(f"view cancelled after {job.painted}/{job.total} tiles")
             elif job.proceed:
@@ -662,6 +782,31 @@ class PredictWidget(DockPanel):
 
     def _default_output(self) -> Path:
         return default_store_path(self.image_layer, self.state.output_dir)
+
+    def _source_labels(self) -> Any:
+        """Where *Write into the image's OME-Zarr* writes (None: off, or not an OME-Zarr)."""
+        from napari_muvit.engine.ome_labels import DEFAULT_LABELS_NAME, SourceLabels
+
+        if not (self.state.into_source and self.state.source_ome):
+            return None
+        name = self.state.labels_name.strip() or DEFAULT_LABELS_NAME
+        return SourceLabels(Path(self.state.source_ome), name)
+
+    def _update_source_ome(self, *_: Any) -> None:
+        """Offer *Write into the image's OME-Zarr* only for a layer read from an OME-Zarr."""
+        from napari_muvit.engine.ome_labels import ome_image_of
+
+        layer = self.image_layer
+        source = getattr(getattr(layer, "source", None), "path", None)
+        image = ome_image_of(source)
+        self.state.source_ome = "" if image is None else str(image)
+        if self.alive:
+            for control in (self.into_source_check, self.labels_name_edit):
+                control.setEnabled(image is not None)
+            self.into_source_check.setToolTip(
+                f"Write the labels into {image} as labels/<name> (NGFF 0.4/0.5); the image "
+                "itself is not modified" if image is not None
+                else "Only for an image opened from an OME-Zarr (NGFF 0.4 or 0.5)")
 
     def _on_image_message(self, job: Job, msg: Any) -> None:
         if not isinstance(msg, SinkReady):
@@ -727,6 +872,15 @@ class PredictWidget(DockPanel):
     def on_closing(self) -> None:
         self._debounce.stop()
         self._refresh_timer.stop()
+
+
+def _eta(pred: Any, tiles: int) -> str:
+    """`` (about 2 min here)`` from the measured time per tile, or ``""`` before timing."""
+    if pred is None or pred.seconds_per_tile is None or tiles <= 0:
+        return ""
+    seconds = tiles * pred.seconds_per_tile
+    text = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+    return f" (about {text} here)"
 
 
 def _timer(parent: QObject, interval_ms: int, callback: Any) -> QTimer:

@@ -167,12 +167,18 @@ class PredictState(PanelState):
     device: str = setting("auto", choices=DEVICES)
     precision: str = setting("auto", choices=PRECISIONS)
     confidence: bool = setting(False)
-    tile_cap: int = setting(64)
+    tile_cap: int = setting(64)  # live: new tiles per view until a tile time is measured
+    live_seconds: int = setting(5)  # live: time budget per view (centre first), seconds
+    threads: int = setting(0)  # torch threads shared by the panels' jobs (0 = cores - 1)
     overlap: int = setting(0)
     batch_size: int = setting(0)  # 0 = automatic
     output: str = ""  # whole-image store ("" = a default next to the image)
     output_dir: str = setting(str(Path.home() / "napari-muvit"))
     overwrite: bool = setting(False)
+    # whole image into the selected layer's own OME-Zarr as labels/<labels_name>
+    into_source: bool = setting(False)
+    labels_name: str = setting("muvit")
+    source_ome: str = ""  # that OME-Zarr image ("" = the layer did not come from one)
     live: bool = False
     # a fine-tuning run of the same viewer: switch to its model at its first snapshot
     follow_session: str | None = None

@@ -61,6 +61,7 @@ from napari_muvit.widgets.state import ENCODER, TrainState, remember_folder
 
 NO_VALIDATION = "(none)"
 UI_INTERVAL_MS = 200  # progress bar / status refresh while training
+ACTIVITY_INTERVAL_S = 1.0  # napari activity dock refresh while training
 
 
 class _TrainRelay(QObject):
@@ -99,6 +100,8 @@ class TrainWidget(DockPanel):
         self._paint_connection: tuple[Any, Any] | None = None
         self._run_counter = 0
         self._last_info: dict[str, Any] | None = None
+        self.activity: Any = None  # napari.utils.progress of the running training
+        self._activity_shown = 0.0
         super().__init__(napari_viewer, parent)
         self._ui_timer = QTimer(self)
         self._ui_timer.setSingleShot(True)
@@ -184,12 +187,26 @@ class TrainWidget(DockPanel):
         self.stop_button.setEnabled(False)
         self.save_button = QPushButton("Save as…")
         self.save_button.setEnabled(False)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setToolTip(
+            "Write the fine-tuned model as a bioimage.io model package (.zip)")
+        self.export_button.setEnabled(False)
         self.train_button.clicked.connect(lambda: self.train())
         self.stop_button.clicked.connect(self.stop)
         self.save_button.clicked.connect(lambda: self._save_dialog())
-        for button in (self.train_button, self.stop_button, self.save_button):
+        self.export_button.clicked.connect(lambda: self.export())
+        for button in (self.train_button, self.stop_button, self.save_button, self.export_button):
             row.addWidget(button)
         return row
+
+    def export(self, out: str | Path | None = None) -> Any:
+        """Export the latest weights as a bioimage.io package (``out`` asked when None), with
+        test tensors from the training image; returns the worker."""
+        model = latest_model(self.job, self.model)
+        if model is None:
+            report_error(InputError("nothing to export yet: train first"), "MuViT export")
+            return None
+        return self.export_model(model, out, layer=self.image_layer)
 
     # ------------------------------------------------------------------------------ state
 
@@ -459,6 +476,7 @@ class TrainWidget(DockPanel):
             f"training '{job.request.name}': classes {names}, crop {trainer.crop_size}, "
             f"{job.request.config.steps} steps on {trainer.device}"
         )
+        self._open_activity(job)
         # Point the predict widgets of this viewer at the model being trained: they switch to
         # it at its first snapshot and refresh with every later one.
         for widget in predict_widgets(self.viewer):
@@ -484,6 +502,11 @@ class TrainWidget(DockPanel):
             return
         step = int(info.get("step", 0))
         self.state.progress = (step, self.state.progress[1])
+        now = time.perf_counter()
+        # napari's activity dock repaints synchronously: once a second is enough there
+        if self.activity is not None and now - self._activity_shown >= ACTIVITY_INTERVAL_S:
+            self._activity_shown = now
+            self.activity.update(max(0, min(step, self.activity.total) - self.activity.n))
         if info.get("status") == "running":
             dice = f", val Dice {info['val_dice']:.3f}" if info.get("val_dice") is not None else ""
             self.set_status(
@@ -494,6 +517,7 @@ class TrainWidget(DockPanel):
     def _on_snapshot(self, job: TrainJob, model: Any, step: int) -> None:
         self.state.model = model
         self.save_button.setEnabled(True)
+        self.export_button.setEnabled(True)
         # Predict widgets showing (or following) this model refresh on the registry's signal.
         registry().publish(job.request.name, model, step=step)
 
@@ -517,7 +541,21 @@ class TrainWidget(DockPanel):
         report_error(err, "MuViT fine-tune")
         self.set_status(f"error: {error_message(err)}")
 
+    def _open_activity(self, job: TrainJob) -> None:
+        """napari's activity dock shows the training too (steps done of the planned steps)."""
+        from napari.utils import progress
+
+        self._close_activity()
+        self.activity = progress(total=max(1, int(job.request.config.steps)),
+                                 desc=f"MuViT fine-tune {job.request.name}")
+
+    def _close_activity(self) -> None:
+        if self.activity is not None:
+            self.activity.close()
+            self.activity = None
+
     def _on_finished(self, job: TrainJob) -> None:
+        self._close_activity()
         job.done.set()
         self._ui_timer.stop()
         self.state.progress = (job.steps_seen, self.state.progress[1])
@@ -525,11 +563,13 @@ class TrainWidget(DockPanel):
         self.train_button.setEnabled(True)
         self.stop_button.setEnabled(False)
         self.save_button.setEnabled(self.model is not None or job.trainer is not None)
+        self.export_button.setEnabled(self.save_button.isEnabled())
 
     # ------------------------------------------------------------------------------ lifecycle
 
     def on_closing(self) -> None:
         self._unwatch_paint()
+        self._close_activity()
 
 
 def predict_widgets(viewer: Any) -> list[Any]:
