@@ -31,6 +31,9 @@ _LAZY = {
     "default_model_path": "napari_muvit.weights",
     "load_default_model": "napari_muvit.weights",
     "export_bioimageio": "napari_muvit.export",
+    "MuViTPointDetector": "napari_muvit.model",
+    "train_points": "napari_muvit.engine.points",
+    "predict_points": "napari_muvit.engine.points",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -111,7 +111,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                    help="segmenter folder (default: the bundled model)")
     # --- where the labels go: a new store (--out) or the source OME-Zarr (--into-source)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", metavar="OUT.zarr", help="output OME-Zarr store")
+    target.add_argument("--out", metavar="OUT.zarr",
+                        help="output OME-Zarr store (a point detector: a .csv table y,x,class,score)")
     target.add_argument("--into-source", action="store_true",
                         help="write the labels into IMAGE (an OME-Zarr 0.4/0.5 image) as "
                              "labels/NAME; the image itself is not modified")
@@ -198,6 +199,8 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError(f"IMAGE {args.image!r} does not exist")
     if args.out is not None and not str(args.out).strip():
         raise InputError("--out: expected the path of an output .zarr store, got an empty string")
+    if args.out is not None and Path(args.out).suffix.lower() == ".csv":
+        return _run_points(args)
     region = parse_region(args.region) if args.region else None
     if not args.quiet:
         print(f"napari-muvit predict: {_runtime_line(args)}", file=sys.stderr)
@@ -210,6 +213,40 @@ def _run(args: argparse.Namespace) -> int:
             progress=bar, scheduler=args.scheduler, workers=args.workers,
             overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
             amp=args.amp, into_source=_into_source(args), threads=args.threads,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        print(f"napari-muvit predict: wrote {out} in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr)
+    print(out)
+    return 0
+
+
+# ------------------------------------------------------------------------------ points
+def _run_points(args: argparse.Namespace) -> int:
+    """``predict --out PRED.csv`` with a point detector: ``y,x,class,score`` rows in level-0
+    pixel coordinates, streamed (resumable) and renamed into place when complete."""
+    from napari_muvit.engine.points import is_detector, predict_points
+    from napari_muvit.engine.predict import resolve_model
+
+    model = resolve_model(args.model)
+    if not is_detector(model):
+        raise InputError(
+            f"--out {args.out}: a .csv output needs a point detector; "
+            f"{args.model or 'the bundled model'} is a segmenter (write an OME-Zarr store instead)"
+        )
+    if args.scheduler is not None or args.workers is not None or args.probabilities:
+        raise InputError("a point detector runs in one process and has no --probabilities")
+    region = parse_region(args.region) if args.region else None
+    bar = None if args.quiet else ProgressBar()
+    t0 = time.monotonic()
+    try:
+        out = predict_points(
+            Path(args.image), model, region=region, out=args.out, device=args.device,
+            batch_size=args.batch, overlap=args.overlap, progress=bar,
+            overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
         )
     finally:
         if bar is not None:

@@ -82,6 +82,8 @@ class ProgressLine(StatusLine):
         )
         if "val_dice" in info:
             line += f" val Dice {info['val_dice']:.3f}"
+        if "val_f1" in info:
+            line += f" val F1 {info['val_f1']:.3f}"
         return line
 
 
@@ -211,10 +213,11 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--labels",
         nargs="+",
-        required=True,
+        default=None,
         metavar="LABELS",
         help="one label image per IMAGE (.npy, TIFF, zarr); 0 = not annotated",
     )
+    _add_points_options(t)
     _common(t)
     t.add_argument(
         "--head",
@@ -337,6 +340,10 @@ def _train(args: argparse.Namespace) -> int:
     from napari_muvit.engine.train import TrainConfig, train
 
     _check_paths(args.images, "IMAGE")
+    if args.points is not None:
+        return _train_points(args)
+    if args.labels is None:
+        raise InputError("train: pass --labels (label images) or --points (points CSV files)")
     _check_paths(args.labels, "--labels")
     if len(args.labels) != len(args.images):
         raise InputError(
@@ -406,3 +413,75 @@ def _finish(command: str, model: Any, args: argparse.Namespace) -> int:
         )
     print(args.out)
     return 0
+
+
+# ------------------------------------------------------------------------------ points
+def _add_points_options(t: argparse.ArgumentParser) -> None:
+    """Options of ``train --points`` (a point detector instead of a segmenter)."""
+    g = t.add_argument_group(
+        "point detection (instead of --labels)",
+        "Train a nucleus detector from points: CSV files with a header y,x[,class] (class >= 1) "
+        "or the CSV napari saves for a Points layer (axis-0, axis-1, a 'class' feature).",
+    )
+    g.add_argument("--points", nargs="+", default=None, metavar="POINTS.csv",
+                   help="one points CSV per IMAGE (level-0 pixel coordinates)")
+    g.add_argument("--region", nargs="+", default=None, metavar="Y0,X0,Y1,X1",
+                   help="the completely annotated rectangle (one for all images or one per "
+                        "image; default: the whole image is annotated)")
+    g.add_argument("--class-names", default=None, metavar="A,B",
+                   help="names of classes 1, 2, ... (text classes in a napari CSV use them)")
+    g.add_argument("--stride", type=positive_int, default=None, metavar="N",
+                   help="detector grid in pixels (default 4; 1 = per-pixel maps)")
+    g.add_argument("--pos-radius", type=positive_float, default=None, metavar="PX",
+                   help="locations within this distance of a point learn it (default: 0.3x "
+                        "the median distance between neighbouring points, 3-10 px)")
+    g.add_argument("--min-distance", type=positive_float, default=None, metavar="PX",
+                   help="two detections closer than this are one nucleus (default: 0.5x the "
+                        "median neighbour distance, 4-16 px)")
+
+
+def _train_points(args: argparse.Namespace) -> int:
+    """``train --points``: a MuViT point detector, through the same Trainer machinery."""
+    from dataclasses import replace
+
+    from napari_muvit.engine.points import train_points
+    from napari_muvit.engine.train import TrainConfig
+
+    if args.labels is not None:
+        raise InputError("train: pass either --labels or --points, not both")
+    _check_paths(args.points, "--points")
+    if len(args.points) != len(args.images):
+        raise InputError(
+            f"--points: expected one points file per IMAGE ({len(args.images)}), "
+            f"got {len(args.points)}"
+        )
+    regions = args.region or [None]
+    if len(regions) == 1:
+        regions = regions * len(args.images)
+    if len(regions) != len(args.images):
+        raise InputError(
+            f"--region: expected one rectangle for all images or one per IMAGE "
+            f"({len(args.images)}), got {len(regions)}"
+        )
+    config = TrainConfig(
+        **_shared_config(args),
+        encoder_lr_factor=args.encoder_lr_factor,
+        naive_bbox=args.naive_bbox,
+        freeze_encoder=args.freeze_encoder,
+        val_region=parse_region(args.val_region) if args.val_region else None,
+    )
+    overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    head = {k: v for k, v in (("stride", args.stride), ("pos_radius", args.pos_radius),
+                               ("min_distance", args.min_distance)) if v is not None}
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    model = _run_interruptible(
+        lambda progress, cancel: train_points(
+            args.images, args.points, out=args.out, init=args.init, levels=args.levels,
+            preset=args.preset, config=config, progress=progress, cancel=cancel,
+            regions=regions, resume=args.resume, overwrite=args.overwrite,
+            class_names=names, head_options=head,
+        ),
+        quiet=args.quiet,
+    )
+    return _finish("train", model, args)

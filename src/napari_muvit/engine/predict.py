@@ -977,7 +977,11 @@ def predict(
     into_source: bool | str = False,
     threads: int | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
-    """Segment an image with a MuViT segmenter.
+    """Segment an image with a MuViT segmenter (or detect points with a point detector).
+
+    With a point detector (``model.task == "points"``) the result is a table
+    ``{"y", "x", "class", "score"}`` of numpy arrays (level-0 pixel coordinates), or with
+    ``out`` a ``.csv`` file of those columns (see :func:`napari_muvit.engine.points.predict_points`).
 
     Parameters
     ----------
@@ -1014,9 +1018,20 @@ def predict(
         out = _source_labels_target(image_or_source, out, into_source)
     if out is None and (scheduler is not None or workers is not None):
         raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
-    resolved = None
+    # --- point detectors (engine/points.py): a table in memory, or a CSV at ``out``
+    resolved = resolve_model(model)
+    if getattr(resolved, "task", None) == "points":
+        from napari_muvit.engine.points import predict_points
+
+        if scheduler is not None or workers is not None or probabilities:
+            raise InputError("a point detector predicts points: no Dask, no probabilities")
+        return predict_points(
+            image_or_source, resolved, region, out, device, batch_size,
+            0 if overlap is None else overlap, progress,
+            cancel, overwrite=overwrite, tile_size=tile_size, amp=amp,
+        )
+    # ---
     if overlap is None:
-        resolved = resolve_model(model)
         overlap = default_overlap(_tile_size(resolved, tile_size))
     if out is not None and (scheduler is not None or workers is not None):
         from napari_muvit.engine.distributed import predict_distributed
@@ -1032,7 +1047,7 @@ def predict(
     if out is not None and not into_source:
         out = _output_path(out)
     source = open_image(image_or_source)
-    seg = resolved if resolved is not None else resolve_model(model)
+    seg = resolved
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
                      skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
                      tile_size=tile_size, threads=threads)

@@ -23,12 +23,14 @@ from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
 from napari_muvit.model.losses import segmentation_loss, soft_dice_loss
 from napari_muvit.model.mae import MuViTMAE
+from napari_muvit.model.points import MuViTPointDetector
 from napari_muvit.model.segmenter import MuViTSegmenter
 
 __all__ = [
     "Mask2FormerHead",
     "MuViTEncoder",
     "MuViTMAE",
+    "MuViTPointDetector",
     "MuViTSegmenter",
     "UNETRHead",
     "count_parameters",

@@ -320,6 +320,11 @@ def _model_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     from napari_muvit.model.segmenter import MuViTSegmenter
 
     cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    # --- kind "points" (model/points.py): the detector describes itself
+    if getattr(model, "task", None) == "points":
+        cfg.update(model.checkpoint_config(), meta={**model.meta, **(meta or {})})
+        return _plain(cfg)
+    # ---
     if isinstance(model, MuViTSegmenter):
         cfg.update(
             kind="segmenter",
@@ -572,8 +577,10 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
             f"reads <= {FORMAT_VERSION}); update napari-muvit"
         )
     kind = _section(cfg, "kind", cpath, str)
-    if kind not in ("encoder", "segmenter", "mae"):
-        raise CheckpointError(f"{cpath}: key 'kind' should be encoder|segmenter|mae, got {kind!r}")
+    if kind not in ("encoder", "segmenter", "mae", "points"):
+        raise CheckpointError(
+            f"{cpath}: key 'kind' should be encoder|segmenter|mae|points, got {kind!r}"
+        )
     enc_cfg = _section(cfg, "encoder", cpath)
     wpath, shown = _owned(folder, WEIGHTS), folder / WEIGHTS
     if not wpath.is_file():
@@ -591,6 +598,17 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
             return MuViTEncoder(**enc_cfg)
 
         desc = "encoder"
+    # --- kind "points" (model/points.py)
+    elif kind == "points":
+        from napari_muvit.model.points import MuViTPointDetector
+
+        _section(cfg, "head", cpath)
+
+        def build() -> nn.Module:
+            return MuViTPointDetector.from_checkpoint_config(MuViTEncoder(**enc_cfg), cfg, meta)
+
+        desc = "point detector"
+    # ---
     elif kind == "segmenter":
         head = dict(_section(cfg, "head", cpath))
         htype = head.pop("type", None)

@@ -12,9 +12,30 @@ from napari_muvit.errors import InputError
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import Mask2FormerHead, PixelHead, UNETRHead, default_skips
 
-__all__ = ["HEAD_TYPES", "MuViTSegmenter"]
+__all__ = ["HEAD_TYPES", "MuViTSegmenter", "level1_skip_maps"]
 
 HEAD_TYPES = ("unetr", "mask2former", "pixel")
+
+
+def level1_skip_maps(
+    encoder: MuViTEncoder, x: Tensor, bbox: Any, skips: list[int]
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Run the encoder on a checked nest ``x`` (B, L, C, H, W) and return the level-1 token
+    maps (B, D, h, w) of the layers in ``skips``, the final tokens of all levels (B, N, D) and
+    their centred world coordinates: what every dense head (segmentation, points) consumes."""
+    enc = encoder
+    coords = enc.token_coords(bbox, x.shape, x.device)
+    tokens0, _ = enc.embed(x)
+    level_idx = None
+    B, _, _, H, W = x.shape
+    P = enc.patch_size
+    h, w = H // P, W // P
+    if enc.attention_mode != "all":
+        level_idx = enc.level_index(h * w, x.device)
+    feats, inter = enc.run_layers(tokens0, coords, skips, level_idx)
+    n = h * w
+    maps = [t[:, :n].reshape(B, h, w, -1).permute(0, 3, 1, 2) for t in inter]
+    return maps, feats, coords
 
 
 class MuViTSegmenter(nn.Module):
@@ -37,6 +58,9 @@ class MuViTSegmenter(nn.Module):
     ``seg(x, bbox)`` with ``x`` (B, L, C, H, W), ``bbox`` (B, L, 2, 2) returns (B, K, H, W)
     logits for the level-1 (first) crop.
     """
+
+    #: what the engines dispatch on (a point detector says ``"points"``)
+    task = "segmentation"
 
     def __init__(
         self,
@@ -138,20 +162,8 @@ class MuViTSegmenter(nn.Module):
     def encode(self, x: Tensor, bbox: Any = None) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """What the head sees: level-1 skip maps (B, D, h, w) shallow → deep, the final tokens
         of all levels (B, N, D), their centred world coordinates and the checked input."""
-        enc = self.encoder
-        skips = self.head_options["skips"]
-        x = enc.check_input(x)
-        coords = enc.token_coords(bbox, x.shape, x.device)
-        tokens0, _ = enc.embed(x)
-        level_idx = None
-        B, _, _, H, W = x.shape
-        P = enc.patch_size
-        h, w = H // P, W // P
-        if enc.attention_mode != "all":
-            level_idx = enc.level_index(h * w, x.device)
-        feats, inter = enc.run_layers(tokens0, coords, skips, level_idx)
-        n = h * w
-        maps = [t[:, :n].reshape(B, h, w, -1).permute(0, 3, 1, 2) for t in inter]
+        x = self.encoder.check_input(x)
+        maps, feats, coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
         return maps, feats, coords, x
 
     @torch.no_grad()

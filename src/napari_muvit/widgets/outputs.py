@@ -17,6 +17,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from napari_muvit.engine.sinks import label_dtype
 from napari_muvit.widgets import _layers as L
 
 PAINT_MODES = ("paint", "erase", "fill", "polygon")

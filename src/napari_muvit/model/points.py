@@ -1,0 +1,521 @@
+"""MuViT point detector: nucleus detection + classification as points (MUSE-style fine-tuning).
+
+The MUSE paper (Downstream Fine-Tuning) regresses nucleus coordinates and predicts their types
+with two independent heads, trained with an MSE regression loss and a cross-entropy type loss
+inside the annotated region, plus a confidence-filtered consistency (pseudo-label) loss on the
+unannotated surroundings of large-field-of-view samples.  Here the same losses sit on the
+MuViT encoder's level-1 features:
+
+* a UNETR pixel decoder (:class:`~napari_muvit.model.heads.PixelDecoder`) brings the level-1
+  tokens back to full resolution (the coarse levels inform them through attention);
+* every location of a ``stride``-pixel grid predicts ``K + 1`` logits (background + K types:
+  objectness and type in one softmax, as in P2PNet-style point heads) and, with ``offsets``,
+  the sub-cell offset ``(dy, dx)`` of the nucleus it belongs to;
+* a location is *positive* when a point lies within ``pos_radius`` pixels of its centre (the
+  nearest point wins); positives regress the offset to that point (MSE), all annotated
+  locations learn the type/background cross-entropy.
+
+Decoding (:func:`decode_points`) takes the local maxima of the foreground score above a
+threshold, moves each to ``location + offset`` and keeps the best-scoring point within
+``min_distance`` pixels.  ``stride=1, offsets=False`` is the heatmap + local-maximum decoder;
+``stride>1, offsets=True`` is the MUSE/P2PNet-style per-location regression, the default
+(``stride=4``), chosen by a measurement (``experiments/points_head_choice.py``: detection F1
+0.904 vs 0.819 per-pixel offsets vs 0.804 heatmap; docs/results.md).
+
+Point coordinates follow napari and scikit-image: pixel ``i`` has its centre at ``i`` (level-0
+pixel index coordinates).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from napari_muvit.errors import InputError
+from napari_muvit.model.encoder import MuViTEncoder
+from napari_muvit.model.heads import PixelDecoder, default_skips
+from napari_muvit.model.segmenter import level1_skip_maps
+
+__all__ = [
+    "MuViTPointDetector",
+    "PointHead",
+    "decode_points",
+    "nms_points",
+    "point_consistency_loss",
+    "point_loss",
+    "point_maps",
+    "point_targets",
+]
+
+#: defaults of the head options (stored in the checkpoint's ``head`` section)
+DEFAULT_POINT_OPTIONS: dict[str, Any] = {
+    # 4 where the patch size allows (else 1): the MUSE/P2PNet-style grid beat per-pixel maps
+    # and the heatmap decoder in experiments/points_head_choice.py (docs/results.md)
+    "stride": 4,
+    "offsets": True,
+    "pos_radius": 3.0,
+    "min_distance": 4.0,
+    "threshold": 0.5,
+    "taper": True,
+}
+
+
+class PointHead(nn.Module):
+    """Pixel decoder → (average-pooled to ``stride``) → class logits (K+1) [+ offsets (2)]."""
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        patch_size: int,
+        num_classes: int,
+        head_dim: int = 64,
+        skips: list[int] | tuple[int, ...] = (0, 5, 11),
+        taper: bool = True,
+        stride: int = 1,
+        offsets: bool = True,
+    ):
+        super().__init__()
+        self.stride = int(stride)
+        self.offsets = bool(offsets)
+        self.pixel_decoder = PixelDecoder(
+            dim, in_channels, patch_size, head_dim, len(list(skips)), taper
+        )
+        c = self.pixel_decoder.out_dim
+        self.type_head = nn.Conv2d(c, num_classes + 1, 1)
+        self.offset_head = nn.Conv2d(c, 2, 1) if self.offsets else None
+
+    def forward(self, maps: list[Tensor], image: Tensor) -> Tensor:
+        f = self.pixel_decoder(maps, image)
+        if self.stride > 1:
+            f = F.avg_pool2d(f, self.stride)
+        out = self.type_head(f)
+        if self.offset_head is not None:
+            out = torch.cat([out, self.offset_head(f)], 1)
+        return out
+
+
+class MuViTPointDetector(nn.Module):
+    """:class:`MuViTEncoder` + :class:`PointHead`: points with a class and a score.
+
+    Args:
+        encoder: the (usually pre-trained) encoder.
+        num_classes: K point classes.
+        head_dim: pixel-decoder width.
+        class_names: K names (default ``"class 1"`` ...).
+        label_values: K class ids written to the output (default ``1..K``).
+        normalization: input normalisation dict the model was trained with (or None).
+        meta: provenance/history dict stored in the checkpoint.
+        class_colors: optional K colours.
+        head_options: ``skips``, ``taper``, ``stride``, ``offsets``, ``pos_radius``,
+            ``min_distance``, ``threshold`` (see the module docstring).
+
+    ``det(x, bbox)`` returns raw outputs (B, K+1 [+2], H/stride, W/stride); :func:`point_maps`
+    turns them into per-pixel maps and :func:`decode_points` into points.
+    """
+
+    task = "points"
+    head_type = "points"
+
+    def __init__(
+        self,
+        encoder: MuViTEncoder,
+        num_classes: int = 1,
+        head_dim: int = 64,
+        class_names: list[str] | None = None,
+        label_values: list[int] | None = None,
+        normalization: dict | None = None,
+        meta: dict | None = None,
+        class_colors: list | None = None,
+        head_options: dict | None = None,
+    ):
+        super().__init__()
+        K = int(num_classes)
+        if K < 1:
+            raise InputError(f"num_classes: expected >= 1, got {num_classes}")
+        if label_values is None:
+            label_values = list(range(1, K + 1))
+        label_values = [int(v) for v in label_values]
+        class_names = (
+            [f"class {v}" for v in label_values] if class_names is None else list(class_names)
+        )
+        for name, val in (("class_names", class_names), ("label_values", label_values)):
+            if len(val) != K:
+                raise InputError(f"{name}: expected {K} entries (num_classes), got {len(val)}")
+        if class_colors is not None and len(class_colors) != K:
+            raise InputError(f"class_colors: expected {K} entries, got {len(class_colors)}")
+        if normalization is not None and not isinstance(normalization, dict):
+            normalization = normalization.to_dict()
+        opts = {**DEFAULT_POINT_OPTIONS, **dict(head_options or {})}
+        if "stride" not in (head_options or {}) and encoder.patch_size % opts["stride"]:
+            opts["stride"] = 1
+        opts.setdefault("skips", default_skips(encoder.num_layers))
+        opts["skips"] = [int(s) for s in opts["skips"]]
+        for s in opts["skips"]:
+            if not 0 <= s < encoder.num_layers:
+                raise InputError(
+                    f"head_options.skips: expected layer indices in "
+                    f"[0, {encoder.num_layers}), got {s}"
+                )
+        stride = int(opts["stride"])
+        if stride < 1 or stride > encoder.patch_size or encoder.patch_size % stride:
+            raise InputError(
+                f"head_options.stride: expected a divisor of the patch size {encoder.patch_size}, "
+                f"got {opts['stride']!r}"
+            )
+        for key in ("pos_radius", "min_distance"):
+            if not float(opts[key]) > 0:
+                raise InputError(
+                    f"head_options.{key}: expected a positive number, got {opts[key]!r}"
+                )
+        if not 0.0 < float(opts["threshold"]) < 1.0:
+            raise InputError(
+                f"head_options.threshold: expected a value in (0, 1), got {opts['threshold']!r}"
+            )
+        opts.update(
+            stride=stride,
+            offsets=bool(opts["offsets"]),
+            taper=bool(opts["taper"]),
+            pos_radius=float(opts["pos_radius"]),
+            min_distance=float(opts["min_distance"]),
+            threshold=float(opts["threshold"]),
+        )
+        self.encoder = encoder
+        self.num_classes = K
+        self.head_dim = int(head_dim)
+        self.head_options = opts
+        self.class_names = class_names
+        self.label_values = label_values
+        self.class_colors = None if class_colors is None else list(class_colors)
+        self.normalization = normalization
+        self.meta = dict(meta or {})
+        self.head = PointHead(
+            encoder.dim,
+            encoder.in_channels,
+            encoder.patch_size,
+            K,
+            self.head_dim,
+            opts["skips"],
+            opts["taper"],
+            stride,
+            opts["offsets"],
+        )
+
+    # -------------------------------------------------------------------------- properties
+    @property
+    def levels(self) -> tuple[float | int, ...]:
+        return self.encoder.levels
+
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def in_channels(self) -> int:
+        return self.encoder.in_channels
+
+    @property
+    def stride(self) -> int:
+        return int(self.head_options["stride"])
+
+    @property
+    def map_channels(self) -> int:
+        """Channels of :func:`point_maps`: score, dy, dx, then K class probabilities."""
+        return 3 + self.num_classes
+
+    @property
+    def head_config(self) -> dict[str, Any]:
+        """The ``head`` section of the checkpoint config."""
+        return {
+            "type": "points",
+            "num_classes": self.num_classes,
+            "head_dim": self.head_dim,
+            **self.head_options,
+        }
+
+    # -------------------------------------------------------------------------- forward
+    def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
+        """Raw outputs (B, K+1 [+2], H/stride, W/stride) for the level-1 crop."""
+        x = self.encoder.check_input(x)
+        maps, _feats, _coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
+        return self.head(maps, x[:, 0])
+
+    def maps(self, raw: Tensor, size: int | None = None) -> Tensor:
+        """Per-pixel maps of raw outputs (see :func:`point_maps`)."""
+        return point_maps(raw, self.num_classes, self.stride, self.head_options["pos_radius"], size)
+
+    def loss_scale(self) -> float:
+        """Offsets are learnt in units of this many pixels (keeps the MSE O(1))."""
+        return offset_scale(self.stride, self.head_options["pos_radius"])
+
+    # -------------------------------------------------------------------------- I/O
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``config.yaml`` + ``model.safetensors`` (kind ``points``)."""
+        from napari_muvit.model.checkpoint import save_model
+
+        return save_model(self, folder, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | Path, map_location: str | torch.device = "cpu"
+    ) -> MuViTPointDetector:
+        """Load a point-detector folder written by :meth:`save`."""
+        from napari_muvit.model.checkpoint import load_model_of_kind
+
+        return load_model_of_kind(
+            folder, cls, "a point detector (kind: points)",
+            hint="; train one with --points", map_location=map_location,
+        )
+
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
+        return {
+            "kind": "points",
+            "encoder": self.encoder.config,
+            "head": self.head_config,
+            "class_names": self.class_names,
+            "label_values": self.label_values,
+            "class_colors": self.class_colors,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_checkpoint_config(
+        cls, encoder: MuViTEncoder, cfg: dict[str, Any], meta: dict[str, Any]
+    ) -> MuViTPointDetector:
+        """Inverse of :meth:`checkpoint_config` (weights are loaded by the caller)."""
+        head = dict(cfg.get("head") or {})
+        head.pop("type", None)
+        K = head.pop("num_classes", None)
+        if not isinstance(K, int):
+            raise InputError(f"head.num_classes: expected an int, got {K!r}")
+        head_dim = head.pop("head_dim", 64)
+        return cls(
+            encoder,
+            num_classes=K,
+            head_dim=head_dim,
+            class_names=cfg.get("class_names"),
+            label_values=cfg.get("label_values"),
+            normalization=cfg.get("normalization"),
+            meta=meta,
+            class_colors=cfg.get("class_colors"),
+            head_options=head,
+        )
+
+
+# ============================================================================ targets, losses
+def offset_scale(stride: int, pos_radius: float) -> float:
+    """Offsets are regressed in units of ``max(stride, pos_radius)`` pixels."""
+    return float(max(stride, pos_radius, 1.0))
+
+
+def _cell_centres(h: int, w: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pixel-index coordinates of the centres of a ``stride`` grid of ``h×w`` cells."""
+    half = (stride - 1) / 2.0
+    cy = torch.arange(h, device=device, dtype=torch.float32) * stride + half
+    cx = torch.arange(w, device=device, dtype=torch.float32) * stride + half
+    return cy, cx
+
+
+def point_targets(
+    target: Tensor, stride: int, pos_radius: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-location targets from a point raster.
+
+    ``target`` (B, S, S) int: -1 = not annotated (or padding), 0 = annotated, no point,
+    ``k >= 1`` = a point of class ``k`` at that pixel.
+
+    Returns ``(types, offsets, positive, annotated)`` on the ``stride`` grid (B, h, w):
+    ``types`` in ``[0, K]`` (0 = background) with -1 where not annotated; ``offsets``
+    (B, 2, h, w) from the location centre to its nearest point in pixels; ``positive`` (bool)
+    where a point lies within ``max(pos_radius, 0.75·stride)`` px; ``annotated`` (bool) where
+    every pixel of the location is annotated.
+    """
+    B, S, S2 = target.shape
+    h, w = S // stride, S2 // stride
+    dev = target.device
+    known = (target >= 0).float()[:, None]
+    annotated = (-F.max_pool2d(-known, stride))[:, 0] > 0.5 if stride > 1 else known[:, 0] > 0.5
+    types = torch.where(annotated, 0, -1).long()
+    offsets = torch.zeros(B, 2, h, w, device=dev)
+    positive = torch.zeros(B, h, w, dtype=torch.bool, device=dev)
+    cy, cx = _cell_centres(h, w, stride, dev)
+    reach = max(float(pos_radius), 0.75 * stride)
+    for b in range(B):
+        pts = torch.nonzero(target[b] >= 1)
+        if len(pts) == 0:
+            continue
+        py, px = pts[:, 0].float(), pts[:, 1].float()
+        cls = target[b][pts[:, 0], pts[:, 1]].long()
+        dy = py[None, None, :] - cy[:, None, None]  # (h, 1, n)
+        dx = px[None, None, :] - cx[None, :, None]  # (1, w, n)
+        d2 = dy * dy + dx * dx  # (h, w, n)
+        best, idx = d2.min(-1)
+        pos = best <= reach * reach
+        positive[b] = pos
+        types[b] = torch.where(pos, cls[idx], types[b])
+        offsets[b, 0] = torch.gather(dy.expand(h, w, -1), 2, idx[..., None])[..., 0]
+        offsets[b, 1] = torch.gather(dx.expand(h, w, -1), 2, idx[..., None])[..., 0]
+    return types, offsets, positive, annotated
+
+
+def point_loss(
+    raw: Tensor,
+    target: Tensor,
+    num_classes: int,
+    stride: int,
+    pos_radius: float,
+    type_weight: float = 1.0,
+    reg_weight: float = 1.0,
+    background_weight: float = 1.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """MUSE's supervised fine-tuning loss inside the annotated region.
+
+    ``type_weight``·CE(K+1 types incl. background) over annotated locations +
+    ``reg_weight``·MSE(offsets) over positive locations (offsets in units of
+    :func:`offset_scale`). Returns the scalar and its parts. Exactly 0 (with a graph) when
+    nothing in the batch is annotated.
+    """
+    K = int(num_classes)
+    types, offsets, positive, _annotated = point_targets(target, stride, pos_radius)
+    logits = raw[:, : K + 1].float()
+    if not bool((types >= 0).any()):
+        zero = raw.float().sum() * 0.0
+        return zero, {"loss_type": 0.0, "loss_reg": 0.0}
+    weight = torch.ones(K + 1, device=raw.device)
+    weight[0] = float(background_weight)
+    ce = F.cross_entropy(logits, types, weight=weight, ignore_index=-1)
+    loss = type_weight * ce
+    reg = raw.float().sum() * 0.0
+    if raw.shape[1] > K + 1 and bool(positive.any()):
+        scale = offset_scale(stride, pos_radius)
+        pred = raw[:, K + 1 : K + 3].float()
+        diff = (pred - offsets / scale).permute(0, 2, 3, 1)[positive]
+        reg = (diff * diff).sum(-1).mean()
+        loss = loss + reg_weight * reg
+    return loss, {"loss_type": float(ce.detach()), "loss_reg": float(reg.detach())}
+
+
+def point_consistency_loss(
+    raw: Tensor,
+    teacher_raw: Tensor,
+    target: Tensor,
+    valid: Tensor,
+    num_classes: int,
+    stride: int,
+    threshold: float,
+    reg_weight: float = 1.0,
+) -> tuple[Tensor, float]:
+    """MUSE's consistency term on the unannotated surroundings.
+
+    The teacher's confident locations (max softmax ``>= threshold``, background or a type) in
+    cells with no annotated pixel (and inside the image, ``valid`` (B, S, S)) become pseudo
+    labels: CE towards the teacher's type, MSE towards its offsets where it predicts a point.
+    Returns the loss and the fraction of locations used.
+    """
+    K = int(num_classes)
+    s = int(stride)
+    any_known = (target >= 0).float()[:, None]
+    inside = valid.float()[:, None]
+    if s > 1:
+        any_known = F.max_pool2d(any_known, s)
+        inside = -F.max_pool2d(-inside, s)
+    free = (any_known[:, 0] < 0.5) & (inside[:, 0] > 0.5)
+    conf, lab = torch.softmax(teacher_raw[:, : K + 1].float(), 1).max(1)
+    use = free & (conf >= threshold)
+    frac = float(use.float().mean())
+    if not bool(use.any()):
+        return raw.float().sum() * 0.0, frac
+    pseudo = torch.where(use, lab, torch.full_like(lab, -1))
+    loss = F.cross_entropy(raw[:, : K + 1].float(), pseudo, ignore_index=-1)
+    pos = use & (lab > 0)
+    if raw.shape[1] > K + 1 and bool(pos.any()):
+        diff = (raw[:, K + 1 : K + 3].float() - teacher_raw[:, K + 1 : K + 3].float())
+        diff = diff.permute(0, 2, 3, 1)[pos]
+        loss = loss + reg_weight * (diff * diff).sum(-1).mean()
+    return loss, frac
+
+
+# ============================================================================ decoding
+def point_maps(
+    raw: Tensor, num_classes: int, stride: int, pos_radius: float, size: int | None = None
+) -> Tensor:
+    """Per-pixel maps (B, 3+K, S, S) of raw outputs: foreground score, offset ``dy``, ``dx``
+    (pixels from *this pixel* to the point it votes for) and K class probabilities (among the
+    foreground types). A ``stride`` grid is expanded to pixels (each pixel of a cell carries
+    the cell's prediction, its offset re-expressed from the pixel)."""
+    K = int(num_classes)
+    probs = torch.softmax(raw[:, : K + 1].float(), 1)
+    score = 1.0 - probs[:, :1]
+    cls = probs[:, 1:] / probs[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
+    B, _, h, w = raw.shape
+    if raw.shape[1] > K + 1:
+        off = raw[:, K + 1 : K + 3].float() * offset_scale(stride, pos_radius)
+    else:
+        off = torch.zeros(B, 2, h, w, device=raw.device)
+    cy, cx = _cell_centres(h, w, stride, raw.device)
+    S = size or h * stride
+    if stride > 1:
+        score = score.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
+        cls = cls.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
+        ty = (off[:, 0] + cy[None, :, None]).repeat_interleave(stride, 1)
+        ty = ty.repeat_interleave(stride, 2)
+        tx = (off[:, 1] + cx[None, None, :]).repeat_interleave(stride, 1)
+        tx = tx.repeat_interleave(stride, 2)
+        py = torch.arange(ty.shape[1], device=raw.device, dtype=torch.float32)
+        px = torch.arange(tx.shape[2], device=raw.device, dtype=torch.float32)
+        off = torch.stack([ty - py[None, :, None], tx - px[None, None, :]], 1)
+    out = torch.cat([score, off, cls], 1)
+    return out[:, :, :S, :S]
+
+
+def decode_points(
+    maps: Tensor, threshold: float, min_distance: float
+) -> list[dict[str, Tensor]]:
+    """Points of per-pixel maps (B, 3+K, H, W) in the maps' pixel coordinates.
+
+    Local maxima (3×3) of the score ``>= threshold`` vote at ``pixel + offset``; a greedy
+    non-maximum suppression keeps the best point within ``min_distance`` px. Returns per image
+    ``{"yx": (N, 2) float32, "class_index": (N,) int64 in [0, K), "score": (N,)}``.
+    """
+    score = maps[:, 0]
+    peak = (score == F.max_pool2d(score[:, None], 3, 1, 1)[:, 0]) & (score >= threshold)
+    out = []
+    for b in range(maps.shape[0]):
+        yy, xx = torch.nonzero(peak[b], as_tuple=True)
+        yx = torch.stack([yy.float() + maps[b, 1, yy, xx], xx.float() + maps[b, 2, yy, xx]], 1)
+        sc = score[b, yy, xx]
+        cls = maps[b, 3:, yy, xx].argmax(0) if maps.shape[1] > 3 else torch.zeros_like(yy)
+        keep = torch.as_tensor(
+            nms_points(yx.cpu().numpy(), sc.cpu().numpy(), min_distance), device=yx.device
+        )
+        out.append({"yx": yx[keep], "class_index": cls[keep].long(), "score": sc[keep]})
+    return out
+
+
+def nms_points(yx: Any, score: Any, min_distance: float) -> np.ndarray:
+    """Indices of the points kept by greedy suppression: best score first (ties: input
+    order); a point is dropped when a kept one lies closer than ``min_distance`` px."""
+    from scipy.spatial import cKDTree
+
+    yx = np.asarray(yx, dtype=np.float64).reshape(-1, 2)
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    n = len(yx)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    order = np.argsort(-score, kind="stable")
+    tree = cKDTree(yx)
+    alive = np.ones(n, dtype=bool)
+    keep = []
+    for i in order:
+        if not alive[i]:
+            continue
+        keep.append(i)
+        for j in tree.query_ball_point(yx[i], np.nextafter(min_distance, 0)):
+            alive[j] = False
+    return np.asarray(keep, dtype=np.int64)

@@ -1,0 +1,363 @@
+"""Point detection: CSV input, the virtual point raster, targets/loss/decoding, the detector
+folder, tiled prediction with an oracle detector (exact points, no duplicates across tiles),
+the resumable CSV sink, training and the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_muvit.cli import main
+from napari_muvit.data.points_io import (
+    PointRaster,
+    PointTable,
+    points_from_labels,
+    read_points,
+    write_points_csv,
+)
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.points import (
+    PointCsvSink,
+    PointMerger,
+    PointPredictor,
+    predict_points,
+    train_points,
+)
+from napari_muvit.errors import CancelledError, InputError
+from napari_muvit.model import MuViTEncoder, MuViTPointDetector, load_model
+from napari_muvit.model.points import (
+    decode_points,
+    nms_points,
+    offset_scale,
+    point_loss,
+    point_maps,
+    point_targets,
+)
+
+
+# ============================================================================ CSV input
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_read_yx_class_and_default_class(tmp_path: Path) -> None:
+    t = read_points(_write(tmp_path / "a.csv", "y,x,class\n1.5,2,1\n10,20.25,3\n"), (50, 50))
+    np.testing.assert_array_equal(t.yx, [[1.5, 2.0], [10.0, 20.25]])
+    np.testing.assert_array_equal(t.classes, [1, 3])
+    t = read_points(_write(tmp_path / "b.csv", "x,y\n2,1\n"))  # column order from the header
+    np.testing.assert_array_equal(t.yx, [[1.0, 2.0]])
+    np.testing.assert_array_equal(t.classes, [1])
+
+
+def test_read_napari_points_csv_with_class_names(tmp_path: Path) -> None:
+    text = "index,axis-0,axis-1,class,other\n0,5.0,6.0,tumour,x\n1,7,8,lymphocyte,y\n2,9,9,tumour,z\n"
+    path = _write(tmp_path / "napari.csv", text)
+    t = read_points(path)  # alphabetical: lymphocyte=1, tumour=2
+    np.testing.assert_array_equal(t.classes, [2, 1, 2])
+    assert t.class_names == {1: "lymphocyte", 2: "tumour"}
+    t = read_points(path, class_names=["tumour", "lymphocyte"])
+    np.testing.assert_array_equal(t.classes, [1, 2, 1])
+    np.testing.assert_array_equal(t.yx, [[5, 6], [7, 8], [9, 9]])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("y,x\n", "no points"),
+        ("a,b\n1,2\n", "expected a header with columns y,x"),
+        ("y,x,class\n1,2,0\n", "class '0'"),
+        ("y,x,class\n1,2,1.5\n", "integers >= 1"),
+        ("y,x\n1,abc\n", "expected numbers"),
+        ("y,x\n1,200\n", "outside the image"),
+        ("index,axis-0,axis-1,axis-2\n0,1,2,3\n", "2-D points"),
+    ],
+)
+def test_bad_points_files_are_one_line_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path / "bad.csv", text)
+    with pytest.raises(InputError) as err:
+        read_points(path, (100, 100))
+    msg = str(err.value)
+    assert message in msg and str(path) in msg and "\n" not in msg
+
+
+def test_points_from_labels_and_csv_round_trip(tmp_path: Path) -> None:
+    inst = np.zeros((20, 20), np.int32)
+    inst[2:5, 2:5] = 1  # centre (3, 3)
+    inst[10:12, 14:18] = 7  # centre (10.5, 15.5)
+    sem = np.where(inst == 7, 2, np.where(inst > 0, 1, 0))
+    t = points_from_labels(inst, sem)
+    np.testing.assert_allclose(t.yx, [[3, 3], [10.5, 15.5]])
+    np.testing.assert_array_equal(t.classes, [1, 2])
+    back = read_points(write_points_csv(tmp_path / "p.csv", t))
+    np.testing.assert_allclose(back.yx, t.yx)
+    np.testing.assert_array_equal(back.classes, t.classes)
+
+
+def test_point_raster_values_region_and_exclude() -> None:
+    table = PointTable(np.array([[2.2, 3.6], [8.0, 8.0], [1.0, 9.0]]), np.array([1, 2, 1]))
+    r = PointRaster(table, (10, 12), region=[[0, 0], [6, 6]])
+    full = np.asarray(r)
+    assert full.shape == (10, 12) and full.dtype == np.int32
+    assert full[2, 4] == 2 and full[8, 8] == 3 and full[1, 9] == 2  # class + 1
+    assert (full[:6, :6] >= 1).all() and full[0, 0] == 1
+    assert full[9, 0] == 0  # outside the annotated region
+    np.testing.assert_array_equal(r[1:4, 3:10], full[1:4, 3:10])
+    held = PointRaster(table, (10, 12), exclude=[[0, 0], [5, 5]])
+    arr = np.asarray(held)
+    assert (arr[:5, :5] == 0).all() and arr[8, 8] == 3 and arr[9, 11] == 1
+    assert len(held.table) == 2  # the point in the held-out box is gone
+
+
+# ============================================================================ model
+def _tiny_detector(levels=(1, 4), classes=2, **opts) -> MuViTPointDetector:
+    enc = MuViTEncoder(1, levels, patch_size=8, dim=48, num_layers=2, heads=2)
+    return MuViTPointDetector(enc, num_classes=classes, head_dim=16, head_options=opts)
+
+
+def test_targets_positives_and_offsets() -> None:
+    t = torch.zeros(1, 32, 32, dtype=torch.long)
+    t[0, 10, 12] = 2
+    types, off, pos, ann = point_targets(t, stride=1, pos_radius=3.0)
+    assert int(pos.sum()) == 29  # lattice points within 3 px
+    assert int(types[0, 10, 12]) == 2 and int(types[0, 10, 16]) == 0
+    assert off[0, :, 9, 11].tolist() == [1.0, 1.0]  # from (9, 11) to the point
+    assert bool(ann.all())
+    # stride 4: the cell centre (9.5, 13.5) holds the point; offsets from cell centres
+    types4, off4, pos4, _ = point_targets(t, stride=4, pos_radius=3.0)
+    assert int(types4[0, 2, 3]) == 2 and off4[0, :, 2, 3].tolist() == [0.5, -1.5]
+    # nothing annotated: the loss is exactly zero and differentiable
+    raw = torch.zeros(1, 5, 32, 32, requires_grad=True)
+    loss, _ = point_loss(raw, torch.full((1, 32, 32), -1), 2, 1, 3.0)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+
+
+@pytest.mark.parametrize("stride", [1, 4])
+def test_perfect_raw_outputs_decode_to_the_points(stride: int) -> None:
+    pts = {(10, 12): 1, (20, 5): 2, (21, 25): 1}
+    t = torch.zeros(1, 32, 32, dtype=torch.long)
+    for (y, x), c in pts.items():
+        t[0, y, x] = c
+    types, off, _, _ = point_targets(t, stride, 3.0)
+    logits = torch.nn.functional.one_hot(types.clamp_min(0), 3).permute(0, 3, 1, 2).float() * 20
+    raw = torch.cat([logits, off / offset_scale(stride, 3.0)], 1)
+    maps = point_maps(raw, 2, stride, 3.0, 32)
+    found = decode_points(maps, 0.5, 4.0)[0]
+    got = sorted((round(float(y), 3), round(float(x), 3), int(c) + 1)
+                 for (y, x), c in zip(found["yx"], found["class_index"]))
+    assert got == sorted((float(y), float(x), c) for (y, x), c in pts.items())
+    # the loss of these outputs is small (perfect types at 20-logit margin, exact offsets)
+    loss, parts = point_loss(raw, t, 2, stride, 3.0)
+    assert parts["loss_reg"] < 1e-10 and parts["loss_type"] < 1e-6
+
+
+def test_nms_keeps_best_then_first() -> None:
+    yx = [[0, 0], [0, 3], [0, 6], [10, 10]]
+    keep = nms_points(yx, [0.5, 0.9, 0.5, 0.1], 4.0)
+    assert sorted(keep.tolist()) == [1, 3]  # 0 and 2 lie within 4 px of the best point 1
+    # exactly min_distance apart is not a duplicate
+    assert sorted(nms_points(yx, [1, 1, 1, 1], 3.0).tolist()) == [0, 1, 2, 3]
+
+
+def test_detector_folder_round_trip(tmp_path: Path) -> None:
+    det = _tiny_detector(stride=2, pos_radius=2.5, min_distance=5.0)
+    det.class_names = ["a", "b"]
+    det.save(tmp_path / "det")
+    text = (tmp_path / "det" / "config.yaml").read_text()
+    assert "kind: points" in text
+    back = load_model(tmp_path / "det")
+    assert isinstance(back, MuViTPointDetector) and back.task == "points"
+    assert back.head_config == det.head_config and back.class_names == ["a", "b"]
+    x = torch.randn(1, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), det.eval()(x))
+    assert MuViTPointDetector.from_pretrained(tmp_path / "det").num_classes == 2
+
+
+def test_merger_drops_cross_tile_duplicates() -> None:
+    m = PointMerger(4.0)
+    core_a = np.array([[0, 0], [64, 64]])
+    core_b = np.array([[0, 64], [64, 128]])
+    assert m.add(np.array([[30.0, 62.0], [30.0, 10.0]]), core_a).tolist() == [True, True]
+    assert m.add(np.array([[31.0, 65.0], [30.0, 100.0]]), core_b).tolist() == [False, True]
+
+
+# ============================================================================ oracle prediction
+class OracleDetector(MuViTPointDetector):
+    """Outputs the perfect raw maps of known points for whatever tile it is shown (from the
+    tile's level-1 bbox): prediction must then return exactly those points."""
+
+    def __init__(self, table: PointTable, shape, **opts) -> None:
+        enc = MuViTEncoder(1, (1, 4), patch_size=8, dim=48, num_layers=1, heads=2)
+        super().__init__(enc, num_classes=2, head_dim=16, head_options=opts)
+        self.raster = PointRaster(table, shape)
+
+    def forward(self, x, bbox=None):
+        s = x.shape[-1]
+        outs = []
+        for b in range(x.shape[0]):
+            y0, x0 = (int(round(float(v))) for v in bbox[b, 0, 0])
+            crop = np.full((s, s), -1, np.int64)
+            ys, xs = slice(max(y0, 0), max(y0 + s, 0)), slice(max(x0, 0), max(x0 + s, 0))
+            block = self.raster[ys, xs].astype(np.int64) - 1
+            crop[ys.start - y0 : ys.start - y0 + block.shape[0],
+                 xs.start - x0 : xs.start - x0 + block.shape[1]] = block
+            t = torch.from_numpy(crop)[None]
+            types, off, _, _ = point_targets(t, self.stride, self.head_options["pos_radius"])
+            logits = torch.nn.functional.one_hot(types.clamp_min(0), 3).permute(0, 3, 1, 2) * 20.0
+            outs.append(torch.cat([logits.float(), off / self.loss_scale()], 1))
+        return torch.cat(outs)
+
+
+def _oracle_case(rng, n=40, shape=(100, 90)):
+    yx = np.stack([rng.integers(2, shape[0] - 2, n), rng.integers(2, shape[1] - 2, n)], 1)
+    # keep points >= 6 px apart (one nucleus each)
+    keep = []
+    for i, p in enumerate(yx):
+        if all(np.hypot(*(p - yx[j])) >= 6 for j in keep):
+            keep.append(i)
+    table = PointTable(yx[keep].astype(np.float64), rng.integers(1, 3, len(keep)))
+    image = rng.normal(size=shape).astype(np.float32)
+    return table, image
+
+
+@pytest.mark.parametrize(("overlap", "stride"), [(0, 1), (8, 1), (0, 4)])
+def test_tiled_prediction_recovers_points_once(rng, overlap: int, stride: int) -> None:
+    table, image = _oracle_case(rng)
+    oracle = OracleDetector(table, image.shape, stride=stride)
+    oracle.meta["crop_size"] = 32
+    out = predict_points(image, oracle, device="cpu", overlap=overlap)
+    got = sorted(zip(out["y"].round(3), out["x"].round(3), out["class"]))
+    want = sorted(zip(table.yx[:, 0], table.yx[:, 1], table.classes))
+    assert got == want
+    assert (out["score"] > 0.99).all()
+
+
+def test_csv_sink_resumes_and_protects(rng, tmp_path: Path) -> None:
+    table, image = _oracle_case(rng)
+    oracle = OracleDetector(table, image.shape)
+    oracle.meta["crop_size"] = 32
+    path = tmp_path / "pred.csv"
+    cancel = CancelToken()
+    seen = []
+
+    def stop_after_two(done, total, message):
+        seen.append(done)
+        if done >= 2:
+            cancel.cancel()
+
+    with pytest.raises(CancelledError):
+        predict_points(image, oracle, out=path, device="cpu", progress=stop_after_two,
+                       cancel=cancel)
+    assert not path.exists() and (tmp_path / ".pred.csv.partial").exists()
+    pred = PointPredictor(oracle, device="cpu")
+    from napari_muvit.data import open_image
+
+    sink = PointCsvSink(pred, path, open_image(image))
+    assert sink.resumed_tiles >= 2
+    sink.close(complete=False)
+    out = predict_points(image, oracle, out=path, device="cpu")
+    rows = np.loadtxt(out, delimiter=",", skiprows=1)
+    assert path.read_text().splitlines()[0] == "y,x,class,score"
+    got = sorted(zip(rows[:, 0], rows[:, 1], rows[:, 2].astype(int)))
+    assert got == sorted(zip(table.yx[:, 0], table.yx[:, 1], table.classes))
+    assert not (tmp_path / ".pred.csv.partial").exists()
+    with pytest.raises(InputError, match="already exists"):
+        predict_points(image, oracle, out=path, device="cpu")
+
+
+# ============================================================================ training + CLI
+@pytest.fixture
+def point_files(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    image = rng.normal(20, 3, (96, 96)).astype(np.float32)
+    pts = [(20, 20, 1), (20, 60, 2), (60, 30, 1), (70, 75, 2)]
+    for y, x, _ in pts:
+        image[y - 3 : y + 4, x - 3 : x + 4] += 100
+    np.save(tmp_path / "image.npy", image)
+    (tmp_path / "pts.csv").write_text("y,x,class\n" + "".join(f"{y},{x},{c}\n" for y, x, c in pts))
+    return tmp_path / "image.npy", tmp_path / "pts.csv"
+
+
+TINY = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--device", "cpu", "--quiet"]
+
+
+def test_cli_train_points_then_predict_csv(point_files, tmp_path: Path, capsys) -> None:
+    image, pts = point_files
+    out = tmp_path / "det"
+    args = ["train", str(image), "--points", str(pts), "--out", str(out), *TINY,
+            "--region", "0,0,96,96", "--class-names", "round,square", "--pseudo-labels"]
+    assert main([*args, "--steps", "2", "--checkpoint-every", "1steps"]) == 0
+    det = load_model(out)
+    assert isinstance(det, MuViTPointDetector) and det.label_values == [1, 2]
+    assert det.class_names == ["round", "square"]
+    assert det.meta["provenance"]["points"] == [str(pts)]
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert load_model(out).meta["history"]["steps"] == [1, 2, 3]
+    capsys.readouterr()
+    csv = tmp_path / "pred.csv"
+    assert main(["predict", str(image), "--model", str(out), "--out", str(csv), "--quiet",
+                 "--device", "cpu"]) == 0
+    assert csv.read_text().splitlines()[0] == "y,x,class,score"
+    # a segmenter output path for a detector and vice versa: one-line errors
+    assert main(["predict", str(image), "--out", str(tmp_path / "x.csv"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a point detector" in err and err.count("\n") == 1
+
+
+def test_cli_bad_points_file_is_one_line(point_files, tmp_path: Path, capsys) -> None:
+    image, _ = point_files
+    bad = _write(tmp_path / "zero.csv", "y,x,class\n5,5,0\n")
+    code = main(["train", str(image), "--points", str(bad), "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and "class '0'" in err and err.count("\n") == 1
+    outside = _write(tmp_path / "out.csv", "y,x\n5,500\n")
+    code = main(["train", str(image), "--points", str(outside), "--out", str(tmp_path / "o"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "outside the image of shape (96, 96)" in err and err.count("\n") == 1
+
+
+def test_train_points_validation_and_api_predict(point_files) -> None:
+    import napari_muvit
+    from napari_muvit.engine.train import TrainConfig
+
+    image, pts = point_files
+    cfg = TrainConfig(steps=2, batch_size=2, crop_size=32, device="cpu",
+                      val_region=[[0, 0], [48, 96]], val_every=1)
+    seen = []
+    det = train_points(image, pts, preset="tiny", levels="1,4", config=cfg, progress=seen.append)
+    assert det.task == "points"
+    assert all("val_f1" in s for s in seen) and 0.0 <= seen[-1]["val_f1"] <= 1.0
+    table = napari_muvit.predict(str(image), model=det, device="cpu")
+    assert set(table) == {"y", "x", "class", "score"}
+    assert len({len(v) for v in table.values()}) == 1
+
+
+def test_second_writer_on_the_same_csv_is_refused(rng, tmp_path: Path) -> None:
+    from napari_muvit.locks import advisory_lock
+
+    table, image = _oracle_case(rng, n=5, shape=(40, 40))
+    oracle = OracleDetector(table, image.shape)
+    oracle.meta["crop_size"] = 32
+    path = tmp_path / "pred.csv"
+    with advisory_lock(path, "other run"), pytest.raises(InputError):
+        import threading
+
+        errors = []
+
+        def other() -> None:
+            try:
+                predict_points(image, oracle, out=path, device="cpu")
+            except InputError as err:
+                errors.append(err)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        raise errors[0]
+    assert not path.exists()
