@@ -245,8 +245,8 @@ def _run_points(args: argparse.Namespace) -> int:
     try:
         out = predict_points(
             Path(args.image), model, region=region, out=args.out, device=args.device,
-            batch_size=args.batch, overlap=args.overlap, progress=bar,
-            overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
+            batch_size=args.batch, overlap=0 if args.overlap is None else args.overlap,
+            progress=bar, overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
         )
     finally:
         if bar is not None:
