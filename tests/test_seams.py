@@ -121,8 +121,8 @@ def test_seam_ratio_respects_the_grid_origin():
     assert seam_ratio(lab, 30, origin=(0, 0))["border"] == 0
 
 
-def test_predict_blends_by_default_and_zero_overlap_stays_available(monkeypatch):
-    # the default overlap is tile // 8 (blending); overlap=0 still gives the unblended tiles
+def test_predict_overlap_none_blends_and_zero_overlap_stays_available(monkeypatch):
+    # overlap=None (the CLI's default) is tile // 8 (blending); the API default 0 is unblended
     from napari_muvit.engine import predict as predict_module
 
     seen = []
@@ -135,8 +135,8 @@ def test_predict_blends_by_default_and_zero_overlap_stays_available(monkeypatch)
     monkeypatch.setattr(predict_module.Predictor, "__init__", spy)
     seg = _segmenter("replicate", levels=(1, 4))
     img = np.random.default_rng(0).random((96, 96)).astype(np.float32)
-    blended = predict(img, seg, device="cpu", tile_size=32)
-    plain = predict(img, seg, device="cpu", tile_size=32, overlap=0)
+    blended = predict(img, seg, device="cpu", tile_size=32, overlap=None)
+    plain = predict(img, seg, device="cpu", tile_size=32)
     assert seen == [4, 0]
     assert blended.shape == plain.shape == (96, 96)
     assert predict_module.default_overlap(64) == 8
