@@ -38,7 +38,8 @@ def _one_line_error(capsys) -> str:
 def test_cli_predicts_region_with_progress(files, capsys) -> None:
     out = files["root"] / "a.zarr"
     code = main(["predict", str(files["image"]), "--model", str(files["model"]), "--out", str(out),
-                 "--region", "10,20,100,120", "--device", "cpu", "--batch", "4"])
+                 "--region", "10,20,100,120", "--device", "cpu", "--batch", "4",
+                 "--overlap", "0"])  # compared with unblended tiles below
     assert code == 0
     cap = capsys.readouterr()
     assert cap.out.strip() == str(out.absolute())
@@ -150,7 +151,8 @@ def test_cli_reads_zarr_and_tiff_images(files, kind, capsys) -> None:
         tifffile.imwrite(path, img)
     out = files["root"] / f"from_{kind}.zarr"
     code = main(["predict", str(path), "--model", str(files["model"]), "--out", str(out),
-                 "--region", "0,0,64,96", "--device", "cpu", "--quiet", "--overwrite"])
+                 "--region", "0,0,64,96", "--device", "cpu", "--quiet", "--overwrite",
+                 "--overlap", "0"])
     assert code == 0, capsys.readouterr().err
     labels = zarr.open_group(str(out), mode="r")["0"][:64, :96]
     ref = reference_labels(files["segmenter"], rings_source(192), np.array([[0, 0], [64, 96]]))

@@ -81,7 +81,8 @@ def test_scheduler_address_via_cli_and_objects_via_scatter(client, tmp_path, cap
     np.save(image, np.asarray(rings(192)[0]))
     out = tmp_path / "cli.zarr"
     code = main(["predict", str(image), "--model", str(folder), "--out", str(out), "--device",
-                 "cpu", "--batch", "4", "--scheduler", client.scheduler.address, "--quiet"])
+                 "cpu", "--batch", "4", "--scheduler", client.scheduler.address, "--quiet",
+                 "--overlap", "0"])  # compared with unblended tiles below
     assert code == 0, capsys.readouterr().err
     cli_labels = zarr.open_group(str(out), mode="r")["0"][:]
 

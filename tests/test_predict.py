@@ -259,10 +259,10 @@ def test_resolve_device_and_amp() -> None:
 
 def test_python_api_in_memory(model, source) -> None:
     region = [[0, 0], [64, 96]]
-    labels = predict_api(source, model=model, region=region, device="cpu")
+    labels = predict_api(source, model=model, region=region, device="cpu", overlap=0)
     np.testing.assert_array_equal(labels, reference_labels(model, source, np.array(region)))
     labels_np, probs = predict_api(np.asarray(rings(192)[0]), model=model, region=region,
-                                 device="cpu", probabilities=True)
+                                 device="cpu", probabilities=True, overlap=0)
     assert probs.shape == (3, 64, 96) and probs.dtype == np.float16
     np.testing.assert_array_equal(labels_np, labels)
     with pytest.raises(InputError, match="out="):
@@ -271,7 +271,7 @@ def test_python_api_in_memory(model, source) -> None:
     import napari_muvit
 
     np.testing.assert_array_equal(napari_muvit.predict(source, model=model, region=region,
-                                                       device="cpu"), labels)
+                                                       device="cpu", overlap=0), labels)
 
 
 def test_auto_batch_size_follows_free_memory(model, monkeypatch) -> None:

@@ -301,7 +301,7 @@ def test_cli_overwrite_always_works_on_a_damaged_store(model, files, tmp_path) -
     _damaged_cli_store(model, files, out)
     # --overwrite starts afresh without reading anything of the damaged store
     code = main(["predict", str(files["a"]), "--model", str(files["model"]), "--out", str(out),
-                 "--overwrite", "--quiet", "--device", "cpu"])
+                 "--overwrite", "--quiet", "--device", "cpu", "--overlap", "0"])
     assert code == 0
     np.testing.assert_array_equal(_labels(out), reference_labels(model, rings_source(192), FULL))
 
@@ -310,7 +310,7 @@ def test_cli_resume_names_the_damaged_chunk_on_one_line(model, files, tmp_path) 
     out = tmp_path / "G.zarr"
     chunk = _damaged_cli_store(model, files, out)
     result = _cli(str(files["a"]), "--model", str(files["model"]), "--out", str(out), "--quiet",
-                  "--device", "cpu")
+                  "--device", "cpu", "--overlap", "0")
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("napari-muvit predict: warning:"), lines

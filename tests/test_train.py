@@ -458,6 +458,6 @@ def test_start_from_official_folder_with_channel_and_level_selection(
     trainer = Trainer(model, [(source, labels)], config(steps=1), notes=notes)
     trainer.run()
     assert trainer.model.in_channels == 1
-    assert any("3 input channel(s), the image has 1" in w for w in trainer.history["warnings"])
+    assert any("3-channel starting model adapted to 1" in w for w in trainer.history["warnings"])
     messages = " ".join(e["message"] for e in trainer.history["events"])
     assert "select_levels" in messages

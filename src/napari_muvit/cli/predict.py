@@ -123,8 +123,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="tiles per batch (default: adapted to free memory)")
-    p.add_argument("--overlap", type=non_negative_int, default=0, metavar="PX",
-                   help="tile overlap in pixels, blended smoothly (default 0)")
+    p.add_argument("--overlap", type=non_negative_int, default=None, metavar="PX",
+                   help="tile overlap in pixels, blended smoothly (default: tile size / 8, "
+                   "which removes tile seams; 0 is faster)")
     p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
@@ -244,8 +245,8 @@ def _run_points(args: argparse.Namespace) -> int:
     try:
         out = predict_points(
             Path(args.image), model, region=region, out=args.out, device=args.device,
-            batch_size=args.batch, overlap=args.overlap, progress=bar,
-            overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
+            batch_size=args.batch, overlap=0 if args.overlap is None else args.overlap,
+            progress=bar, overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
         )
     finally:
         if bar is not None:

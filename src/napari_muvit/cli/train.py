@@ -59,12 +59,20 @@ class ProgressLine(StatusLine):
     def __call__(self, info: dict[str, Any]) -> None:
         now = time.monotonic()
         step, steps = int(info["step"]), int(info["steps"])
-        if self._first is None:
+        if self._first is None and info.get("stage") in (None, "fine-tune"):
             self._first = (step, now)  # a resumed run starts counting its speed here
         if self.due(final=info.get("status") not in (None, "running")):
             self.write(self._format(info, step, steps, now))
 
     def _format(self, info: dict[str, Any], step: int, steps: int, now: float) -> str:
+        stage = info.get("stage")
+        if stage == "features":
+            return f"quick head: features of the painted pixels, tile {info['done']}/{info['total']}"
+        if stage == "quick":
+            return (
+                f"quick head: fitted on {info['pixels']} pixels in {info['seconds']:.1f} s; "
+                "fine-tuning"
+            )
         first_step, first_time = self._first or (step, now)
         rate = (step - first_step) / (now - first_time) if now > first_time else 0.0
         eta = clock((steps - step) / rate) if rate > 0 else "--:--"
@@ -211,7 +219,14 @@ def register(subparsers: Any) -> None:
     )
     _add_points_options(t)
     _common(t)
-    t.add_argument("--head", choices=("unetr", "mask2former"), default="unetr")
+    t.add_argument(
+        "--head",
+        choices=("pixel", "unetr", "mask2former"),
+        default="pixel",
+        help="pixel (default): a first model within seconds (pixel classifier on the encoder's "
+        "features, written to --out at once), then fine-tuning; unetr/mask2former: the paper's "
+        "heads, trained from scratch (docs/benchmarks.md, annotation loop)",
+    )
     t.add_argument(
         "--encoder-lr-factor",
         type=float,

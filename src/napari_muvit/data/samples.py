@@ -56,7 +56,11 @@ def synthetic_sample(size: int = 4096, seed: int = 0) -> list[tuple[Any, dict, s
             "opacity": 0.4,
             "visible": False,
             "colormap": dict(_COLORS),
-            "metadata": {"class_names": list(syn.class_names)},
+            # marked so that the training panel never offers it as annotations
+            "metadata": {
+                "class_names": list(syn.class_names),
+                "napari_muvit": {"ground_truth": True},
+            },
         },
         "labels",
     )

@@ -49,7 +49,9 @@ DEFAULT_LEVELS: tuple[int, ...] = (1, 4)
 # tapered UNETR decoder trains 1.5x more steps per CPU-second and predicts ~30 % cheaper than
 # the flat one, and was level with it on held-out quality after the same CPU time
 # (benchmarks/bench_head_ttq.py, docs/benchmarks.md; docs/model-card.md records the choice).
-NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True}
+# Replicate padding: zero padding made every prediction tile's edge look like a dark frame
+# (tile seams on bright background, issue 13; benchmarks/bench_seams.py).
+NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate"}
 
 
 def get_preset(name: str) -> Preset:
@@ -227,11 +229,8 @@ def adapt_channels(model: nn.Module, in_channels: int) -> tuple[nn.Module, list[
             new_sd[key] = _adapt_tensor(old, ref.shape, c_old, in_channels, key)
             adapted.append(key)
     new.load_state_dict(new_sd)
-    note = (
-        f"channel adaptation: the starting model has {c_old} input channel(s), the image has "
-        f"{in_channels}; new patch embeddings derived from the pretrained ones (channel sum / "
-        f"{in_channels}, transformer kept) for {len(adapted)} weight(s): {', '.join(adapted)}"
-    )
+    # one short line: the training panel shows it next to the form
+    note = f"channel adaptation: {c_old}-channel starting model adapted to {in_channels} channel(s)"
     return new.to(next(model.parameters()).device), [note]
 
 

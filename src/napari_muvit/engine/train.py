@@ -147,8 +147,10 @@ class TrainConfig:
             raise InputError("clip, weight_decay and encoder_lr_factor must be >= 0")
         if self.num_workers < 0:
             raise InputError(f"num_workers: expected >= 0, got {self.num_workers!r}")
-        if self.head not in ("unetr", "mask2former"):
-            raise InputError(f"head: expected 'unetr' or 'mask2former', got {self.head!r}")
+        if self.head not in ("unetr", "mask2former", "pixel"):
+            raise InputError(
+                f"head: expected 'unetr', 'mask2former' or 'pixel', got {self.head!r}"
+            )
         if self.val_region is not None:
             region = np.asarray(self.val_region, dtype=np.float64)
             if region.shape != (2, 2) or np.any(region[1] <= region[0]):
@@ -914,6 +916,16 @@ def train(
             "steps": config.steps,
             "preset": preset,
         }
+        if config.head == "pixel" and not resuming:
+            # quick fit of the pixel head on cached features first (seconds), then fine-tuning
+            from napari_muvit.engine.quicktrain import QuickTrainer
+
+            quick = QuickTrainer(
+                model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
+                out=out, class_names=class_names, provenance=provenance, notes=notes,
+            )
+            quick.run()
+            return quick.model
         trainer = Trainer(
             model,
             list(zip(sources, labels)),

@@ -21,7 +21,22 @@ from torch import Tensor, nn
 from napari_muvit.model.encoder import Attention, FeedForward
 from napari_muvit.model.rope import AxialRoPE
 
-__all__ = ["ConvBlock", "Mask2FormerHead", "PixelDecoder", "UNETRHead", "default_skips"]
+__all__ = [
+    "PADDING_MODES",
+    "ConvBlock",
+    "Mask2FormerHead",
+    "PixelDecoder",
+    "PixelHead",
+    "UNETRHead",
+    "default_skips",
+]
+
+# How the decoder's 3x3 convolutions pad the crop border. "zeros" (the paper's and the official
+# package's layout, kept for their checkpoints) makes the edge of every prediction tile look
+# like a dark frame around the image, so white background next to a tile border is classified
+# as an edge (tile seams, issue 13); "replicate" continues the crop outwards and leaves a
+# constant image constant up to the tile border. New models use "replicate".
+PADDING_MODES = ("zeros", "replicate")
 
 
 def default_skips(num_layers: int, count: int = 3) -> list[int]:
@@ -34,12 +49,20 @@ def default_skips(num_layers: int, count: int = 3) -> list[int]:
     return sorted({math.floor(i * step + 1e-9) for i in range(count)})
 
 
+def _check_padding(padding_mode: str) -> str:
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode: expected one of {PADDING_MODES}, got {padding_mode!r}")
+    return padding_mode
+
+
 class ConvBlock(nn.Sequential):
     """3×3 conv (no bias) → BatchNorm → ReLU."""
 
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, padding_mode: str = "zeros"):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.Conv2d(
+                cin, cout, 3, padding=1, bias=False, padding_mode=_check_padding(padding_mode)
+            ),
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
         )
@@ -62,6 +85,10 @@ class PixelDecoder(nn.Module):
     to full resolution), e.g. ``(32, 32, 16, 8)``. The full-resolution stages dominate the cost
     on CPU, so their width is what to trade for speed (``benchmarks/bench_head_ttq.py``
     measures time to quality).
+
+    ``padding_mode`` (:data:`PADDING_MODES`) is how the 3×3 convolutions pad the crop border:
+    ``"zeros"`` for the paper's layout and older checkpoints, ``"replicate"`` for new models
+    (no seams at tile borders).
     """
 
     def __init__(
@@ -73,8 +100,10 @@ class PixelDecoder(nn.Module):
         num_skips: int,
         taper: bool = False,
         channels: Sequence[int] | None = None,
+        padding_mode: str = "zeros",
     ):
         super().__init__()
+        pad = _check_padding(padding_mode)
         n_up = round(math.log2(patch_size))
         if 2**n_up != patch_size:
             raise ValueError(
@@ -101,14 +130,18 @@ class PixelDecoder(nn.Module):
         proj_dims = [dims[t] for t in self.targets][::-1] + [dims[0]]  # shallow -> deep order
         proj_dims = [dims[0]] * (num_skips - len(proj_dims)) + proj_dims
         self.proj = nn.ModuleList(nn.Conv2d(dim, c, 1) for c in proj_dims)
-        self.bottleneck = nn.Sequential(ConvBlock(dims[0], dims[0]), ConvBlock(dims[0], dims[0]))
+        self.bottleneck = nn.Sequential(
+            ConvBlock(dims[0], dims[0], pad), ConvBlock(dims[0], dims[0], pad)
+        )
         self.stages = nn.ModuleList(
-            nn.Sequential(ConvBlock(dims[i], dims[i + 1]), ConvBlock(dims[i + 1], dims[i + 1]))
+            nn.Sequential(
+                ConvBlock(dims[i], dims[i + 1], pad), ConvBlock(dims[i + 1], dims[i + 1], pad)
+            )
             for i in range(n_up)
         )
         img_dim = dims[n_up - 1] if n_up else dims[0]
         self.image_skip = nn.Sequential(
-            ConvBlock(in_channels, img_dim), ConvBlock(img_dim, img_dim)
+            ConvBlock(in_channels, img_dim, pad), ConvBlock(img_dim, img_dim, pad)
         )
 
     def forward(self, maps: Sequence[Tensor], image: Tensor) -> Tensor:
@@ -142,11 +175,12 @@ class UNETRHead(nn.Module):
         skips: Sequence[int] = (0, 5, 11),
         taper: bool = False,
         channels: Sequence[int] | None = None,
+        padding_mode: str = "zeros",
     ):
         super().__init__()
         self.skips = list(skips)
         self.pixel_decoder = PixelDecoder(
-            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels, padding_mode
         )
         self.out = nn.Conv2d(self.pixel_decoder.out_dim, num_classes, 1)
 
@@ -204,6 +238,7 @@ class Mask2FormerHead(nn.Module):
         rotary_base: float = 10000.0,
         taper: bool = False,
         channels: Sequence[int] | None = None,
+        padding_mode: str = "zeros",
     ):
         super().__init__()
         if heads is None:
@@ -218,7 +253,7 @@ class Mask2FormerHead(nn.Module):
         if self.num_queries < num_classes:
             raise ValueError(f"num_queries ({num_queries}) must be >= num_classes ({num_classes})")
         self.pixel_decoder = PixelDecoder(
-            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels
+            dim, in_channels, patch_size, head_dim, len(self.skips), taper, channels, padding_mode
         )
         self.memory_proj = nn.Sequential(nn.Linear(dim, head_dim), nn.LayerNorm(head_dim))
         self.queries = nn.Parameter(torch.randn(self.num_queries, head_dim) * 0.02)
@@ -231,7 +266,9 @@ class Mask2FormerHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(head_dim, self.pixel_decoder.out_dim),
         )
-        self.refine = nn.Conv2d(self.num_queries, num_classes, 3, padding=1)
+        self.refine = nn.Conv2d(
+            self.num_queries, num_classes, 3, padding=1, padding_mode=padding_mode
+        )
 
     def forward(
         self,
@@ -253,3 +290,148 @@ class Mask2FormerHead(nn.Module):
         # Scale like attention logits so the refinement conv sees O(1) inputs at init.
         masks = masks / math.sqrt(emb.shape[-1])
         return self.refine(masks)
+
+
+def _gaussian_kernel(sigma: float) -> Tensor:
+    radius = max(1, int(math.ceil(3.0 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
+class PixelHead(nn.Module):
+    """Per-pixel classifier on fixed image filters and upsampled encoder maps (ilastik-like).
+
+    Features of every level-1 pixel: the raw channels, Gaussian blurs at ``sigmas`` and their
+    gradient magnitudes (a fixed filter bank, replicate-padded, so tile borders are not edges),
+    and the encoder skip maps, bilinearly upsampled from the token grid (the context the
+    transformer gathered from all levels). They are standardised with ``feature_mean`` /
+    ``feature_std`` (buffers set from the training pixels by
+    :func:`napari_muvit.engine.quicktrain.quick_fit`) and fed to an MLP (1×1 convolutions,
+    ``hidden`` units; ``hidden=0``: logistic regression). Training it on cached features takes
+    seconds on a CPU; the whole segmenter can then be fine-tuned as usual.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        in_channels: int,
+        patch_size: int,
+        num_classes: int,
+        head_dim: int = 64,
+        skips: Sequence[int] = (0, 5, 11),
+        sigmas: Sequence[float] = (1.0, 2.0, 4.0),
+        num_levels: int = 1,
+        **_: object,
+    ):
+        super().__init__()
+        self.skips = list(skips)
+        self.num_levels = int(num_levels)
+        self.sigmas = [float(s) for s in sigmas]
+        self.in_channels = int(in_channels)
+        self.patch_size = int(patch_size)
+        for i, s in enumerate(self.sigmas):
+            self.register_buffer(f"gauss{i}", _gaussian_kernel(s), persistent=False)
+        self.num_image_features = self.in_channels * (1 + 2 * len(self.sigmas))
+        # skip maps of level 1, plus the final tokens of every coarser level at the pixel
+        self.num_features = self.num_image_features + dim * (len(self.skips) + self.num_levels - 1)
+        self.register_buffer("feature_mean", torch.zeros(self.num_features))
+        self.register_buffer("feature_std", torch.ones(self.num_features))
+        hidden = int(head_dim)
+        if hidden > 0:
+            self.classifier: nn.Module = nn.Sequential(
+                nn.Conv2d(self.num_features, hidden, 1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(hidden, num_classes, 1),
+            )
+        else:
+            self.classifier = nn.Conv2d(self.num_features, num_classes, 1)
+
+    def _blur(self, x: Tensor, kernel: Tensor) -> Tensor:
+        c = x.shape[1]
+        r = kernel.numel() // 2
+        k = kernel.to(x.dtype)
+        x = F.pad(x, (r, r, 0, 0), mode="replicate")
+        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+        x = F.pad(x, (0, 0, r, r), mode="replicate")
+        return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+    def image_features(self, image: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C·(1 + 2·len(sigmas)), H, W) filter responses."""
+        image = image.float()
+        feats = [image]
+        for i in range(len(self.sigmas)):
+            g = self._blur(image, getattr(self, f"gauss{i}"))
+            gp = F.pad(g, (1, 1, 1, 1), mode="replicate")
+            gy = (gp[..., 2:, 1:-1] - gp[..., :-2, 1:-1]) / 2
+            gx = (gp[..., 1:-1, 2:] - gp[..., 1:-1, :-2]) / 2
+            feats += [g, torch.sqrt(gy * gy + gx * gx + 1e-12)]
+        return torch.cat(feats, 1)
+
+    def context_features(self, tokens: Tensor, coords: Tensor, size: Sequence[int]) -> Tensor:
+        """Final tokens of every coarser level, bilinearly sampled at each level-1 pixel's world
+        position (B, D·(L−1), H, W): what lies around the pixel at the context scales."""
+        B, N, D = tokens.shape
+        L = self.num_levels
+        n = N // L
+        H, W = int(size[0]), int(size[1])
+        h, w = H // self.patch_size, W // self.patch_size
+        # level-1 pixel centres relative to the level-1 crop centre (the coords' origin)
+        py = torch.arange(H, device=tokens.device, dtype=torch.float32) + 0.5 - H / 2
+        px = torch.arange(W, device=tokens.device, dtype=torch.float32) + 0.5 - W / 2
+        out = []
+        for lv in range(1, L):
+            grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
+            y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
+            dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
+            dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)
+            # fractional token index -> [-1, 1] with token centres on the grid points
+            gy = ((py[None] - y0[:, None]) / dy[:, None]) * (2 / max(h - 1, 1)) - 1
+            gx = ((px[None] - x0[:, None]) / dx[:, None]) * (2 / max(w - 1, 1)) - 1
+            grid = torch.stack(
+                (gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)), dim=-1
+            )
+            fmap = tokens[:, lv * n : (lv + 1) * n].reshape(B, h, w, D).permute(0, 3, 1, 2)
+            out.append(
+                F.grid_sample(
+                    fmap.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+                )
+            )
+        return torch.cat(out, 1) if out else tokens.new_zeros((B, 0, H, W))
+
+    def features(
+        self,
+        maps: Sequence[Tensor],
+        image: Tensor,
+        tokens: Tensor | None = None,
+        coords: Tensor | None = None,
+    ) -> Tensor:
+        """Raw (unstandardised) per-pixel features (B, num_features, H, W)."""
+        size = image.shape[-2:]
+        up = [
+            F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
+        parts = [self.image_features(image), *up]
+        if self.num_levels > 1:
+            if tokens is None or coords is None:
+                raise ValueError("PixelHead.features: tokens and coords are needed for context")
+            parts.append(self.context_features(tokens, coords, size))
+        return torch.cat(parts, 1)
+
+    def classify(self, features: Tensor) -> Tensor:
+        """Logits from raw features (B, F, H, W) or (N, F, 1, 1)."""
+        mean = self.feature_mean.view(1, -1, 1, 1)
+        std = self.feature_std.view(1, -1, 1, 1)
+        return self.classifier((features - mean) / std)
+
+    def forward(
+        self,
+        maps: Sequence[Tensor],
+        image: Tensor,
+        *,
+        tokens: Tensor | None = None,
+        coords: Tensor | None = None,
+        **_: object,
+    ) -> Tensor:
+        return self.classify(self.features(maps, image, tokens, coords))

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
 from napari_muvit.model.encoder import MuViTEncoder
-from napari_muvit.model.heads import Mask2FormerHead, UNETRHead, default_skips
+from napari_muvit.model.heads import Mask2FormerHead, PixelHead, UNETRHead, default_skips
 
 __all__ = ["HEAD_TYPES", "MuViTSegmenter", "level1_skip_maps"]
 
-HEAD_TYPES = ("unetr", "mask2former")
+HEAD_TYPES = ("unetr", "mask2former", "pixel")
 
 
 def level1_skip_maps(
@@ -43,7 +43,8 @@ class MuViTSegmenter(nn.Module):
 
     Args:
         encoder: the (usually pre-trained) encoder.
-        head: ``"unetr"`` or ``"mask2former"``.
+        head: ``"unetr"``, ``"mask2former"`` or ``"pixel"`` (a per-pixel classifier on filters
+            and encoder maps, fitted in seconds by :func:`napari_muvit.engine.quicktrain.quick_fit`).
         num_classes: K output classes (class index k is written as ``label_values[k]``).
         head_dim: decoder width (256 in the paper).
         class_names: K names (default ``"class 0"`` ...).
@@ -121,6 +122,8 @@ class MuViTSegmenter(nn.Module):
         }
         if head == "unetr":
             self.head: nn.Module = UNETRHead(**common, **opts)
+        elif head == "pixel":
+            self.head = PixelHead(**common, num_levels=encoder.num_levels, **opts)
         else:
             opts.setdefault("rotary_base", encoder.rotary_base)
             self.head = Mask2FormerHead(**common, **opts)
@@ -153,9 +156,15 @@ class MuViTSegmenter(nn.Module):
     # -------------------------------------------------------------------------- forward
     def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
         """Logits (B, K, H, W) for the level-1 crop ``x[:, 0]``."""
+        maps, feats, coords, x = self.encode(x, bbox)
+        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+
+    def encode(self, x: Tensor, bbox: Any = None) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """What the head sees: level-1 skip maps (B, D, h, w) shallow → deep, the final tokens
+        of all levels (B, N, D), their centred world coordinates and the checked input."""
         x = self.encoder.check_input(x)
         maps, feats, coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
-        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+        return maps, feats, coords, x
 
     @torch.no_grad()
     def predict_labels(self, x: Tensor, bbox: Any = None) -> Tensor:

@@ -27,6 +27,8 @@ event loop for a few hundred ms.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -528,6 +530,15 @@ def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
     layer._partial_labels_refresh()
 
 
+@functools.lru_cache(maxsize=1)
+def _annotation_colormap() -> Any:
+    """The colours napari gives a new Labels layer (the annotation layer): one colour table,
+    so a class painted in a colour is predicted in that colour (built once: not cheap)."""
+    from napari.layers import Labels
+
+    return Labels(np.zeros((1, 1), np.uint8)).colormap
+
+
 def labels_colormap(
     label_values: Sequence[int],
     class_colors: Sequence[Any] | None = None,
@@ -535,13 +546,14 @@ def labels_colormap(
 ) -> Any:
     """A napari ``DirectLabelColormap`` for a model's label values.
 
-    The model's class colours when it has them, else napari's label colours; value 0 and a
+    The model's class colours when it has them, else the colours napari gives the same value in
+    a new Labels layer (the annotations); value 0 and a
     class *named* ``background`` (annotated as a class when training on scribbles) are
     transparent, so that the predicted objects stand out over the image.
     """
-    from napari.utils.colormaps import DirectLabelColormap, label_colormap
+    from napari.utils.colormaps import DirectLabelColormap
 
-    default = label_colormap(max(2, len(label_values) + 1))
+    default = _annotation_colormap()
     colors: dict[int | None, Any] = {None: np.zeros(4), 0: np.zeros(4)}
     for k, value in enumerate(label_values):
         if int(value) == 0:

@@ -224,6 +224,7 @@ class LayerChoice:
     none_item: str | None = None  # an extra first entry meaning "no layer"
     prefer_active: bool = False  # select the active layer when the current one is gone
     accept: Callable[[Any], bool] | None = None  # preferred layers (all if none qualifies)
+    strict: bool = False  # only accepted layers, even when none qualifies
 
 
 def layer_kind(layer: Any) -> str:
@@ -388,7 +389,8 @@ class DockPanel(QWidget):
             current = getattr(self.state, choice.field)
             layers = [la for la in self.viewer.layers if layer_kind(la) == choice.kind]
             if choice.accept is not None:
-                layers = [la for la in layers if choice.accept(la)] or layers
+                accepted = [la for la in layers if choice.accept(la)]
+                layers = accepted if choice.strict else (accepted or layers)
             names = [la.name for la in layers]
             combo.blockSignals(True)
             combo.clear()

@@ -58,6 +58,13 @@ def is_prediction(layer: Any) -> bool:
     return isinstance(info, dict) and "source_layer" in info
 
 
+def is_ground_truth(layer: Any) -> bool:
+    """Whether ``layer`` is marked as ground truth (e.g. the sample's), never annotations."""
+    meta = getattr(layer, "metadata", {}) or {}
+    info = meta.get("napari_muvit", {}) if isinstance(meta, dict) else {}
+    return isinstance(info, dict) and bool(info.get("ground_truth"))
+
+
 # ---------------------------------------------------------------------------------------------
 # view predictions
 # ---------------------------------------------------------------------------------------------

@@ -508,18 +508,20 @@ class PredictWidget(DockPanel):
             # first snapshot of the run this panel follows: switch to its model
             self.state.follow_session = None
             self.set_model(ModelChoice(SESSION, name))
-            self.repredict()
+            self.repredict(always=True)
         elif current == ModelChoice(SESSION, name):
             self._on_model_changed()
-            self.repredict()
+            # every training snapshot refreshes the view, predicted before or not: the user
+            # watches the model improve from the first snapshot on (issue 13)
+            self.repredict(always=True)
 
-    def repredict(self) -> Any:
+    def repredict(self, always: bool = False) -> Any:
         """Predict the view again after the model changed: live mode re-predicts (debounced);
-        otherwise the view is re-predicted only if it was predicted before."""
+        otherwise the view is re-predicted if it was predicted before, or ``always``."""
         if self.live:
             self._debounce.start()
             return None
-        if self.labels_layer() is not None or self.points_layer() is not None:
+        if always or self.labels_layer() is not None or self.points_layer() is not None:
             return self.predict_view()
         return None
 

@@ -52,7 +52,12 @@ from napari_muvit.widgets.jobs import (
     train_config,
     train_job,
 )
-from napari_muvit.widgets.outputs import add_annotation_layer, add_validation_layer, is_prediction
+from napari_muvit.widgets.outputs import (
+    add_annotation_layer,
+    add_validation_layer,
+    is_ground_truth,
+    is_prediction,
+)
 from napari_muvit.widgets.state import ENCODER, TrainState, remember_folder
 
 NO_VALIDATION = "(none)"
@@ -133,9 +138,11 @@ class TrainWidget(DockPanel):
         form = Form(self.state, QFormLayout(box))
         self.image_combo = self.layer_choice("image", "image")
         form.layout.addRow("Image", self.image_combo)
-        # our own prediction outputs are not annotations (unless there is nothing else)
-        self.labels_combo = self.layer_choice("labels", "labels",
-                                              accept=lambda layer: not is_prediction(layer))
+        # only layers the user paints: never our predictions or a ground truth, even when
+        # nothing else is there (training on them would silently learn the wrong thing)
+        self.labels_combo = self.layer_choice(
+            "labels", "labels", strict=True,
+            accept=lambda layer: not is_prediction(layer) and not is_ground_truth(layer))
         self.labels_combo.setToolTip(
             "Painted labels: 0 = not annotated, 1..K = classes (paint a few strokes per class)")
         self.new_labels_button = form.row_with_button(

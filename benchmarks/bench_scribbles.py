@@ -1,0 +1,261 @@
+"""Time to quality from a few strokes: mDSC against seconds since *Train* (issue 13).
+
+For each data set, the same simulated strokes (:func:`napari_muvit.data.strokes.simulate_strokes`:
+``--strokes`` short strokes per class, seeded) are given to every method; the clock starts
+when training starts and stops for evaluation (each snapshot is scored afterwards on the
+whole image against the ground truth, mean Dice over the classes present). The clock is the
+process's CPU time (all threads summed, ``time.process_time``): on a shared machine wall-clock
+time measures the other jobs; on an idle 2-core CPU with 2 threads, wall time is about half
+of it at best. Wall-clock seconds are recorded as well.
+
+Data sets (all ship offline):
+
+``context``
+    The paper's Synthetic task (:func:`~napari_muvit.data.synthetic.synthetic_field`, one
+    512² ring system, seed 3): a cell's class, outer or inner ring, shows only in the context.
+``nuclei``
+    The 2-D fluorescence nuclei image and its instance mask shipped in the ``stardist``
+    wheel (``stardist/data/images/img2d.tif``, ``mask2d.tif``; ``pip install stardist
+    --no-deps``), as two classes: background, nucleus.
+
+Methods:
+
+``muvit``
+    The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
+    (pixel head fitted on cached encoder features in seconds, then fine-tuning of the whole
+    segmenter), from the bundled MAE encoder.
+``muvit-unetr``
+    The previous default: :class:`~napari_muvit.engine.train.Trainer` with a fresh UNETR head.
+``convpaint``
+    napari-convpaint 1.2.0 with the only feature extractor that works offline (``gaussian``:
+    its Gaussian filter on an image pyramid, ``fe_scalings`` 1, 2, 4, 8) and its default
+    CatBoost classifier (random forest if catboost is missing); its other extractors
+    (VGG16, DINOv2, Cellpose, ilastik) need downloads or conda packages.
+
+Usage::
+
+    python benchmarks/bench_scribbles.py --datasets context --budget 180 \\
+        --json docs/data/scribbles_context.json
+    python benchmarks/bench_scribbles.py --plot docs/images/scribbles.png docs/data/scribbles_*.json
+
+Prints one line per snapshot; runs torch on ``--threads`` threads (default 2) and records the
+machine's load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from napari_muvit.data import PyramidSource
+from napari_muvit.data.strokes import simulate_strokes
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.metrics import mean_dice
+from napari_muvit.engine.predict import predict
+from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer
+from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
+
+
+# ------------------------------------------------------------------------------ data
+def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``(image, truth, pyramid levels)`` of a data set (truth values 0..K-1)."""
+    if name == "context":
+        from napari_muvit.data.synthetic import synthetic_field
+
+        im = synthetic_field(grid=1, seed=3)
+        return im.image, im.labels.astype(np.int32), list(im.pyramid)
+    if name == "nuclei":
+        import importlib.util
+
+        import tifffile
+
+        spec = importlib.util.find_spec("stardist")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("nuclei: install the stardist wheel (pip install stardist --no-deps)")
+        folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+        image = tifffile.imread(folder / "img2d.tif")
+        truth = (tifffile.imread(folder / "mask2d.tif") > 0).astype(np.int32)
+        return image, truth, [image]
+    raise SystemExit(f"unknown data set {name!r} (context, nuclei)")
+
+
+# ------------------------------------------------------------------------------ methods
+def run_muvit(pyramid, strokes, budget: float, quick: bool, snapshot_every: int) -> list:
+    """Snapshots ``(seconds since Train, model copy)`` of a plugin training run."""
+    source = PyramidSource(pyramid)
+    model, _ = prepare_start_model()
+    cancel = CancelToken()
+    snaps: list[tuple[float, float, str, Any]] = []
+    start, wall = time.process_time(), time.monotonic()
+
+    def keep(m: Any, info: dict) -> None:
+        cpu = time.process_time() - start
+        snaps.append((cpu, time.monotonic() - wall, info["stage"], m))
+        if cpu > budget:
+            cancel.cancel()
+
+    cfg = TrainConfig(steps=100_000, device="cpu", checkpoint_every=1e9)
+    if quick:
+        QuickTrainer(model, [(source, strokes)], cfg, QuickConfig(snapshot_every=snapshot_every),
+                     on_snapshot=keep, cancel=cancel).run()
+    else:
+        trainer: Trainer
+
+        def progress(info: dict) -> None:
+            step = int(info["step"])
+            if info.get("status") == "running" and step % snapshot_every == 0:
+                keep(trainer.snapshot(), {"stage": "unetr"})
+
+        start, wall = time.process_time(), time.monotonic()
+        trainer = Trainer(model, [(source, strokes)], cfg, progress=progress, cancel=cancel)
+        trainer.run()
+    return snaps
+
+
+def _import_convpaint_without_deep_extractors() -> None:
+    """Make convpaint's Gaussian extractor importable without timm/torchvision.
+
+    ``napari_convpaint.feature_extractors/__init__.py`` imports every extractor, and the deep
+    ones need timm and torchvision (no offline CPU build matches this torch). Registering the
+    sub-package without running its ``__init__`` lets convpaint import ``gaussian.py`` (numpy
+    and scikit-image only) itself; the deep extractors then fail to register, with a warning.
+    """
+    import importlib.util
+    import types
+
+    name = "napari_convpaint.feature_extractors"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec("napari_convpaint")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("convpaint: pip install napari-convpaint --no-deps (and catboost)")
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(list(spec.submodule_search_locations)[0]) / "feature_extractors")]
+    sys.modules[name] = package
+
+
+def run_convpaint(image, strokes, classifier: str) -> tuple[float, float, np.ndarray, str]:
+    """(CPU and wall seconds to train and segment, labels, setting) of napari-convpaint."""
+    _import_convpaint_without_deep_extractors()
+    from napari_convpaint.convpaint_model import ConvpaintModel
+
+    use_rf = classifier == "rf"
+    if not use_rf:
+        try:
+            import catboost  # noqa: F401
+        except ImportError:
+            use_rf = True
+    cp = ConvpaintModel(fe_name="gaussian_features")
+    cp.set_params(fe_scalings=[1, 2, 4, 8], channel_mode="rgb" if image.ndim == 3 else "single")
+    img = np.moveaxis(image, -1, 0) if image.ndim == 3 else image
+    t0, w0 = time.process_time(), time.monotonic()
+    with contextlib.redirect_stdout(io.StringIO()):  # CatBoost prints every iteration
+        cp.train(img, strokes, use_rf=use_rf)
+    seg = cp.segment(img)
+    setting = f"gaussian FE, scalings 1,2,4,8, {'random forest' if use_rf else 'CatBoost'}"
+    return time.process_time() - t0, time.monotonic() - w0, np.asarray(seg), setting
+
+
+# ------------------------------------------------------------------------------ main
+def evaluate(model: Any, pyramid, truth: np.ndarray) -> float:
+    lab = predict(PyramidSource(pyramid), model, device="cpu")
+    return mean_dice(lab, truth + 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", nargs="+", default=["context", "nuclei"])
+    p.add_argument("--methods", nargs="+", default=["muvit", "muvit-unetr", "convpaint"])
+    p.add_argument("--budget", type=float, default=180.0, help="training seconds per run")
+    p.add_argument("--strokes", type=int, default=6, help="strokes per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snapshot-every", type=int, default=25)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--plot", type=Path, help="write a PNG of the curves in the given JSON files")
+    p.add_argument("inputs", nargs="*", type=Path, help="JSON files for --plot")
+    args = p.parse_args(argv)
+    if args.plot:
+        plot([json.loads(f.read_text()) for f in args.inputs], args.plot)
+        return 0
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {
+        "command": "python benchmarks/bench_scribbles.py " + " ".join(sys.argv[1:]),
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "load_average_start": os.getloadavg(),
+        "runs": [],
+    }
+    for ds in args.datasets:
+        image, truth, pyramid = load_dataset(ds)
+        strokes = simulate_strokes(truth, strokes_per_class=args.strokes, seed=args.seed)
+        painted = {int(v): int(n) for v, n in enumerate(np.bincount(strokes.ravel())) if v and n}
+        print(f"[{ds}] image {image.shape}, painted pixels per label {painted}", flush=True)
+        for method in args.methods:
+            run: dict[str, Any] = {"dataset": ds, "method": method, "painted": painted,
+                                   "curve": []}
+            if method == "convpaint":
+                seconds, wall, seg, setting = run_convpaint(image, strokes, "catboost")
+                score = mean_dice(seg, truth + 1)
+                run["setting"] = setting
+                run["curve"].append({"seconds": round(seconds, 2), "wall": round(wall, 2),
+                                     "mdsc": round(score, 4)})
+                print(f"[{ds}] {method}: {seconds:.1f} CPU s ({wall:.1f} s wall) mDSC "
+                      f"{score:.3f} ({setting})", flush=True)
+            else:
+                snaps = run_muvit(pyramid, strokes, args.budget, method == "muvit",
+                                  args.snapshot_every)
+                for seconds, wall, stage, model in snaps:
+                    score = evaluate(model, pyramid, truth)
+                    run["curve"].append({"seconds": round(seconds, 2), "wall": round(wall, 2),
+                                         "stage": stage, "mdsc": round(score, 4)})
+                    print(f"[{ds}] {method} {stage}: {seconds:.1f} CPU s ({wall:.1f} s wall) "
+                          f"mDSC {score:.3f}", flush=True)
+            result["runs"].append(run)
+    result["load_average_end"] = os.getloadavg()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def plot(results: list[dict], out: Path) -> None:
+    """mDSC against seconds, one panel per data set."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for res in results for r in res["runs"]]
+    datasets = sorted({r["dataset"] for r in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
+    for ax, ds in zip(axes[0], datasets):
+        for r in (r for r in runs if r["dataset"] == ds):
+            xs = [c["seconds"] for c in r["curve"]]
+            ys = [c["mdsc"] for c in r["curve"]]
+            style = "o" if len(xs) == 1 else ".-"
+            ax.plot(xs, ys, style, label=r["method"])
+        ax.set_title(ds)
+        ax.set_xlabel("CPU seconds since Train")
+        ax.set_ylabel("mDSC")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""A useful answer within seconds of pressing *Train*, then full fine-tuning (issue 13).
+
+Stage 1, **quick fit** (seconds on a CPU, ilastik-like): the segmenter gets a
+:class:`~napari_muvit.model.heads.PixelHead`, a per-pixel classifier on a fixed filter bank of
+the level-1 image and on the encoder's multi-level feature maps (upsampled from the token
+grid). The features of the painted pixels are computed once, tile by tile on the prediction
+grid, cached, standardised, and a small MLP is fitted on them with full-batch Adam: no crops,
+no augmentation, no backward pass through the encoder.
+
+Stage 2, **fine-tuning**: the project's :class:`~napari_muvit.engine.train.Trainer` trains the
+same segmenter (encoder at a tenth of the head's learning rate) on random nested crops around
+the painted pixels, refining the stage-1 answer in the background. Both stages hand out
+snapshots (``on_snapshot(model, info)``), so a viewer can refresh the prediction of the
+visible region after the quick fit and at every snapshot of the fine-tuning.
+
+No Qt here: progress is a callback receiving dicts, cancellation a
+:class:`~napari_muvit.engine.cancel.CancelToken`.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.train import TrainConfig, Trainer
+from napari_muvit.errors import InputError
+
+__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit"]
+
+Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
+Progress = Callable[[dict[str, Any]], Any]
+
+
+@dataclass
+class QuickConfig:
+    """Settings of the quick fit (stage 1).
+
+    ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit;
+    ``iterations`` full-batch Adam steps at ``lr`` with ``weight_decay``; ``tile_batch`` tiles
+    per encoder forward pass while collecting features; ``snapshot_every`` fine-tuning steps
+    between two snapshots of stage 2 (``0``: only at the end).
+    """
+
+    max_pixels: int = 20_000
+    iterations: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 1e-3
+    tile_batch: int = 4
+    snapshot_every: int = 25
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "iterations", "tile_batch"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or self.snapshot_every < 0:
+            raise InputError("lr must be > 0, weight_decay and snapshot_every >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _points_of_pair(
+    labels: Any, mapping: Mapping[int, int], budget_per_class: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Painted pixels ``(N, 2)`` and their class indices, at most ``budget_per_class`` each."""
+    lab = np.asarray(labels)
+    pts, cls = [], []
+    for value, k in mapping.items():
+        yy, xx = np.nonzero(lab == value)
+        if yy.size == 0:
+            continue
+        if yy.size > budget_per_class:
+            keep = rng.choice(yy.size, budget_per_class, replace=False)
+            yy, xx = yy[keep], xx[keep]
+        pts.append(np.stack([yy, xx], 1))
+        cls.append(np.full(yy.size, k, np.int64))
+    if not pts:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(pts).astype(np.int64), np.concatenate(cls)
+
+
+@torch.no_grad()
+def collect_features(
+    model: nn.Module,
+    source: Any,
+    points: np.ndarray,
+    tile_size: int,
+    tile_batch: int = 4,
+    cancel: CancelToken | None = None,
+    progress: Callable[[int, int], Any] | None = None,
+) -> np.ndarray:
+    """Raw :class:`PixelHead` features ``(N, F)`` float32 of world pixels ``points`` ``(N, 2)``.
+
+    Every pixel is computed in the prediction tile that owns it (the global tile grid of
+    :func:`~napari_muvit.data.geometry.plan_tiles` without overlap, nested crops centred on the
+    tile), so the classifier is fitted on the features prediction will show it.
+    """
+    head = model.head
+    device = next(model.parameters()).device
+    levels = tuple(float(v) for v in model.levels)
+    out = np.zeros((len(points), head.num_features), np.float32)
+    if len(points) == 0:
+        return out
+    tiles = plan_tiles(None, tile_size, source.shape, 0)
+    by_cell: dict[tuple[int, int], Any] = {t.grid: t for t in tiles}
+    cells = points // tile_size
+    order: dict[tuple[int, int], list[int]] = {}
+    for i, (cy, cx) in enumerate(map(tuple, cells)):
+        order.setdefault((int(cy), int(cx)), []).append(i)
+    keys = sorted(order)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(keys), tile_batch):
+            if cancel is not None and cancel.cancelled:
+                break
+            chunk = [by_cell[k] for k in keys[start : start + tile_batch]]
+            crops, bbs = [], []
+            for tile in chunk:
+                bb = centered_nested_bboxes(tile.origin, tile_size, levels)
+                crops.append(source.read_nested(bb, levels, tile_size)[0])
+                bbs.append(bb)
+            x = torch.from_numpy(np.stack(crops)).to(device)
+            bb_t = torch.from_numpy(np.stack(bbs)).to(device)
+            maps, tokens, coords, x = model.encode(x, bb_t)
+            feats = head.features(maps, x[:, 0], tokens, coords)  # (B, F, S, S)
+            for b, tile in enumerate(chunk):
+                idx = np.asarray(order[tile.grid])
+                local = points[idx] - np.asarray(tile.origin)
+                f = feats[b, :, local[:, 0], local[:, 1]]  # (F, n)
+                out[idx] = f.T.float().cpu().numpy()
+            if progress is not None:
+                progress(min(start + tile_batch, len(keys)), len(keys))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def quick_fit(
+    model: nn.Module,
+    features: np.ndarray,
+    classes: np.ndarray,
+    config: QuickConfig | None = None,
+    cancel: CancelToken | None = None,
+) -> dict[str, float]:
+    """Fit ``model.head`` (a :class:`PixelHead`) on cached features, in place.
+
+    Sets the head's standardisation buffers from ``features`` ``(N, F)`` and trains its
+    classifier with class-balanced cross-entropy (every class counts equally, however many
+    pixels were painted). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``.
+    """
+    cfg = config or QuickConfig()
+    head = model.head
+    if not hasattr(head, "classify"):
+        raise InputError(f"quick_fit needs a 'pixel' head, the model has {type(head).__name__}")
+    if len(features) == 0:
+        raise InputError("quick_fit: no painted pixels to fit on; paint a few strokes per class")
+    t0 = time.perf_counter()
+    device = head.feature_mean.device
+    x = torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device)
+    y = torch.from_numpy(np.asarray(classes, np.int64)).to(device)
+    with torch.no_grad():
+        head.feature_mean.copy_(x.mean(0))
+        head.feature_std.copy_(x.std(0).clamp_min(1e-3))
+    counts = torch.bincount(y, minlength=model.num_classes).float()
+    weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
+    weight = weight / weight[counts > 0].mean()
+    params = list(head.classifier.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        for p in params:  # a fresh classifier: the stage-1 answer depends on the strokes only
+            if p.dim() > 1:
+                nn.init.kaiming_uniform_(p, a=5**0.5)
+            else:
+                nn.init.zeros_(p)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xs = x[:, :, None, None]
+    was_training = head.training
+    head.train()
+    loss = torch.tensor(float("nan"))
+    with torch.enable_grad():
+        for _ in range(cfg.iterations):
+            if cancel is not None and cancel.cancelled:
+                break
+            logits = head.classify(xs)[:, :, 0, 0]
+            loss = F.cross_entropy(logits, y, weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.train(was_training)
+    with torch.no_grad():
+        acc = float((head.classify(xs)[:, :, 0, 0].argmax(1) == y).float().mean())
+    return {
+        "loss": float(loss.detach()),
+        "train_accuracy": acc,
+        "pixels": int(len(y)),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+class QuickTrainer:
+    """Quick fit (stage 1), then full fine-tuning (stage 2) of one segmenter.
+
+    Parameters
+    ----------
+    model, pairs, out, class_names, provenance, notes
+        As for :class:`~napari_muvit.engine.train.Trainer`; the head is a ``"pixel"`` head
+        (``config.head`` is forced to it; a segmenter with another head gets a new one).
+    config
+        :class:`TrainConfig` of stage 2.
+    quick
+        :class:`QuickConfig` of stage 1.
+    progress
+        Receives the trainer's per-step dicts with ``"stage": "fine-tune"``, and before them
+        ``"stage": "features"`` (``done``/``total`` tiles) and ``"stage": "quick"``
+        (``loss``, ``train_accuracy``, ``pixels``, ``seconds``) with the same keys.
+    fine_tune
+        Run stage 2 after the quick fit (``False``: stage 1 only).
+    on_snapshot
+        ``on_snapshot(model_copy, info)`` after the quick fit and every
+        ``quick.snapshot_every`` fine-tuning steps (``info["stage"]``, ``info["elapsed"]``
+        seconds since :meth:`run` started, ``info["step"]``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pairs: Sequence[tuple[Any, Any]],
+        config: TrainConfig | None = None,
+        quick: QuickConfig | None = None,
+        progress: Progress | None = None,
+        on_snapshot: Snapshot | None = None,
+        cancel: CancelToken | None = None,
+        out: Any = None,
+        *,
+        fine_tune: bool = True,
+        class_names: Mapping[int, str] | None = None,
+        provenance: Mapping[str, Any] | None = None,
+        notes: Sequence[str] = (),
+    ) -> None:
+        cfg = copy.copy(config) if config is not None else TrainConfig()
+        cfg.head = "pixel"
+        self.fine_tune = bool(fine_tune)
+        self.quick = quick or QuickConfig()
+        self.progress = progress
+        self.on_snapshot = on_snapshot
+        self.cancel = cancel or CancelToken()
+        model = _with_pixel_head_or_encoder(model)
+        self.trainer = Trainer(
+            model, pairs, cfg, progress=self._trainer_progress, cancel=self.cancel, out=out,
+            class_names=class_names, provenance=provenance, notes=notes,
+        )
+        self._start = time.monotonic()
+        self.quick_stats: dict[str, float] = {}
+
+    @property
+    def model(self) -> nn.Module:
+        return self.trainer.model
+
+    def _emit(self, info: dict[str, Any]) -> None:
+        """Stage-1 dicts carry the trainer's keys too (step 0, no loss yet), so one progress
+        callback can show both stages."""
+        if self.progress is None:
+            return
+        base = {"step": self.trainer.step, "steps": self.trainer.config.steps,
+                "loss": float("nan"), "lr": 0.0, "status": "running",
+                "elapsed": time.monotonic() - self._start}
+        self.progress({**base, **info})
+
+    def _snapshot(self, stage: str) -> None:
+        if self.on_snapshot is None:
+            return
+        info = {"stage": stage, "step": self.trainer.step,
+                "elapsed": time.monotonic() - self._start}
+        self.on_snapshot(self.trainer.snapshot(), info)
+
+    def _trainer_progress(self, info: dict[str, Any]) -> None:
+        self._emit({**info, "stage": "fine-tune"})
+        every = self.quick.snapshot_every
+        step = int(info["step"])
+        last = step >= self.trainer.config.steps  # the final snapshot follows
+        if info.get("status") == "running" and every and step and step % every == 0 and not last:
+            self._snapshot("fine-tune")
+
+    def fit_quick(self) -> dict[str, float]:
+        """Stage 1: features of the painted pixels, then the pixel head's fit."""
+        t = self.trainer
+        cfg = self.quick
+        rng = np.random.default_rng(cfg.seed)
+        mapping = t.label_mapping
+        per_class = max(1, cfg.max_pixels // max(1, len(mapping)))
+        feats, classes = [], []
+        for source, labels in t.pairs:
+            pts, cls = _points_of_pair(labels, mapping, per_class, rng)
+            if self.cancel.cancelled:
+                break
+
+            def report(done: int, total: int) -> None:
+                self._emit({"stage": "features", "done": done, "total": total})
+
+            feats.append(collect_features(
+                t.model, source, pts, t.crop_size, cfg.tile_batch, self.cancel, report
+            ))
+            classes.append(cls)
+        if self.cancel.cancelled:
+            return {}
+        stats = quick_fit(t.model, np.concatenate(feats), np.concatenate(classes), cfg,
+                          self.cancel)
+        stats["elapsed"] = time.monotonic() - self._start
+        self.quick_stats = stats
+        t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
+                 f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})")
+        self._emit({"stage": "quick", **stats, "elapsed": stats["elapsed"]})
+        # the out folder holds a usable model seconds after the start, not after the first
+        # fine-tuning checkpoint
+        self.trainer.checkpoint()
+        self._snapshot("quick")
+        return stats
+
+    def run(self) -> dict[str, Any]:
+        """Both stages; returns the trainer's history (``status`` as for ``Trainer.run``)."""
+        self._start = time.monotonic()
+        self.fit_quick()
+        if self.cancel.cancelled:
+            self.trainer.history["status"] = "cancelled"
+            self.trainer.checkpoint()
+            return self.trainer.history
+        if self.fine_tune:
+            history = self.trainer.run()
+        else:
+            self.trainer.history["status"] = "finished"
+            self.trainer.checkpoint()
+            history = self.trainer.history
+        self._snapshot("final")
+        return history
+
+
+def _with_pixel_head_or_encoder(model: nn.Module) -> nn.Module:
+    """A segmenter whose head is not a pixel head is reduced to its encoder (a new head)."""
+    from napari_muvit.model import MuViTSegmenter
+
+    if isinstance(model, MuViTSegmenter) and model.head_type != "pixel":
+        encoder = model.encoder
+        encoder.meta = {**getattr(encoder, "meta", {}), **{
+            k: v for k, v in model.meta.items() if k in ("init", "crop_size")}}
+        return encoder
+    return model

@@ -1,0 +1,166 @@
+"""Quick training (issue 13): a pixel head fitted on cached features in seconds, then
+fine-tuning; simulated strokes; one painted class."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_muvit.data import PyramidSource
+from napari_muvit.data.geometry import centered_nested_bboxes
+from napari_muvit.data.strokes import simulate_strokes
+from napari_muvit.engine._models import fresh_encoder
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.metrics import mean_dice
+from napari_muvit.engine.predict import predict
+from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, collect_features
+from napari_muvit.engine.train import TrainConfig, train
+from napari_muvit.model import MuViTSegmenter, load_model
+
+
+def _discs(size: int = 192) -> tuple[np.ndarray, np.ndarray]:
+    """Bright discs on a dark, noisy background and their truth (0 background, 1 disc)."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    truth = np.zeros((size, size), np.int32)
+    for cy, cx, r in ((50, 60, 18), (130, 140, 25), (140, 40, 14), (40, 150, 16)):
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = 1
+    image = (60 + 120 * truth + rng.normal(0, 12, truth.shape)).clip(0, 255).astype(np.uint8)
+    return image, truth
+
+
+def _tiny(levels=(1, 4)):
+    torch.manual_seed(0)
+    enc = fresh_encoder("tiny", 1, levels)
+    enc.meta = {"crop_size": 32}
+    return enc
+
+
+def _quick_cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 4, "batch_size": 2, "crop_size": 32, "device": "cpu", **kw})
+
+
+# ------------------------------------------------------------------------------ strokes
+def test_strokes_stay_inside_their_class_and_are_reproducible():
+    _, truth = _discs()
+    a = simulate_strokes(truth, strokes_per_class=3, length=20, seed=1)
+    b = simulate_strokes(truth, strokes_per_class=3, length=20, seed=1)
+    np.testing.assert_array_equal(a, b)
+    painted = a > 0
+    assert set(np.unique(a[painted])) == {1, 2}
+    np.testing.assert_array_equal(a[painted] - 1, truth[painted])  # never across a border
+    assert 30 < (a == 2).sum() < 3 * 20 * 25  # a few short strokes, not a flood
+    assert not np.array_equal(a, simulate_strokes(truth, strokes_per_class=3, seed=2))
+
+
+# ------------------------------------------------------------------------------ pixel head
+def test_context_features_sample_the_coarse_tokens_at_the_pixel_position():
+    # tokens whose features are their own world coordinates: sampling them at a level-1
+    # pixel must return that pixel's world position (exact alignment of the levels)
+    enc = _tiny()
+    seg = MuViTSegmenter(enc, head="pixel", num_classes=2, head_dim=8)
+    size = 32
+    bb = torch.from_numpy(centered_nested_bboxes((100, 60), size, (1, 4)))[None]
+    coords = enc.token_coords(bb, (1, 2, 1, size, size), torch.device("cpu"))
+    tokens = torch.zeros(1, coords.shape[1], enc.dim)
+    tokens[..., :2] = coords
+    ctx = seg.head.context_features(tokens, coords, (size, size))  # (1, D, S, S)
+    rel = torch.arange(size) + 0.5 - size / 2
+    torch.testing.assert_close(ctx[0, 0], rel[:, None].expand(size, size), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ctx[0, 1], rel[None, :].expand(size, size), atol=1e-4, rtol=0)
+
+
+def test_cached_features_are_those_prediction_computes():
+    image, _ = _discs()
+    seg = MuViTSegmenter(_tiny(), head="pixel", num_classes=2, head_dim=8).eval()
+    src = PyramidSource([image])
+    pts = np.array([[3, 5], [40, 33], [100, 190], [191, 0], [64, 64]])
+    feats = collect_features(seg, src, pts, 32, tile_batch=2)
+    for (y, x), f in zip(pts, feats):
+        origin = (y // 32 * 32, x // 32 * 32)
+        bb = centered_nested_bboxes(origin, 32, seg.levels)
+        crops, _ = src.read_nested(bb, seg.levels, 32)
+        with torch.no_grad():
+            maps, tokens, coords, xx = seg.encode(torch.from_numpy(crops)[None],
+                                                  torch.from_numpy(bb)[None])
+            full = seg.head.features(maps, xx[:, 0], tokens, coords)[0]
+        np.testing.assert_allclose(f, full[:, y - origin[0], x - origin[1]].numpy(), atol=1e-5)
+
+
+def test_quick_fit_segments_from_a_few_strokes():
+    image, truth = _discs()
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=25, seed=0)
+    snaps = []
+    qt = QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(), QuickConfig(iterations=150),
+                      on_snapshot=lambda m, info: snaps.append((m, info)), fine_tune=False)
+    qt.run()
+    assert [info["stage"] for _, info in snaps] == ["quick", "final"]
+    assert snaps[0][1]["step"] == 0  # the first answer comes before any fine-tuning step
+    labels = predict(image, snaps[0][0], device="cpu")
+    assert mean_dice(labels, truth + 1) > 0.9
+    assert qt.quick_stats["pixels"] == int((strokes > 0).sum())
+
+
+def test_quick_then_fine_tune_reports_both_stages_and_snapshots():
+    image, truth = _discs(128)
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    infos, snaps = [], []
+    qt = QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=4),
+                      QuickConfig(iterations=20, snapshot_every=2), progress=infos.append,
+                      on_snapshot=lambda m, info: snaps.append(info))
+    history = qt.run()
+    assert history["status"] == "finished" and qt.trainer.step == 4
+    stages = [i["stage"] for i in infos]
+    assert stages.index("quick") < stages.index("fine-tune")
+    assert {"step", "steps", "loss", "lr", "status"} <= set(infos[0])
+    assert [(s["stage"], s["step"]) for s in snaps] == [
+        ("quick", 0), ("fine-tune", 2), ("final", 4)]
+    assert all(b["elapsed"] >= a["elapsed"] for a, b in zip(snaps, snaps[1:]))
+
+
+def test_cancel_during_the_quick_fit_leaves_a_usable_untrained_run():
+    image, truth = _discs(128)
+    strokes = simulate_strokes(truth, strokes_per_class=2, length=10, seed=0)
+    cancel = CancelToken()
+    cancel.cancel()
+    qt = QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(), cancel=cancel)
+    history = qt.run()
+    assert history["status"] == "cancelled" and qt.trainer.step == 0
+    assert qt.quick_stats == {}
+
+
+def test_train_with_a_pixel_head_writes_a_model_that_predicts(tmp_path):
+    image, truth = _discs(128)
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg(steps=2))
+    assert model.head_type == "pixel"
+    again = load_model(tmp_path / "m")
+    assert again.head_type == "pixel"
+    np.testing.assert_allclose(again.head.feature_std.numpy(), model.head.feature_std.numpy())
+    from napari_muvit.model.checkpoint import load_history
+
+    events = [e["kind"] for e in load_history(tmp_path / "m")["events"]]
+    assert "quick_fit" in events
+    np.testing.assert_array_equal(predict(image, again, device="cpu"),
+                                  predict(image, model, device="cpu"))
+
+
+def test_quick_fit_refuses_a_head_it_cannot_fit():
+    from napari_muvit.engine.quicktrain import quick_fit
+    from napari_muvit.errors import InputError
+
+    seg = MuViTSegmenter(_tiny(), head="unetr", num_classes=2, head_dim=16)
+    with pytest.raises(InputError, match="pixel"):
+        quick_fit(seg, np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
+
+
+# ------------------------------------------------------------------------------ guardrails
+def test_one_painted_class_is_refused_before_the_quick_fit():
+    from napari_muvit.errors import InputError
+
+    image, truth = _discs(128)
+    strokes = simulate_strokes(truth, classes=[1], strokes_per_class=2, length=10, seed=0)
+    with pytest.raises(InputError, match="two classes"):
+        QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=1))
