@@ -36,7 +36,7 @@ Usage::
 
     python benchmarks/bench_scribbles.py --datasets context --budget 180 \\
         --json docs/data/scribbles_context.json
-    python benchmarks/bench_scribbles.py --plot docs/images/scribbles.png docs/data/scribbles_*.json
+    python benchmarks/bench_scribbles.py --plot docs/images/scribbles.png docs/data/scribbles_context.json docs/data/scribbles_nuclei.json
 
 Prints one line per snapshot; runs torch on ``--threads`` threads (default 2) and records the
 machine's load average.
@@ -61,7 +61,7 @@ import torch
 from napari_muvit.data import PyramidSource
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.metrics import mean_dice
+from napari_muvit.metrics import mean_dice
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
+        "script": "benchmarks/bench_scribbles.py",
         "command": "python benchmarks/bench_scribbles.py " + " ".join(sys.argv[1:]),
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,

@@ -2,7 +2,7 @@
 
 A prediction is tiled on a grid of period ``tile_size - overlap``; a seam shows as labels that
 change more often between two tiles than anywhere else
-(:func:`napari_muvit.engine.metrics.seam_ratio`; 1 = no seam, the issue's acceptance: ≤ 1.5).
+(:func:`napari_muvit.metrics.seam_ratio`; 1 = no seam, the issue's acceptance: ≤ 1.5).
 Models, all predicted on a held-out Synthetic field (one 512² ring system, large flat
 background):
 
@@ -39,7 +39,7 @@ import torch
 from napari_muvit.data import PyramidSource
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.data.synthetic import synthetic_field
-from napari_muvit.engine.metrics import mean_dice, seam_ratio
+from napari_muvit.metrics import mean_dice, seam_ratio
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.quicktrain import QuickTrainer
 from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({
+                "script": "benchmarks/bench_seams.py",
                 "command": "python benchmarks/bench_seams.py " + " ".join(sys.argv[1:]),
                 "rows": rows}, indent=1))
         return 0
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
+            "script": "benchmarks/bench_seams.py",
             "command": "python benchmarks/bench_seams.py " + " ".join(sys.argv[1:]),
             "load_average": os.getloadavg(), "threads": args.threads, "rows": rows}, indent=1))
     return 0

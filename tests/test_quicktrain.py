@@ -12,7 +12,7 @@ from napari_muvit.data.geometry import centered_nested_bboxes
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.engine._models import fresh_encoder
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.metrics import mean_dice
+from napari_muvit.metrics import mean_dice
 from napari_muvit.engine.predict import predict
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, collect_features
 from napari_muvit.engine.train import TrainConfig, train

@@ -16,7 +16,7 @@ import torch
 from napari_muvit.data import PyramidSource
 from napari_muvit.data.geometry import centered_nested_bboxes
 from napari_muvit.engine._models import fresh_encoder, new_segmenter
-from napari_muvit.engine.metrics import seam_ratio
+from napari_muvit.metrics import seam_ratio
 from napari_muvit.engine.predict import predict
 from napari_muvit.model import MuViTSegmenter, load_model
 

@@ -14,7 +14,9 @@ import numpy as np
 
 from napari_muvit.errors import InputError
 
-__all__ = ["detection_f1", "dice", "dice_scores", "match_points", "mean_dice", "point_f1"]
+__all__ = [
+    "detection_f1", "dice", "dice_scores", "match_points", "mean_dice", "point_f1", "seam_ratio",
+]
 
 
 # ============================================================================ Dice
@@ -71,6 +73,41 @@ def _same_shape(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.nda
     if p.shape != t.shape:
         raise InputError(f"Dice: prediction shape {p.shape} differs from truth shape {t.shape}")
     return p, t
+
+
+# ============================================================================ seams
+# How visible tile borders are in a tiled prediction (issue 13's acceptance: ratio <= 1.5).
+
+
+def seam_ratio(labels: np.ndarray, step: int, origin: tuple[int, int] = (0, 0)) -> dict:
+    """How much more often labels change across tile borders than inside tiles.
+
+    ``labels`` is a prediction whose tiles sit on a grid of period ``step`` (the predictor's
+    ``tile_size - overlap``) with a tile border before every world pixel ``k·step``;
+    ``origin`` is the world ``(y, x)`` of ``labels[0, 0]``. Neighbouring pixel pairs (both
+    axes) are split into *border* pairs (the two pixels lie in different grid cells) and
+    *interior* pairs. Returns ``{"border": fraction of border pairs that change label,
+    "interior": the same inside cells, "ratio": border / interior}``; a seam-free prediction
+    has a ratio near 1 (structures cross tile borders as often as any other line).
+    """
+    lab = np.asarray(labels)
+    if lab.ndim != 2 or min(lab.shape) < 2:
+        raise ValueError(f"labels: expected a 2-D array of at least 2x2, got {lab.shape}")
+    step = int(step)
+    if step < 2:
+        raise ValueError(f"step: expected an integer >= 2, got {step}")
+    border, interior = [], []
+    for axis in (0, 1):
+        change = np.diff(lab, axis=axis) != 0
+        # pair (i, i+1) crosses a border when world i+1 is a multiple of step
+        world_next = origin[axis] + np.arange(1, lab.shape[axis])
+        crossing = world_next % step == 0
+        moved = np.moveaxis(change, axis, 0)
+        border.append(moved[crossing].ravel())
+        interior.append(moved[~crossing].ravel())
+    b = float(np.concatenate(border).mean()) if sum(x.size for x in border) else float("nan")
+    i = float(np.concatenate(interior).mean())
+    return {"border": b, "interior": i, "ratio": b / i if i > 0 else float("inf")}
 
 
 # ============================================================================ points
