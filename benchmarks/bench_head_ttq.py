@@ -33,8 +33,8 @@ import torch
 
 from napari_muvit.data import PyramidSource, synthetic_field
 from napari_muvit.engine.hardware import cpu_capabilities
-from napari_muvit.engine.predict import Predictor
-from napari_muvit.engine.train import Trainer, TrainConfig, prepare_start_model
+from napari_muvit.engine.predictor import Predictor
+from napari_muvit.engine.trainer import Trainer, TrainConfig, prepare_start_model
 from napari_muvit.model import MuViTSegmenter
 
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -25,7 +25,7 @@ Methods:
     (pixel head fitted on cached encoder features in seconds, then fine-tuning of the whole
     segmenter), from the bundled MAE encoder.
 ``muvit-unetr``
-    The previous default: :class:`~napari_muvit.engine.train.Trainer` with a fresh UNETR head.
+    The previous default: :class:`~napari_muvit.engine.trainer.Trainer` with a fresh UNETR head.
 ``convpaint``
     napari-convpaint 1.2.0 with the only feature extractor that works offline (``gaussian``:
     its Gaussian filter on an image pyramid, ``fe_scalings`` 1, 2, 4, 8) and its default
@@ -62,9 +62,9 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.metrics import mean_dice
-from napari_muvit.engine.predict import predict
+from napari_muvit.engine.predictor import predict
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer
-from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
+from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 
 
 # ------------------------------------------------------------------------------ data

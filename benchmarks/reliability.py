@@ -687,7 +687,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("child", "child-wait"):
         if sys.argv[1] == "child-wait":  # imports first, then wait for "go" on stdin
             import napari_muvit.cli.predict  # noqa: F401
-            import napari_muvit.engine.predict  # noqa: F401
+            import napari_muvit.engine.predictor  # noqa: F401
 
             sys.stdin.readline()
         sys.exit(child(sys.argv[2:]))

@@ -45,7 +45,7 @@ def run(name: str, image: Path, points: Path, test_yx: np.ndarray, args) -> dict
     import torch
 
     from napari_muvit.engine.points import predict_points, train_points
-    from napari_muvit.engine.train import TrainConfig
+    from napari_muvit.engine.trainer import TrainConfig
     from napari_muvit.metrics import detection_f1, match_points
 
     torch.set_num_threads(1)

@@ -197,7 +197,7 @@ def evaluate(model_folder: Path, system: int, noise_sigma: float = 0.0, grid: in
     import torch
 
     from napari_muvit.data import PyramidSource, synthetic_field
-    from napari_muvit.engine.predict import Predictor
+    from napari_muvit.engine.predictor import Predictor
     from napari_muvit.metrics import dice_scores
     from napari_muvit.model import load_model
 

@@ -17,7 +17,7 @@ from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.data import PyramidSource
-from napari_muvit.engine.predict import predict
+from napari_muvit.engine.predictor import predict
 from napari_muvit.errors import CheckpointError, InputError
 from napari_muvit.export import export_bioimageio
 from napari_muvit.model import bioimageio as packaged_mod

@@ -19,7 +19,7 @@ from napari_muvit.cli.demo import composite, demo_region, write_png
 from napari_muvit.data import PyramidSource
 from napari_muvit.data.geometry import grid_cells
 from napari_muvit.data.samples import synthetic_sample_image
-from napari_muvit.engine.predict import Predictor
+from napari_muvit.engine.predictor import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
 SIZE, VIEW = 512, 96  # the sample is a field of 512² ring systems: one system

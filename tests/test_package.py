@@ -60,11 +60,14 @@ def test_cli_version() -> None:
     assert result.stdout.strip().startswith("napari-muvit 0.")
 
 
-def test_top_level_functions_are_functions_in_any_import_order() -> None:
+def test_entry_point_functions_are_one_object_wherever_imported_from() -> None:
     result = _run_python(
-        "import napari_muvit.engine.predict, napari_muvit.engine.train, "
-        "napari_muvit.engine.pretrain, inspect, napari_muvit as nm; "
-        "assert all(inspect.isfunction(getattr(nm, n)) for n in ('predict', 'train', 'pretrain'))"
+        "import inspect, napari_muvit as nm, napari_muvit.engine as eng; "
+        "from napari_muvit.engine import predictor, trainer, pretrainer; "
+        "assert all(inspect.isfunction(getattr(nm, n)) for n in ('predict', 'train', 'pretrain')); "
+        "assert nm.predict is eng.predict is predictor.predict; "
+        "assert nm.train is eng.train is trainer.train; "
+        "assert nm.pretrain is eng.pretrain is pretrainer.pretrain"
     )
     assert result.returncode == 0, result.stderr
 

@@ -324,7 +324,7 @@ def test_cli_bad_points_file_is_one_line(point_files, tmp_path: Path, capsys) ->
 
 def test_train_points_validation_and_api_predict(point_files) -> None:
     import napari_muvit
-    from napari_muvit.engine.train import TrainConfig
+    from napari_muvit.engine.trainer import TrainConfig
 
     image, pts = point_files
     cfg = TrainConfig(steps=2, batch_size=2, crop_size=32, device="cpu",

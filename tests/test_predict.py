@@ -17,7 +17,7 @@ from _predict_support import (
 from napari_muvit.data import PyramidSource, blend_weights, plan_tiles
 from napari_muvit.engine import CancelToken, Predictor, resolve_device
 from napari_muvit.engine.device import resolve_amp
-from napari_muvit.engine.predict import predict as predict_api
+from napari_muvit.engine.predictor import predict as predict_api
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 
 
@@ -275,7 +275,7 @@ def test_python_api_in_memory(model, source) -> None:
 
 
 def test_auto_batch_size_follows_free_memory(model, monkeypatch) -> None:
-    import napari_muvit.engine.predict as engine_predict
+    import napari_muvit.engine.predictor as engine_predict
 
     assert Predictor(model, device="cpu").batch_size == engine_predict.CPU_BATCH
     sizes = {}

@@ -17,7 +17,7 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.data.geometry import centered_nested_bboxes
 from napari_muvit.engine._models import fresh_encoder, new_segmenter
 from napari_muvit.metrics import seam_ratio
-from napari_muvit.engine.predict import predict
+from napari_muvit.engine.predictor import predict
 from napari_muvit.model import MuViTSegmenter, load_model
 
 
@@ -123,7 +123,7 @@ def test_seam_ratio_respects_the_grid_origin():
 
 def test_predict_overlap_none_blends_and_zero_overlap_stays_available(monkeypatch):
     # overlap=None (the CLI's default) is tile // 8 (blending); the API default 0 is unblended
-    from napari_muvit.engine import predict as predict_module
+    from napari_muvit.engine import predictor as predict_module
 
     seen = []
     real = predict_module.Predictor.__init__

@@ -21,7 +21,7 @@ from napari_muvit.engine.hardware import (
     cpu_capabilities,
     describe_runtime,
 )
-from napari_muvit.engine.predict import Predictor
+from napari_muvit.engine.predictor import Predictor
 from napari_muvit.engine.threads import (
     ThreadShares,
     configure_wait_policy,
@@ -236,7 +236,7 @@ def test_cli_warns_in_one_line_and_takes_threads(tmp_path, monkeypatch, capsys,
     image = tmp_path / "image.npy"
     np.save(image, np.zeros((64, 64), np.uint8))
     seen: list[int] = []
-    import napari_muvit.engine.predict as engine_predict
+    import napari_muvit.engine.predictor as engine_predict
 
     real = engine_predict.Predictor.predict
 

@@ -17,7 +17,7 @@ import torch
 from napari_muvit.data import PyramidSource
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.train import (
+from napari_muvit.engine.trainer import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
@@ -379,7 +379,7 @@ def test_validation_scores_what_the_predictor_predicts(pair) -> None:
     """Validation is the Predictor's labels of the region against the painted pixels: painting
     the Predictor's own output scores exactly 1, every changed pixel costs what Dice says, and
     unpainted pixels (value 0) are not scored."""
-    from napari_muvit.engine.predict import Predictor
+    from napari_muvit.engine.predictor import Predictor
     from napari_muvit.metrics import mean_dice
 
     source, labels = pair
@@ -449,7 +449,7 @@ def test_snapshot_is_an_independent_eval_copy(pair) -> None:
 def test_start_from_official_folder_with_channel_and_level_selection(
     pair, official_fixtures: Path
 ) -> None:
-    from napari_muvit.engine.train import prepare_start_model
+    from napari_muvit.engine.trainer import prepare_start_model
 
     source, labels = pair
     folder = official_fixtures / "encoder3l"  # official encoder: 3 channels, levels 1,4,16

@@ -8,7 +8,7 @@ import pytest
 import zarr
 
 from napari_muvit.engine._labels import LabelIndex
-from napari_muvit.engine.train import open_labels
+from napari_muvit.engine.trainer import open_labels
 from napari_muvit.errors import InputError
 
 

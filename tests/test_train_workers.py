@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from napari_muvit.data import PyramidSource
-from napari_muvit.engine.train import TrainConfig, Trainer
+from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.model import MuViTEncoder
 
 

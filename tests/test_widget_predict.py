@@ -22,7 +22,7 @@ from qtpy.QtCore import QTimer
 
 from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.data.geometry import grid_cells
-from napari_muvit.engine.predict import Predictor
+from napari_muvit.engine.predictor import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
 pytestmark = pytest.mark.gui

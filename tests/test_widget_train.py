@@ -19,7 +19,7 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QTimer
 
 from napari_muvit.data import PyramidSource, synthetic_rings
-from napari_muvit.engine.predict import Predictor
+from napari_muvit.engine.predictor import Predictor
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 
 pytestmark = pytest.mark.gui

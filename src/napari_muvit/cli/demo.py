@@ -186,7 +186,7 @@ def run_headless(args: argparse.Namespace) -> int:
     """Predict the demo view without Qt; write labels, metadata and a PNG screenshot."""
     from napari_muvit.data import PyramidSource
     from napari_muvit.data.samples import synthetic_sample_image
-    from napari_muvit.engine.predict import Predictor
+    from napari_muvit.engine.predictor import Predictor
     from napari_muvit.model import load_model
 
     out = Path(args.out).expanduser()

@@ -84,7 +84,7 @@ def _runtime_line(args: argparse.Namespace) -> str:
     """Device, precision, threads and batch this run will use (one line)."""
     from napari_muvit.engine.device import resolve_amp, resolve_device
     from napari_muvit.engine.hardware import describe_runtime
-    from napari_muvit.engine.predict import CPU_BATCH
+    from napari_muvit.engine.predictor import CPU_BATCH
 
     device = resolve_device(args.device)
     dtype = resolve_amp(args.amp, device, check=False)  # the engine warns, once
@@ -192,7 +192,7 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from napari_muvit.engine.predict import predict
+    from napari_muvit.engine.predictor import predict
 
     image = Path(args.image)
     if not image.exists():
@@ -229,7 +229,7 @@ def _run_points(args: argparse.Namespace) -> int:
     """``predict --out PRED.csv`` with a point detector: ``y,x,class,score`` rows in level-0
     pixel coordinates, streamed (resumable) and renamed into place when complete."""
     from napari_muvit.engine.points import is_detector, predict_points
-    from napari_muvit.engine.predict import resolve_model
+    from napari_muvit.engine.predictor import resolve_model
 
     model = resolve_model(args.model)
     if not is_detector(model):

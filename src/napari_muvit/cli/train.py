@@ -337,7 +337,7 @@ def _run_interruptible(run: Any, quiet: bool) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_muvit.engine.train import TrainConfig, train
+    from napari_muvit.engine.trainer import TrainConfig, train
 
     _check_paths(args.images, "IMAGE")
     if args.points is not None:
@@ -375,7 +375,7 @@ def _train(args: argparse.Namespace) -> int:
 def _pretrain(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_muvit.engine.pretrain import PretrainConfig, pretrain
+    from napari_muvit.engine.pretrainer import PretrainConfig, pretrain
 
     _check_paths(args.images, "IMAGE")
     config = PretrainConfig(**_shared_config(args), lr=args.lr, masking_ratio=args.mask_ratio)
@@ -445,7 +445,7 @@ def _train_points(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from napari_muvit.engine.points import train_points
-    from napari_muvit.engine.train import TrainConfig
+    from napari_muvit.engine.trainer import TrainConfig
 
     if args.labels is not None:
         raise InputError("train: pass either --labels or --points, not both")

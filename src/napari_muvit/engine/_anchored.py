@@ -2,7 +2,7 @@
 
 A module-level class (not one defined inside a function) so that DataLoader workers can unpickle
 it where Python *spawns* them (macOS, Windows, ``multiprocessing_context="spawn"``).  It lives in
-its own module so that importing :mod:`napari_muvit.engine.train` does not import the sampler's
+its own module so that importing :mod:`napari_muvit.engine.trainer` does not import the sampler's
 dependencies.  The data package's sampler does everything else (nested bboxes, reading, targets
 through the label mapping, augmentations); only the choice of the anchor pixel is replaced, so
 that newly painted pixels are used without rebuilding the dataset.

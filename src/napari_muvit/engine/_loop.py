@@ -28,7 +28,7 @@ from napari_muvit.engine.device import resolve_amp, resolve_device
 from napari_muvit.errors import InputError, MuViTError
 
 # Training progress: one dict per step ({step, steps, loss, lr, elapsed, ...}); prediction
-# progress (engine.predict.Progress) is a different signature, (done, total, message).
+# progress (engine.predictor.Progress) is a different signature, (done, total, message).
 StepProgress = Callable[[dict[str, Any]], None]
 # The history kept in ``model.meta`` (live previews, a model saved from the panel) has its
 # curves thinned to this many points; a checkpoint's history.json keeps every step.

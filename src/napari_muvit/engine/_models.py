@@ -2,7 +2,7 @@
 
 Everything that turns "what the user asked for" (a preset name, a model folder, a set of
 levels, the image's channel count, the painted label values) into a model ready to train lives
-here, so that :mod:`~napari_muvit.engine.train` and :mod:`~napari_muvit.engine.pretrain` only
+here, so that :mod:`~napari_muvit.engine.trainer` and :mod:`~napari_muvit.engine.pretrainer` only
 run optimisation loops.  Every change made to a model is returned as a human-readable note that
 the caller records in the training history: nothing is adapted silently.
 """

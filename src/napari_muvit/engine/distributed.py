@@ -3,7 +3,7 @@
 The coordinator (this process) validates the inputs, creates (or resumes) the
 :class:`~napari_muvit.engine.sinks.ZarrSink`, and cuts the region into *blocks* of whole zarr
 chunks. Each block is one Dask task: the worker loads the model once (cached on the worker),
-opens the image once, and runs the ordinary :class:`~napari_muvit.engine.predict.Predictor`
+opens the image once, and runs the ordinary :class:`~napari_muvit.engine.predictor.Predictor`
 over the block, writing straight into the store. Blocks own whole chunks (labels,
 probabilities and done flags), so workers never write the same chunk, and each chunk is batched
 exactly like in the single-process path: labels are bit-identical. The coordinator then builds
@@ -83,14 +83,14 @@ def _model_key(model_spec: Any) -> tuple:
             (p.name, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
         )
         return ("folder", str(folder), stamps)
-    from napari_muvit.engine.predict import _token
+    from napari_muvit.engine.predictor import _token
 
     return ("object", _token(model_spec))
 
 
 def _worker_predictor(model_spec: Any, options: dict[str, Any]) -> Any:
     """The worker's Predictor for this model and options (model loaded once per worker)."""
-    from napari_muvit.engine.predict import Predictor, resolve_model
+    from napari_muvit.engine.predictor import Predictor, resolve_model
 
     cache, lock = _worker_cache()
     key = ("predictor", _model_key(model_spec), tuple(sorted(options.items())))
@@ -317,11 +317,11 @@ def predict_distributed(
         If given, filled with ``blocks`` and per-block ``results`` (tiles, seconds, worker
         pid, models loaded on that worker).
 
-    The remaining arguments are those of :func:`napari_muvit.engine.predict.predict`.
+    The remaining arguments are those of :func:`napari_muvit.engine.predictor.predict`.
     Returns the store path; the store is marked complete at the end.
     """
     from napari_muvit.data import open_image
-    from napari_muvit.engine.predict import Predictor, create_zarr_sink, resolve_model
+    from napari_muvit.engine.predictor import Predictor, create_zarr_sink, resolve_model
 
     source = open_image(str(image_path) if isinstance(image_path, Path) else image_path)
     model = resolve_model(model_folder)

@@ -2,7 +2,7 @@
 
 Nothing here is a second training loop or a second tiled-inference loop:
 
-* :class:`PointTrainer` is the fine-tuning :class:`~napari_muvit.engine.train.Trainer` with
+* :class:`PointTrainer` is the fine-tuning :class:`~napari_muvit.engine.trainer.Trainer` with
   another loss. Points plus their annotated region are presented to it as a virtual label image
   (:class:`~napari_muvit.data.points_io.PointRaster`: 0 = not annotated, 1 = annotated without
   a point, ``c + 1`` = a point of class ``c``), so its label index, crop sampler (nested crops
@@ -10,7 +10,7 @@ Nothing here is a second training loop or a second tiled-inference loop:
   augmentations, checkpoints, cancel and resume all apply unchanged. The loss is MUSE's
   (:func:`~napari_muvit.model.points.point_loss` inside the annotated region, the ramped
   :func:`~napari_muvit.model.points.point_consistency_loss` of an EMA teacher outside).
-* :class:`PointPredictor` is the :class:`~napari_muvit.engine.predict.Predictor` whose tile
+* :class:`PointPredictor` is the :class:`~napari_muvit.engine.predictor.Predictor` whose tile
   output is the detector's per-pixel maps (score, offsets, class probabilities) instead of class
   probabilities: tile plan, reading, batching, caching and overlap blending are reused; sinks
   decode each tile's core into points and suppress duplicates across tile borders
@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from napari_muvit.data.geometry import Tile, clip_region
 from napari_muvit.data.points_io import PointRaster, PointTable, parse_region, read_points
-from napari_muvit.engine.predict import Predictor, model_digest
-from napari_muvit.engine.train import Trainer, TrainConfig
+from napari_muvit.engine.predictor import Predictor, model_digest
+from napari_muvit.engine.trainer import Trainer, TrainConfig
 from napari_muvit.errors import InputError
 
 __all__ = [
@@ -98,7 +98,7 @@ class PointTrainer(Trainer):
     val_radius
         Matching radius (px) of the validation F1 (``config.val_region``).
 
-    Everything else is :class:`~napari_muvit.engine.train.Trainer`'s (``config``,
+    Everything else is :class:`~napari_muvit.engine.trainer.Trainer`'s (``config``,
     ``progress``, ``cancel``, ``out``, ``resume``, ``provenance``, ``notes``); ``class_names``
     maps class ids to names. Progress dicts carry ``val_f1`` (mean class F1) when validating.
     """
@@ -273,7 +273,7 @@ class PointTrainer(Trainer):
     ) -> tuple[Tensor, dict[str, float]]:
         """MUSE: type CE + offset MSE inside the annotated region, plus the ramped
         consistency term of the teacher's confident predictions outside it."""
-        from napari_muvit.engine.train import _ramp
+        from napari_muvit.engine.trainer import _ramp
         from napari_muvit.model.points import point_consistency_loss, point_loss
 
         cfg, m = self.config, self.model
@@ -362,11 +362,11 @@ def train_points(
     path (:func:`~napari_muvit.data.points_io.read_points`), a :class:`PointTable` or an
     ``(N, 2)``/``(N, 3)`` array of ``y, x[, class]``. ``regions``: per image the annotated
     rectangle (``"y0,x0,y1,x1"`` or a bbox; ``None`` = whole image). ``init``/``levels``/
-    ``preset``/``out``/``resume``/``overwrite`` as in :func:`~napari_muvit.engine.train.train`.
+    ``preset``/``out``/``resume``/``overwrite`` as in :func:`~napari_muvit.engine.trainer.train`.
     """
     from napari_muvit.data import open_image
     from napari_muvit.engine import _checkpointing as ckpt
-    from napari_muvit.engine.train import _describe, prepare_start_model
+    from napari_muvit.engine.trainer import _describe, prepare_start_model
 
     config = config or TrainConfig()
     images = list(images) if isinstance(images, (list, tuple)) else [images]
@@ -483,7 +483,7 @@ def _near_border(y: float, x: float, core: np.ndarray, margin: float) -> bool:
 
 
 class PointPredictor(Predictor):
-    """The tiled :class:`~napari_muvit.engine.predict.Predictor` for point detectors.
+    """The tiled :class:`~napari_muvit.engine.predictor.Predictor` for point detectors.
 
     A tile's output "probabilities" are the detector's per-pixel maps (score, offsets, class
     probabilities; :func:`~napari_muvit.model.points.point_maps`), so overlap blending and the

@@ -7,7 +7,7 @@ grid). The features of the painted pixels are computed once, tile by tile on the
 grid, cached, standardised, and a small MLP is fitted on them with full-batch Adam: no crops,
 no augmentation, no backward pass through the encoder.
 
-Stage 2, **fine-tuning**: the project's :class:`~napari_muvit.engine.train.Trainer` trains the
+Stage 2, **fine-tuning**: the project's :class:`~napari_muvit.engine.trainer.Trainer` trains the
 same segmenter (encoder at a tenth of the head's learning rate) on random nested crops around
 the painted pixels, refining the stage-1 answer in the background. Both stages hand out
 snapshots (``on_snapshot(model, info)``), so a viewer can refresh the prediction of the
@@ -32,7 +32,7 @@ from torch import nn
 
 from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.train import TrainConfig, Trainer
+from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
 __all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit"]
@@ -215,7 +215,7 @@ class QuickTrainer:
     Parameters
     ----------
     model, pairs, out, class_names, provenance, notes
-        As for :class:`~napari_muvit.engine.train.Trainer`; the head is a ``"pixel"`` head
+        As for :class:`~napari_muvit.engine.trainer.Trainer`; the head is a ``"pixel"`` head
         (``config.head`` is forced to it; a segmenter with another head gets a new one).
     config
         :class:`TrainConfig` of stage 2.

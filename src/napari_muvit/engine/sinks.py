@@ -1,8 +1,8 @@
 """Where predicted tiles go: an in-memory array or a resumable OME-Zarr labels image.
 
-A *sink* receives :class:`~napari_muvit.engine.predict.TileResult` objects (labels, and
+A *sink* receives :class:`~napari_muvit.engine.predictor.TileResult` objects (labels, and
 optionally class probabilities, of one tile's *core*, i.e. the output pixels that tile owns)
-from the :class:`~napari_muvit.engine.predict.Predictor`. Two sinks exist:
+from the :class:`~napari_muvit.engine.predictor.Predictor`. Two sinks exist:
 
 * :class:`MemorySink`: numpy arrays for a region (the viewer and the Python API).
 * :class:`ZarrSink`: a zarr v3 OME-Zarr (NGFF 0.5) labels image on disk with a nearest-neighbour
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import zarr
 
     from napari_muvit.data.geometry import Tile
-    from napari_muvit.engine.predict import TileResult
+    from napari_muvit.engine.predictor import TileResult
 
 STORE_FORMAT = "napari-muvit-prediction"
 STORE_FORMAT_VERSION = 1

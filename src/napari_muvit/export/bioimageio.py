@@ -264,7 +264,7 @@ def export_bioimageio(
     Returns the package path. Raises :class:`InputError` for a bad ``out`` or image.
     """
     from napari_muvit.data import Normalization, PyramidSource, centered_nested_bboxes, open_image
-    from napari_muvit.engine.predict import resolve_model
+    from napari_muvit.engine.predictor import resolve_model
     from napari_muvit.model.bioimageio import ARCHITECTURE, MuViTPackaged, packaged_kwargs
 
     out = Path(out).expanduser()

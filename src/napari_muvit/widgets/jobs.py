@@ -26,9 +26,9 @@ from napari_muvit.data.geometry import grid_cell_region
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
 from napari_muvit.engine.points import PointPredictor, PointTrainer, is_detector
-from napari_muvit.engine.predict import Predictor, create_zarr_sink
+from napari_muvit.engine.predictor import Predictor, create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
-from napari_muvit.engine.train import TrainConfig, Trainer, prepare_start_model
+from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 from napari_muvit.errors import InputError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._models import (
@@ -556,7 +556,7 @@ def export_job(model: Any, out: Path, layer: Any = None, plane: L.LayerPlane | N
     """Worker: write ``model`` (a segmenter, a model folder/package, or ``None`` for the bundled
     one) as a bioimage.io package at ``out``, its test tile cut from ``layer``'s plane when the
     channels fit (else the Synthetic sample)."""
-    from napari_muvit.engine.predict import resolve_model
+    from napari_muvit.engine.predictor import resolve_model
     from napari_muvit.export import export_bioimageio
 
     seg = resolve_model(model)

@@ -2,7 +2,7 @@
 
 A thin Qt view over :class:`~.state.TrainState`: it collects the image, the painted labels, the
 starting model and the hyper-parameters, runs :func:`.jobs.train_job` (the engine's
-:class:`~napari_muvit.engine.train.Trainer`) in a worker thread (cancel token = *Stop*) and
+:class:`~napari_muvit.engine.trainer.Trainer`) in a worker thread (cancel token = *Stop*) and
 shows what the trainer reports:
 
 * every step's loss (and the validation Dice when a validation rectangle is drawn) in a small

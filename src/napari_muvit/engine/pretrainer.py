@@ -4,7 +4,7 @@ Supplement B.2: random nested multi-resolution crops of the images (no labels), 
 tokens masked with Dirichlet(0.5)-distributed per-level proportions, per-level decoders, MSE on
 the masked patches; AdamW (lr 6e-5 for the paper's D=512 encoder, scaled up for narrower ones),
 gradient clipping 0.5, warm-up + cosine schedule.  Checkpoints are atomic and resumable exactly
-like fine-tuning runs (see :mod:`~napari_muvit.engine.train`); the output folder is an MAE model
+like fine-tuning runs (see :mod:`~napari_muvit.engine.trainer`); the output folder is an MAE model
 folder, so ``load_model(out)`` gives the MAE and ``MuViTEncoder.from_pretrained(out)`` (or
 ``napari-muvit train --init OUT``) its encoder.
 """
@@ -105,7 +105,7 @@ class Pretrainer(TrainingLoop):
     sources
         Images (:class:`~napari_muvit.data.PyramidSource`, arrays or paths); no labels.
     config, progress, cancel, out, resume, provenance, notes
-        As for :class:`~napari_muvit.engine.train.Trainer`.
+        As for :class:`~napari_muvit.engine.trainer.Trainer`.
     """
 
     curve_keys = ("steps", "loss", "lr", "elapsed")
@@ -273,7 +273,7 @@ def pretrain(
     ``"1,8,32"`` (default: ``init``'s levels, else 1,4).  ``preset``: size of a fresh encoder
     (default ``small``) when there is no ``init`` (an encoder or MAE folder to continue from).
     ``steps`` overrides ``config.steps``.  ``out``/``resume``/``overwrite``: as for
-    :func:`~napari_muvit.engine.train.train`.
+    :func:`~napari_muvit.engine.trainer.train`.
     """
     from napari_muvit.data import open_image
     from napari_muvit.model import load_model

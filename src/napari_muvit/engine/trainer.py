@@ -50,7 +50,7 @@ from napari_muvit.engine._models import (
 )
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import autocast
-from napari_muvit.engine.predict import Predictor
+from napari_muvit.engine.predictor import Predictor
 from napari_muvit.errors import InputError
 from napari_muvit.metrics import mean_dice
 
