@@ -87,7 +87,12 @@ IMAGE_REFRESH_INTERVAL_MS = 400
 
 
 class _Relay(QObject):
-    """Carries whole-image progress from the worker thread to the main thread (queued)."""
+    """Carries whole-image progress from the worker thread to the main thread (queued).
+
+    Created without a Qt parent and kept alive by its job: the worker may still report after
+    the viewer (and with it this panel) was closed, and emitting from a deleted QObject
+    crashes the process.
+    """
 
     progressed = Signal(int, int)
 
@@ -573,7 +578,7 @@ class PredictWidget(DockPanel):
             self.state.output = str(path)
             self.state.output_dir = str(path.parent)
         job = Job("image", request=req, out_path=path, sink_target=target)
-        relay = _Relay(self)
+        relay = _Relay()  # no parent: it must outlive a closed panel (see _Relay)
         relay.progressed.connect(
             self.lifeline.guard(lambda d, t, j=job: self._on_image_progress(j, d, t)))
         job.relay = relay

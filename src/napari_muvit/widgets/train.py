@@ -67,7 +67,8 @@ ACTIVITY_INTERVAL_S = 1.0  # napari activity dock refresh while training
 
 
 class _TrainRelay(QObject):
-    """Queued signals from the trainer thread to the main thread."""
+    """Queued signals from the trainer thread to the main thread (no Qt parent, kept alive by
+    the job: the trainer may report after the panel was closed; see ``predict._Relay``)."""
 
     ready = Signal(object)  # the Trainer
     progressed = Signal(object)  # the progress dict
@@ -432,7 +433,7 @@ class TrainWidget(DockPanel):
             return None
         self.state.save()
         job = TrainJob(request)
-        relay = _TrainRelay(self)
+        relay = _TrainRelay()
         guard = self.lifeline.guard
         relay.ready.connect(guard(lambda trainer, j=job: self._on_ready(j, trainer)))
         relay.progressed.connect(guard(lambda info, j=job: self._on_progress(j, info)))
