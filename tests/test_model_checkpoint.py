@@ -375,7 +375,8 @@ def test_deep_nesting_recursive_alias_and_huge_config_are_refused(tmp_path):
     good = config.read_text()
     # 100k nested lists crash libyaml's composer (a segfault): refused from the event stream
     config.write_text(good.replace("meta: {}", "meta: " + "[" * 100_000 + "]" * 100_000))
-    with pytest.raises(CheckpointError, match="nested deeper than 32 levels"):
+    # our event-stream bound, or (PyYAML >= 6.0.4) libyaml's own flow-level limit: refused either way
+    with pytest.raises(CheckpointError, match="nested deeper than 32 levels|not valid YAML"):
         load_model(tmp_path / "m")
     config.write_text(good.replace("meta: {}", "meta: &r [1, *r]"))
     with pytest.raises(CheckpointError, match="recursive or undefined YAML alias"):
