@@ -519,3 +519,28 @@ def test_old_layout_keeps_loading_and_splits_without_touching_weights(tmp_path):
     assert "/home/someone" not in "".join(p.read_text() for p in (tmp_path / "old").glob("*.*")
                                           if p.suffix in (".yaml", ".json"))
     assert split_history(tmp_path / "old") is False  # already split
+
+
+def test_load_predictor_model_is_the_one_resolver_of_a_users_model_choice(
+    tmp_path, official_fixtures
+):
+    from napari_muvit.model import load_predictor_model
+    from napari_muvit.weights import default_model_path
+
+    bundled = load_predictor_model(None)
+    assert bundled.num_classes == 3 and list(bundled.class_names) == ["background", "outer", "inner"]
+    # a config.yaml chosen in a file dialog means its folder
+    again = load_predictor_model(default_model_path() / "config.yaml")
+    assert torch.equal(next(again.parameters()), next(bundled.parameters()))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_predictor_model(tmp_path / "nowhere")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; choose the model"):
+        load_predictor_model(tmp_path / "weights.bin")
+    tiny_encoder().save(tmp_path / "enc")
+    with pytest.raises(CheckpointError, match="a MuViT encoder .* not a segmenter"):
+        load_predictor_model(tmp_path / "enc")
+    with pytest.raises(CheckpointError, match="an official muvit encoder .* not a segmenter"):
+        load_predictor_model(official_fixtures / "encoder")
+    with pytest.raises(CheckpointError, match="expected a path"):
+        load_predictor_model(5)

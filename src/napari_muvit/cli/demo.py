@@ -187,17 +187,12 @@ def run_headless(args: argparse.Namespace) -> int:
     from napari_muvit.data import PyramidSource
     from napari_muvit.data.samples import synthetic_sample_image
     from napari_muvit.engine.predictor import Predictor
-    from napari_muvit.model import load_model
+    from napari_muvit.model import load_predictor_model
 
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     folder = resolve_model_folder(args.model)
-    model = load_model(folder)
-    if not hasattr(model, "num_classes"):
-        raise InputError(
-            f"--model: {folder} holds a {type(model).__name__}, not a segmenter; fine-tune it "
-            "first (napari-muvit train, or the MuViT fine-tune panel)"
-        )
+    model = load_predictor_model(folder)
     t0 = time.perf_counter()
     syn = synthetic_sample_image(size=args.size, seed=args.seed)
     source = PyramidSource.from_layer_data(syn.pyramid, multiscale=True, rgb=False)

@@ -55,7 +55,7 @@ from napari_muvit.engine.device import (
     resolve_device,
 )
 from napari_muvit.engine.sinks import MemorySink, ZarrSink, label_dtype
-from napari_muvit.errors import CheckpointError, InputError, MuViTError
+from napari_muvit.errors import InputError, MuViTError
 
 __all__ = [
     "Predictor",
@@ -937,23 +937,9 @@ def resolve_model(model: Any = None, device: str | torch.device = "cpu") -> torc
     if isinstance(model, torch.nn.Module):
         _check_segmenter(model)
         return model
-    from napari_muvit.model.checkpoint import load_model
+    from napari_muvit.model.checkpoint import load_predictor_model
 
-    if model is None:
-        from napari_muvit.weights import default_model_path
-
-        folder = default_model_path()
-    else:
-        folder = Path(model).expanduser()
-        if not folder.exists():
-            raise CheckpointError(f"model folder {str(folder)!r} does not exist")
-    loaded = load_model(folder, map_location="cpu")
-    if not hasattr(loaded, "num_classes"):
-        raise CheckpointError(
-            f"model folder {str(folder)!r} holds a {type(loaded).__name__}, not a segmenter; "
-            "fine-tune it into a segmenter first"
-        )
-    return loaded
+    return load_predictor_model(model, map_location="cpu")
 
 
 def predict(

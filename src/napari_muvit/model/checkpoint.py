@@ -55,6 +55,7 @@ __all__ = [
     "load_encoder",
     "load_history",
     "load_model",
+    "load_predictor_model",
     "official_to_ours",
     "ours_to_official",
     "read_config",
@@ -1082,6 +1083,41 @@ def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> 
     if "format" in cfg:
         raise CheckpointError(f"{folder / CONFIG}: unknown format {cfg['format']!r}")
     return _load_official(folder, cfg, map_location, encoder_only=False)
+
+
+def load_predictor_model(
+    model: str | Path | None = None, map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """The model that predicts from a folder or bioimage.io package (a segmenter or a point
+    detector); ``None`` is the bundled segmenter.
+
+    The one place that turns a user's model choice into a model (engine, widgets, CLI): a
+    missing path, a loose file and a backbone without a head (an encoder or MAE, ours or
+    official) are refused with one line that says what to do.
+    """
+    if model is None:
+        from napari_muvit.weights import default_model_path
+
+        path = default_model_path()
+    else:
+        path = _folder(model) if not str(model).lower().endswith(".zip") else Path(model)
+        path = path.expanduser()
+        if not path.exists():
+            raise CheckpointError(f"model folder {str(path)!r} does not exist")
+        if path.is_file() and path.suffix.lower() != ".zip":
+            raise CheckpointError(
+                f"{str(path)!r} is a file; choose the model *folder* that holds config.yaml, "
+                "or a bioimage.io package (.zip)")
+    loaded = load_model(path, map_location=map_location)
+    if not hasattr(loaded, "num_classes"):
+        kind = type(loaded).__name__.replace("MuViT", "").lower() or "encoder"
+        origin = "an official muvit " if is_official_folder(path) else "a MuViT "
+        raise CheckpointError(
+            f"{path} holds {origin}{kind} (a pre-trained backbone without a segmentation "
+            "head), not a segmenter. Fine-tune it first: napari-muvit train --init <folder>, "
+            "or choose it as the starting model in 'MuViT fine-tune'."
+        )
+    return loaded
 
 
 def load_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

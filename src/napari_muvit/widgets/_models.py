@@ -23,8 +23,7 @@ from typing import Any
 from psygnal import Signal
 
 from napari_muvit.errors import CheckpointError
-from napari_muvit.model import load_model
-from napari_muvit.model.checkpoint import is_official_folder
+from napari_muvit.model import load_model, load_predictor_model
 
 BUNDLED = "bundled"
 FOLDER = "folder"
@@ -91,17 +90,7 @@ def load_segmenter(choice: ModelChoice) -> Any:
         if model is None:
             raise CheckpointError(f"the fine-tuned model {choice.value!r} is no longer available")
         return model
-    folder = bundled_segmenter_path() if choice.kind == BUNDLED else Path(choice.value)
-    model = load_any(folder)
-    if not hasattr(model, "num_classes"):
-        kind = type(model).__name__.replace("MuViT", "").lower() or "encoder"
-        origin = "an official muvit " if is_official_folder(folder) else "a MuViT "
-        raise CheckpointError(
-            f"{folder} holds {origin}{kind} (a pre-trained backbone without a segmentation "
-            "head), not a segmenter. Fine-tune it first: open 'MuViT fine-tune', choose this "
-            "folder as the starting model, paint a few labels and train."
-        )
-    return model
+    return load_predictor_model(None if choice.kind == BUNDLED else choice.value)
 
 
 def describe(model: Any, device: Any = None, tile_size: int | None = None) -> str:
