@@ -22,7 +22,7 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -204,16 +204,22 @@ def _run(args: argparse.Namespace) -> int:
     region = parse_region(args.region) if args.region else None
     if not args.quiet:
         print(f"napari-muvit predict: {_runtime_line(args)}", file=sys.stderr)
+    return _report_run(args, lambda bar: predict(
+        image, model=args.model, region=region, out=args.out, device=args.device,
+        batch_size=args.batch, overlap=args.overlap, probabilities=args.probabilities,
+        progress=bar, scheduler=args.scheduler, workers=args.workers,
+        overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
+        amp=args.amp, into_source=_into_source(args), threads=args.threads,
+    ))
+
+
+def _report_run(args: argparse.Namespace, run: Callable[[Any], Any]) -> int:
+    """Run ``run(progress_bar)`` with the terminal progress bar (unless --quiet), then report
+    where the output went and how long it took; the output path is printed on stdout."""
     bar = None if args.quiet else ProgressBar()
     t0 = time.monotonic()
     try:
-        out = predict(
-            image, model=args.model, region=region, out=args.out, device=args.device,
-            batch_size=args.batch, overlap=args.overlap, probabilities=args.probabilities,
-            progress=bar, scheduler=args.scheduler, workers=args.workers,
-            overwrite=args.overwrite, skip_empty=args.skip_empty, tile_size=args.tile_size,
-            amp=args.amp, into_source=_into_source(args), threads=args.threads,
-        )
+        out = run(bar)
     finally:
         if bar is not None:
             bar.close()
@@ -240,19 +246,8 @@ def _run_points(args: argparse.Namespace) -> int:
     if args.scheduler is not None or args.workers is not None or args.probabilities:
         raise InputError("a point detector runs in one process and has no --probabilities")
     region = parse_region(args.region) if args.region else None
-    bar = None if args.quiet else ProgressBar()
-    t0 = time.monotonic()
-    try:
-        out = predict_points(
-            Path(args.image), model, region=region, out=args.out, device=args.device,
-            batch_size=args.batch, overlap=0 if args.overlap is None else args.overlap,
-            progress=bar, overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
-        )
-    finally:
-        if bar is not None:
-            bar.close()
-    if not args.quiet:
-        print(f"napari-muvit predict: wrote {out} in {time.monotonic() - t0:.1f} s",
-              file=sys.stderr)
-    print(out)
-    return 0
+    return _report_run(args, lambda bar: predict_points(
+        Path(args.image), model, region=region, out=args.out, device=args.device,
+        batch_size=args.batch, overlap=0 if args.overlap is None else args.overlap,
+        progress=bar, overwrite=args.overwrite, tile_size=args.tile_size, amp=args.amp,
+    ))
