@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,21 @@ StepProgress = Callable[[dict[str, Any]], None]
 # The history kept in ``model.meta`` (live previews, a model saved from the panel) has its
 # curves thinned to this many points; a checkpoint's history.json keeps every step.
 META_HISTORY_POINTS = 500
+
+
+class RunConfig:
+    """Dict round trip shared by the run configurations (``TrainConfig``, ``PretrainConfig``):
+    what checkpoints and ``--resume`` store."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (YAML/JSON/``weights_only``-safe)."""
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """Inverse of :meth:`to_dict`, ignoring unknown keys (older/newer versions)."""
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in d.items() if k in names})
 CURVES = ("steps", "loss", "lr", "elapsed")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_muvit.engine import _checkpointing as ckpt
-from napari_muvit.engine._loop import StepProgress, TrainingLoop, thin_history
+from napari_muvit.engine._loop import RunConfig, StepProgress, TrainingLoop, thin_history
 from napari_muvit.engine._models import (
     adapt_channels,
     load_start,
@@ -39,7 +39,7 @@ __all__ = ["PretrainConfig", "Pretrainer", "pretrain"]
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """Hyper-parameters of an MAE pre-training run (defaults: MuViT supplement B.2).
 
     ``crop_size=None``: the encoder's ``meta["crop_size"]`` or 128.  ``lr=None``: 6e-5 for a
@@ -82,16 +82,6 @@ class PretrainConfig:
             raise InputError(
                 f"checkpoint_unit: expected 'seconds' or 'steps', got {self.checkpoint_unit!r}"
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (YAML/JSON/``weights_only``-safe)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PretrainConfig:
-        """Inverse of :meth:`to_dict`, ignoring unknown keys."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Pretrainer(TrainingLoop):

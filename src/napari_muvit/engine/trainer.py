@@ -20,7 +20,7 @@ import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine._labels import LabelIndex
 from napari_muvit.engine._loop import (
+    RunConfig,
     StepProgress,
     TrainingDivergedError,
     TrainingLoop,
@@ -67,7 +68,7 @@ Bbox = Sequence[Sequence[float]] | np.ndarray
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RunConfig):
     """Hyper-parameters of a fine-tuning run (defaults: MuViT supplement B.3).
 
     ``crop_size=None`` takes the starting model's ``meta["crop_size"]`` or 128.
@@ -158,16 +159,6 @@ class TrainConfig:
                     f"val_region: expected [[y0, x0], [y1, x1]], got {self.val_region!r}"
                 )
             self.val_region = region.tolist()
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-Python dict (YAML/JSON/``weights_only``-safe)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`, ignoring unknown keys (older/newer versions)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ============================================================================ labels
