@@ -12,10 +12,13 @@ from napari_muvit.data.geometry import (
     bbox_contains,
     blend_weights,
     centered_nested_bboxes,
+    grid_cell_range,
+    grid_cells,
     level_to_world,
     naive_bboxes,
     plan_tiles,
     random_nested_bboxes,
+    tile_contributors,
     visible_data_bbox,
     world_to_level,
 )
@@ -196,6 +199,62 @@ def test_plan_tiles_global_grid_is_region_independent():
     assert len(tiles) == 16
     # centre-first: the first tiles touch the image centre
     assert bbox_contains(np.array([[256, 256], [768, 768]]), tiles[0].bbox)
+
+
+@FAST
+@given(
+    shape=st.tuples(st.integers(1, 400), st.integers(1, 400)),
+    size=st.sampled_from([16, 32, 50]),
+    overlap_frac=st.sampled_from([0, 0.125, 0.25, 0.5]),
+    reg=st.tuples(st.floats(0, 399), st.floats(0, 399), st.floats(0.5, 400), st.floats(0.5, 400)),
+)
+def test_grid_cell_range_is_the_tile_plan_grid(shape, size, overlap_frac, reg):
+    """One tile grid: the cells of a region are exactly the grid cells plan_tiles plans."""
+    overlap = int(size * overlap_frac)
+    step = size - overlap
+    region = np.array([[reg[0], reg[1]], [reg[0] + reg[2], reg[1] + reg[3]]])
+    region[1] = np.minimum(region[1], shape)
+    if np.any(np.ceil(region[1]) <= np.floor(region[0])):
+        return
+    rows, cols = grid_cell_range(region, step)
+    planned = {t.grid for t in plan_tiles(region, size, shape, overlap)}
+    assert {(r, c) for r in rows for c in cols} == planned
+    assert grid_cells(region, step) == sorted(planned)  # row-major
+    assert len(rows) * len(cols) == len(planned)
+
+
+@FAST
+@given(
+    shape=st.tuples(st.integers(1, 300), st.integers(1, 300)),
+    size=st.sampled_from([16, 24, 40]),
+    overlap_frac=st.sampled_from([0, 0.125, 0.25, 0.5]),
+    reg=st.tuples(st.floats(0, 299), st.floats(0, 299), st.floats(1, 300), st.floats(1, 300)),
+)
+def test_tile_contributors_are_every_tile_that_sees_a_core(shape, size, overlap_frac, reg):
+    """Blending (overlap > 0) needs every tile whose bbox covers part of a core, and no other:
+    compared with a brute-force search over the whole image's plan. Without overlap a core
+    is its own tile's alone, even where a shifted border tile also covers it."""
+    overlap = int(size * overlap_frac)
+    region = np.array([[reg[0], reg[1]], [reg[0] + reg[2], reg[1] + reg[3]]])
+    region[1] = np.minimum(region[1], shape)
+    if np.any(np.ceil(region[1]) <= np.floor(region[0])):
+        return
+    targets = plan_tiles(region, size, shape, overlap)
+    everything = plan_tiles(None, size, shape, overlap)
+    contributors, pool = tile_contributors(targets, shape, overlap)
+    assert set(contributors) == {t.grid for t in targets}
+    if overlap == 0:
+        assert all(contributors[t.grid] == [t.grid] for t in targets)
+        return
+    for t in targets:
+        lo, hi = t.core
+        seen = sorted(o.grid for o in everything
+                      if np.all(np.maximum(o.bbox[0], lo) < np.minimum(o.bbox[1], hi)))
+        assert contributors[t.grid] == seen
+        assert t.grid in seen
+        for g in seen:
+            np.testing.assert_array_equal(pool[g].bbox, next(o.bbox for o in everything
+                                                              if o.grid == g))
 
 
 def test_plan_tiles_bad_input():

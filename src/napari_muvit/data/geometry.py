@@ -14,6 +14,7 @@ Conventions (see ``docs/architecture.md``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,12 +29,14 @@ __all__ = [
     "blend_weights",
     "centered_nested_bboxes",
     "clip_region",
+    "grid_cell_range",
     "grid_cell_region",
     "grid_cells",
     "level_to_world",
     "naive_bboxes",
     "plan_tiles",
     "random_nested_bboxes",
+    "tile_contributors",
     "visible_data_bbox",
     "world_to_level",
 ]
@@ -351,11 +354,9 @@ def plan_tiles(
     half = ov // 2
 
     cells = []
-    for ax in range(2):
-        k0 = int(reg[0, ax] // step)
-        k1 = int((reg[1, ax] - 1) // step)
+    for ax, axis_range in enumerate(grid_cell_range(reg, step)):
         axis_cells = []
-        for k in range(k0, k1 + 1):
+        for k in axis_range:
             c0 = max(k * step, int(reg[0, ax]))
             c1 = min((k + 1) * step, int(reg[1, ax]))
             o = k * step - half
@@ -389,15 +390,66 @@ def plan_tiles(
     return out
 
 
+def grid_cell_range(region: np.ndarray | Sequence, step: int) -> tuple[range, range]:
+    """Rows and columns of the global grid of step ``step`` (the tile grid of
+    :func:`plan_tiles`, or any other aligned grid such as a store's chunks) whose cells
+    intersect ``region`` (a float bbox, floored/ceiled to whole pixels)."""
+    reg = np.asarray(region, dtype=np.float64)
+    lo = [int(np.floor(v)) for v in reg[0]]
+    hi = [int(np.ceil(v)) for v in reg[1]]
+    rows, cols = (range(lo[ax] // step, (hi[ax] - 1) // step + 1) for ax in range(2))
+    return rows, cols
+
+
 def grid_cells(region: np.ndarray | Sequence, step: int) -> list[tuple[int, int]]:
     """``(iy, ix)`` cells of the global tile grid (step ``step``, see :func:`plan_tiles`) whose
     cores intersect ``region`` (a float bbox; floored/ceiled to whole pixels), row-major."""
-    reg = np.asarray(region, dtype=np.float64)
-    y0, x0 = (int(np.floor(v)) for v in reg[0])
-    y1, x1 = (int(np.ceil(v)) for v in reg[1])
-    rows = range(y0 // step, (y1 - 1) // step + 1)
-    cols = range(x0 // step, (x1 - 1) // step + 1)
+    rows, cols = grid_cell_range(region, step)
     return [(r, c) for r in rows for c in cols]
+
+
+def tile_contributors(
+    targets: Sequence[Tile], image_shape: Sequence[int], overlap: int
+) -> tuple[dict[tuple[int, int], list[tuple[int, int]]], dict[tuple[int, int], Tile]]:
+    """For every target tile, the grid cells of the tiles whose bbox covers part of its core.
+
+    With overlap, a core is also seen by neighbouring tiles (blending); their tiles are
+    planned on the same global grid. Returns ``(contributors, pool)``: per target ``grid``
+    the sorted contributing cells (a canonical order, so blending is bit-identical), and every
+    contributing :class:`Tile` by its cell. Without overlap each tile is its only contributor.
+    """
+    targets = list(targets)
+    if overlap == 0 or not targets:
+        return {t.grid: [t.grid] for t in targets}, {t.grid: t for t in targets}
+    size = targets[0].size
+    step = size - int(overlap)
+    # a tile reaches at most ceil(S / step) cells past its own (it starts overlap // 2 before
+    # its core and may be shifted back inside the image by up to one tile)
+    reach = math.ceil(size / step) + 1
+    shape = np.asarray(image_shape, dtype=np.int64).reshape(-1)[-2:]
+    cores = np.stack([t.core for t in targets])
+    block = np.stack([cores[:, 0].min(axis=0), cores[:, 1].max(axis=0)])
+    grown = np.stack([np.maximum(block[0] - reach * step, 0),
+                      np.minimum(block[1] + reach * step, shape)])
+    around = {t.grid: t for t in plan_tiles(grown, size, shape, overlap)}
+    contributors: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    pool: dict[tuple[int, int], Tile] = {}
+    for t in targets:
+        cells = []
+        for dy in range(-reach, reach + 1):
+            for dx in range(-reach, reach + 1):
+                cell = (t.grid[0] + dy, t.grid[1] + dx)
+                other = around.get(cell)
+                if other is not None and _bboxes_overlap(other.bbox, t.core):
+                    cells.append(cell)
+                    pool[cell] = other
+        contributors[t.grid] = sorted(cells)
+    return contributors, pool
+
+
+def _bboxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """True when bboxes ``a`` and ``b`` share area (touching edges do not count)."""
+    return bool(np.all(np.maximum(a[0], b[0]) < np.minimum(a[1], b[1])))
 
 
 def grid_cell_region(

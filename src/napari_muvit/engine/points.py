@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from napari_muvit.data.geometry import Tile, clip_region
+from napari_muvit.data.geometry import Tile, clip_region, grid_cell_range
 from napari_muvit.data.points_io import PointRaster, PointTable, parse_region, read_points
 from napari_muvit.engine.predictor import Predictor, model_digest
 from napari_muvit.engine.trainer import Trainer, TrainConfig
@@ -703,12 +703,10 @@ class PointCsvSink(_PointSinkBase):
         reg = self.region if region is None else clip_region(region, shape)
         (y0, x0), (y1, x1) = reg
         b = self.block
-        out = []
-        for by in range(int(y0) // b * b, int(y1), b):
-            for bx in range(int(x0) // b * b, int(x1), b):
-                blk = np.array([[max(by, y0), max(bx, x0)], [min(by + b, y1), min(bx + b, x1)]])
-                out.append(blk)
-        return out
+        rows, cols = grid_cell_range(reg, b)
+        return [np.array([[max(ky * b, y0), max(kx * b, x0)],
+                          [min((ky + 1) * b, y1), min((kx + 1) * b, x1)]])
+                for ky in rows for kx in cols]
 
     def is_done(self, tile: Tile) -> bool:
         return tuple(int(g) for g in tile.grid) in self._done

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import math
 import os
 import time
 import uuid
@@ -43,7 +42,9 @@ from napari_muvit.data.geometry import (
     blend_weights,
     centered_nested_bboxes,
     clip_region,
+    grid_cell_range,
     plan_tiles,
+    tile_contributors,
 )
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import (
@@ -453,9 +454,8 @@ class Predictor:
         return plan_tiles(reg, self.tile_size, source.shape, self.overlap)
 
     def _cell_count(self, region: np.ndarray) -> int:
-        rows = (int(region[1, 0]) - 1) // self.step - int(region[0, 0]) // self.step + 1
-        cols = (int(region[1, 1]) - 1) // self.step - int(region[0, 1]) // self.step + 1
-        return rows * cols
+        rows, cols = grid_cell_range(region, self.step)
+        return len(rows) * len(cols)
 
     def _make_job(
         self, source: Any, src_key: tuple, block: np.ndarray,
@@ -466,7 +466,7 @@ class Predictor:
                    if not is_done(t)]
         if not targets:
             return None
-        contributors, pool = self._contributors(source, block, targets)
+        contributors, pool = tile_contributors(targets, source.shape, self.overlap)
         needs = {g: self._need(t, src_key) for g, t in pool.items()}
         job = _Job(targets=targets, contributors=contributors, needs=needs, waiting=list(targets))
         for grids in contributors.values():
@@ -483,31 +483,6 @@ class Predictor:
         b = self.batch_size
         job.batches = [misses[i : i + b] for i in range(0, len(misses), b)]
         return job
-
-    def _contributors(
-        self, source: Any, block: np.ndarray, targets: list[Tile]
-    ) -> tuple[dict[tuple[int, int], list[tuple[int, int]]], dict[tuple[int, int], Tile]]:
-        """For every target, the grid cells of the tiles whose bbox covers part of its core."""
-        if self.overlap == 0:
-            return {t.grid: [t.grid] for t in targets}, {t.grid: t for t in targets}
-        margin = (math.ceil(self.tile_size / self.step) + 1) * self.step
-        shape = np.asarray(source.shape, dtype=np.int64)
-        grown = np.stack([np.maximum(block[0] - margin, 0), np.minimum(block[1] + margin, shape)])
-        around = {t.grid: t for t in plan_tiles(grown, self.tile_size, source.shape, self.overlap)}
-        r = math.ceil(self.tile_size / self.step) + 1
-        contributors: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        pool: dict[tuple[int, int], Tile] = {}
-        for t in targets:
-            grids = []
-            for dy in range(-r, r + 1):
-                for dx in range(-r, r + 1):
-                    g = (t.grid[0] + dy, t.grid[1] + dx)
-                    other = around.get(g)
-                    if other is not None and _overlaps(other.bbox, t.core):
-                        grids.append(g)
-                        pool[g] = other
-            contributors[t.grid] = sorted(grids)  # canonical order: bit-identical blending
-        return contributors, pool
 
     def _need(self, tile: Tile, src_key: tuple) -> _Need:
         bboxes = centered_nested_bboxes(tile.origin, self.tile_size, self.levels)
@@ -857,10 +832,6 @@ def _order(pool: dict[tuple[int, int], Tile], targets: list[Tile]) -> list[tuple
     rest = sorted((g for g in pool if g not in seen),
                   key=lambda g: (round(float(np.hypot(*(pool[g].centre - centre))), 6), g))
     return [*seen, *rest]
-
-
-def _overlaps(bbox: np.ndarray, core: np.ndarray) -> bool:
-    return bool(np.all(np.maximum(bbox[0], core[0]) < np.minimum(bbox[1], core[1])))
 
 
 def _overlap_slices(core: np.ndarray, origin: np.ndarray, size: int

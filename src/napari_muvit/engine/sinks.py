@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_muvit.data.geometry import clip_region
+from napari_muvit.data.geometry import clip_region, grid_cell_range
 from napari_muvit.errors import InputError
 from napari_muvit.locks import AdvisoryLock
 
@@ -711,11 +711,7 @@ class ZarrSink:
 
     def cell_range(self, region: np.ndarray | None = None) -> tuple[range, range]:
         """Grid cells (rows, columns) whose cores intersect ``region`` (default: the store's)."""
-        reg = self.region if region is None else region
-        return (
-            range(int(reg[0, 0]) // self.step, (int(reg[1, 0]) - 1) // self.step + 1),
-            range(int(reg[0, 1]) // self.step, (int(reg[1, 1]) - 1) // self.step + 1),
-        )
+        return grid_cell_range(self.region if region is None else region, self.step)
 
     def done_mask(self, region: np.ndarray | None = None) -> np.ndarray:
         """Done flags of the cells of ``region`` (2-D bool)."""
@@ -773,8 +769,7 @@ class ZarrSink:
             return ChunkPlan(np.zeros((0, 2), np.int32), self.chunk_size, self.region)
         c = self.chunk_size
         (ry0, rx0), (ry1, rx1) = reg.tolist()
-        cy = np.arange(ry0 // c, (ry1 - 1) // c + 1)
-        cx = np.arange(rx0 // c, (rx1 - 1) // c + 1)
+        cy, cx = (np.asarray(axis) for axis in grid_cell_range(reg, c))
         ky, kx = (a.ravel() for a in np.meshgrid(cy, cx, indexing="ij"))
         mid_y = (np.maximum(ky * c, ry0) + np.minimum((ky + 1) * c, ry1)) / 2
         mid_x = (np.maximum(kx * c, rx0) + np.minimum((kx + 1) * c, rx1)) / 2
@@ -1149,7 +1144,7 @@ def _create_arrays(
             fill_value=0,
             dimension_names=("c", "y", "x"),
         )
-    cells = (-(-shape[0] // step), -(-shape[1] // step))
+    cells = tuple(len(axis) for axis in grid_cell_range([(0, 0), shape], step))
     per_chunk = chunk // step
     group.create_array(
         "done",
@@ -1166,8 +1161,9 @@ def iter_chunks(sink: ZarrSink, region: np.ndarray | None = None) -> Iterator[np
     """All level-0 chunk bboxes (∩ region), done or not, row-major (for tools and tests)."""
     reg = sink.region if region is None else region
     c = sink.chunk_size
-    for y in range(int(reg[0, 0]) // c * c, int(reg[1, 0]), c):
-        for x in range(int(reg[0, 1]) // c * c, int(reg[1, 1]), c):
-            box = _intersect(reg, np.array([[y, x], [y + c, x + c]]))
+    rows, cols = grid_cell_range(reg, c)
+    for ky in rows:
+        for kx in cols:
+            box = _intersect(reg, np.array([[ky * c, kx * c], [(ky + 1) * c, (kx + 1) * c]]))
             if box is not None:
                 yield box
