@@ -63,7 +63,7 @@ import torch
 
 from napari_muvit.data import PyramidSource, centered_nested_bboxes, plan_tiles, synthetic_rings
 from napari_muvit.engine import CancelToken, Predictor
-from napari_muvit.engine.predictor import create_zarr_sink
+from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.errors import CancelledError
 from napari_muvit.engine.hardware import cpu_capabilities
 from napari_muvit.engine.threads import wait_policy
@@ -571,7 +571,7 @@ def contention_child(threads: int | None, side: int, min_seconds: float) -> dict
 def workers_child(side: int, rounds: int) -> dict[str, Any]:
     """One process vs ``--workers 2`` (Dask LocalCluster on this machine), alternately."""
     from napari_muvit.engine.distributed import predict_distributed
-    from napari_muvit.engine.predictor import predict as predict_api
+    from napari_muvit.engine.api import predict as predict_api
     from napari_muvit.model import load_model
     from napari_muvit.weights import default_model_path
 

@@ -4,7 +4,7 @@ Two experiments on the paper's Synthetic task (:func:`napari_muvit.data.syntheti
 whose class, outer or inner ring, is only visible with context), trained on *scribbles* (short
 painted strokes, a few hundred pixels per class) of one image and scored by mean Dice over the
 three classes on a *held-out* image (another seed), predicted with the engine's tiled
-:func:`~napari_muvit.engine.predictor.predict`:
+:func:`~napari_muvit.engine.api.predict`:
 
 ``pseudo``
     Same steps, same seeds, with and without pseudo-labels (EMA teacher, threshold 0.9,
@@ -43,7 +43,7 @@ import torch
 
 from napari_muvit.data import PyramidSource, synthetic_rings
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 from napari_muvit import metrics
 

@@ -62,7 +62,7 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.metrics import mean_dice
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 

@@ -40,7 +40,7 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.data.synthetic import synthetic_field
 from napari_muvit.metrics import mean_dice, seam_ratio
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.engine.quicktrain import QuickTrainer
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 from napari_muvit.weights import load_default_model

@@ -17,11 +17,11 @@ from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.data import PyramidSource
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.errors import CheckpointError, InputError
 from napari_muvit.export import export_bioimageio
 from napari_muvit.model import bioimageio as packaged_mod
-from napari_muvit.model.checkpoint import load_model
+from napari_muvit.model.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from _predict_support import rings, tiny_segmenter
 
 from napari_muvit.engine import Predictor, predict_distributed
 from napari_muvit.engine.distributed import plan_blocks
-from napari_muvit.engine.predictor import create_zarr_sink
+from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.engine.sinks import read_store_info
 
 pytest.importorskip("distributed")

@@ -6,7 +6,10 @@
 * every ``##`` section of the measurement pages whose tables hold numbers names a command (a
   script in ``benchmarks/`` or ``experiments/``, or a test);
 * a table after ``<!-- rows: docs/data/NAME.json#TABLE -->`` holds the header and every row of
-  ``tables[TABLE]`` of that file, cell for cell.
+  ``tables[TABLE]`` of that file, cell for cell;
+* on the results page every table with numbers is such a checked table, lies in a section
+  that cites its result file, or is marked ``<!-- settings: tests/test_NAME.py -->`` (settings,
+  not measurements, and the test that checks them).
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ DATA_REF = re.compile(r"docs/data/[\w.-]+\.json")
 SCRIPT_REF = re.compile(r"(?<![\w/.-])((?:benchmarks|experiments|scripts|tests)/[\w/.-]+\.py)")
 COMMAND = re.compile(r"(?:benchmarks|experiments)/\w+\.py|tests/test_\w+\.py")
 ROWS_MARKER = re.compile(r"<!--\s*rows:\s*(docs/data/[\w.-]+\.json)#([\w/.-]+)\s*-->")
+SETTINGS_MARKER = re.compile(r"<!--\s*settings:\s*(tests/test_\w+\.py)\s*-->")
+# pages of results: every number in a table comes from a committed result file
+RESULT_PAGES = [DOCS / "results.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
@@ -134,6 +140,80 @@ def test_marked_tables_match_their_result_files(page: Path) -> None:
             assert row in shown[1:], (
                 f"{_rel(page)} line {i + 1}: row {row} of {ref}#{table} is not in the table"
             )
+
+
+def _numeric_tables(text: str) -> list[tuple[str, list[str], list[str]]]:
+    """``(section heading, the non-empty lines around the table: before, after)`` of every
+    table whose rows hold numbers; "around" is the paragraph before it and the two after."""
+    found = []
+    for heading, body in _sections(text):
+        lines = body.splitlines()
+        i = 0
+        while i < len(lines):
+            if not lines[i].lstrip().startswith("|"):
+                i += 1
+                continue
+            start = i
+            while i < len(lines) and lines[i].lstrip().startswith("|"):
+                i += 1
+            rows = [ln for ln in lines[start:i] if not re.fullmatch(r"[\s|:-]+", ln)]
+            if any(re.search(r"\d", ln) for ln in rows):
+                before = _paragraphs(lines[:start][::-1], 1)[::-1]
+                after = _paragraphs(lines[i:], 2)
+                found.append((heading, before, after))
+    return found
+
+
+def _paragraphs(lines: list[str], count: int) -> list[str]:
+    """The non-empty lines of the first ``count`` paragraphs of ``lines`` (up to a table)."""
+    out: list[str] = []
+    seen = 0
+    for line in lines:
+        if line.lstrip().startswith("|"):
+            break
+        if not line.strip():
+            seen += bool(out)
+            if seen >= count:
+                break
+            continue
+        out.append(line)
+    return out
+
+
+def _table_has_a_source(before: list[str], after: list[str]) -> bool:
+    """Checked rows, settings checked by an existing test, or a result file cited next to it."""
+    if before and ROWS_MARKER.search(before[-1]):
+        return True
+    settings = SETTINGS_MARKER.search(before[-1]) if before else None
+    if settings:
+        return (ROOT / settings.group(1)).is_file()
+    return any(DATA_REF.search(line) for line in before + after)
+
+
+@pytest.mark.parametrize("page", RESULT_PAGES, ids=_rel)
+def test_every_results_table_comes_from_a_result_file(page: Path) -> None:
+    tables = _numeric_tables(_text(page))
+    assert tables
+    for heading, before, after in tables:
+        assert _table_has_a_source(before, after), (
+            f"{_rel(page)}, section {heading!r}: a table with numbers that is neither checked "
+            "against docs/data (<!-- rows: -->), nor next to a sentence citing its docs/data "
+            "result file, nor marked <!-- settings: tests/test_NAME.py -->"
+        )
+
+
+def test_the_results_table_check_sees_a_table_without_a_source() -> None:
+    page = "## Numbers\n\nText.\n\n| run | score |\n|---|---|\n| a | 0.9 |\n\nMore.\n"
+    (_, before, after), = _numeric_tables(page)
+    assert not _table_has_a_source(before, after)
+    cited = page + "\nFrom `docs/data/demo.json`.\n"
+    assert _table_has_a_source(*_numeric_tables(cited)[0][1:])
+    far = page + "\nA.\n\nB.\n\nFrom `docs/data/demo.json`.\n"  # a later paragraph's
+    assert not _table_has_a_source(*_numeric_tables(far)[0][1:])
+    marked = page.replace("| run |", "<!-- settings: tests/test_docs.py -->\n| run |")
+    assert _table_has_a_source(*_numeric_tables(marked)[0][1:])
+    wrong = page.replace("| run |", "<!-- settings: tests/test_nothing.py -->\n| run |")
+    assert not _table_has_a_source(*_numeric_tables(wrong)[0][1:])
 
 
 def test_the_checks_see_a_wrong_number() -> None:

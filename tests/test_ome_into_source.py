@@ -18,7 +18,7 @@ from _predict_support import reference_labels, rings, tiny_segmenter
 from napari_muvit.cli import main
 from napari_muvit.data import PyramidSource, open_image
 from napari_muvit.engine import CancelToken
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.engine.sinks import read_store_info
 from napari_muvit.errors import CancelledError, InputError
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "src" / "napari_muvit"
+GUI_MODULES = ("qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "superqt", "magicgui", "vispy",
+               "napari")
 
 
 def test_manifest_lives_in_the_package_once_and_its_commands_resolve() -> None:
@@ -63,10 +69,10 @@ def test_cli_version() -> None:
 def test_entry_point_functions_are_one_object_wherever_imported_from() -> None:
     result = _run_python(
         "import inspect, napari_muvit as nm, napari_muvit.engine as eng; "
-        "from napari_muvit.engine import predictor, trainer, pretrainer; "
+        "from napari_muvit.engine import api, pretrainer; "
         "assert all(inspect.isfunction(getattr(nm, n)) for n in ('predict', 'train', 'pretrain')); "
-        "assert nm.predict is eng.predict is predictor.predict; "
-        "assert nm.train is eng.train is trainer.train; "
+        "assert nm.predict is eng.predict is api.predict; "
+        "assert nm.train is eng.train is api.train; "
         "assert nm.pretrain is eng.pretrain is pretrainer.pretrain"
     )
     assert result.returncode == 0, result.stderr
@@ -85,3 +91,82 @@ def test_status_line_throttles_in_logs_and_always_draws_the_final_line() -> None
     line.write("a")
     line.close()
     assert stream.getvalue() == "a\n"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the modules it imports, at any depth of the file
+    (function-level imports included), ``from pkg import submodule`` resolved to the submodule."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                deps.add(base)
+                deps.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules)
+        graph[name] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]], nodes: set[str]) -> list[str] | None:
+    """One import cycle among ``nodes``, or ``None``."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph[node] & nodes):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(nodes):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_import_graph_layers_are_acyclic_and_free_of_gui() -> None:
+    """model/, data/ and engine/ never import Qt or napari (not even inside a function); the
+    modules of model/ and of engine/ import each other downward only (no cycle, deferred
+    imports included); model/ and data/ know nothing of engine/, widgets/ or cli/."""
+    graph = _import_graph()
+    assert "napari_muvit.engine.api" in graph and "napari_muvit.engine.predictor" in graph
+    core = {m for m in graph if m.split(".")[1:2] in (["model"], ["data"], ["engine"])}
+    for module in sorted(core):
+        gui = sorted(d for d in graph[module] if d.split(".")[0] in GUI_MODULES)
+        assert not gui, f"{module} imports {gui}"
+    for layer in ("model", "engine"):
+        # the package __init__ resolves names lazily (by string) and is not part of the graph
+        members = {m for m in graph if m.startswith(f"napari_muvit.{layer}.")}
+        assert len(members) > 5
+        cycle = _cycle(graph, members)
+        assert cycle is None, f"import cycle in {layer}/: {' -> '.join(cycle)}"
+    for module in (m for m in core if m.split(".")[1] in ("model", "data")):
+        upward = sorted(d for d in graph[module]
+                        if d.split(".")[:2] in (["napari_muvit", "engine"],
+                                                ["napari_muvit", "widgets"], ["napari_muvit", "cli"]))
+        assert not upward, f"{module} imports {upward}"
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert _cycle(graph, set(graph)) == ["a", "b", "c", "a"]
+    assert _cycle(graph, {"a", "b", "d"}) is None

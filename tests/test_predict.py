@@ -17,7 +17,7 @@ from _predict_support import (
 from napari_muvit.data import PyramidSource, blend_weights, plan_tiles
 from napari_muvit.engine import CancelToken, Predictor, resolve_device
 from napari_muvit.engine.device import resolve_amp
-from napari_muvit.engine.predictor import predict as predict_api
+from napari_muvit.engine.api import predict as predict_api
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 
 

@@ -19,8 +19,8 @@ from _predict_support import reference_labels, rings, rings_source, tiny_segment
 
 from napari_muvit.cli import main
 from napari_muvit.engine import CancelToken, Predictor
-from napari_muvit.engine.predictor import create_zarr_sink
-from napari_muvit.engine.predictor import predict as predict_api
+from napari_muvit.engine.api import predict as predict_api
+from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.engine.sinks import read_store_info
 from napari_muvit.errors import CancelledError, InputError
 from napari_muvit.locks import LockedError, advisory_lock, lock_path
@@ -197,7 +197,8 @@ import numpy as np
 sys.path.insert(0, sys.argv[3])
 from _predict_support import rings_source
 from napari_muvit.engine import Predictor
-from napari_muvit.engine.predictor import create_zarr_sink, resolve_model
+from napari_muvit.engine.predictor import resolve_model
+from napari_muvit.engine.stores import create_zarr_sink
 source = rings_source(192)
 pred = Predictor(resolve_model(sys.argv[1]), device="cpu", batch_size=1)
 sink = create_zarr_sink(pred, source, sys.argv[2], chunk_size=64)

@@ -12,7 +12,8 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.pretrainer import PretrainConfig, Pretrainer, pretrain
-from napari_muvit.engine.trainer import TrainConfig, train
+from napari_muvit.engine.api import train
+from napari_muvit.engine.trainer import TrainConfig
 from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTMAE, MuViTSegmenter, load_model
 

@@ -13,9 +13,9 @@ from napari_muvit.data.strokes import simulate_strokes
 from napari_muvit.engine._models import fresh_encoder
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.metrics import mean_dice
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict, train
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, collect_features
-from napari_muvit.engine.trainer import TrainConfig, train
+from napari_muvit.engine.trainer import TrainConfig
 from napari_muvit.model import MuViTSegmenter, load_model
 
 

@@ -17,7 +17,7 @@ from napari_muvit.data import PyramidSource
 from napari_muvit.data.geometry import centered_nested_bboxes
 from napari_muvit.engine._models import fresh_encoder, new_segmenter
 from napari_muvit.metrics import seam_ratio
-from napari_muvit.engine.predictor import predict
+from napari_muvit.engine.api import predict
 from napari_muvit.model import MuViTSegmenter, load_model
 
 

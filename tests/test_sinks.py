@@ -11,9 +11,9 @@ from _predict_support import reference_labels, rings_source, tiny_segmenter
 
 from napari_muvit.data import plan_tiles
 from napari_muvit.engine import CancelToken, MemorySink, Predictor, ZarrSink
-from napari_muvit.engine.predictor import TileResult, create_zarr_sink
-from napari_muvit.engine.predictor import predict as predict_api
-from napari_muvit.engine.sinks import label_dtype, read_store_info
+from napari_muvit.engine.api import predict as predict_api
+from napari_muvit.engine.sinks import TileResult, label_dtype, read_store_info
+from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.errors import CancelledError, InputError
 
 

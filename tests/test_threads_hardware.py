@@ -14,7 +14,7 @@ from _predict_support import rings_source, tiny_segmenter
 
 from napari_muvit.cli import main
 from napari_muvit.engine import hardware, threads
-from napari_muvit.engine.device import resolve_amp
+from napari_muvit.engine.device import resolve_amp, validate_precision
 from napari_muvit.engine.hardware import (
     SlowPrecisionWarning,
     check_precision,
@@ -171,12 +171,12 @@ def test_native_fast_precision_does_not_warn(monkeypatch, fresh_warnings) -> Non
 
 def test_a_remembered_slow_precision_falls_back_to_auto(monkeypatch) -> None:
     monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 1 / 30)
-    choice, message = hardware.validate_precision("bf16", CPU)
+    choice, message = validate_precision("bf16", CPU)
     assert choice == "auto" and "'bf16' not used" in message and "30.0x slower" in message
-    assert hardware.validate_precision("auto", CPU) == ("auto", None)
-    assert hardware.validate_precision("off", CPU) == ("off", None)
+    assert validate_precision("auto", CPU) == ("auto", None)
+    assert validate_precision("off", CPU) == ("off", None)
     monkeypatch.setattr(hardware, "measure_amp_speedup", lambda *a, **k: 1.4)
-    assert hardware.validate_precision("bf16", CPU) == ("bf16", None)  # fast here: kept
+    assert validate_precision("bf16", CPU) == ("bf16", None)  # fast here: kept
 
 
 def test_micro_timing_measures_both_precisions() -> None:

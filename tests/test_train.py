@@ -17,11 +17,11 @@ import torch
 from napari_muvit.data import PyramidSource
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.api import train
 from napari_muvit.engine.trainer import (
     TrainConfig,
     Trainer,
     TrainingDivergedError,
-    train,
 )
 from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model

@@ -18,7 +18,7 @@ pytest.importorskip("pytestqt")
 from _predict_support import reference_labels, rings, tiny_segmenter  # noqa: E402
 
 from napari_muvit.data import open_image  # noqa: E402
-from napari_muvit.model.checkpoint import load_model  # noqa: E402
+from napari_muvit.model.loading import load_model  # noqa: E402
 
 pytestmark = pytest.mark.gui
 SIZE = 200
@@ -162,7 +162,7 @@ def test_export_button_and_package_as_model(make_napari_viewer, qtbot, model_dir
     _wait(qtbot, worker)
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     direct = tmp_path / "direct.zarr"
-    from napari_muvit.engine.predictor import predict
+    from napari_muvit.engine.api import predict
 
     predict(np.asarray(viewer.layers["mine"].data), model=model_dir, out=direct, device="cpu")
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "via_package.zarr"), mode="r")["0"][:],

@@ -192,7 +192,7 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from napari_muvit.engine.predictor import predict
+    from napari_muvit.engine.api import predict
 
     image = Path(args.image)
     if not image.exists():

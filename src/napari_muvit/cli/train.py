@@ -337,7 +337,8 @@ def _run_interruptible(run: Any, quiet: bool) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from napari_muvit.engine.trainer import TrainConfig, train
+    from napari_muvit.engine.api import train
+    from napari_muvit.engine.trainer import TrainConfig
 
     _check_paths(args.images, "IMAGE")
     if args.points is not None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from napari_muvit.engine.hardware import check_precision, cuda_capabilities, warn_if_slow
 from napari_muvit.errors import InputError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -100,18 +101,31 @@ def resolve_amp(amp: str | bool | None, device: torch.device, *, check: bool = T
     if mode == "auto":
         if device.type != "cuda":
             return None
-        from napari_muvit.engine.hardware import cuda_capabilities
-
         caps = cuda_capabilities(device) or {}
         if caps.get("native_bf16"):
             return torch.bfloat16
         return torch.float16 if caps.get("native_fp16") else None
     dtype = torch.bfloat16 if mode == "bf16" else torch.float16
     if check:
-        from napari_muvit.engine.hardware import warn_if_slow
-
         warn_if_slow(device, dtype, dim, head_dim)
     return dtype
+
+
+def validate_precision(choice: str, device: torch.device, dim: int = 128,
+                       head_dim: int = 32) -> tuple[str, str | None]:
+    """A remembered precision choice re-checked on this machine: ``(choice to use, message)``.
+
+    A setting saved on a machine with native bf16 must not silently keep a 30x slower path on
+    one without: an explicit ``"bf16"``/``"fp16"`` that measures slow here becomes ``"auto"``,
+    with a one-line message for the panel (status and notification). Other choices pass.
+    """
+    dtype = resolve_amp(choice, device, check=False)
+    if dtype is None or str(choice).strip().lower() == "auto":
+        return choice, None
+    check = check_precision(device, dtype, dim, head_dim)
+    if not check.slow:
+        return choice, None
+    return "auto", f"remembered precision {choice!r} not used: {check.message}"
 
 
 @contextlib.contextmanager

@@ -25,7 +25,17 @@ from typing import Any
 
 import numpy as np
 
+from napari_muvit.data import open_image
 from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.predictor import Predictor, _token, resolve_model
+from napari_muvit.engine.sinks import ZarrSink, build_pyramid_chunk, pyramid_chunk_boxes
+from napari_muvit.engine.stores import create_zarr_sink
+from napari_muvit.engine.threads import (
+    PASSIVE_ENV,
+    USER_POLICY_VARS,
+    available_cores,
+    worker_threads,
+)
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 
 __all__ = ["plan_blocks", "predict_distributed"]
@@ -83,15 +93,11 @@ def _model_key(model_spec: Any) -> tuple:
             (p.name, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file()
         )
         return ("folder", str(folder), stamps)
-    from napari_muvit.engine.predictor import _token
-
     return ("object", _token(model_spec))
 
 
 def _worker_predictor(model_spec: Any, options: dict[str, Any]) -> Any:
     """The worker's Predictor for this model and options (model loaded once per worker)."""
-    from napari_muvit.engine.predictor import Predictor, resolve_model
-
     cache, lock = _worker_cache()
     key = ("predictor", _model_key(model_spec), tuple(sorted(options.items())))
     with lock:
@@ -112,8 +118,6 @@ def _worker_predictor(model_spec: Any, options: dict[str, Any]) -> Any:
 
 def _worker_source(image_spec: Any, normalization: dict | None) -> Any:
     """The worker's PyramidSource (opened once), with the coordinator's normalisation."""
-    from napari_muvit.data import open_image
-
     if not isinstance(image_spec, str):
         source = image_spec
     else:
@@ -134,8 +138,6 @@ def _predict_block(
     options: dict[str, Any], normalization: dict | None, cancel_event: str,
 ) -> dict[str, Any]:
     """Dask task: predict one chunk-aligned block into the shared store."""
-    from napari_muvit.engine.sinks import ZarrSink
-
     t0 = time.perf_counter()
     pred = _worker_predictor(model_spec, options)
     source = _worker_source(image_spec, normalization)
@@ -155,8 +157,6 @@ def _predict_block(
 
 def _pyramid_task(out: str, level: int, box: np.ndarray) -> int:
     """Dask task: write one chunk of a coarse pyramid level."""
-    from napari_muvit.engine.sinks import ZarrSink, build_pyramid_chunk
-
     build_pyramid_chunk(ZarrSink.open(out), level, box)
     return level
 
@@ -182,8 +182,6 @@ def _client(scheduler: Any, workers: int | None, processes: bool, threads_per_wo
     n = int(workers) if workers is not None else _default_workers()
     if n < 1:
         raise InputError(f"workers: expected a positive integer, got {workers!r}")
-    from napari_muvit.engine.threads import PASSIVE_ENV, USER_POLICY_VARS
-
     # worker processes inherit os.environ; say the wait policy explicitly anyway, so that a
     # worker spawned by a nanny with its own environment does not spin (the user's choice wins)
     extra: dict[str, Any] = {}
@@ -204,8 +202,6 @@ def _client(scheduler: Any, workers: int | None, processes: bool, threads_per_wo
 
 def _default_workers() -> int:
     """Local workers when none are asked for: half the cores, 1 to 4."""
-    from napari_muvit.engine.threads import available_cores
-
     return max(1, min(4, available_cores() // 2))
 
 
@@ -317,12 +313,9 @@ def predict_distributed(
         If given, filled with ``blocks`` and per-block ``results`` (tiles, seconds, worker
         pid, models loaded on that worker).
 
-    The remaining arguments are those of :func:`napari_muvit.engine.predictor.predict`.
+    The remaining arguments are those of :func:`napari_muvit.engine.api.predict`.
     Returns the store path; the store is marked complete at the end.
     """
-    from napari_muvit.data import open_image
-    from napari_muvit.engine.predictor import Predictor, create_zarr_sink, resolve_model
-
     source = open_image(str(image_path) if isinstance(image_path, Path) else image_path)
     model = resolve_model(model_folder)
     options = {
@@ -344,8 +337,6 @@ def predict_distributed(
         sink.expect_external_writes()
         norm = pred._reading_source(source)[1].normalization.to_dict()
         if scheduler is None and torch_threads is None and processes:
-            from napari_muvit.engine.threads import worker_threads
-
             # N torch processes on one machine divide its cores (no oversubscription)
             torch_threads = worker_threads(workers or _default_workers())
         options.update(torch_threads=torch_threads, client_pid=os.getpid())
@@ -390,7 +381,6 @@ def _build_pyramid(client: Any, sink: Any, cancel: CancelToken | None) -> None:
     """Coarse levels from level 0, one task per coarse chunk, level by level."""
     from distributed import wait
 
-    from napari_muvit.engine.sinks import pyramid_chunk_boxes
 
     for level in range(1, sink.n_levels):
         if cancel is not None:

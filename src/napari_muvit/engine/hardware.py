@@ -10,10 +10,14 @@ choice is checked against the hardware before it is used:
   attention and a 3×3 convolution) in float32 and under autocast, once per process;
 * :func:`check_precision` combines both into a verdict with a one-line message, which
   :func:`~napari_muvit.engine.device.resolve_amp` turns into a :class:`SlowPrecisionWarning`
-  (the CLI prints it on stderr, the predict panel shows it) and which the panel uses to
-  re-validate a remembered choice on another machine;
+  (the CLI prints it on stderr, the predict panel shows it) and
+  :func:`~napari_muvit.engine.device.validate_precision` uses to re-validate a remembered
+  choice on another machine;
 * :func:`describe_runtime` is the one-line device / precision / threads / batch description
   shown by the CLI and the panel's model line.
+
+This module sits below :mod:`napari_muvit.engine.device` (which imports it), so it never
+imports the device helpers itself.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from typing import Any
 
 import torch
 
+from napari_muvit.engine.threads import wait_policy
+
 __all__ = [
     "CpuCapabilities",
     "PrecisionCheck",
@@ -36,7 +42,6 @@ __all__ = [
     "cuda_capabilities",
     "describe_runtime",
     "measure_amp_speedup",
-    "validate_precision",
 ]
 
 #: a reduced precision measured below this speed-up is reported as slow (timing noise ~10 %)
@@ -178,12 +183,11 @@ def _speedup(device_type: str, index: int | None, dtype: torch.dtype, dim: int,
              head_dim: int, repeats: int) -> float:
     device = torch.device(device_type, index) if index is not None else torch.device(device_type)
     work = _model_shaped_work(device, dim, head_dim)
-    from napari_muvit.engine.device import autocast
 
     def once(dt: torch.dtype | None) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        with autocast(device, dt):
+        with torch.autocast(device_type=device.type, dtype=dt, enabled=dt is not None):
             work()
         _sync(device)
         return time.perf_counter() - t0
@@ -292,25 +296,6 @@ def warn_if_slow(device: torch.device, dtype: torch.dtype | None, dim: int = 128
     return check
 
 
-def validate_precision(choice: str, device: torch.device, dim: int = 128,
-                       head_dim: int = 32) -> tuple[str, str | None]:
-    """A remembered precision choice re-checked on this machine: ``(choice to use, message)``.
-
-    A setting saved on a machine with native bf16 must not silently keep a 30x slower path on
-    one without: an explicit ``"bf16"``/``"fp16"`` that measures slow here becomes ``"auto"``,
-    with a one-line message for the panel (status and notification). Other choices pass.
-    """
-    from napari_muvit.engine.device import resolve_amp
-
-    dtype = resolve_amp(choice, device, check=False)
-    if dtype is None or str(choice).strip().lower() == "auto":
-        return choice, None
-    check = check_precision(device, dtype, dim, head_dim)
-    if not check.slow:
-        return choice, None
-    return "auto", f"remembered precision {choice!r} not used: {check.message}"
-
-
 def describe_runtime(device: torch.device, dtype: torch.dtype | None,
                      threads: int | None = None, batch_size: int | None = None) -> str:
     """One line: device (and what it has), precision, threads and wait policy, batch size.
@@ -318,8 +303,6 @@ def describe_runtime(device: torch.device, dtype: torch.dtype | None,
     E.g. ``"cpu (AMD EPYC 7B13, AVX2, no native bf16) · float32 · 2 threads, passive wait ·
     batch 4"``.
     """
-    from napari_muvit.engine.threads import wait_policy
-
     if device.type == "cpu":
         caps = cpu_capabilities()
         where = f"cpu ({caps.model}, {caps.short})" if caps.model else f"cpu ({caps.short})"

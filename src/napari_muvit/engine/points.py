@@ -362,7 +362,7 @@ def train_points(
     path (:func:`~napari_muvit.data.points_io.read_points`), a :class:`PointTable` or an
     ``(N, 2)``/``(N, 3)`` array of ``y, x[, class]``. ``regions``: per image the annotated
     rectangle (``"y0,x0,y1,x1"`` or a bbox; ``None`` = whole image). ``init``/``levels``/
-    ``preset``/``out``/``resume``/``overwrite`` as in :func:`~napari_muvit.engine.trainer.train`.
+    ``preset``/``out``/``resume``/``overwrite`` as in :func:`~napari_muvit.engine.api.train`.
     """
     from napari_muvit.data import open_image
     from napari_muvit.engine import _checkpointing as ckpt

@@ -22,7 +22,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import time
 import uuid
 import warnings
@@ -31,7 +30,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,16 +53,14 @@ from napari_muvit.engine.device import (
     resolve_amp,
     resolve_device,
 )
-from napari_muvit.engine.sinks import MemorySink, ZarrSink, label_dtype
+from napari_muvit.engine.sinks import MemorySink, TileResult, ZarrSink, label_dtype
 from napari_muvit.errors import InputError, MuViTError
 
 __all__ = [
     "Predictor",
     "TileCache",
-    "TileResult",
     "default_overlap",
     "model_digest",
-    "predict",
     "resolve_model",
 ]
 
@@ -90,31 +86,6 @@ def default_overlap(tile_size: int) -> int:
 # --------------------------------------------------------------------------------------------
 # results and cache
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TileResult:
-    """Prediction of one tile's core (the output pixels the tile owns).
-
-    Attributes
-    ----------
-    tile
-        The :class:`~napari_muvit.data.geometry.Tile`; ``tile.core`` is where ``labels`` go.
-    labels
-        ``(h, w)`` label values (``label_values[argmax]``; 0 for skipped empty tiles).
-    probs
-        ``(K, h, w)`` float16 class probabilities, or ``None`` when not requested.
-    skipped
-        The tile was judged empty (``skip_empty``) and not run through the model.
-    cached
-        Every tile this result depends on came from the tile cache.
-    """
-
-    tile: Tile
-    labels: np.ndarray
-    probs: np.ndarray | None = None
-    skipped: bool = False
-    cached: bool = False
 
 
 @dataclass
@@ -305,7 +276,7 @@ class Predictor:
         self.threads = threads
         self.seconds_per_tile: float | None = None
         self.model = model.to(self.device)
-        self.tile_size = _tile_size(model, tile_size)
+        self.tile_size = tile_size_of(model, tile_size)
         self.levels = tuple(float(v) for v in model.levels)
         if self.levels[0] != 1:
             raise InputError(
@@ -872,7 +843,9 @@ def _check_segmenter(model: Any) -> None:
         )
 
 
-def _tile_size(model: Any, tile_size: int | None) -> int:
+def tile_size_of(model: Any, tile_size: int | None) -> int:
+    """The prediction tile size: ``tile_size``, else the model's training crop size, else
+    :data:`DEFAULT_TILE_SIZE`; a multiple of the patch size or an :class:`InputError`."""
     meta = getattr(model, "meta", None) or {}
     size = tile_size if tile_size is not None else meta.get("crop_size", DEFAULT_TILE_SIZE)
     try:
@@ -899,7 +872,7 @@ def _empty_threshold(skip_empty: bool | float) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
-# convenience API
+# the model a prediction uses
 # --------------------------------------------------------------------------------------------
 
 
@@ -908,232 +881,6 @@ def resolve_model(model: Any = None, device: str | torch.device = "cpu") -> torc
     if isinstance(model, torch.nn.Module):
         _check_segmenter(model)
         return model
-    from napari_muvit.model.checkpoint import load_predictor_model
+    from napari_muvit.model.loading import load_predictor_model
 
     return load_predictor_model(model, map_location="cpu")
-
-
-def predict(
-    image_or_source: Any,
-    model: Any = None,
-    region: Any = None,
-    out: str | Path | None = None,
-    device: str | torch.device = "auto",
-    batch_size: int | None = None,
-    overlap: int | None = 0,
-    probabilities: bool = False,
-    progress: Progress | None = None,
-    cancel: CancelToken | None = None,
-    scheduler: str | None = None,
-    workers: int | None = None,
-    *,
-    overwrite: bool = False,
-    skip_empty: bool | float = False,
-    tile_size: int | None = None,
-    amp: str | bool | None = "auto",
-    into_source: bool | str = False,
-    threads: int | None = None,
-) -> np.ndarray | tuple[np.ndarray, np.ndarray] | Path:
-    """Segment an image with a MuViT segmenter (or detect points with a point detector).
-
-    With a point detector (``model.task == "points"``) the result is a table
-    ``{"y", "x", "class", "score"}`` of numpy arrays (level-0 pixel coordinates), or with
-    ``out`` a ``.csv`` file of those columns (see :func:`napari_muvit.engine.points.predict_points`).
-
-    Parameters
-    ----------
-    image_or_source
-        A path (OME-Zarr/zarr, TIFF, ``.npy``), an array, a list of pyramid levels or a
-        :class:`~napari_muvit.data.PyramidSource`.
-    model
-        A ``MuViTSegmenter``, a model folder, or ``None`` for the bundled default model.
-    region
-        World bbox ``[[y0, x0], [y1, x1]]`` (default: the whole image).
-    out
-        ``None``: return the labels as numpy (``(labels, probs)`` with ``probabilities``).
-        A path: write a resumable OME-Zarr there and return its path.
-    scheduler, workers
-        Run on Dask (a scheduler address, or a ``LocalCluster`` with ``workers`` processes);
-        needs ``out``.
-    overwrite
-        Replace an existing napari-muvit output at ``out`` (foreign data is never deleted).
-    into_source
-        Write the labels into the source OME-Zarr (``image_or_source`` must be its path) as
-        ``labels/muvit`` (``True``) or ``labels/<into_source>`` (a name), instead of ``out``;
-        returns that group's path. See :mod:`napari_muvit.engine.ome_labels`.
-    threads
-        torch CPU threads (default: torch's, i.e. every core); with Dask, threads per worker
-        (default: cores // workers on a local cluster).
-    overlap
-        Blending overlap in pixels; ``None``: :func:`default_overlap` of the tile size (no tile
-        seams, about 1.5× the time of ``0``; the CLI's default).
-
-    The other arguments are those of :class:`Predictor`. Bad input raises
-    :class:`~napari_muvit.errors.InputError` before any tile is computed.
-    """
-    if into_source:
-        out = _source_labels_target(image_or_source, out, into_source)
-    if out is None and (scheduler is not None or workers is not None):
-        raise InputError("scheduler/workers: distributed prediction writes to a zarr store; pass out=")
-    # --- point detectors (engine/points.py): a table in memory, or a CSV at ``out``
-    resolved = resolve_model(model)
-    if getattr(resolved, "task", None) == "points":
-        from napari_muvit.engine.points import predict_points
-
-        if scheduler is not None or workers is not None or probabilities:
-            raise InputError("a point detector predicts points: no Dask, no probabilities")
-        return predict_points(
-            image_or_source, resolved, region, out, device, batch_size,
-            0 if overlap is None else overlap, progress,
-            cancel, overwrite=overwrite, tile_size=tile_size, amp=amp,
-        )
-    # ---
-    if overlap is None:
-        overlap = default_overlap(_tile_size(resolved, tile_size))
-    if out is not None and (scheduler is not None or workers is not None):
-        from napari_muvit.engine.distributed import predict_distributed
-
-        return predict_distributed(
-            image_or_source, model, out, scheduler=scheduler, workers=workers, region=region,
-            device=device, batch_size=batch_size, overlap=overlap, probabilities=probabilities,
-            progress=progress, cancel=cancel, overwrite=overwrite, skip_empty=skip_empty,
-            tile_size=tile_size, amp=amp, torch_threads=threads,
-        )
-    from napari_muvit.data import open_image
-
-    if out is not None and not into_source:
-        out = _output_path(out)
-    source = open_image(image_or_source)
-    seg = resolved
-    pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
-                     skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
-                     tile_size=tile_size, threads=threads)
-    pred.check_source(source)
-    if out is None:
-        sink = pred.predict(source, region, probabilities=probabilities, progress=progress,
-                            cancel=cancel)
-        return (sink.labels, sink.probs) if probabilities else sink.labels
-    sink = create_zarr_sink(pred, source, out, region=region, probabilities=probabilities,
-                            overwrite=overwrite)
-    try:
-        pred.predict(source, sink=sink, progress=progress, cancel=cancel)
-    finally:
-        sink.release_lock()  # predict() closes the sink; this covers errors before it starts
-    return sink.path
-
-
-def _source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
-    """The :class:`~napari_muvit.engine.ome_labels.SourceLabels` target of ``into_source``."""
-    from napari_muvit.engine.ome_labels import DEFAULT_LABELS_NAME, SourceLabels
-
-    if out is not None:
-        raise InputError("out/into_source: pass one of them (into_source writes into the image)")
-    if not isinstance(image, (str, os.PathLike)):
-        raise InputError("into_source: expected the path of an OME-Zarr image, got "
-                         f"{type(image).__name__}")
-    return SourceLabels(Path(image), DEFAULT_LABELS_NAME if into_source is True else str(into_source))
-
-
-def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
-    """What must match for a zarr store to be resumed: the input image (shape, dtype, sampled
-    pixels: :func:`~napari_muvit.data.pyramid.input_fingerprint`), model weights, levels,
-    normalisation and channels (not the device: results agree across devices up to
-    precision). The tile plan and region are compared by the store itself."""
-    from napari_muvit.data.pyramid import input_fingerprint
-
-    key, _reader = pred._reading_source(source)
-    return {
-        "input": input_fingerprint(source),
-        "model_sha256": model_digest(pred.model),
-        "levels": list(pred.levels),
-        "normalization": json.loads(key),
-        "skip_empty": pred.empty_std,
-        "channels": int(source.channels),
-    }
-
-
-def create_zarr_sink(
-    pred: Predictor, source: Any, out: str | Path, region: Any = None,
-    probabilities: bool = False, overwrite: bool = False, write_pyramid: bool = True,
-    chunk_size: int | None = None,
-) -> ZarrSink:
-    """The :class:`ZarrSink` for ``pred`` on ``source`` (resuming a matching unfinished one).
-
-    ``out`` is a path, or a :class:`~napari_muvit.engine.ome_labels.SourceLabels` target
-    (labels written into the source OME-Zarr).
-
-    The image is checked first (NaN/inf, the output is not the input), so a bad input never
-    leaves a store behind. The sink holds the store's lock until it is closed.
-    """
-    from napari_muvit.engine import ome_labels
-
-    target = out if isinstance(out, ome_labels.SourceLabels) else None
-    if target is None:
-        out = _output_path(out)
-    check = getattr(source, "check_finite", None)
-    if check is not None:
-        check()
-    model = pred.model
-    class_names = getattr(model, "class_names", None)
-    class_colors = getattr(model, "class_colors", None)
-    layout = None
-    if target is not None:
-        if probabilities:
-            raise InputError("probabilities: not stored inside a source OME-Zarr; "
-                             "write them to a separate store with out= (--out)")
-        out, layout = ome_labels.prepare_source_labels(
-            target, source.shape, list(pred.label_values), class_names, class_colors)
-    _refuse_input_as_output(source, out)  # labels/NAME inside the input image is allowed
-    sink = ZarrSink.create(
-        out, source.shape, pred.tile_size, pred.num_classes, overlap=pred.overlap,
-        region=clip_region(region, source.shape), label_values=pred.label_values,
-        class_names=class_names,
-        class_colors=class_colors, probabilities=probabilities,
-        fingerprint=prediction_fingerprint(pred, source), overwrite=overwrite,
-        write_pyramid=write_pyramid, chunk_size=chunk_size, layout=layout,
-        input_path=getattr(source, "origin", None),
-    )
-    if target is not None:
-        ome_labels.register_source_labels(target)
-    return sink
-
-
-def _output_path(out: Any) -> Path:
-    """``out`` as a path, or a one-line :class:`InputError` for anything else."""
-    if isinstance(out, Path):
-        return out
-    if isinstance(out, str) and out.strip():
-        return Path(out)
-    if hasattr(out, "__fspath__"):
-        return Path(out)
-    raise InputError(f"out: expected the path of an output .zarr store, got {out!r}")
-
-
-def _source_paths(source: Any) -> list[Path]:
-    """Files/folders the pixels of ``source`` are read from (as far as they can be known)."""
-    paths = []
-    origin = getattr(source, "origin", None)
-    if origin:
-        paths.append(Path(origin))
-    for array in getattr(source, "arrays", None) or []:
-        root = getattr(getattr(array, "store", None), "root", None)  # zarr LocalStore
-        if root is not None:
-            paths.append(Path(str(root)))
-        filename = getattr(array, "filename", None)  # numpy memmap
-        if filename:
-            paths.append(Path(filename))
-    return paths
-
-
-def _refuse_input_as_output(source: Any, out: Path) -> None:
-    """Refuse an output that is the input image or contains it (``--overwrite`` would delete
-    the image). An output *inside* an input folder (OME-Zarr ``labels/``) is allowed."""
-    target = out.expanduser().absolute().resolve()
-    for path in _source_paths(source):
-        image = path.expanduser().absolute().resolve()
-        if target == image or target in image.parents:
-            raise InputError(
-                f"output {str(out)!r} is the input image {str(path)!r}"
-                + ("" if target == image else " or contains it")
-                + "; choose another output path (the input is never overwritten)"
-            )

@@ -263,7 +263,7 @@ def pretrain(
     ``"1,8,32"`` (default: ``init``'s levels, else 1,4).  ``preset``: size of a fresh encoder
     (default ``small``) when there is no ``init`` (an encoder or MAE folder to continue from).
     ``steps`` overrides ``config.steps``.  ``out``/``resume``/``overwrite``: as for
-    :func:`~napari_muvit.engine.trainer.train`.
+    :func:`~napari_muvit.engine.api.train`.
     """
     from napari_muvit.data import open_image
     from napari_muvit.model import load_model

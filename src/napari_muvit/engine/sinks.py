@@ -1,8 +1,9 @@
 """Where predicted tiles go: an in-memory array or a resumable OME-Zarr labels image.
 
-A *sink* receives :class:`~napari_muvit.engine.predictor.TileResult` objects (labels, and
-optionally class probabilities, of one tile's *core*, i.e. the output pixels that tile owns)
-from the :class:`~napari_muvit.engine.predictor.Predictor`. Two sinks exist:
+A *sink* receives :class:`TileResult` objects (labels, and optionally class probabilities, of
+one tile's *core*, i.e. the output pixels that tile owns) from the
+:class:`~napari_muvit.engine.predictor.Predictor`, which imports this module (never the other
+way round). Two sinks exist:
 
 * :class:`MemorySink`: numpy arrays for a region (the viewer and the Python API).
 * :class:`ZarrSink`: a zarr v3 OME-Zarr (NGFF 0.5) labels image on disk with a nearest-neighbour
@@ -42,15 +43,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_muvit.data.geometry import clip_region, grid_cell_range
+from napari_muvit.data.geometry import Tile, clip_region, grid_cell_range
 from napari_muvit.errors import InputError
 from napari_muvit.locks import AdvisoryLock
 
 if TYPE_CHECKING:  # pragma: no cover
     import zarr
-
-    from napari_muvit.data.geometry import Tile
-    from napari_muvit.engine.predictor import TileResult
 
 STORE_FORMAT = "napari-muvit-prediction"
 STORE_FORMAT_VERSION = 1
@@ -64,10 +62,41 @@ __all__ = [
     "STORE_FORMAT",
     "LevelLayout",
     "MemorySink",
+    "TileResult",
     "ZarrSink",
     "label_dtype",
     "read_store_info",
 ]
+
+
+# --------------------------------------------------------------------------------------------
+# what a sink receives
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TileResult:
+    """Prediction of one tile's core (the output pixels the tile owns).
+
+    Attributes
+    ----------
+    tile
+        The :class:`~napari_muvit.data.geometry.Tile`; ``tile.core`` is where ``labels`` go.
+    labels
+        ``(h, w)`` label values (``label_values[argmax]``; 0 for skipped empty tiles).
+    probs
+        ``(K, h, w)`` float16 class probabilities, or ``None`` when not requested.
+    skipped
+        The tile was judged empty (``skip_empty``) and not run through the model.
+    cached
+        Every tile this result depends on came from the tile cache.
+    """
+
+    tile: Tile
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+    skipped: bool = False
+    cached: bool = False
 
 
 # --------------------------------------------------------------------------------------------

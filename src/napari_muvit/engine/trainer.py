@@ -14,7 +14,6 @@ atomically every ``checkpoint_every`` seconds (or steps) and at the end, and can
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -29,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine._labels import LabelIndex
 from napari_muvit.engine._loop import (
     RunConfig,
@@ -61,7 +59,6 @@ __all__ = [
     "TrainingDivergedError",
     "open_labels",
     "prepare_start_model",
-    "train",
 ]
 
 Bbox = Sequence[Sequence[float]] | np.ndarray
@@ -848,89 +845,6 @@ def _pseudo_label_loss(
         return logits.sum() * 0.0, frac
     pseudo_target = torch.where(use, pseudo, torch.full_like(pseudo, -1))
     return F.cross_entropy(logits, pseudo_target, ignore_index=-1), frac
-
-
-# ============================================================================ convenience
-def train(
-    images: Any,
-    labels: Any,
-    out: str | os.PathLike[str] | None = None,
-    init: str | os.PathLike[str] | nn.Module | None = None,
-    levels: str | Sequence[float] | None = None,
-    preset: str | None = None,
-    head: str | None = None,
-    config: TrainConfig | None = None,
-    progress: StepProgress | None = None,
-    cancel: CancelToken | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    class_names: Mapping[int, str] | None = None,
-) -> nn.Module:
-    """Train a segmenter on images and their (sparse or dense) labels; returns the segmenter.
-
-    ``images``/``labels``: one or a list of each (paths, arrays or PyramidSources; labels as
-    arrays or .npy/TIFF/zarr paths).  ``init``/``levels``/``preset``: see
-    :func:`prepare_start_model`; ``head`` overrides ``config.head`` (default ``"unetr"``).
-    With ``out``, checkpoints are written there; an existing ``out`` is resumed with
-    ``resume=True``, replaced with ``overwrite=True`` and otherwise refused (a folder that is
-    not a napari-muvit model is never written to).
-    """
-    from dataclasses import replace
-
-    from napari_muvit.data import open_image
-
-    config = config or TrainConfig()
-    if head is not None:
-        config = replace(config, head=head)
-    images, labels = _pair_lists(images, labels)
-    sources = [open_image(i) for i in images]
-    lock = ckpt.run_folder_lock(out) if out is not None else contextlib.nullcontext()
-    with lock:  # one run per output folder, from the first look at it to the last checkpoint
-        resuming = ckpt.check_out_folder(out, resume, overwrite) if out is not None else False
-        if resuming:
-            from napari_muvit.model import load_model
-
-            model, notes = load_model(out), [f"resuming the run in {Path(out).name}"]
-            if init is not None or levels is not None or preset is not None:
-                notes.append(
-                    "init/levels/preset are ignored when resuming: the run's model is used"
-                )
-        else:
-            model, notes = prepare_start_model(
-                init, levels, preset, sources[0].channels, config.seed
-            )
-        provenance = {
-            "init": Path(out).name if resuming else (model.meta.get("init") or _describe(init)),
-            "images": [_describe(i) for i in images],
-            "labels": [_describe(lab) for lab in labels],
-            "steps": config.steps,
-            "preset": preset,
-        }
-        if config.head == "pixel" and not resuming:
-            # quick fit of the pixel head on cached features first (seconds), then fine-tuning
-            from napari_muvit.engine.quicktrain import QuickTrainer
-
-            quick = QuickTrainer(
-                model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
-                out=out, class_names=class_names, provenance=provenance, notes=notes,
-            )
-            quick.run()
-            return quick.model
-        trainer = Trainer(
-            model,
-            list(zip(sources, labels)),
-            config,
-            progress,
-            cancel,
-            out,
-            resume=resuming,
-            class_names=class_names,
-            provenance=provenance,
-            notes=notes,
-        )
-        trainer.run()
-    return trainer.model
 
 
 def _pair_lists(images: Any, labels: Any) -> tuple[list[Any], list[Any]]:

@@ -25,6 +25,7 @@ import yaml
 from torch import Tensor, nn
 
 from napari_muvit.errors import CheckpointError, InputError
+from napari_muvit.model.checkpoint import _plain
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.segmenter import MuViTSegmenter
 
@@ -94,8 +95,6 @@ class MuViTPackaged(nn.Module):
 
 def packaged_kwargs(model: MuViTSegmenter) -> dict[str, Any]:
     """The :class:`MuViTPackaged` keyword arguments of ``model`` (plain YAML values)."""
-    from napari_muvit.model.checkpoint import _plain
-
     return _plain({
         "encoder": model.encoder.config,
         "head": model.head_config,

@@ -35,7 +35,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,12 @@ from napari_muvit.model._atomic import commit_files, committed_path
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "KINDS",
+    "count_parameters",
     "is_official_folder",
-    "load_encoder",
+    "load_folder",
     "load_history",
-    "load_model",
-    "load_predictor_model",
+    "model_folder",
     "official_to_ours",
     "ours_to_official",
     "read_config",
@@ -75,6 +76,15 @@ TRAIN_STATE = "train_state.pt"
 OWNED_FILES = (CONFIG, WEIGHTS, OFFICIAL_WEIGHTS, HISTORY, TRAIN_STATE)
 #: ``meta`` entries stored in history.json instead of config.yaml
 HISTORY_META_KEYS = ("history", "provenance")
+#: the kinds of model a folder of ours holds, and the class each loads as
+KINDS = {
+    "encoder": "MuViTEncoder",
+    "segmenter": "MuViTSegmenter",
+    "mae": "MuViTMAE",
+    "points": "MuViTPointDetector",
+}
+_KIND_WORDS = {"encoder": "encoder", "segmenter": "segmenter", "mae": "mae",
+               "points": "point detector"}
 
 
 # =============================================================================== YAML
@@ -163,7 +173,9 @@ def _plain(v: Any) -> Any:
     raise TypeError(f"value of type {type(v).__name__} cannot be stored in config.yaml: {v!r}")
 
 
-def _folder(path: str | Path) -> Path:
+def model_folder(path: str | Path) -> Path:
+    """``path`` as a model folder (``~`` expanded; one of the folder's own files names the
+    folder), or a one-line :class:`CheckpointError` for something that is not a path."""
     if not isinstance(path, (str, os.PathLike)):
         raise CheckpointError(
             f"model folder: expected a path (str or pathlib.Path), got {type(path).__name__} "
@@ -186,7 +198,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
     Bounded: a file over 1 MiB, nesting deeper than 32 levels or aliases expanding to more than
     100,000 values are refused before anything is built.
     """
-    folder = _folder(folder)
+    folder = model_folder(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: model folder not found")
     path = _owned(folder, CONFIG)
@@ -216,7 +228,7 @@ def read_config(folder: str | Path) -> dict[str, Any]:
 
 def is_official_folder(folder: str | Path) -> bool:
     """True for an official muvit folder (config without our ``format`` key + ``model.pth``)."""
-    folder = _folder(folder)
+    folder = model_folder(folder)
     try:
         cfg = read_config(folder)
     except CheckpointError:
@@ -291,7 +303,7 @@ def load_history(folder: str | Path) -> dict[str, Any] | None:
     Read from ``history.json``; folders written before it existed keep their history in
     ``config.yaml``'s ``meta`` and are read from there.
     """
-    folder = _folder(folder)
+    folder = model_folder(folder)
     path = committed_path(folder, HISTORY)
     if path is not None:
         try:
@@ -316,54 +328,14 @@ def load_history(folder: str | Path) -> dict[str, Any] | None:
 
 
 def _model_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    from napari_muvit.model.encoder import MuViTEncoder
-    from napari_muvit.model.mae import MuViTMAE
-    from napari_muvit.model.segmenter import MuViTSegmenter
-
-    cfg: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION}
-    # --- kind "points" (model/points.py): the detector describes itself
-    if getattr(model, "task", None) == "points":
-        cfg.update(model.checkpoint_config(), meta={**model.meta, **(meta or {})})
-        return _plain(cfg)
-    # ---
-    if isinstance(model, MuViTSegmenter):
-        cfg.update(
-            kind="segmenter",
-            encoder=model.encoder.config,
-            head=model.head_config,
-            class_names=model.class_names,
-            label_values=model.label_values,
-            class_colors=model.class_colors,
-            normalization=model.normalization,
-            meta=meta,
-        )
-    elif isinstance(model, MuViTMAE):
-        cfg.update(
-            kind="mae",
-            encoder=model.encoder.config,
-            head=model.decoder_config,
-            class_names=None,
-            label_values=None,
-            class_colors=None,
-            normalization=model.normalization,
-            meta=meta,
-        )
-    elif isinstance(model, MuViTEncoder):
-        cfg.update(
-            kind="encoder",
-            encoder=model.config,
-            head=None,
-            class_names=None,
-            label_values=None,
-            class_colors=None,
-            normalization=None,
-            meta=meta,
-        )
-    else:
+    """``config.yaml`` of ``model``: format fields, what the model says builds it
+    (its ``checkpoint_config()``), and ``meta``."""
+    describe = getattr(model, "checkpoint_config", None)
+    if describe is None:
         raise InputError(
             f"model: expected MuViTEncoder, MuViTSegmenter or MuViTMAE, got {type(model).__name__}"
         )
-    return _plain(cfg)
+    return _plain({"format": FORMAT, "format_version": FORMAT_VERSION, **describe(), "meta": meta})
 
 
 def save_model(
@@ -393,7 +365,7 @@ def split_history(folder: str | Path) -> bool:
     Only those two files are rewritten (as one atomic step); the weights stay byte-identical.
     Absolute paths in the provenance become file names. Returns whether anything changed.
     """
-    folder = _folder(folder)
+    folder = model_folder(folder)
     cfg = read_config(folder)
     meta = cfg.get("meta")
     if cfg.get("format") != FORMAT or not isinstance(meta, dict):
@@ -560,13 +532,10 @@ def _values(shapes: dict[str, tuple[int, ...]]) -> int:
     return sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())
 
 
-def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = False) -> nn.Module:
+def _load_ours(folder: Path, cfg: dict, encoder_class: type, classes: Mapping[str, type],
+               map_location: Any, encoder_only: bool, expected: str, hint: str) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from napari_muvit.model.encoder import MuViTEncoder
-    from napari_muvit.model.mae import MuViTMAE
-    from napari_muvit.model.segmenter import MuViTSegmenter
 
     cpath = folder / CONFIG
     version = cfg.get("format_version")
@@ -578,10 +547,13 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
             f"reads <= {FORMAT_VERSION}); update napari-muvit"
         )
     kind = _section(cfg, "kind", cpath, str)
-    if kind not in ("encoder", "segmenter", "mae", "points"):
+    if kind not in KINDS:
         raise CheckpointError(
             f"{cpath}: key 'kind' should be encoder|segmenter|mae|points, got {kind!r}"
         )
+    wanted = "encoder" if encoder_only else kind
+    if not encoder_only and kind not in classes:
+        raise CheckpointError(f"{cpath}: expected {expected} checkpoint, got {KINDS[kind]}{hint}")
     enc_cfg = _section(cfg, "encoder", cpath)
     wpath, shown = _owned(folder, WEIGHTS), folder / WEIGHTS
     if not wpath.is_file():
@@ -591,59 +563,26 @@ def _load_ours(folder: Path, cfg: dict, map_location: Any, encoder_only: bool = 
     _check_plausible(enc_cfg, dec_cfg, _values(found), cpath)
     meta = cfg.get("meta") or {}
     meta = dict(meta) if isinstance(meta, dict) else {}
-    if kind == "encoder" or encoder_only:
+    if wanted == "encoder":
         if kind != "encoder":
             found = {k[len("encoder.") :]: v for k, v in found.items() if k.startswith("encoder.")}
 
         def build() -> nn.Module:
-            return MuViTEncoder(**enc_cfg)
+            return encoder_class(**enc_cfg)
 
-        desc = "encoder"
-    # --- kind "points" (model/points.py)
-    elif kind == "points":
-        from napari_muvit.model.points import MuViTPointDetector
-
-        _section(cfg, "head", cpath)
-
-        def build() -> nn.Module:
-            return MuViTPointDetector.from_checkpoint_config(MuViTEncoder(**enc_cfg), cfg, meta)
-
-        desc = "point detector"
-    # ---
-    elif kind == "segmenter":
-        head = dict(_section(cfg, "head", cpath))
-        htype = head.pop("type", None)
-        K = head.pop("num_classes", None)
-        hd = head.pop("head_dim", 256)
-        if not isinstance(K, int):
-            raise CheckpointError(f"{cpath}: key 'head.num_classes' should be an int, got {K!r}")
-
-        def build() -> nn.Module:
-            return MuViTSegmenter(
-                MuViTEncoder(**enc_cfg),
-                head=htype,
-                num_classes=K,
-                head_dim=hd,
-                class_names=cfg.get("class_names"),
-                label_values=cfg.get("label_values"),
-                normalization=cfg.get("normalization"),
-                meta=meta,
-                class_colors=cfg.get("class_colors"),
-                head_options=head,
-            )
-
-        desc = "segmenter"
     else:
-        dec = dict(_section(cfg, "head", cpath))
+        head = _section(cfg, "head", cpath)
+        if kind == "segmenter" and not isinstance(head.get("num_classes"), int):
+            raise CheckpointError(
+                f"{cpath}: key 'head.num_classes' should be an int, got {head.get('num_classes')!r}"
+            )
+        model_class = classes[kind]
 
         def build() -> nn.Module:
-            return MuViTMAE(
-                MuViTEncoder(**enc_cfg), **dec, normalization=cfg.get("normalization"), meta=meta
-            )
+            return model_class.from_checkpoint_config(encoder_class(**enc_cfg), cfg, meta)
 
-        desc = "mae"
-    model = _build_checked(desc, cpath, build, found, shown)
-    if isinstance(model, MuViTEncoder):
+    model = _build_checked(_KIND_WORDS[wanted], cpath, build, found, shown)
+    if wanted == "encoder":
         model.meta = meta
     try:
         sd = load_file(str(wpath), device="cpu")
@@ -928,13 +867,12 @@ def _stack_ours_to_official(
 
 def ours_to_official(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """State dict and config (official key names) of an encoder or MAE."""
-    from napari_muvit.model.encoder import MuViTEncoder
-    from napari_muvit.model.mae import MuViTMAE
-
-    is_mae = isinstance(model, MuViTMAE)
-    enc: MuViTEncoder = model.encoder if is_mae else model
-    if not isinstance(enc, MuViTEncoder):
+    describe = getattr(model, "checkpoint_config", None)
+    kind = describe()["kind"] if describe is not None else None
+    if kind not in ("encoder", "mae"):
         raise InputError(f"model: expected MuViTEncoder or MuViTMAE, got {type(model).__name__}")
+    is_mae = kind == "mae"
+    enc = model.encoder if is_mae else model
     sd = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     out: dict[str, Tensor] = {}
     pre = "encoder." if is_mae else ""
@@ -1016,12 +954,13 @@ def save_official(model: nn.Module, folder: str | Path, overwrite: bool = False)
     return _save_files(Path(folder), writers, overwrite)
 
 
-def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: bool) -> nn.Module:
-    from napari_muvit.model.encoder import MuViTEncoder
-    from napari_muvit.model.mae import MuViTMAE
-
+def _load_official(folder: Path, cfg: dict, encoder_class: type, classes: Mapping[str, type],
+                   map_location: Any, encoder_only: bool, expected: str, hint: str) -> nn.Module:
     cpath = folder / CONFIG
     is_mae, enc_cfg, mae_cfg = _official_config(cfg, cpath)
+    kind = "mae" if is_mae else "encoder"
+    if not encoder_only and kind not in classes:
+        raise CheckpointError(f"{cpath}: expected {expected} checkpoint, got {KINDS[kind]}{hint}")
     wpath = folder / OFFICIAL_WEIGHTS
     raw = _torch_load_safe(_owned(folder, OFFICIAL_WEIGHTS))
     dec = {} if encoder_only else mae_cfg
@@ -1030,16 +969,17 @@ def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: boo
     if not is_mae or encoder_only:
         sd = official_to_ours(raw, enc_cfg, mae_cfg if is_mae else None, wpath, encoder_only=True)
         encoder = _build_checked(
-            "encoder", cpath, lambda: MuViTEncoder(**enc_cfg), _shapes(sd), wpath
+            "encoder", cpath, lambda: encoder_class(**enc_cfg), _shapes(sd), wpath
         )
         encoder.meta = meta
         _load_state(encoder, sd, wpath)
         return encoder.to(map_location).eval()
     sd = official_to_ours(raw, enc_cfg, mae_cfg, wpath)
+    mae_class = classes["mae"]
     model = _build_checked(
         "mae",
         cpath,
-        lambda: MuViTMAE(MuViTEncoder(**enc_cfg), **mae_cfg, meta={"source": "official muvit"}),
+        lambda: mae_class(encoder_class(**enc_cfg), **mae_cfg, meta={"source": "official muvit"}),
         _shapes(sd),
         wpath,
     )
@@ -1048,87 +988,42 @@ def _load_official(folder: Path, cfg: dict, map_location: Any, encoder_only: boo
     return model.to(map_location).eval()
 
 
-def load_model_of_kind(
-    folder: str | Path, cls: type, what: str, hint: str = "",
+def load_folder(
+    folder: str | Path,
+    encoder_class: type,
+    classes: Mapping[str, type],
     map_location: str | torch.device = "cpu",
-) -> Any:
-    """:func:`load_model`, refusing a folder that holds something other than ``cls``.
+    *,
+    encoder_only: bool = False,
+    expected: str = "a napari-muvit model",
+    hint: str = "",
+) -> nn.Module:
+    """Load a model folder (ours or official muvit) into the classes the caller names (eval mode).
 
-    ``what`` names the expected kind in the message (``"an MAE"``); ``hint`` says what to do.
-    """
-    model = load_model(folder, map_location=map_location)
-    if not isinstance(model, cls):
-        raise CheckpointError(
-            f"{Path(folder) / 'config.yaml'}: expected {what} checkpoint, "
-            f"got {type(model).__name__}{hint}"
-        )
-    return model
-
-
-def load_model(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load whatever the folder holds: MuViTEncoder, MuViTSegmenter or MuViTMAE (eval mode).
-
-    Accepts our folders and official muvit folders (encoder → MuViTEncoder with
-    ``coord_mode="linspace"``, MAE → MuViTMAE reproducing the official loss), and bioimage.io
-    packages (``.zip``) exported by napari-muvit (see :mod:`napari_muvit.model.bioimageio`).
+    This module knows the files, not the model classes:
+    :func:`napari_muvit.model.loading.load_model` passes all of them, a class's
+    ``from_pretrained`` only itself. ``classes`` maps the kinds to accept
+    (``encoder``, ``segmenter``, ``mae``, ``points``) to their class: ``encoder`` is built
+    as ``cls(**config["encoder"])``, the others by ``cls.from_checkpoint_config(encoder,
+    config, meta)`` (an official MAE by ``cls(encoder, **kwargs, meta=...)``). A folder of
+    another kind is refused with ``expected {expected} checkpoint, got <class>{hint}``.
+    ``encoder_class`` builds the encoder section; ``encoder_only`` loads just the encoder
+    part of a folder of any kind.
     """
     if str(folder).lower().endswith(".zip"):
-        from napari_muvit.model.bioimageio import load_package
-
-        return load_package(folder, map_location=map_location)
-    folder = _folder(folder)
-    cfg = read_config(folder)
-    if cfg.get("format") == FORMAT:
-        return _load_ours(folder, cfg, map_location)
-    if "format" in cfg:
-        raise CheckpointError(f"{folder / CONFIG}: unknown format {cfg['format']!r}")
-    return _load_official(folder, cfg, map_location, encoder_only=False)
-
-
-def load_predictor_model(
-    model: str | Path | None = None, map_location: str | torch.device = "cpu"
-) -> nn.Module:
-    """The model that predicts from a folder or bioimage.io package (a segmenter or a point
-    detector); ``None`` is the bundled segmenter.
-
-    The one place that turns a user's model choice into a model (engine, widgets, CLI): a
-    missing path, a loose file and a backbone without a head (an encoder or MAE, ours or
-    official) are refused with one line that says what to do.
-    """
-    if model is None:
-        from napari_muvit.weights import default_model_path
-
-        path = default_model_path()
-    else:
-        path = _folder(model) if not str(model).lower().endswith(".zip") else Path(model)
-        path = path.expanduser()
-        if not path.exists():
-            raise CheckpointError(f"model folder {str(path)!r} does not exist")
-        if path.is_file() and path.suffix.lower() != ".zip":
-            raise CheckpointError(
-                f"{str(path)!r} is a file; choose the model *folder* that holds config.yaml, "
-                "or a bioimage.io package (.zip)")
-    loaded = load_model(path, map_location=map_location)
-    if not hasattr(loaded, "num_classes"):
-        kind = type(loaded).__name__.replace("MuViT", "").lower() or "encoder"
-        origin = "an official muvit " if is_official_folder(path) else "a MuViT "
         raise CheckpointError(
-            f"{path} holds {origin}{kind} (a pre-trained backbone without a segmentation "
-            "head), not a segmenter. Fine-tune it first: napari-muvit train --init <folder>, "
-            "or choose it as the starting model in 'MuViT fine-tune'."
+            f"{folder}: a bioimage.io package, not a model folder; load it with "
+            "napari_muvit.load_model"
         )
-    return loaded
-
-
-def load_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Load only the encoder of any model folder (ours of any kind, official encoder or MAE)."""
-    folder = _folder(folder)
+    folder = model_folder(folder)
     cfg = read_config(folder)
     if cfg.get("format") == FORMAT:
-        return _load_ours(folder, cfg, map_location, encoder_only=True)
+        return _load_ours(folder, cfg, encoder_class, classes, map_location, encoder_only,
+                          expected, hint)
     if "format" in cfg:
         raise CheckpointError(f"{folder / CONFIG}: unknown format {cfg['format']!r}")
-    return _load_official(folder, cfg, map_location, encoder_only=True)
+    return _load_official(folder, cfg, encoder_class, classes, map_location, encoder_only,
+                          expected, hint)
 
 
 def count_parameters(model: nn.Module) -> int:

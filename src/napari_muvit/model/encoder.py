@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
+from napari_muvit.model.checkpoint import load_folder, save_model
 from napari_muvit.model.rope import (
     AxialRoPE,
     apply_rope,
@@ -530,8 +531,6 @@ class MuViTEncoder(nn.Module):
     # ----------------------------------------------------------------------------- I/O
     def save(self, folder: str | Path, overwrite: bool = False, meta: dict | None = None) -> Path:
         """Write ``config.yaml`` + ``model.safetensors`` (our format, kind ``encoder``)."""
-        from napari_muvit.model.checkpoint import save_model
-
         return save_model(self, folder, overwrite=overwrite, meta=meta)
 
     @classmethod
@@ -540,9 +539,19 @@ class MuViTEncoder(nn.Module):
     ) -> MuViTEncoder:
         """Load an encoder from our folder (any kind: the encoder part) or an official folder
         (encoder or MAE)."""
-        from napari_muvit.model.checkpoint import load_encoder
+        return load_folder(folder, cls, {"encoder": cls}, map_location, encoder_only=True)
 
-        return load_encoder(folder, map_location=map_location)
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
+        return {
+            "kind": "encoder",
+            "encoder": self.config,
+            "head": None,
+            "class_names": None,
+            "label_values": None,
+            "class_colors": None,
+            "normalization": None,
+        }
 
     def extra_repr(self) -> str:
         return (

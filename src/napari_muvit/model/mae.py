@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
+from napari_muvit.model.checkpoint import load_folder, save_model
 from napari_muvit.model.encoder import MuViTEncoder, TransformerLayer
 from napari_muvit.model.rope import AxialRoPE
 
@@ -397,8 +398,6 @@ class MuViTMAE(nn.Module):
     # -------------------------------------------------------------------------- I/O
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.yaml`` + ``model.safetensors`` (kind ``mae``)."""
-        from napari_muvit.model.checkpoint import save_model
-
         return save_model(self, folder, overwrite=overwrite)
 
     @classmethod
@@ -406,6 +405,23 @@ class MuViTMAE(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> MuViTMAE:
         """Load our MAE folder or an official muvit MAE folder."""
-        from napari_muvit.model.checkpoint import load_model_of_kind
+        return load_folder(folder, MuViTEncoder, {"mae": cls}, map_location, expected="an MAE")
 
-        return load_model_of_kind(folder, cls, "an MAE", map_location=map_location)
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
+        return {
+            "kind": "mae",
+            "encoder": self.encoder.config,
+            "head": self.decoder_config,
+            "class_names": None,
+            "label_values": None,
+            "class_colors": None,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_checkpoint_config(
+        cls, encoder: MuViTEncoder, cfg: dict[str, Any], meta: dict[str, Any]
+    ) -> MuViTMAE:
+        """Inverse of :meth:`checkpoint_config` (weights are loaded by the caller)."""
+        return cls(encoder, **cfg["head"], normalization=cfg.get("normalization"), meta=meta)

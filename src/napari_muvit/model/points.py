@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
+from napari_muvit.model.checkpoint import load_folder, save_model
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import PixelDecoder, default_skips
 from napari_muvit.model.segmenter import level1_skip_maps
@@ -256,8 +257,6 @@ class MuViTPointDetector(nn.Module):
     # -------------------------------------------------------------------------- I/O
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.yaml`` + ``model.safetensors`` (kind ``points``)."""
-        from napari_muvit.model.checkpoint import save_model
-
         return save_model(self, folder, overwrite=overwrite)
 
     @classmethod
@@ -265,11 +264,9 @@ class MuViTPointDetector(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> MuViTPointDetector:
         """Load a point-detector folder written by :meth:`save`."""
-        from napari_muvit.model.checkpoint import load_model_of_kind
-
-        return load_model_of_kind(
-            folder, cls, "a point detector (kind: points)",
-            hint="; train one with --points", map_location=map_location,
+        return load_folder(
+            folder, MuViTEncoder, {"points": cls}, map_location,
+            expected="a point detector (kind: points)", hint="; train one with --points",
         )
 
     def checkpoint_config(self) -> dict[str, Any]:

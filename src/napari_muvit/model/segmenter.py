@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
+from napari_muvit.model.checkpoint import load_folder, save_model
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import Mask2FormerHead, PixelHead, UNETRHead, default_skips
 
@@ -176,8 +177,6 @@ class MuViTSegmenter(nn.Module):
     # -------------------------------------------------------------------------- I/O
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.yaml`` + ``model.safetensors`` (kind ``segmenter``)."""
-        from napari_muvit.model.checkpoint import save_model
-
         return save_model(self, folder, overwrite=overwrite)
 
     @classmethod
@@ -185,9 +184,38 @@ class MuViTSegmenter(nn.Module):
         cls, folder: str | Path, map_location: str | torch.device = "cpu"
     ) -> MuViTSegmenter:
         """Load a segmenter folder written by :meth:`save`."""
-        from napari_muvit.model.checkpoint import load_model_of_kind
+        return load_folder(
+            folder, MuViTEncoder, {"segmenter": cls}, map_location,
+            expected="a segmenter (kind: segmenter)", hint="; fine-tune it first or use load_model",
+        )
 
-        return load_model_of_kind(
-            folder, cls, "a segmenter (kind: segmenter)",
-            hint="; fine-tune it first or use load_model", map_location=map_location,
+    def checkpoint_config(self) -> dict[str, Any]:
+        """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
+        return {
+            "kind": "segmenter",
+            "encoder": self.encoder.config,
+            "head": self.head_config,
+            "class_names": self.class_names,
+            "label_values": self.label_values,
+            "class_colors": self.class_colors,
+            "normalization": self.normalization,
+        }
+
+    @classmethod
+    def from_checkpoint_config(
+        cls, encoder: MuViTEncoder, cfg: dict[str, Any], meta: dict[str, Any]
+    ) -> MuViTSegmenter:
+        """Inverse of :meth:`checkpoint_config` (weights are loaded by the caller)."""
+        head = dict(cfg["head"])
+        return cls(
+            encoder,
+            head=head.pop("type", None),
+            num_classes=head.pop("num_classes", None),
+            head_dim=head.pop("head_dim", 256),
+            class_names=cfg.get("class_names"),
+            label_values=cfg.get("label_values"),
+            normalization=cfg.get("normalization"),
+            meta=meta,
+            class_colors=cfg.get("class_colors"),
+            head_options=head,
         )

@@ -26,7 +26,8 @@ from napari_muvit.data.geometry import grid_cell_region
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
 from napari_muvit.engine.points import PointPredictor, PointTrainer, is_detector
-from napari_muvit.engine.predictor import Predictor, create_zarr_sink
+from napari_muvit.engine.predictor import Predictor
+from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 from napari_muvit.errors import InputError

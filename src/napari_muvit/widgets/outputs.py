@@ -280,7 +280,7 @@ class ViewOutputs:
         return layer
 
     def paint(self, target: ViewTarget, plane: L.LayerPlane, res: Any) -> PaintResult:
-        """Write one :class:`~napari_muvit.engine.predictor.TileResult` into ``target``.
+        """Write one :class:`~napari_muvit.engine.sinks.TileResult` into ``target``.
 
         Returns what to refresh: non-multiscale Labels layers are refreshed region by region
         (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
