@@ -201,21 +201,23 @@ def test_plan_tiles_global_grid_is_region_independent():
     assert bbox_contains(np.array([[256, 256], [768, 768]]), tiles[0].bbox)
 
 
+@st.composite
+def grid_cases(draw, side: int, sizes: list[int]):
+    """An image shape, tile size, overlap and a non-empty float region inside the image."""
+    shape = (draw(st.integers(1, side)), draw(st.integers(1, side)))
+    size = draw(st.sampled_from(sizes))
+    overlap = int(size * draw(st.sampled_from([0, 0.125, 0.25, 0.5])))
+    lo = [draw(st.floats(0, n - 0.5)) for n in shape]
+    hi = [min(a + draw(st.floats(0.5, side)), n) for a, n in zip(lo, shape)]
+    return shape, size, overlap, np.array([lo, hi])
+
+
 @FAST
-@given(
-    shape=st.tuples(st.integers(1, 400), st.integers(1, 400)),
-    size=st.sampled_from([16, 32, 50]),
-    overlap_frac=st.sampled_from([0, 0.125, 0.25, 0.5]),
-    reg=st.tuples(st.floats(0, 399), st.floats(0, 399), st.floats(0.5, 400), st.floats(0.5, 400)),
-)
-def test_grid_cell_range_is_the_tile_plan_grid(shape, size, overlap_frac, reg):
+@given(case=grid_cases(400, [16, 32, 50]))
+def test_grid_cell_range_is_the_tile_plan_grid(case):
     """One tile grid: the cells of a region are exactly the grid cells plan_tiles plans."""
-    overlap = int(size * overlap_frac)
+    shape, size, overlap, region = case
     step = size - overlap
-    region = np.array([[reg[0], reg[1]], [reg[0] + reg[2], reg[1] + reg[3]]])
-    region[1] = np.minimum(region[1], shape)
-    if np.any(np.ceil(region[1]) <= np.floor(region[0])):
-        return
     rows, cols = grid_cell_range(region, step)
     planned = {t.grid for t in plan_tiles(region, size, shape, overlap)}
     assert {(r, c) for r in rows for c in cols} == planned
@@ -224,21 +226,12 @@ def test_grid_cell_range_is_the_tile_plan_grid(shape, size, overlap_frac, reg):
 
 
 @FAST
-@given(
-    shape=st.tuples(st.integers(1, 300), st.integers(1, 300)),
-    size=st.sampled_from([16, 24, 40]),
-    overlap_frac=st.sampled_from([0, 0.125, 0.25, 0.5]),
-    reg=st.tuples(st.floats(0, 299), st.floats(0, 299), st.floats(1, 300), st.floats(1, 300)),
-)
-def test_tile_contributors_are_every_tile_that_sees_a_core(shape, size, overlap_frac, reg):
+@given(case=grid_cases(300, [16, 24, 40]))
+def test_tile_contributors_are_every_tile_that_sees_a_core(case):
     """Blending (overlap > 0) needs every tile whose bbox covers part of a core, and no other:
     compared with a brute-force search over the whole image's plan. Without overlap a core
     is its own tile's alone, even where a shifted border tile also covers it."""
-    overlap = int(size * overlap_frac)
-    region = np.array([[reg[0], reg[1]], [reg[0] + reg[2], reg[1] + reg[3]]])
-    region[1] = np.minimum(region[1], shape)
-    if np.any(np.ceil(region[1]) <= np.floor(region[0])):
-        return
+    shape, size, overlap, region = case
     targets = plan_tiles(region, size, shape, overlap)
     everything = plan_tiles(None, size, shape, overlap)
     contributors, pool = tile_contributors(targets, shape, overlap)
