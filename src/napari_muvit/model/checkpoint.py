@@ -335,6 +335,10 @@ def _model_config(model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
         raise InputError(
             f"model: expected MuViTEncoder, MuViTSegmenter or MuViTMAE, got {type(model).__name__}"
         )
+    if getattr(model, "task", None) == "points":
+        # a point detector keeps its whole meta in config.yaml (its provenance is read back
+        # from there), on top of history.json
+        meta = {**model.meta, **(meta or {})}
     return _plain({"format": FORMAT, "format_version": FORMAT_VERSION, **describe(), "meta": meta})
 
 
