@@ -22,7 +22,7 @@ from napari_muvit.engine.predictor import Predictor, model_digest
 from napari_muvit.engine.sinks import ZarrSink
 from napari_muvit.errors import InputError
 
-__all__ = ["create_zarr_sink", "prediction_fingerprint", "source_labels_target"]
+__all__ = ["create_zarr_sink", "output_path", "prediction_fingerprint", "source_labels_target"]
 
 
 def source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
@@ -34,7 +34,6 @@ def source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
                          f"{type(image).__name__}")
     return ome_labels.SourceLabels(
         Path(image), ome_labels.DEFAULT_LABELS_NAME if into_source is True else str(into_source))
-
 
 
 def prediction_fingerprint(pred: Predictor, source: Any) -> dict[str, Any]:
