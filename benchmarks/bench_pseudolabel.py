@@ -9,8 +9,8 @@ three classes on a *held-out* image (another seed), predicted with the engine's 
 ``pseudo``
     Same steps, same seeds, with and without pseudo-labels (EMA teacher, threshold 0.9,
     consistency weight ramped up from 0 over the first third of the run).  Result (see
-    "Training benchmarks" in ``docs/benchmarks.md``): no measurable gain (-0.011 to +0.005
-    mean Dice), so ``TrainConfig.pseudo_labels`` defaults to off.
+    "Training benchmarks" in ``docs/benchmarks.md``, ``docs/data/pseudolabels.json``): no
+    measurable gain, so ``TrainConfig.pseudo_labels`` defaults to off.
 
 ``cpu``
     The CPU-usability check of "Training benchmarks" in ``docs/benchmarks.md``: the default
@@ -36,16 +36,20 @@ import platform
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from napari_muvit.data import PyramidSource, synthetic_rings
-from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.api import predict
-from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
 from napari_muvit import metrics
+from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.engine.api import predict
+from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _load import machine  # noqa: E402  (a sibling module of this script)
 
 CLASSES = ("background", "outer", "inner")
 
@@ -174,7 +178,8 @@ def experiment_cpu(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [{"budget_s": args.budget, **result}]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Header and one row of text cells per run (the Markdown table and the JSON's table)."""
     head = [
         "setting",
         "steps",
@@ -183,7 +188,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Dice after",
         *(f"after: {c}" for c in CLASSES),
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = [head]
     for r in rows:
         setting = (
             f"seed {r['seed']}, pseudo-labels {'on' if r['pseudo_labels'] else 'off'}"
@@ -191,15 +196,21 @@ def table(rows: list[dict[str, Any]]) -> str:
             else f"{r['budget_s']:g} s budget"
         )
         after = r["dice_after"]
-        cells = [
+        out.append([
             setting,
             str(r["steps"]),
             f"{r['seconds']:.0f}",
             f"{r['dice_before']['mean']:.3f}",
             f"{after['mean']:.3f}",
             *(f"{after[c]:.3f}" for c in CLASSES),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        ])
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head, *body = table_rows(rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join(lines)
 
 
@@ -246,7 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+            json.dump({
+                "script": "benchmarks/bench_pseudolabel.py",
+                "command": "python benchmarks/bench_pseudolabel.py " + " ".join(sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": machine(),
+                "meta": meta,
+                "rows": rows,
+                "tables": {args.experiment: table_rows(rows)},
+            }, fh, indent=1)
     return 0
 
 
