@@ -75,7 +75,9 @@ class ViewTarget:
     """The output layers of view predictions for one image layer.
 
     ``identity`` is the :attr:`~.jobs.Loaded.identity` of the model whose tiles the layer
-    shows; ``painted`` holds ``(plane key, grid cell)`` of every tile shown.
+    shows (while ``pending``: will show from its first painted tile on, the older model's
+    labels staying until then); ``painted`` holds ``(plane key, grid cell)`` of every tile of
+    that model shown.
     """
 
     image: Any
@@ -88,6 +90,9 @@ class ViewTarget:
     label_values: list[int] = field(default_factory=list)
     style: tuple = ()
     writers: dict[tuple, tuple[L.LevelWriter, L.LevelWriter | None]] = field(default_factory=dict)
+    # another model's labels are still shown: they are cleared when its first tile is painted
+    # (a request refused or cancelled before then leaves them as they are)
+    pending: _PendingReset | None = None
 
     def writer(self, plane: L.LayerPlane) -> tuple[L.LevelWriter, L.LevelWriter | None]:
         key = plane.key()
@@ -102,6 +107,16 @@ class ViewTarget:
         """Grid cells shown (of ``plane``, default: every plane)."""
         key = None if plane is None else plane.key()
         return {cell for k, cell in self.painted if key is None or k == key}
+
+
+@dataclass(eq=False)
+class _PendingReset:
+    """What the output layers are reset for at the first painted tile of a new model."""
+
+    loaded: Any
+    plane: L.LayerPlane
+    dtype: np.dtype
+    probabilities: bool
 
 
 def _same_family(a: tuple, b: tuple) -> bool:
@@ -166,12 +181,31 @@ class ViewOutputs:
             # labels until each tile is overwritten, instead of blanking the layer.
             target.identity = loaded.identity
             target.painted.clear()
-        if target is None or target.identity != loaded.identity:
-            target = self._new_labels(image, loaded, plane, target, dtype)
+        if target is None:
+            target = self._new_labels(image, loaded, plane, None, dtype)
             self._targets[id(image)] = target
+        elif target.identity != loaded.identity or target.pending is not None:
+            # Another model: keep showing the old labels until the new model's first tile
+            # exists (never clear a layer for a request that is then refused or cancelled).
+            target.identity = loaded.identity
+            target.painted.clear()
+            target.pending = _PendingReset(loaded, plane, dtype, probabilities)
+            return target
         if probabilities and (target.confidence is None or target.confidence not in viewer.layers):
             self._add_confidence(target, image, plane)
         return target
+
+    def _reset(self, target: ViewTarget) -> None:
+        """Clear ``target`` for the model it is pending for (at its first painted tile)."""
+        pending, target.pending = target.pending, None
+        fresh = self._new_labels(target.image, pending.loaded, pending.plane, target,
+                                 pending.dtype)
+        for name in ("labels", "label_levels", "label_values", "style", "confidence",
+                     "conf_levels"):
+            setattr(target, name, getattr(fresh, name))
+        target.writers.clear()
+        if pending.probabilities:
+            self._add_confidence(target, target.image, pending.plane)
 
     def _new_labels(self, image: Any, loaded: Any, plane: L.LayerPlane,
                     target: ViewTarget | None, dtype: np.dtype) -> ViewTarget:
@@ -286,6 +320,8 @@ class ViewOutputs:
         (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
         """
         out = PaintResult()
+        if target.pending is not None:
+            self._reset(target)
         key = (plane.key(), tuple(res.tile.grid))
         if key in target.painted and res.cached:
             return out

@@ -1,0 +1,177 @@
+"""Guardrails of the annotation loop in a real napari viewer (issue 13; run under Xvfb).
+
+* A request that is refused or cancelled never clears labels already shown: a view refused
+  after a model switch, a view cancelled before the new model's first tile, a model (or a
+  training snapshot) that cannot run on the image, a whole image refused by its store.
+* A failed *Save as…* says so (folder and reason) and leaves the previous model folder intact.
+* The model remembered from a session is kept per image kind (grayscale / RGB / n-channel);
+  one that cannot run on the current image falls back to the bundled model with a short note.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from _predict_support import tiny_segmenter
+
+from napari_muvit.data import PyramidSource, synthetic_rings
+from napari_muvit.engine.predictor import Predictor
+from napari_muvit.model import load_model
+
+pytestmark = pytest.mark.gui
+
+TILE = 32
+
+
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("guard_models")
+    return {
+        "a": Path(tiny_segmenter(seed=0).save(root / "a")),
+        "b": Path(tiny_segmenter(seed=1).save(root / "b")),
+        "rgb": Path(tiny_segmenter(in_channels=3, seed=2).save(root / "rgb")),
+    }
+
+
+@pytest.fixture(scope="module")
+def image() -> np.ndarray:
+    return synthetic_rings(256, seed=4).image
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    from napari.utils import notifications
+
+    shown: list[str] = []
+    monkeypatch.setattr(notifications, "show_error", lambda msg: shown.append(msg))
+    return shown
+
+
+def _panel(make_napari_viewer, data, model, **kwargs):
+    from napari_muvit.widgets import PredictWidget
+
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.add_image(data, name="img", **kwargs)
+    panel = PredictWidget(viewer)
+    viewer.window.add_dock_widget(panel)
+    viewer.window._qt_window.resize(1100, 800)
+    panel.device_combo.setCurrentText("cpu")
+    panel.image_layer = layer
+    if model is not None:
+        panel.set_model(model)
+    viewer.reset_view()
+    return viewer, layer, panel
+
+
+def _run(qtbot, panel, worker) -> None:
+    if worker is not None:
+        with qtbot.waitSignal(worker.finished, timeout=60_000, raising=False):
+            pass
+    qtbot.waitUntil(lambda: not panel.busy, timeout=60_000)
+    qtbot.wait(50)
+
+
+def _expected(model_dir: Path, data: np.ndarray, rgb: bool = False) -> np.ndarray:
+    source = PyramidSource.from_layer_data(data, multiscale=False, rgb=rgb)
+    return Predictor(load_model(model_dir), device="cpu").predict(source).labels
+
+
+# ---------------------------------------------------------------------------------------------
+# keep existing labels when a request is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def test_model_switch_keeps_labels_until_the_new_models_first_tile(
+    make_napari_viewer, qtbot, models, image
+):
+    viewer, layer, panel = _panel(make_napari_viewer, image, models["a"])
+    _run(qtbot, panel, panel.predict_view())
+    labels = panel.labels_layer()
+    shown = np.asarray(labels.data).copy()
+    np.testing.assert_array_equal(shown, _expected(models["a"], image))
+
+    # another model, then a live view far beyond its budget: refused, nothing cleared
+    panel.set_model(models["b"])
+    panel.cap_spin.setValue(1)  # 64 new tiles > 10 x 1
+    _run(qtbot, panel, panel.set_live(True))
+    assert "zoomed out too far" in panel.status
+    panel.set_live(False)
+    np.testing.assert_array_equal(np.asarray(labels.data), shown)
+    assert panel.labels_layer() is labels
+
+    # the new model's view cancelled after the layer was prepared, before any tile: kept
+    prepare = panel.outputs.prepare
+
+    def prepare_then_cancel(*args, **kwargs):
+        target = prepare(*args, **kwargs)
+        panel.cancel()
+        return target
+
+    panel.outputs.prepare = prepare_then_cancel
+    _run(qtbot, panel, panel.predict_view())
+    panel.outputs.prepare = prepare
+    assert panel.state.view_job.token.cancelled
+    np.testing.assert_array_equal(np.asarray(labels.data), shown)
+
+    # once the new model's tiles come, none of the old model's survives
+    viewer.reset_view()  # (long status lines may have widened the dock)
+    _run(qtbot, panel, panel.predict_view())
+    np.testing.assert_array_equal(np.asarray(labels.data), _expected(models["b"], image))
+    assert "view done: 64 tiles" in panel.status
+
+
+def test_a_model_or_snapshot_that_cannot_run_keeps_labels(
+    make_napari_viewer, qtbot, models, image, errors
+):
+    from napari_muvit.widgets._models import registry
+
+    viewer, layer, panel = _panel(make_napari_viewer, image, models["a"])
+    _run(qtbot, panel, panel.predict_view())
+    labels = panel.labels_layer()
+    shown = np.asarray(labels.data).copy()
+    assert shown.all()
+
+    # the user picks a 3-channel model for this grayscale image: an error, labels kept
+    panel.set_model(models["rgb"])
+    _run(qtbot, panel, panel.predict_view())
+    assert errors and "expects 3" in errors[-1]
+    np.testing.assert_array_equal(np.asarray(labels.data), shown)
+
+    # a fine-tuning snapshot that cannot run on it: the refresh fails, the labels stay
+    panel.set_model(models["a"])
+    errors.clear()
+    panel.follow_session("guard-run")
+    registry().publish("guard-run", tiny_segmenter(in_channels=3), step=1)
+    qtbot.waitUntil(lambda: bool(errors), timeout=60_000)
+    _run(qtbot, panel, None)
+    assert "expects 3" in errors[-1]
+    assert panel.labels_layer() is labels
+    np.testing.assert_array_equal(np.asarray(labels.data), shown)
+
+
+def test_whole_image_refused_keeps_the_previous_store_layer(
+    make_napari_viewer, qtbot, models, image, errors, tmp_path
+):
+    viewer, layer, panel = _panel(make_napari_viewer, image, models["a"])
+    out = tmp_path / "img_muvit.zarr"
+    _run(qtbot, panel, panel.predict_image(out))
+    stored = panel.state.image_job.target
+    before = np.asarray(stored.data).copy()
+    assert before.all()
+
+    layer.data = image[::-1].copy()  # the same store again: refused without Overwrite
+    _run(qtbot, panel, panel.predict_image(out))
+    assert errors and "img_muvit.zarr" in errors[-1] and "already exists" in errors[-1]
+    assert stored in viewer.layers
+    np.testing.assert_array_equal(np.asarray(stored.data), before)
