@@ -175,3 +175,71 @@ def test_whole_image_refused_keeps_the_previous_store_layer(
     assert errors and "img_muvit.zarr" in errors[-1] and "already exists" in errors[-1]
     assert stored in viewer.layers
     np.testing.assert_array_equal(np.asarray(stored.data), before)
+
+
+# ---------------------------------------------------------------------------------------------
+# a failed "Save as…" says so; the previous model folder stays intact
+# ---------------------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_failed_save_says_so_and_keeps_the_previous_model(
+    make_napari_viewer, qtbot, errors, tmp_path, monkeypatch
+):
+    import errno
+
+    import safetensors.torch
+    from qtpy.QtWidgets import QFileDialog, QMessageBox
+
+    from napari_muvit.widgets import TrainWidget
+
+    viewer = make_napari_viewer()
+    panel = TrainWidget(viewer)
+    panel.state.model = tiny_segmenter(seed=3)  # as if a snapshot had been published
+
+    def save(folder, overwrite=False):
+        panel.save(folder, overwrite=overwrite)
+        qtbot.waitUntil(lambda: not panel.status.startswith("saving"), timeout=30_000)
+
+    good = tmp_path / "model"
+    save(good)
+    assert panel.status == f"saved to {good}"
+    first = _files(good)
+
+    # a target inside a regular file: one line naming the folder and the reason
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    save(blocker / "model")
+    assert panel.status == f"not saved to {blocker / 'model'}: {blocker} is a file, not a folder"
+    assert errors and "saved to" not in errors[-1].replace("not saved to", "")
+
+    # the disk fills up while replacing the model: it says so, the old model is intact
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    panel.state.model = tiny_segmenter(seed=4)
+    monkeypatch.setattr(safetensors.torch, "save_file", no_space)
+    save(good, overwrite=True)
+    assert panel.status.startswith(f"not saved to {good}: ")
+    assert "no space" in panel.status.lower() and "\n" not in panel.status
+    assert _files(good) == first
+    assert load_model(good).state_dict().keys() == tiny_segmenter(seed=3).state_dict().keys()
+    monkeypatch.undo()
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
+
+    # Save as… into a folder holding a model asks first; No leaves it as it is
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *a, **k: str(good))
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.No)
+    panel._save_dialog()
+    qtbot.wait(200)
+    assert _files(good) == first
+    monkeypatch.setattr(QMessageBox, "question", lambda *a, **k: QMessageBox.Yes)
+    (good / "NOTES.txt").write_text("mine")
+    panel._save_dialog()
+    qtbot.waitUntil(lambda: panel.status.startswith("saved to"), timeout=30_000)
+    replaced = _files(good)
+    assert replaced["model.safetensors"] != first["model.safetensors"]
+    assert replaced["NOTES.txt"] == b"mine"

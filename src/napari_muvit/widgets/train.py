@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSizePolicy,
@@ -469,17 +470,34 @@ class TrainWidget(DockPanel):
             report_error(InputError("nothing to save yet: train first"), "MuViT save")
             return None
         folder = Path(folder).expanduser().absolute()
+        self.set_status(f"saving the model to {folder}…")
+
+        def failed(err: BaseException) -> None:
+            # the writer is atomic: a model already in the folder is still the previous one
+            text = f"not saved to {folder}: {save_problem(folder, err)}"
+            report_error(MuViTError(text), "MuViT save")
+            self.set_status(text)
+
         return start_worker(
             save_job, model, folder, overwrite,
             lifeline=self.lifeline,
             on_return=lambda path: self.set_status(f"saved to {path}"),
-            on_error=lambda err: report_error(err, "MuViT save"),
+            on_error=failed,
         )
 
     def _save_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Save the fine-tuned model into (new) folder")
-        if folder:
-            self.save(folder, overwrite=False)
+        if not folder:
+            return
+        path = Path(folder)
+        if (path / "config.yaml").exists():
+            answer = QMessageBox.question(
+                self, "Replace the model?",
+                f"{path} already holds a model. Replace it? (other files in it stay)")
+            if answer != QMessageBox.Yes:
+                return
+        # only napari-muvit's own files are (atomically) replaced, never the user's
+        self.save(path, overwrite=path.is_dir() and any(path.iterdir()))
 
     # ------------------------------------------------------------------------------ job events
 
@@ -622,6 +640,23 @@ class TrainWidget(DockPanel):
     def on_closing(self) -> None:
         self._unwatch_paint()
         self._close_activity()
+
+
+def save_problem(folder: Path, err: BaseException) -> str:
+    """Why saving into ``folder`` failed, in words (without repeating the folder)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    if isinstance(err, MuViTError):
+        text = str(err)
+        prefix = f"{folder}: "
+        return text[len(prefix):] if text.startswith(prefix) else text
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != folder else ""
+        return f"{err.strerror}{where}"
+    return error_message(err)
 
 
 def predict_widgets(viewer: Any) -> list[Any]:
