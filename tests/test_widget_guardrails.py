@@ -243,3 +243,80 @@ def test_failed_save_says_so_and_keeps_the_previous_model(
     replaced = _files(good)
     assert replaced["model.safetensors"] != first["model.safetensors"]
     assert replaced["NOTES.txt"] == b"mine"
+
+
+# ---------------------------------------------------------------------------------------------
+# settings remembered per image kind
+# ---------------------------------------------------------------------------------------------
+
+
+def test_image_kinds_and_per_kind_memory_without_qt():
+    from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice
+    from napari_muvit.widgets.state import PredictState, image_kind
+
+    assert image_kind((512, 512), rgb=False) == "grayscale"
+    assert image_kind((512, 512, 3), rgb=True) == "rgb"
+    assert image_kind((512, 512, 4), rgb=True) == "rgba"
+    assert image_kind((2, 512, 512), rgb=False) == "2-channel"
+    assert image_kind((40, 512, 512), rgb=False) == "grayscale"  # a stack of planes
+
+    state = PredictState()
+    state.model = ModelChoice(FOLDER, "/models/he")
+    state.remember_kind("rgb")
+    state.model = ModelChoice(SESSION, "run #1")  # lives only in this session: not stored
+    state.remember_kind("grayscale")
+    assert state.by_kind == {"rgb": {"model": "folder:/models/he"}}
+    state.save()
+    again = PredictState.restored()
+    assert again.recall_kind("grayscale") == []
+    assert again.recall_kind("rgb") == ["model"] and again.model == ModelChoice(FOLDER, "/models/he")
+    again.by_kind = {"rgb": {"model": 5}, "2-channel": {"model": "bundled"}}  # a stale file
+    assert again.recall_kind("rgb") == []
+    assert again.recall_kind("2-channel") == ["model"] and again.model == ModelChoice(BUNDLED)
+
+
+def test_models_are_remembered_per_image_kind(make_napari_viewer, qtbot, models, image, errors):
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets._models import BUNDLED, ModelChoice
+    from napari_muvit.widgets._settings import load_section, save_section
+
+    rgb = np.stack([image, image[::-1], image[:, ::-1]], axis=-1)
+    # session 1: the 3-channel model for an RGB slide, model a for a grayscale image
+    viewer = make_napari_viewer()
+    slide = viewer.add_image(rgb, name="slide", rgb=True)
+    panel = PredictWidget(viewer)
+    panel.device_combo.setCurrentText("cpu")
+    assert panel.image_kind == "rgb"
+    panel.set_model(models["rgb"])
+    gray = viewer.add_image(image, name="gray")
+    panel.image_layer = gray
+    panel.set_model(models["a"])
+    panel.image_layer = slide  # back to the slide: its model again
+    assert panel.model_choice.value == str(models["rgb"])
+    panel.close_widget()  # the session ends with the RGB model selected
+    by_kind = load_section("predict", {"by_kind": {}})["by_kind"]
+    assert by_kind == {"rgb": {"model": f"folder:{models['rgb']}"},
+                       "grayscale": {"model": f"folder:{models['a']}"}}
+
+    # session 2 opens a grayscale image: the grayscale model, and it predicts
+    viewer2 = make_napari_viewer()
+    viewer2.add_image(image, name="sample")
+    second = PredictWidget(viewer2)
+    assert second.model_choice.value == str(models["a"])
+    _run(qtbot, second, second.predict_view())
+    assert not errors and np.asarray(second.labels_layer().data).all()
+
+    # settings of an older version (one model for all images, the 3-channel one): on a
+    # grayscale image it falls back to the bundled model with a note, not an error
+    save_section("predict", {"model": f"folder:{models['rgb']}", "device": "cpu"})
+    viewer3 = make_napari_viewer()
+    viewer3.add_image(image, name="sample")
+    third = PredictWidget(viewer3)
+    _run(qtbot, third, third.predict_view())  # may start before the model is loaded
+    qtbot.waitUntil(lambda: third.model_choice == ModelChoice(BUNDLED), timeout=30_000)
+    _run(qtbot, third, None)
+    qtbot.waitUntil(lambda: third.labels_layer() is not None, timeout=60_000)
+    _run(qtbot, third, None)
+    assert not errors
+    assert "not used" in third.status or "view done" in third.status
+    assert third.labels_layer().metadata["napari_muvit"]["source_layer"] == "sample"
