@@ -209,6 +209,10 @@ class PredictWidget(DockPanel):
         box = QGroupBox("Options")
         form = Form(self.state, QFormLayout(box))
         self.confidence_check = form.check("confidence", "Confidence layer (max class probability)")
+        self.uncertainty_check = form.check(
+            "uncertainty", "Uncertainty layer (where a stroke helps most)",
+            "1 - the margin between the two most likely classes, in percent: bright where the "
+            "model hesitates, i.e. where painting a few pixels teaches it the most")
         self.live_seconds_spin = form.spin(
             "live_seconds", "Live budget (s)", 1, 3600,
             "Live mode predicts what fits in this time (from the measured time per tile), "
@@ -327,6 +331,11 @@ class PredictWidget(DockPanel):
     def confidence_layer(self, image: Any = None) -> Any:
         target = self.outputs.target(image or self.image_layer)
         return None if target is None else target.confidence
+
+    def uncertainty_layer(self, image: Any = None) -> Any:
+        """The uncertainty layer of ``image``'s view predictions (None when off)."""
+        target = self.outputs.target(image or self.image_layer)
+        return None if target is None else target.uncertainty
 
     @property
     def predictor(self) -> Any:
@@ -658,6 +667,7 @@ class PredictWidget(DockPanel):
         return ViewRequest(
             layer=layer, plane=plane, region=region, choice=self.model_choice,
             options=self.predictor_options, probabilities=self.state.confidence, live=live,
+            uncertainty=self.state.uncertainty,
         )
 
     def _start_view(self, live: bool) -> Any:
@@ -726,7 +736,7 @@ class PredictWidget(DockPanel):
             return
         try:
             target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
-                                          job.request.probabilities)
+                                          job.request.probabilities, job.request.uncertainty)
         except MuViTError as err:
             job.answer(False)
             self._on_job_error(job, err)

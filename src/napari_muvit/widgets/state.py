@@ -229,6 +229,7 @@ class PredictState(PanelState):
     device: str = setting("auto", choices=DEVICES)
     precision: str = setting("auto", choices=PRECISIONS)
     confidence: bool = setting(False)
+    uncertainty: bool = setting(False)  # uncertainty layer: where a stroke would help most
     tile_cap: int = setting(64)  # live: new tiles per view until a tile time is measured
     live_seconds: int = setting(5)  # live: time budget per view (centre first), seconds
     threads: int = setting(0)  # torch threads shared by the panels' jobs (0 = cores - 1)
@@ -288,6 +289,8 @@ class TrainState(PanelState):
     batch_size: int = setting(4)
     crop_size: int = setting(0)  # 0 = the model's default
     publish_every: int = setting(25)
+    # the predict panel shows where a stroke would help most while training (uncertainty layer)
+    show_uncertainty: bool = setting(True)
     device: str = setting("auto", choices=DEVICES)
     annotation_dir: str = setting(str(Path.home() / "napari-muvit" / "annotations"))
 

@@ -138,7 +138,9 @@ class TrainWidget(DockPanel):
     def _build_data_box(self) -> QGroupBox:
         box = QGroupBox("Data")
         form = Form(self.state, QFormLayout(box))
-        self.image_combo = self.layer_choice("image", "image")
+        # our outputs (confidence/uncertainty layers) only when there is nothing else
+        self.image_combo = self.layer_choice("image", "image",
+                                             accept=lambda layer: not is_prediction(layer))
         form.layout.addRow("Image", self.image_combo)
         # only layers the user paints: never our predictions or a ground truth, even when
         # nothing else is there (training on them would silently learn the wrong thing)
@@ -187,6 +189,10 @@ class TrainWidget(DockPanel):
         self.publish_spin = form.spin(
             "publish_every", "Refresh prediction every", 1, 100_000,
             "Every N steps the predict widget re-predicts its view with the current weights")
+        self.uncertainty_check = form.check(
+            "show_uncertainty", "Show where to paint next (uncertainty layer)",
+            "The predict panel adds an uncertainty layer to its refreshed view: bright where "
+            "the model hesitates between two classes, where a stroke teaches it the most")
         return box
 
     def _build_buttons(self) -> QHBoxLayout:
@@ -551,6 +557,8 @@ class TrainWidget(DockPanel):
         # it at its first snapshot and refresh with every later one.
         for widget in predict_widgets(self.viewer):
             widget.follow_session(job.request.name)
+            if self.state.show_uncertainty:
+                widget.state.uncertainty = True
 
     def _on_progress(self, job: TrainJob, info: dict[str, Any]) -> None:
         step = int(info.get("step", 0))
