@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "rounds": args.rounds,
         "rows": rows,
+        # the table of docs/benchmarks.md, cell for cell
+        "tables": {"cost": [
+            ["overlap", "tiles", "labels only (CPU s)", "+ uncertainty (CPU s)", "ratio"],
+            *[[str(r["overlap"]), str(r["tiles"]), f"{r['labels_cpu_s']:.3f}",
+               f"{r['with_uncertainty_cpu_s']:.3f}", f"{r['ratio']:.3f}"] for r in rows],
+        ]},
     }
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
