@@ -320,3 +320,36 @@ def test_models_are_remembered_per_image_kind(make_napari_viewer, qtbot, models,
     assert not errors
     assert "not used" in third.status or "view done" in third.status
     assert third.labels_layer().metadata["napari_muvit"]["source_layer"] == "sample"
+
+
+def test_train_start_model_is_remembered_per_image_kind(make_napari_viewer, models, image):
+    from napari_muvit.widgets import TrainWidget
+    from napari_muvit.widgets._models import BUNDLED, FOLDER, ModelChoice
+
+    viewer = make_napari_viewer()
+    slide = viewer.add_image(np.stack([image] * 3, axis=-1), name="slide", rgb=True)
+    panel = TrainWidget(viewer)
+    panel.set_start_model(models["rgb"])
+    gray = viewer.add_image(image, name="gray")
+    panel.image_layer = gray
+    panel.set_start_model(BUNDLED)
+    panel.image_layer = slide
+    assert panel.start_choice == ModelChoice(FOLDER, str(models["rgb"]))
+    assert panel.start_combo.currentData() == panel.start_choice  # the form shows it
+    panel.image_layer = gray
+    assert panel.start_choice == ModelChoice(BUNDLED)
+    panel.image_layer = slide
+    panel.close_widget()  # the session ends with the RGB start model
+
+    # a next session on an image kind never seen: the last choice, as before
+    viewer2 = make_napari_viewer()
+    viewer2.add_image(np.stack([image, image]), name="two channels")
+    second = TrainWidget(viewer2)
+    assert second.image_kind == "2-channel"
+    assert second.start_choice == ModelChoice(FOLDER, str(models["rgb"]))
+    second.close_widget()
+    # a next session on a grayscale image starts from what was used on grayscale images
+    viewer3 = make_napari_viewer()
+    viewer3.add_image(image, name="sample")
+    third = TrainWidget(viewer3)
+    assert third.start_choice == ModelChoice(BUNDLED)
