@@ -269,7 +269,8 @@ def test_image_kinds_and_per_kind_memory_without_qt():
     state.save()
     again = PredictState.restored()
     assert again.recall_kind("grayscale") == []
-    assert again.recall_kind("rgb") == ["model"] and again.model == ModelChoice(FOLDER, "/models/he")
+    assert again.recall_kind("rgb") == ["model"]
+    assert again.model == ModelChoice(FOLDER, "/models/he")
     again.by_kind = {"rgb": {"model": 5}, "2-channel": {"model": "bundled"}}  # a stale file
     assert again.recall_kind("rgb") == []
     assert again.recall_kind("2-channel") == ["model"] and again.model == ModelChoice(BUNDLED)
