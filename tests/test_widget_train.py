@@ -189,6 +189,18 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     for r, c in painted:
         sl = (slice(r * CROP, (r + 1) * CROP), slice(c * CROP, (c + 1) * CROP))
         np.testing.assert_array_equal(out[sl], expected[sl])
+    # the uncertainty hint (on by default while training) shows the same weights' margins
+    from napari_muvit.engine.uncertainty import uncertainty_percent
+
+    assert train.uncertainty_check.isChecked() and predict.state.uncertainty
+    unc_layer = predict.uncertainty_layer()
+    np.testing.assert_allclose(unc_layer.scale, image.scale)
+    unc = np.asarray(unc_layer.data)
+    probs = Predictor(final, device="cpu").predict(source, probabilities=True).probs
+    expected_unc = uncertainty_percent(probs)
+    for r, c in painted:
+        sl = (slice(r * CROP, (r + 1) * CROP), slice(c * CROP, (c + 1) * CROP))
+        np.testing.assert_array_equal(unc[sl], expected_unc[sl])
 
     print(f"\nevent-loop stall (ms): training + prediction refresh {stall * 1000:.1f} over "
           f"{steady.ticks} ticks; whole run incl. the one-time model switch "

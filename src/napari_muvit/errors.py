@@ -16,6 +16,10 @@ class InputError(MuViTError, ValueError):
     """An argument (image, bbox, option) has the wrong shape, type or value."""
 
 
+class IncompatibleModelError(InputError):
+    """The model cannot run on this image (its channels or its coarsest level do not fit)."""
+
+
 class CheckpointError(MuViTError, ValueError):
     """A model folder is missing files, is malformed or does not fit the model."""
 

@@ -54,7 +54,7 @@ from napari_muvit.engine.device import (
     resolve_device,
 )
 from napari_muvit.engine.sinks import MemorySink, TileResult, ZarrSink, label_dtype
-from napari_muvit.errors import InputError, MuViTError
+from napari_muvit.errors import IncompatibleModelError, InputError, MuViTError
 
 __all__ = [
     "Predictor",
@@ -373,7 +373,7 @@ class Predictor:
     def check_source(self, source: Any) -> None:
         """Raise :class:`InputError` if ``source`` cannot feed this model (before any work)."""
         if source.channels != self.model.in_channels:
-            raise InputError(
+            raise IncompatibleModelError(
                 f"image has {source.channels} channel(s) but the model expects "
                 f"{self.model.in_channels}; pick a matching model or image"
             )
@@ -382,7 +382,7 @@ class Predictor:
             source.check_finite()  # NaN/inf named up front, once per source
         coarsest = self.levels[-1]
         if coarsest > max(source.shape):
-            raise InputError(
+            raise IncompatibleModelError(
                 f"model level {coarsest:g} is coarser than the whole image {tuple(source.shape)}: "
                 f"one pixel of that level covers more than the image; use a model with "
                 f"levels up to {max(source.shape)} or a larger image"

@@ -9,7 +9,9 @@
   one kind, bound to a state field holding the layer name and refreshed when layers are added,
   removed, moved or renamed.
 * **Settings.**  The state is restored from the settings file when the panel opens and saved
-  whenever a persisted field changes and when the panel closes.
+  whenever a persisted field changes and when the panel closes.  The fields a state lists in
+  ``PER_KIND`` are remembered per image kind: choosing an image of another kind (grayscale,
+  RGB, n-channel) recalls what was chosen for that kind (:meth:`DockPanel.on_kind_recalled`).
 * **Shutdown.**  When the panel or its viewer closes, running jobs are cancelled, callbacks of
   workers still in flight are cut (:class:`._workers.Lifeline`) and viewer events are
   disconnected, even if only the C++ side of the panel is destroyed.
@@ -42,7 +44,7 @@ from qtpy.QtWidgets import (
 
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._workers import Lifeline
-from napari_muvit.widgets.state import PanelState, choices_of
+from napari_muvit.widgets.state import PanelState, choices_of, image_kind
 
 log = logging.getLogger("napari_muvit.widgets")
 
@@ -231,6 +233,21 @@ def layer_kind(layer: Any) -> str:
     return type(layer).__name__.lower()
 
 
+def plane_channels(layer: Any, plane: L.LayerPlane) -> int:
+    """How many channels a model reads from ``layer``'s ``plane`` (nothing is read)."""
+    if plane.rgb:
+        return int(L.layer_levels(layer)[0].shape[-1])
+    if plane.channel_axis is not None:
+        return int(plane.level_shapes[0][plane.channel_axis])
+    return 1
+
+
+def layer_image_kind(layer: Any) -> str:
+    """:func:`~.state.image_kind` of an image layer (its level-0 data shape)."""
+    rgb = bool(getattr(layer, "rgb", False))
+    return image_kind(tuple(L.layer_levels(layer)[0].shape), rgb)
+
+
 class DockPanel(QWidget):
     """Base of the napari-muvit dock widgets (see the module docstring).
 
@@ -247,8 +264,14 @@ class DockPanel(QWidget):
         self.state = self.STATE.restored()
         self._connections: list[tuple[Any, Callable]] = []
         self._layer_choices: list[LayerChoice] = []
+        self.image_kind: str | None = None  # kind of the selected image (state.image)
+        self._recalling = False
         self.build()
         self._connect(self.state.events.all, self._on_state_field)
+        if self.state.PER_KIND and hasattr(self.state.events, "image"):
+            self._connect(self.state.events.image, self._on_image_kind)
+            for name in self.state.PER_KIND:
+                self._connect(getattr(self.state.events, name), self._remember_kind)
         self._connect_viewer()
         self.refresh_layer_choices()
         # Cleanup must run even if only the C++ side is destroyed (viewer closed): a closure
@@ -274,6 +297,9 @@ class DockPanel(QWidget):
 
     def on_closing(self) -> None:
         """Stop timers etc.; jobs are cancelled and events disconnected by the base."""
+
+    def on_kind_recalled(self, kind: str, changed: list[str]) -> None:
+        """Fields ``changed`` were set to what was chosen before for images of ``kind``."""
 
     @property
     def status(self) -> str:
@@ -445,6 +471,26 @@ class DockPanel(QWidget):
         self._connections.clear()
 
     # --------------------------------------------------------------------------- settings
+
+    def _on_image_kind(self, *_: Any) -> None:
+        layer = self.layer("image")
+        if layer is None:
+            return
+        kind = layer_image_kind(layer)
+        if kind == self.image_kind:
+            return
+        self.image_kind = kind
+        self._recalling = True
+        try:
+            changed = self.state.recall_kind(kind)
+        finally:
+            self._recalling = False
+        if changed:
+            self.on_kind_recalled(kind, changed)
+
+    def _remember_kind(self, *_: Any) -> None:
+        if not self._recalling and self.image_kind is not None and self.lifeline.alive:
+            self.state.remember_kind(self.image_kind)
 
     def _on_state_field(self, info: Any) -> None:
         if self.lifeline.alive and self.state.is_persisted(info.signal.name):

@@ -207,6 +207,7 @@ class ViewRequest:
     options: PredictorOptions
     probabilities: bool
     live: bool
+    uncertainty: bool = False  # the uncertainty layer (also needs the class probabilities)
 
 
 @dataclass(eq=False)
@@ -325,7 +326,8 @@ def view_job(
                     yield PointsFound(table, region)
                 return
             yield from loaded.predictor.iter_tiles(
-                source, region=region, cancel=job.token, probabilities=req.probabilities
+                source, region=region, cancel=job.token,
+                probabilities=req.probabilities or req.uncertainty,
             )
     finally:
         job.done.set()

@@ -1,7 +1,8 @@
 """The napari layers the panels create and write into (no Qt, no compute).
 
-* :class:`ViewOutputs`: per image layer, the Labels layer (and optional confidence layer) of
-  view predictions, recreated when the model changes, and the painting of streamed tiles.
+* :class:`ViewOutputs`: per image layer, the Labels layer (and optional confidence and
+  uncertainty layers) of view predictions, recreated when the model changes, and the painting
+  of streamed tiles.
 * :func:`add_store_layer`: a whole-image OME-Zarr store shown as a Labels layer aligned with
   the displayed plane of its image.
 * :meth:`ViewOutputs.show_points`: a point detector's view predictions as a Points layer
@@ -21,6 +22,7 @@ import pandas as pd
 import zarr
 
 from napari_muvit.engine.sinks import label_dtype
+from napari_muvit.engine.uncertainty import uncertainty_percent
 from napari_muvit.widgets import _layers as L
 
 PAINT_MODES = ("paint", "erase", "fill", "polygon")
@@ -75,7 +77,9 @@ class ViewTarget:
     """The output layers of view predictions for one image layer.
 
     ``identity`` is the :attr:`~.jobs.Loaded.identity` of the model whose tiles the layer
-    shows; ``painted`` holds ``(plane key, grid cell)`` of every tile shown.
+    shows (while ``pending``: will show from its first painted tile on, the older model's
+    labels staying until then); ``painted`` holds ``(plane key, grid cell)`` of every tile of
+    that model shown.
     """
 
     image: Any
@@ -87,14 +91,24 @@ class ViewTarget:
     painted: set[tuple] = field(default_factory=set)
     label_values: list[int] = field(default_factory=list)
     style: tuple = ()
-    writers: dict[tuple, tuple[L.LevelWriter, L.LevelWriter | None]] = field(default_factory=dict)
+    writers: dict[tuple, tuple[L.LevelWriter, L.LevelWriter | None, L.LevelWriter | None]] = (
+        field(default_factory=dict))
+    # where a stroke would help most: 1 - margin of the top two classes, percent
+    uncertainty: Any = None
+    unc_levels: list[Any] | None = None
+    # another model's labels are still shown: they are cleared when its first tile is painted
+    # (a request refused or cancelled before then leaves them as they are)
+    pending: _PendingReset | None = None
 
-    def writer(self, plane: L.LayerPlane) -> tuple[L.LevelWriter, L.LevelWriter | None]:
+    def writer(self, plane: L.LayerPlane
+               ) -> tuple[L.LevelWriter, L.LevelWriter | None, L.LevelWriter | None]:
+        """Writers of the labels, confidence and uncertainty levels (None: no such layer)."""
         key = plane.key()
         hit = self.writers.get(key)
         if hit is None:
             conf = None if self.conf_levels is None else L.LevelWriter(plane, self.conf_levels)
-            hit = (L.LevelWriter(plane, self.label_levels), conf)
+            unc = None if self.unc_levels is None else L.LevelWriter(plane, self.unc_levels)
+            hit = (L.LevelWriter(plane, self.label_levels), conf, unc)
             self.writers[key] = hit
         return hit
 
@@ -102,6 +116,17 @@ class ViewTarget:
         """Grid cells shown (of ``plane``, default: every plane)."""
         key = None if plane is None else plane.key()
         return {cell for k, cell in self.painted if key is None or k == key}
+
+
+@dataclass(eq=False)
+class _PendingReset:
+    """What the output layers are reset for at the first painted tile of a new model."""
+
+    loaded: Any
+    plane: L.LayerPlane
+    dtype: np.dtype
+    probabilities: bool
+    uncertainty: bool
 
 
 def _same_family(a: tuple, b: tuple) -> bool:
@@ -146,9 +171,15 @@ class ViewOutputs:
             elif target.confidence is layer:
                 target.confidence, target.conf_levels = None, None
                 target.writers.clear()
+            elif target.uncertainty is layer:
+                target.uncertainty, target.unc_levels = None, None
+                target.writers.clear()
 
-    def prepare(self, image: Any, loaded: Any, plane: L.LayerPlane, probabilities: bool) -> ViewTarget:
-        """The output layers for ``image``, (re)created when the model changed."""
+    def prepare(self, image: Any, loaded: Any, plane: L.LayerPlane, probabilities: bool,
+                uncertainty: bool = False) -> ViewTarget:
+        """The output layers for ``image``, (re)created when the model changed
+        (``probabilities``: with the confidence layer; ``uncertainty``: with the uncertainty
+        layer)."""
         viewer = self.viewer
         target = self._targets.get(id(image))
         if target is not None and target.labels not in viewer.layers:
@@ -166,12 +197,35 @@ class ViewOutputs:
             # labels until each tile is overwritten, instead of blanking the layer.
             target.identity = loaded.identity
             target.painted.clear()
-        if target is None or target.identity != loaded.identity:
-            target = self._new_labels(image, loaded, plane, target, dtype)
+        if target is None:
+            target = self._new_labels(image, loaded, plane, None, dtype)
             self._targets[id(image)] = target
+        elif target.identity != loaded.identity or target.pending is not None:
+            # Another model: keep showing the old labels until the new model's first tile
+            # exists (never clear a layer for a request that is then refused or cancelled).
+            target.identity = loaded.identity
+            target.painted.clear()
+            target.pending = _PendingReset(loaded, plane, dtype, probabilities, uncertainty)
+            return target
         if probabilities and (target.confidence is None or target.confidence not in viewer.layers):
             self._add_confidence(target, image, plane)
+        if uncertainty and (target.uncertainty is None or target.uncertainty not in viewer.layers):
+            self._add_uncertainty(target, image, plane)
         return target
+
+    def _reset(self, target: ViewTarget) -> None:
+        """Clear ``target`` for the model it is pending for (at its first painted tile)."""
+        pending, target.pending = target.pending, None
+        fresh = self._new_labels(target.image, pending.loaded, pending.plane, target,
+                                 pending.dtype)
+        for name in ("labels", "label_levels", "label_values", "style", "confidence",
+                     "conf_levels", "uncertainty", "unc_levels"):
+            setattr(target, name, getattr(fresh, name))
+        target.writers.clear()
+        if pending.probabilities:
+            self._add_confidence(target, target.image, pending.plane)
+        if pending.uncertainty:
+            self._add_uncertainty(target, target.image, pending.plane)
 
     def _new_labels(self, image: Any, loaded: Any, plane: L.LayerPlane,
                     target: ViewTarget | None, dtype: np.dtype) -> ViewTarget:
@@ -192,8 +246,9 @@ class ViewOutputs:
             if target.style != style:
                 layer.colormap = L.labels_colormap(model.label_values, colors, model.class_names)
                 layer.features = L.class_features(model.label_values, model.class_names)
-            if target.confidence is not None and target.confidence in viewer.layers:
-                viewer.layers.remove(target.confidence)
+            for old in (target.confidence, target.uncertainty):
+                if old is not None and old in viewer.layers:
+                    viewer.layers.remove(old)
         else:
             levels = L.allocate_levels(plane, dtype)
             previous = viewer.layers.selection.active
@@ -213,11 +268,21 @@ class ViewOutputs:
                           style=style)
 
     def _add_confidence(self, target: ViewTarget, image: Any, plane: L.LayerPlane) -> None:
-        conf_levels = L.allocate_levels(plane, np.uint8)
+        target.confidence, target.conf_levels = self._add_percent_layer(
+            target, image, plane, "confidence")
+
+    def _add_uncertainty(self, target: ViewTarget, image: Any, plane: L.LayerPlane) -> None:
+        target.uncertainty, target.unc_levels = self._add_percent_layer(
+            target, image, plane, "uncertainty")
+
+    def _add_percent_layer(self, target: ViewTarget, image: Any, plane: L.LayerPlane,
+                           what: str) -> tuple[Any, list[Any]]:
+        """An Image layer of percentages over ``image``'s plane (magma, additive)."""
+        levels = L.allocate_levels(plane, np.uint8)
         previous = self.viewer.layers.selection.active
-        target.confidence = self.viewer.add_image(
-            conf_levels if plane.multiscale else conf_levels[0],
-            name=f"{image.name} MuViT confidence",
+        layer = self.viewer.add_image(
+            levels if plane.multiscale else levels[0],
+            name=f"{image.name} MuViT {what}",
             multiscale=plane.multiscale,
             colormap="magma",
             contrast_limits=(0, 100),
@@ -227,10 +292,10 @@ class ViewOutputs:
             **L.transform_kwargs(image, plane),
         )
         keep_painting(self.viewer, previous)
-        target.conf_levels = conf_levels
         target.writers.clear()
-        # Tiles already shown have no confidence yet: let them be recomputed (cache hits).
+        # Tiles already shown have no such map yet: let them be recomputed (cache hits).
         target.painted.clear()
+        return layer, levels
 
     def points_layer(self, image: Any) -> Any:
         """The Points layer of ``image``'s point detections (None before the first)."""
@@ -286,16 +351,21 @@ class ViewOutputs:
         (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
         """
         out = PaintResult()
+        if target.pending is not None:
+            self._reset(target)
         key = (plane.key(), tuple(res.tile.grid))
         if key in target.painted and res.cached:
             return out
         core = np.asarray(res.tile.core, dtype=np.int64)
-        labels_writer, conf_writer = target.writer(plane)
+        labels_writer, conf_writer, unc_writer = target.writer(plane)
         written = labels_writer.write(core, np.asarray(res.labels))
         if conf_writer is not None and res.probs is not None:
             conf = (np.asarray(res.probs, dtype=np.float32).max(axis=0) * 100).astype(np.uint8)
             conf_writer.write(core, conf)
             out.dirty.append(target.confidence)
+        if unc_writer is not None and res.probs is not None:
+            unc_writer.write(core, uncertainty_percent(res.probs))
+            out.dirty.append(target.uncertainty)
         target.painted.add(key)
         out.painted = True
         layer = target.labels

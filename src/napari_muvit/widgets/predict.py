@@ -48,12 +48,13 @@ from qtpy.QtWidgets import (
 
 from napari_muvit.data.geometry import grid_cells
 from napari_muvit.engine.points import is_detector
-from napari_muvit.errors import CancelledError, InputError, MuViTError
+from napari_muvit.errors import CancelledError, IncompatibleModelError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets import _models as models
 from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice, registry
 from napari_muvit.widgets._workers import error_message, report_error, start_worker
 from napari_muvit.widgets.base import DockPanel, Form, _alive, bind_label, compact, set_progress
+from napari_muvit.widgets.base import plane_channels
 from napari_muvit.widgets.jobs import (
     GUI_THREADS,
     Job,
@@ -68,6 +69,7 @@ from napari_muvit.widgets.jobs import (
     image_job,
     load_job,
     view_job,
+    with_channels,
 )
 from napari_muvit.widgets.outputs import ViewOutputs, add_store_layer, default_store_path
 from napari_muvit.widgets.state import PredictState, remember_folder
@@ -117,6 +119,9 @@ class PredictWidget(DockPanel):
         self._dirty_layers: dict[int, Any] = {}
         self._last_image_refresh = 0.0
         self._progress_value: int | None = None
+        # the image layer the user picked the current model for (None: remembered, recalled
+        # for the image kind, or carried over from another image)
+        self._picked_for: str | None = None
         super().__init__(napari_viewer, parent)
         self.outputs = ViewOutputs(self.viewer)
         PredictWidget._instances.add(self)
@@ -204,6 +209,10 @@ class PredictWidget(DockPanel):
         box = QGroupBox("Options")
         form = Form(self.state, QFormLayout(box))
         self.confidence_check = form.check("confidence", "Confidence layer (max class probability)")
+        self.uncertainty_check = form.check(
+            "uncertainty", "Uncertainty layer (where a stroke helps most)",
+            "1 - the margin between the two most likely classes, in percent: bright where the "
+            "model hesitates, i.e. where painting a few pixels teaches it the most")
         self.live_seconds_spin = form.spin(
             "live_seconds", "Live budget (s)", 1, 3600,
             "Live mode predicts what fits in this time (from the measured time per tile), "
@@ -297,6 +306,7 @@ class PredictWidget(DockPanel):
             choice = model
         else:
             choice = ModelChoice(FOLDER, str(Path(model).expanduser().absolute()))
+        self._picked_for = self.state.image
         self._refresh_model_choices(select=choice)
 
     @property
@@ -321,6 +331,11 @@ class PredictWidget(DockPanel):
     def confidence_layer(self, image: Any = None) -> Any:
         target = self.outputs.target(image or self.image_layer)
         return None if target is None else target.confidence
+
+    def uncertainty_layer(self, image: Any = None) -> Any:
+        """The uncertainty layer of ``image``'s view predictions (None when off)."""
+        target = self.outputs.target(image or self.image_layer)
+        return None if target is None else target.uncertainty
 
     @property
     def predictor(self) -> Any:
@@ -359,8 +374,41 @@ class PredictWidget(DockPanel):
     def _on_image_changed(self, *_: Any) -> None:
         # A view job of the previous image keeps painting into *its* layer; only live mode
         # should follow the new selection.
+        loaded = self._loaded_info
+        if loaded is not None and loaded.choice == self.model_choice:
+            self._check_fits(loaded)
         if self.live:
             self._debounce.start()
+
+    def on_kind_recalled(self, kind: str, changed: list[str]) -> None:
+        if "model" in changed:
+            self._picked_for = None  # remembered for this kind, not picked for this image
+
+    def _check_fits(self, loaded: Loaded) -> None:
+        """A model the user did not pick for this image that cannot read its channels: the
+        bundled model instead (with a note), before anything is predicted."""
+        layer = self.image_layer
+        if layer is None or self._picked_for == self.state.image or is_detector(loaded.model):
+            return
+        try:
+            plane = with_channels(L.layer_plane(self.viewer, layer), loaded.model.in_channels)
+        except MuViTError:
+            return
+        channels = plane_channels(layer, plane)
+        if channels != loaded.model.in_channels:
+            self._fall_back(loaded.choice, f"it expects {loaded.model.in_channels} channel(s), "
+                                           f"'{layer.name}' has {channels}")
+
+    def _fall_back(self, choice: ModelChoice, reason: str) -> bool:
+        """Use the bundled model instead of ``choice`` (remembered, not picked for this image),
+        which cannot run on the image; returns whether it did."""
+        if (choice != self.model_choice or choice.kind in (BUNDLED, SESSION)
+                or self._picked_for == self.state.image):
+            return False
+        self.state.model = ModelChoice(BUNDLED)
+        self.set_status(f"remembered model {choice.label} not used ({reason}): using the "
+                        "bundled model")
+        return True
 
     def _on_view_changed(self, event: Any = None) -> None:
         if self.live:
@@ -399,6 +447,7 @@ class PredictWidget(DockPanel):
         self.model_combo.blockSignals(False)
 
     def _on_model_combo(self, *_: Any) -> None:
+        self._picked_for = self.state.image
         data = self.model_combo.currentData()
         self.state.model = data if isinstance(data, ModelChoice) else ModelChoice(BUNDLED)
 
@@ -458,6 +507,7 @@ class PredictWidget(DockPanel):
         self.state.model_problem = False
         self.state.model_info = loaded.summary()
         self._note_precision(loaded)
+        self._check_fits(loaded)
 
     def _note_precision(self, loaded: Loaded) -> None:
         """Warn (status + notification, once) when the chosen precision is emulated here; a
@@ -617,6 +667,7 @@ class PredictWidget(DockPanel):
         return ViewRequest(
             layer=layer, plane=plane, region=region, choice=self.model_choice,
             options=self.predictor_options, probabilities=self.state.confidence, live=live,
+            uncertainty=self.state.uncertainty,
         )
 
     def _start_view(self, live: bool) -> Any:
@@ -685,7 +736,7 @@ class PredictWidget(DockPanel):
             return
         try:
             target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
-                                          job.request.probabilities)
+                                          job.request.probabilities, job.request.uncertainty)
         except MuViTError as err:
             job.answer(False)
             self._on_job_error(job, err)
@@ -808,6 +859,12 @@ class PredictWidget(DockPanel):
 
     def _on_job_error(self, job: Job, err: BaseException) -> None:
         if isinstance(err, CancelledError) or job.token.cancelled:
+            return
+        if isinstance(err, IncompatibleModelError) and (
+                job.request.choice != self.model_choice  # replaced meanwhile (e.g. fallback)
+                or self._fall_back(job.request.choice, str(err).split(";")[0])):
+            if job.kind == "view" and not job.request.live:
+                self.predict_view()  # live mode re-predicts on the model change by itself
             return
         context = "MuViT whole image" if job.kind == "image" else "MuViT predict view"
         if job.kind == "view" and job.request is not None and job.request.live and self.live:

@@ -13,6 +13,10 @@ Fields made with :func:`setting` are persisted (:mod:`._settings`, one JSON sect
 :meth:`PanelState.restored` reads them, :meth:`PanelState.save` writes them.  Values of the wrong
 type or outside ``choices`` fall back to the default, so a stale settings file cannot put an
 invalid choice into a panel.
+
+The fields a panel lists in ``PER_KIND`` (the model) are also remembered per image kind
+(:func:`image_kind`: grayscale, RGB, n-channel) in ``by_kind``: a 3-channel model chosen for RGB
+slides is offered again for the next RGB slide, never for the next grayscale image.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from napari_muvit.widgets._settings import load_section, save_section
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = AMP_CHOICES
 MAX_RECENT = 6
+MAX_KIND_CHANNELS = 8  # a leading axis up to this long may be channels (image_kind)
 ENCODER = "encoder"  # ModelChoice kind of the train panel: the bundled pre-trained encoder
 
 S = TypeVar("S", bound="PanelState")
@@ -68,10 +73,26 @@ def choices_of(state_type: type, name: str) -> tuple[Any, ...] | None:
     raise AttributeError(f"{state_type.__name__} has no field {name!r}")
 
 
+def image_kind(shape: Sequence[int], rgb: bool) -> str:
+    """What kind of image a model must accept to run on a layer of data ``shape``.
+
+    ``"rgb"``/``"rgba"`` for colour layers, ``"N-channel"`` for a leading axis of 2 to
+    :data:`MAX_KIND_CHANNELS` entries (napari's one-layer ``(C, Y, X)``; the same key for a
+    short stack, which is fine: it only selects what was used on such data before), else
+    ``"grayscale"``.
+    """
+    if rgb:
+        return "rgba" if shape and int(shape[-1]) == 4 else "rgb"
+    if len(shape) >= 3 and 2 <= int(shape[0]) <= MAX_KIND_CHANNELS:
+        return f"{int(shape[0])}-channel"
+    return "grayscale"
+
+
 class PanelState:
     """Settings persistence shared by the panel states (mixed into the evented dataclasses)."""
 
     SECTION: ClassVar[str] = ""
+    PER_KIND: ClassVar[tuple[str, ...]] = ()  # fields remembered per image kind (``by_kind``)
 
     @classmethod
     def _persisted(cls) -> list[dataclasses.Field]:
@@ -85,15 +106,40 @@ class PanelState:
         defaults = {f.name: _encode(f, getattr(state, f.name)) for f in fields}
         stored = load_section(cls.SECTION, defaults)
         for f in fields:
-            value = stored[f.name]
-            decode = f.metadata.get("decode")
-            if decode is not None:
-                value = decode(value)
-            choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
-                continue
-            setattr(state, f.name, value)
+            value = _decoded(f, stored[f.name])
+            if value is not _INVALID:
+                setattr(state, f.name, value)
         return state
+
+    def remember_kind(self, kind: str) -> None:
+        """Store the ``PER_KIND`` fields as the choice for images of ``kind``."""
+        fields = [f for f in self._persisted() if f.name in self.PER_KIND]
+        values = {f.name: _encode(f, getattr(self, f.name)) for f in fields}
+        values = {k: v for k, v in values.items() if v is not KEEP}
+        by_kind = dict(getattr(self, "by_kind", {}))
+        if values and by_kind.get(kind) != {**by_kind.get(kind, {}), **values}:
+            by_kind[kind] = {**by_kind.get(kind, {}), **values}
+            self.by_kind = by_kind
+
+    def recall_kind(self, kind: str) -> list[str]:
+        """Set the ``PER_KIND`` fields remembered for ``kind``; returns the names changed."""
+        stored = getattr(self, "by_kind", {}).get(kind)
+        if not isinstance(stored, dict):
+            return []
+        changed = []
+        for f in self._persisted():
+            if f.name not in self.PER_KIND or f.name not in stored:
+                continue
+            default = _encode(f, f.default if f.default is not dataclasses.MISSING
+                              else f.default_factory())
+            raw = stored[f.name]
+            if not isinstance(raw, type(default)):
+                continue  # a hand-edited or stale file: keep what is there
+            value = _decoded(f, raw)
+            if value is not _INVALID and value != getattr(self, f.name):
+                setattr(self, f.name, value)
+                changed.append(f.name)
+        return changed
 
     def settings(self) -> dict[str, Any]:
         """The persisted fields as JSON values."""
@@ -111,6 +157,20 @@ class PanelState:
     @classmethod
     def is_persisted(cls, name: str) -> bool:
         return any(f.name == name for f in cls._persisted())
+
+
+_INVALID = object()
+
+
+def _decoded(f: dataclasses.Field, value: Any) -> Any:
+    """A stored JSON value as the field's value (``_INVALID`` when outside its choices)."""
+    decode = f.metadata.get("decode")
+    if decode is not None:
+        value = decode(value)
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        return _INVALID
+    return value
 
 
 def _encode(f: dataclasses.Field, value: Any) -> Any:
@@ -159,14 +219,17 @@ class PredictState(PanelState):
     """
 
     SECTION: ClassVar[str] = "predict"
+    PER_KIND: ClassVar[tuple[str, ...]] = ("model",)
 
     image: str | None = None  # name of the image layer to segment
     model: ModelChoice = setting(ModelChoice(BUNDLED), encode=_model_encode,
                                  decode=_predict_model_decode)
+    by_kind: dict[str, Any] = setting(factory=dict)  # image kind -> {"model": ...}
     recent_models: list[str] = setting(factory=list)
     device: str = setting("auto", choices=DEVICES)
     precision: str = setting("auto", choices=PRECISIONS)
     confidence: bool = setting(False)
+    uncertainty: bool = setting(False)  # uncertainty layer: where a stroke would help most
     tile_cap: int = setting(64)  # live: new tiles per view until a tile time is measured
     live_seconds: int = setting(5)  # live: time budget per view (centre first), seconds
     threads: int = setting(0)  # torch threads shared by the panels' jobs (0 = cores - 1)
@@ -210,6 +273,7 @@ class TrainState(PanelState):
     """The fine-tune panel: data, starting model, hyper-parameters and the running job."""
 
     SECTION: ClassVar[str] = "train"
+    PER_KIND: ClassVar[tuple[str, ...]] = ("start",)
 
     image: str | None = None
     labels: str | None = None
@@ -217,6 +281,7 @@ class TrainState(PanelState):
     validation: str | None = None  # Shapes layer whose first rectangle is held out
     start: ModelChoice = setting(ModelChoice(ENCODER), encode=_model_encode,
                                  decode=train_start_from_setting)
+    by_kind: dict[str, Any] = setting(factory=dict)  # image kind -> {"start": ...}
     recent_models: list[str] = setting(factory=list)
     class_names: str = setting("")
     steps: int = setting(200)
@@ -224,6 +289,8 @@ class TrainState(PanelState):
     batch_size: int = setting(4)
     crop_size: int = setting(0)  # 0 = the model's default
     publish_every: int = setting(25)
+    # the predict panel shows where a stroke would help most while training (uncertainty layer)
+    show_uncertainty: bool = setting(True)
     device: str = setting("auto", choices=DEVICES)
     annotation_dir: str = setting(str(Path.home() / "napari-muvit" / "annotations"))
 

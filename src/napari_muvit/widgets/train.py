@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSizePolicy,
@@ -137,7 +138,9 @@ class TrainWidget(DockPanel):
     def _build_data_box(self) -> QGroupBox:
         box = QGroupBox("Data")
         form = Form(self.state, QFormLayout(box))
-        self.image_combo = self.layer_choice("image", "image")
+        # our outputs (confidence/uncertainty layers) only when there is nothing else
+        self.image_combo = self.layer_choice("image", "image",
+                                             accept=lambda layer: not is_prediction(layer))
         form.layout.addRow("Image", self.image_combo)
         # only layers the user paints: never our predictions or a ground truth, even when
         # nothing else is there (training on them would silently learn the wrong thing)
@@ -186,6 +189,10 @@ class TrainWidget(DockPanel):
         self.publish_spin = form.spin(
             "publish_every", "Refresh prediction every", 1, 100_000,
             "Every N steps the predict widget re-predicts its view with the current weights")
+        self.uncertainty_check = form.check(
+            "show_uncertainty", "Show where to paint next (uncertainty layer)",
+            "The predict panel adds an uncertainty layer to its refreshed view: bright where "
+            "the model hesitates between two classes, where a stroke teaches it the most")
         return box
 
     def _build_buttons(self) -> QHBoxLayout:
@@ -469,17 +476,34 @@ class TrainWidget(DockPanel):
             report_error(InputError("nothing to save yet: train first"), "MuViT save")
             return None
         folder = Path(folder).expanduser().absolute()
+        self.set_status(f"saving the model to {folder}…")
+
+        def failed(err: BaseException) -> None:
+            # the writer is atomic: a model already in the folder is still the previous one
+            text = f"not saved to {folder}: {save_problem(folder, err)}"
+            report_error(MuViTError(text), "MuViT save")
+            self.set_status(text)
+
         return start_worker(
             save_job, model, folder, overwrite,
             lifeline=self.lifeline,
             on_return=lambda path: self.set_status(f"saved to {path}"),
-            on_error=lambda err: report_error(err, "MuViT save"),
+            on_error=failed,
         )
 
     def _save_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Save the fine-tuned model into (new) folder")
-        if folder:
-            self.save(folder, overwrite=False)
+        if not folder:
+            return
+        path = Path(folder)
+        if (path / "config.yaml").exists():
+            answer = QMessageBox.question(
+                self, "Replace the model?",
+                f"{path} already holds a model. Replace it? (other files in it stay)")
+            if answer != QMessageBox.Yes:
+                return
+        # only napari-muvit's own files are (atomically) replaced, never the user's
+        self.save(path, overwrite=path.is_dir() and any(path.iterdir()))
 
     # ------------------------------------------------------------------------------ job events
 
@@ -533,6 +557,8 @@ class TrainWidget(DockPanel):
         # it at its first snapshot and refresh with every later one.
         for widget in predict_widgets(self.viewer):
             widget.follow_session(job.request.name)
+            if self.state.show_uncertainty:
+                widget.state.uncertainty = True
 
     def _on_progress(self, job: TrainJob, info: dict[str, Any]) -> None:
         step = int(info.get("step", 0))
@@ -622,6 +648,23 @@ class TrainWidget(DockPanel):
     def on_closing(self) -> None:
         self._unwatch_paint()
         self._close_activity()
+
+
+def save_problem(folder: Path, err: BaseException) -> str:
+    """Why saving into ``folder`` failed, in words (without repeating the folder)."""
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            break
+    if isinstance(err, MuViTError):
+        text = str(err)
+        prefix = f"{folder}: "
+        return text[len(prefix):] if text.startswith(prefix) else text
+    if isinstance(err, OSError) and err.strerror:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != folder else ""
+        return f"{err.strerror}{where}"
+    return error_message(err)
 
 
 def predict_widgets(viewer: Any) -> list[Any]:
