@@ -35,7 +35,7 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
-__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit"]
+__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit", "starts_with_quick_fit"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -387,6 +387,15 @@ class QuickTrainer:
             history = self.trainer.history
         self._snapshot("final")
         return history
+
+
+def starts_with_quick_fit(model: nn.Module, head: str) -> bool:
+    """Whether training ``model`` begins with the quick fit: a new ``"pixel"`` head on an
+    encoder, or a segmenter that already has a pixel head (its classifier is refitted on the
+    current annotations; a forest could not be fine-tuned by gradient steps anyway)."""
+    if getattr(model, "head_type", None) == "pixel":
+        return True
+    return head == "pixel" and not hasattr(model, "head_type")
 
 
 def _head_is_trainable(model: nn.Module) -> bool:

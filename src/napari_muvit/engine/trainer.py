@@ -920,9 +920,10 @@ def train(
             "steps": config.steps,
             "preset": preset,
         }
-        if config.head == "pixel" and not resuming:
+        from napari_muvit.engine.quicktrain import QuickTrainer, starts_with_quick_fit
+
+        if not resuming and starts_with_quick_fit(model, config.head):
             # quick fit of the pixel head on cached features first (seconds), then fine-tuning
-            from napari_muvit.engine.quicktrain import QuickTrainer
 
             quick = QuickTrainer(
                 model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
