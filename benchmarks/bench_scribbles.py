@@ -22,10 +22,17 @@ Methods:
 
 ``muvit``
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
-    (pixel head fitted on cached encoder features in seconds, then fine-tuning of the whole
-    segmenter), from the bundled MAE encoder.
+    with the random-forest pixel head on the filter bank of every level's crop (levels 1, 4, 16
+    of the bundled encoder), fitted in seconds; nothing to fine-tune.
+``muvit-level1``
+    The same forest on level 1 only (the bundled encoder restricted to level 1): what the
+    coarse levels' context adds.
+``muvit-mlp``
+    The previous default: the MLP pixel head on level-1 filters and the encoder's features,
+    then fine-tuning of the whole segmenter.
 ``muvit-unetr``
-    The previous default: :class:`~napari_muvit.engine.trainer.Trainer` with a fresh UNETR head.
+    The default before that: :class:`~napari_muvit.engine.trainer.Trainer` with a fresh UNETR
+    head.
 ``convpaint``
     napari-convpaint 1.2.0 with the only feature extractor that works offline (``gaussian``:
     its Gaussian filter on an image pyramid, ``fe_scalings`` 1, 2, 4, 8) and its default
@@ -91,10 +98,20 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
 
 
 # ------------------------------------------------------------------------------ methods
-def run_muvit(pyramid, strokes, budget: float, quick: bool, snapshot_every: int) -> list:
+MUVIT_METHODS: dict[str, dict[str, Any]] = {
+    # name: (quick trainer?, pixel classifier, levels of the start model: None = the encoder's)
+    "muvit": {"quick": True, "classifier": "forest", "levels": None},
+    "muvit-level1": {"quick": True, "classifier": "forest", "levels": "1"},
+    "muvit-mlp": {"quick": True, "classifier": "mlp", "levels": None},
+    "muvit-unetr": {"quick": False, "classifier": "forest", "levels": None},
+}
+
+
+def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int) -> list:
     """Snapshots ``(seconds since Train, model copy)`` of a plugin training run."""
+    spec = MUVIT_METHODS[method]
     source = PyramidSource(pyramid)
-    model, _ = prepare_start_model()
+    model, _ = prepare_start_model(levels=spec["levels"])
     cancel = CancelToken()
     snaps: list[tuple[float, float, str, Any]] = []
     start, wall = time.process_time(), time.monotonic()
@@ -105,8 +122,9 @@ def run_muvit(pyramid, strokes, budget: float, quick: bool, snapshot_every: int)
         if cpu > budget:
             cancel.cancel()
 
-    cfg = TrainConfig(steps=100_000, device="cpu", checkpoint_every=1e9)
-    if quick:
+    cfg = TrainConfig(steps=100_000, device="cpu", checkpoint_every=1e9,
+                      classifier=spec["classifier"])
+    if spec["quick"]:
         QuickTrainer(model, [(source, strokes)], cfg, QuickConfig(snapshot_every=snapshot_every),
                      on_snapshot=keep, cancel=cancel).run()
     else:
@@ -176,10 +194,11 @@ def evaluate(model: Any, pyramid, truth: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=["context", "nuclei"])
-    p.add_argument("--methods", nargs="+", default=["muvit", "muvit-unetr", "convpaint"])
+    p.add_argument("--methods", nargs="+", default=["muvit", "muvit-unetr", "convpaint"],
+                   choices=[*MUVIT_METHODS, "convpaint"])
     p.add_argument("--budget", type=float, default=180.0, help="training seconds per run")
     p.add_argument("--strokes", type=int, default=6, help="strokes per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="stroke seeds")
     p.add_argument("--snapshot-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path)
@@ -198,14 +217,15 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_start": os.getloadavg(),
         "runs": [],
     }
-    for ds in args.datasets:
+    for ds, seed in ((d, s) for d in args.datasets for s in args.seeds):
         image, truth, pyramid = load_dataset(ds)
-        strokes = simulate_strokes(truth, strokes_per_class=args.strokes, seed=args.seed)
+        strokes = simulate_strokes(truth, strokes_per_class=args.strokes, seed=seed)
         painted = {int(v): int(n) for v, n in enumerate(np.bincount(strokes.ravel())) if v and n}
-        print(f"[{ds}] image {image.shape}, painted pixels per label {painted}", flush=True)
+        print(f"[{ds}] seed {seed}: image {image.shape}, painted pixels per label {painted}",
+              flush=True)
         for method in args.methods:
-            run: dict[str, Any] = {"dataset": ds, "method": method, "painted": painted,
-                                   "curve": []}
+            run: dict[str, Any] = {"dataset": ds, "method": method, "seed": seed,
+                                   "painted": painted, "curve": []}
             if method == "convpaint":
                 seconds, wall, seg, setting = run_convpaint(image, strokes, "catboost")
                 score = mean_dice(seg, truth + 1)
@@ -215,14 +235,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{ds}] {method}: {seconds:.1f} CPU s ({wall:.1f} s wall) mDSC "
                       f"{score:.3f} ({setting})", flush=True)
             else:
-                snaps = run_muvit(pyramid, strokes, args.budget, method == "muvit",
-                                  args.snapshot_every)
+                snaps = run_muvit(pyramid, strokes, args.budget, method, args.snapshot_every)
                 for seconds, wall, stage, model in snaps:
+                    t0 = time.process_time()
                     score = evaluate(model, pyramid, truth)
+                    predict_cpu = time.process_time() - t0
                     run["curve"].append({"seconds": round(seconds, 2), "wall": round(wall, 2),
-                                         "stage": stage, "mdsc": round(score, 4)})
+                                         "stage": stage, "mdsc": round(score, 4),
+                                         "predict_cpu_s": round(predict_cpu, 2)})
                     print(f"[{ds}] {method} {stage}: {seconds:.1f} CPU s ({wall:.1f} s wall) "
-                          f"mDSC {score:.3f}", flush=True)
+                          f"mDSC {score:.3f} (predicting the image: {predict_cpu:.1f} CPU s)",
+                          flush=True)
             result["runs"].append(run)
     result["load_average_end"] = os.getloadavg()
     if args.json:

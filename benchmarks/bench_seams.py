@@ -12,8 +12,10 @@ background):
     A fresh UNETR head on the bundled MAE encoder trained ``--steps`` steps on simulated
     strokes of another field, with the old zero padding and with the new replicate padding.
 ``quick``
-    The pixel head after the quick fit (:mod:`napari_muvit.engine.quicktrain`) on the same
-    strokes.
+    The default pixel head (a random forest on the filter bank of every level's crop) after the
+    quick fit (:mod:`napari_muvit.engine.quicktrain`) on the same strokes.
+``quick-mlp``
+    The MLP pixel head (level-1 filters and encoder features) after its quick fit.
 
 For every model and overlap it prints the ratio, the mDSC and the prediction's CPU time
 relative to overlap 0 (the cost of blending). ``--constant-only`` measures the root cause
@@ -46,13 +48,18 @@ from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_mode
 from napari_muvit.weights import load_default_model
 
 
-def scribble_models(steps: int, seed: int) -> dict[str, Any]:
+MODELS = ("bundled", "scribbles-zeros", "scribbles-replicate", "quick", "quick-mlp")
+
+
+def scribble_models(steps: int, seed: int, names: tuple[str, ...] = MODELS) -> dict[str, Any]:
     """The models trained on strokes of a training field (seed + 1)."""
     train_im = synthetic_field(grid=1, seed=seed + 1)
     source = PyramidSource(train_im.pyramid)
     strokes = simulate_strokes(train_im.labels, strokes_per_class=6, seed=seed)
     models: dict[str, Any] = {}
     for padding in ("zeros", "replicate"):
+        if f"scribbles-{padding}" not in names:
+            continue
         start, _ = prepare_start_model()
         trainer = Trainer(start, [(source, strokes)], TrainConfig(steps=steps, device="cpu"))
         trainer.model.head_options["padding_mode"] = padding
@@ -61,10 +68,14 @@ def scribble_models(steps: int, seed: int) -> dict[str, Any]:
                 m.padding_mode = padding
         trainer.run()
         models[f"scribbles-{padding}"] = trainer.model.eval()
-    start, _ = prepare_start_model()
-    quick = QuickTrainer(start, [(source, strokes)], TrainConfig(device="cpu"), fine_tune=False)
-    quick.run()
-    models["quick"] = quick.model.eval()
+    for name, classifier in (("quick", "forest"), ("quick-mlp", "mlp")):
+        if name not in names:
+            continue
+        start, _ = prepare_start_model()
+        quick = QuickTrainer(start, [(source, strokes)],
+                             TrainConfig(device="cpu", classifier=classifier), fine_tune=False)
+        quick.run()
+        models[name] = quick.model.eval()
     return models
 
 
@@ -101,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path)
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--constant-only", action="store_true",
                    help="only the constant-image root-cause measurement")
     args = p.parse_args(argv)
@@ -116,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     test = synthetic_field(grid=1, seed=args.seed + 100)
     source = PyramidSource(test.pyramid)
-    models = {"bundled": load_default_model(), **scribble_models(args.steps, args.seed)}
+    names = tuple(args.models)
+    models = {**({"bundled": load_default_model()} if "bundled" in names else {}),
+              **scribble_models(args.steps, args.seed, names)}
     rows = []
     for name, model in models.items():
         tile = int(model.meta.get("crop_size") or 128)

@@ -34,7 +34,9 @@ TINY = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--device", "cpu", "
 def test_train_resume_and_protection(files, tmp_path: Path, capsys) -> None:
     image, labels = files
     out = tmp_path / "model"
-    args = ["train", str(image), "--labels", str(labels), "--out", str(out), *TINY]
+    # fine-tuning runs resume: the MLP pixel head (a forest has no steps; tested below)
+    args = ["train", str(image), "--labels", str(labels), "--out", str(out), *TINY,
+            "--classifier", "mlp"]
     assert main([*args, "--steps", "2", "--checkpoint-every", "1steps"]) == 0
     assert capsys.readouterr().out.strip() == str(out)
     model = load_model(out)

@@ -16,6 +16,7 @@ from napari_muvit.metrics import mean_dice
 from napari_muvit.engine.api import predict, train
 from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, collect_features
 from napari_muvit.engine.trainer import TrainConfig
+from napari_muvit.errors import InputError
 from napari_muvit.model import MuViTSegmenter, load_model
 
 
@@ -106,7 +107,7 @@ def test_quick_then_fine_tune_reports_both_stages_and_snapshots():
     image, truth = _discs(128)
     strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
     infos, snaps = [], []
-    qt = QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=4),
+    qt = QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=4, classifier="mlp"),
                       QuickConfig(iterations=20, snapshot_every=2), progress=infos.append,
                       on_snapshot=lambda m, info: snaps.append(info))
     history = qt.run()
@@ -164,3 +165,57 @@ def test_one_painted_class_is_refused_before_the_quick_fit():
     strokes = simulate_strokes(truth, classes=[1], strokes_per_class=2, length=10, seed=0)
     with pytest.raises(InputError, match="two classes"):
         QuickTrainer(_tiny(), [(image, strokes)], _quick_cfg(steps=1))
+
+
+# ------------------------------------------------------------------------------ forest head
+def _bar_context(size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Identical discs whose class depends only on a bright bar 35+ px away: class 2 beside
+    the bar, class 1 far from it. A 32-px level-1 tile holding a disc never holds the bar;
+    the level-4 crop (128 px) does."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    truth = np.zeros((size, size), np.int32)
+    image = 60 + rng.normal(0, 10, truth.shape)
+    image[:, 16:26] = 200
+    for cy in (32, 96, 160, 224):
+        for cx, k in ((68, 2), (190, 1)):
+            truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= 64] = k
+    image[truth > 0] = 180
+    return image.clip(0, 255).astype(np.uint8), truth
+
+
+def test_forest_head_classifies_by_context_only_the_coarse_levels_show():
+    image, truth = _bar_context()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    disc = truth > 0
+    accuracy = {}
+    for levels in ((1,), (1, 4)):
+        qt = QuickTrainer(_tiny(levels), [(image, strokes)], _quick_cfg())
+        history = qt.run()
+        assert qt.trainer.step == 0 and history["status"] == "finished"  # nothing to fine-tune
+        assert qt.model.head.forest.num_trees == QuickConfig().trees
+        labels = predict(image, qt.model, device="cpu")
+        accuracy[levels] = float((labels[disc] == truth[disc] + 1).mean())
+    # measured: 0.997 with the level-4 context, 0.709 with level 1 alone (chance: 0.5)
+    assert accuracy[(1, 4)] >= 0.95
+    assert accuracy[(1,)] <= 0.85
+
+
+def test_forest_segmenter_saves_loads_and_predicts_the_same(tmp_path):
+    image, truth = _discs(128)
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg())
+    assert model.head.forest is not None and model.head.classifier is None
+    assert not model.head.uses_encoder  # prediction skips the transformer
+    again = load_model(tmp_path / "m")
+    assert again.head.forest.num_trees == model.head.forest.num_trees
+    a = predict(image, model, device="cpu")
+    b = predict(image, again, device="cpu")
+    np.testing.assert_array_equal(a, b)
+    assert mean_dice(a, truth + 1) > 0.9
+    # a forest has no steps to resume: one clear refusal, the folder untouched
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match="no fine-tuning to resume"):
+        train(image, strokes, out=tmp_path / "m", head="pixel", config=_quick_cfg(), resume=True)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before

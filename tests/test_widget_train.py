@@ -103,6 +103,7 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     # predict widget: a first view prediction with some other segmenter
     predict.set_model(folders["segmenter"])
     predict.device_combo.setCurrentText("cpu")
+    predict.overlap_spin.setValue(0)  # tiles on the crop grid, compared one by one below
     predict.image_layer = image
     camera = viewer.scene.camera
     camera.zoom = 4.0
@@ -129,6 +130,7 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     np.testing.assert_array_equal(train.validation_region(), [[96, 32], [160, 96]])
 
     train.set_start_model(folders["encoder"])
+    train.classifier_combo.setCurrentText("mlp")  # a fine-tuned head (the forest: below)
     train.class_names_edit.setText("outer, inner")
     train.steps_spin.setValue(STEPS)
     train.batch_spin.setValue(2)
@@ -211,6 +213,65 @@ def test_train_panel_trains_on_painted_labels_and_refreshes_prediction(
     assert stall < 2.0 + noise, (
         f"event loop blocked {stall * 1000:.0f} ms (idle noise {noise * 1000:.0f} ms)"
     )
+
+
+def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
+    make_napari_viewer, qtbot, folders, rings
+):
+    """The loop a user runs by default: paint, Train, the view shows the forest's answer (no
+    fine-tuning steps); paint more, Train again: the forest is refitted on all strokes."""
+    from napari_muvit.data.strokes import simulate_strokes
+    from napari_muvit.widgets import PredictWidget, TrainWidget
+    from napari_muvit.widgets._models import SESSION, registry
+
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(rings.image, name="rings")
+    predict = PredictWidget(viewer)
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="MuViT predict")
+    viewer.window.add_dock_widget(train, name="MuViT fine-tune", tabify=True)
+    predict.device_combo.setCurrentText("cpu")
+    predict.image_layer = image
+    viewer.scene.camera.zoom = 1.5
+    viewer.scene.camera.center = (128.0, 128.0)
+    train.image_layer = image
+    labels = train.create_annotation_layer()
+    # rings.labels: 0 background, 1 outer, 2 inner; strokes paint value + 1
+    labels.data[:] = simulate_strokes(rings.labels, strokes_per_class=2, length=15, seed=0)
+    labels.refresh()
+    train.set_start_model(folders["encoder"])
+    assert train.classifier_combo.currentText() == "forest"
+    train.device_combo.setCurrentText("cpu")
+
+    train.train()
+    qtbot.waitUntil(lambda: not train.busy, timeout=60_000)
+    qtbot.waitUntil(lambda: predict.model_choice.kind == SESSION, timeout=60_000)
+    qtbot.waitUntil(lambda: not predict.busy and predict.labels_layer() is not None,
+                    timeout=60_000)
+    history = train.job.history
+    assert history["status"] == "finished" and history["step"] == 0
+    assert any(e["kind"] == "quick_fit" for e in history["events"])
+    first = registry().session_model(train.job.request.name)
+    assert first.head.forest.num_trees > 0
+    shown = np.asarray(predict.labels_layer().data)
+    source = PyramidSource.from_layer_data(image.data, multiscale=False, rgb=False)
+    expected = Predictor(first, device="cpu").predict(source).labels
+    visible = shown > 0
+    assert visible.mean() > 0.5, "the view shows the forest's answer"
+    np.testing.assert_array_equal(shown[visible], expected[visible])
+
+    # more strokes, Train again: a refit (not gradient steps on a forest)
+    labels.data[:] = np.maximum(
+        labels.data, simulate_strokes(rings.labels, strokes_per_class=4, length=15, seed=1))
+    labels.refresh()
+    train.set_start_model(folders["encoder"])
+    second = train.train()
+    assert second is not None and train.job.history is None
+    qtbot.waitUntil(lambda: train.job.history is not None, timeout=60_000)
+    assert train.job.history["status"] == "finished"
+    painted = int((np.asarray(labels.data) > 0).sum())
+    fitted = [e for e in train.job.history["events"] if e["kind"] == "quick_fit"]
+    assert fitted and f"{painted} painted pixels" in fitted[-1]["message"]
 
 
 def test_train_save_and_errors(make_napari_viewer, qtbot, folders, rings, tmp_path):

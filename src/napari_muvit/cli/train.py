@@ -223,9 +223,17 @@ def register(subparsers: Any) -> None:
         "--head",
         choices=("pixel", "unetr", "mask2former"),
         default="pixel",
-        help="pixel (default): a first model within seconds (pixel classifier on the encoder's "
-        "features, written to --out at once), then fine-tuning; unetr/mask2former: the paper's "
-        "heads, trained from scratch (docs/benchmarks.md, annotation loop)",
+        help="pixel (default): a model within seconds, written to --out at once (a per-pixel "
+        "classifier, see --classifier); unetr/mask2former: the paper's heads, trained from "
+        "scratch (docs/benchmarks.md, annotation loop)",
+    )
+    t.add_argument(
+        "--classifier",
+        choices=("forest", "mlp"),
+        default="forest",
+        help="of the pixel head: forest (default): a random forest on image filters of every "
+        "level's crop (the context), done in seconds, --steps unused; mlp: an MLP on level-1 "
+        "filters and the encoder's features, then --steps of fine-tuning",
     )
     t.add_argument(
         "--encoder-lr-factor",
@@ -358,6 +366,7 @@ def _train(args: argparse.Namespace) -> int:
         naive_bbox=args.naive_bbox,
         freeze_encoder=args.freeze_encoder,
         head=args.head,
+        classifier=args.classifier,
         val_region=parse_region(args.val_region, "--val-region") if args.val_region else None,
     )
     overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}

@@ -52,6 +52,12 @@ DEFAULT_LEVELS: tuple[int, ...] = (1, 4)
 # Replicate padding: zero padding made every prediction tile's edge look like a dark frame
 # (tile seams on bright background, issue 13; benchmarks/bench_seams.py).
 NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate"}
+# A new pixel head: a random forest on the filter bank of every level's crop, without the
+# encoder's features (they made the forest worse with a few thousand painted pixels; the
+# levels' filters carry the context: benchmarks/bench_scribbles.py, docs/benchmarks.md).
+NEW_PIXEL_HEAD_OPTIONS: dict[str, object] = {
+    "bank": "levels", "classifier": "forest", "encoder_features": False,
+}
 
 
 def get_preset(name: str) -> Preset:
@@ -247,8 +253,11 @@ def new_segmenter(
     preset: Preset | None,
     class_names: Sequence[str] | None,
     dense: bool,
+    classifier: str = "forest",
 ) -> nn.Module:
-    """A segmenter with a fresh ``head`` on ``encoder`` for ``label_values``."""
+    """A segmenter with a fresh ``head`` on ``encoder`` for ``label_values`` (a ``"pixel"``
+    head with a ``classifier``: ``"forest"`` on every level's filters, or the ``"mlp"`` on
+    level-1 filters and encoder features)."""
     from napari_muvit.model import MuViTSegmenter
 
     head_dim = preset.head_dim if preset is not None else _head_dim_for(encoder.dim)
@@ -263,7 +272,8 @@ def new_segmenter(
         class_names=names,
         label_values=list(label_values),
         meta={k: v for k, v in getattr(encoder, "meta", {}).items() if k in ("init", "crop_size")},
-        head_options=dict(NEW_HEAD_OPTIONS),
+        head_options={**NEW_HEAD_OPTIONS, **(
+            NEW_PIXEL_HEAD_OPTIONS if head == "pixel" and classifier == "forest" else {})},
     )
 
 

@@ -39,7 +39,7 @@ from napari_muvit.engine.predictor import (
     resolve_model,
     tile_size_of,
 )
-from napari_muvit.engine.quicktrain import QuickTrainer
+from napari_muvit.engine.quicktrain import QuickTrainer, starts_with_quick_fit
 from napari_muvit.engine.stores import create_zarr_sink, output_path, source_labels_target
 from napari_muvit.engine.trainer import (
     TrainConfig,
@@ -192,6 +192,12 @@ def train(
         resuming = _checkpointing.check_out_folder(out, resume, overwrite) if out is not None else False
         if resuming:
             model, notes = load_model(out), [f"resuming the run in {Path(out).name}"]
+            head_module = getattr(model, "head", None)
+            if getattr(head_module, "forest", None) is not None and not head_module.uses_encoder:
+                raise InputError(
+                    f"{Path(out).name}: its forest pixel head has no fine-tuning to resume; "
+                    "train again with --overwrite (a forest takes seconds) or --classifier mlp"
+                )
             if init is not None or levels is not None or preset is not None:
                 notes.append(
                     "init/levels/preset are ignored when resuming: the run's model is used"
@@ -207,7 +213,7 @@ def train(
             "steps": config.steps,
             "preset": preset,
         }
-        if config.head == "pixel" and not resuming:
+        if not resuming and starts_with_quick_fit(model, config.head):
             # quick fit of the pixel head on cached features first (seconds), then fine-tuning
             quick = QuickTrainer(
                 model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,

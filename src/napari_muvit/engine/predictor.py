@@ -257,7 +257,7 @@ class Predictor:
         device: str | torch.device = "auto",
         batch_size: int | None = None,
         amp: str | bool | None = "auto",
-        overlap: int = 0,
+        overlap: int | None = 0,
         skip_empty: bool | float = False,
         cache_tiles: int = 512,
         tile_size: int | None = None,
@@ -283,6 +283,8 @@ class Predictor:
                 f"model levels {tuple(model.levels)}: the finest level must be 1 (the labels are "
                 "predicted at full resolution)"
             )
+        if overlap is None:
+            overlap = default_overlap(self.tile_size)
         self.overlap = int(overlap)
         if self.overlap != overlap or not 0 <= self.overlap < self.tile_size // 2 + 1:
             raise InputError(

@@ -35,7 +35,7 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
-__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit"]
+__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit", "starts_with_quick_fit"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -45,13 +45,16 @@ Progress = Callable[[dict[str, Any]], Any]
 class QuickConfig:
     """Settings of the quick fit (stage 1).
 
-    ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit;
+    ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit; a
+    forest head gets ``trees`` trees of depth ``tree_depth`` at most; an MLP head
     ``iterations`` full-batch Adam steps at ``lr`` with ``weight_decay``; ``tile_batch`` tiles
     per encoder forward pass while collecting features; ``snapshot_every`` fine-tuning steps
     between two snapshots of stage 2 (``0``: only at the end).
     """
 
     max_pixels: int = 20_000
+    trees: int = 100
+    tree_depth: int = 20
     iterations: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-3
@@ -60,7 +63,7 @@ class QuickConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "iterations", "tile_batch"):
+        for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.snapshot_every < 0:
@@ -134,7 +137,7 @@ def collect_features(
             x = torch.from_numpy(np.stack(crops)).to(device)
             bb_t = torch.from_numpy(np.stack(bbs)).to(device)
             maps, tokens, coords, x = model.encode(x, bb_t)
-            feats = head.features(maps, x[:, 0], tokens, coords)  # (B, F, S, S)
+            feats = head.features(maps, x[:, 0], tokens, coords, x)  # (B, F, S, S)
             for b, tile in enumerate(chunk):
                 idx = np.asarray(order[tile.grid])
                 local = points[idx] - np.asarray(tile.origin)
@@ -173,6 +176,13 @@ def quick_fit(
     with torch.no_grad():
         head.feature_mean.copy_(x.mean(0))
         head.feature_std.copy_(x.std(0).clamp_min(1e-3))
+    if getattr(head, "forest", None) is not None:
+        _fit_forest(model, features, classes, cfg)
+        with torch.no_grad():
+            acc = float((head.classify(x[:, :, None, None])[:, :, 0, 0].argmax(1) == y)
+                        .float().mean())
+        return {"loss": float("nan"), "train_accuracy": acc, "pixels": int(len(y)),
+                "seconds": time.perf_counter() - t0}
     counts = torch.bincount(y, minlength=model.num_classes).float()
     weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
     weight = weight / weight[counts > 0].mean()
@@ -207,6 +217,34 @@ def quick_fit(
         "pixels": int(len(y)),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
+                cfg: QuickConfig) -> None:
+    """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
+
+    scikit-learn fits the trees (class-balanced, so a class painted with few pixels counts as
+    much as one painted with many); the head keeps only their node tables, evaluated in torch.
+    Classes that were not painted keep a zero probability column.
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    head = model.head
+    bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
+    present = np.unique(classes)
+    forest = RandomForestClassifier(
+        n_estimators=cfg.trees, max_depth=cfg.tree_depth, class_weight="balanced",
+        random_state=cfg.seed, n_jobs=max(1, torch.get_num_threads()),
+    ).fit(bank, classes)
+    K = model.num_classes
+    trees = []
+    for estimator in forest.estimators_:
+        t = estimator.tree_
+        value = np.zeros((t.node_count, K))
+        value[:, present] = t.value[:, 0, :]
+        trees.append((t.feature, t.threshold, t.children_left, t.children_right, value))
+    head.forest.load_trees(trees)
+    model.head_options.update(head.forest.shape_config)
 
 
 class QuickTrainer:
@@ -336,7 +374,12 @@ class QuickTrainer:
             self.trainer.history["status"] = "cancelled"
             self.trainer.checkpoint()
             return self.trainer.history
-        if self.fine_tune:
+        if self.fine_tune and not _head_is_trainable(self.model):
+            # a forest on the filter bank has no gradient and does not use the encoder:
+            # 600 steps of fine-tuning would change nothing it predicts
+            self.trainer._event("fine_tune_skipped", "the forest head is fitted; nothing to "
+                                "fine-tune (use --classifier mlp to fine-tune the encoder)")
+        if self.fine_tune and _head_is_trainable(self.model):
             history = self.trainer.run()
         else:
             self.trainer.history["status"] = "finished"
@@ -344,6 +387,22 @@ class QuickTrainer:
             history = self.trainer.history
         self._snapshot("final")
         return history
+
+
+def starts_with_quick_fit(model: nn.Module, head: str) -> bool:
+    """Whether training ``model`` begins with the quick fit: a new ``"pixel"`` head on an
+    encoder, or a segmenter that already has a pixel head (its classifier is refitted on the
+    current annotations; a forest could not be fine-tuned by gradient steps anyway)."""
+    if getattr(model, "head_type", None) == "pixel":
+        return True
+    return head == "pixel" and not hasattr(model, "head_type")
+
+
+def _head_is_trainable(model: nn.Module) -> bool:
+    """Whether fine-tuning can change the head's answer (a forest-only head cannot)."""
+    head = getattr(model, "head", None)
+    return head is None or getattr(head, "uses_encoder", True) or any(
+        p.requires_grad for p in head.parameters())
 
 
 def _with_pixel_head_or_encoder(model: nn.Module) -> nn.Module:

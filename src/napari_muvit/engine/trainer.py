@@ -77,6 +77,9 @@ class TrainConfig(RunConfig):
     softmax is ``>= pseudo_threshold``; their cross-entropy is added with a weight that ramps
     from 0 to ``pseudo_weight`` over ``pseudo_ramp_steps`` (sigmoid ramp, Laine & Aila;
     default: the first third of the run).
+    ``classifier`` of a new ``"pixel"`` head: ``"forest"`` (a random forest on the filter bank
+    of every level, fitted in seconds; nothing to fine-tune) or ``"mlp"`` (an MLP on the
+    level-1 filters and the encoder's features, then fine-tuning of the whole segmenter).
     """
 
     steps: int = 500
@@ -89,6 +92,7 @@ class TrainConfig(RunConfig):
     warmup_steps: int | None = None
     min_lr_factor: float = 0.01
     head: str = "unetr"
+    classifier: str = "forest"
     dense: bool = False
     naive_bbox: bool = False
     freeze_encoder: bool = False
@@ -149,6 +153,8 @@ class TrainConfig(RunConfig):
             raise InputError(
                 f"head: expected 'unetr', 'mask2former' or 'pixel', got {self.head!r}"
             )
+        if self.classifier not in ("forest", "mlp"):
+            raise InputError(f"classifier: expected 'forest' or 'mlp', got {self.classifier!r}")
         if self.val_region is not None:
             region = np.asarray(self.val_region, dtype=np.float64)
             if region.shape != (2, 2) or np.any(region[1] <= region[0]):
@@ -499,7 +505,8 @@ class Trainer(TrainingLoop):
         # the caller's global RNG stream
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
-            seg = new_segmenter(encoder, values, self.config.head, preset, names, self.config.dense)
+            seg = new_segmenter(encoder, values, self.config.head, preset, names, self.config.dense,
+                                self.config.classifier)
         if reason:
             self._event("new_head", reason, warning=True)
         self._event("head", f"new {self.config.head} head for label values {values}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from napari_muvit.model.encoder import Attention, FeedForward
+from napari_muvit.model.forest import TreeEnsemble
 from napari_muvit.model.rope import AxialRoPE
 
 __all__ = [
@@ -300,16 +301,27 @@ def _gaussian_kernel(sigma: float) -> Tensor:
 
 
 class PixelHead(nn.Module):
-    """Per-pixel classifier on fixed image filters and upsampled encoder maps (ilastik-like).
+    """Per-pixel classifier on fixed image filters and encoder features (ilastik-like).
 
-    Features of every level-1 pixel: the raw channels, Gaussian blurs at ``sigmas`` and their
-    gradient magnitudes (a fixed filter bank, replicate-padded, so tile borders are not edges),
-    and the encoder skip maps, bilinearly upsampled from the token grid (the context the
-    transformer gathered from all levels). They are standardised with ``feature_mean`` /
-    ``feature_std`` (buffers set from the training pixels by
-    :func:`napari_muvit.engine.quicktrain.quick_fit`) and fed to an MLP (1×1 convolutions,
-    ``hidden`` units; ``hidden=0``: logistic regression). Training it on cached features takes
-    seconds on a CPU; the whole segmenter can then be fine-tuned as usual.
+    Features of every level-1 pixel, in this order:
+
+    * a fixed filter bank (replicate-padded, so tile borders are not edges). ``bank="level1"``:
+      the level-1 crop's channels, their Gaussian blurs at ``sigmas`` and gradient magnitudes.
+      ``bank="levels"``: the ilastik set (channels; per sigma: Gaussian, gradient magnitude,
+      Laplacian of Gaussian, the two Hessian eigenvalues) on the crop of *every* level, the
+      coarse ones sampled at the pixel's world position: the same filters see 1×, 4×, 16×… the
+      area, which is what tells a cell's ring or a tissue's region (issue 13);
+    * with ``encoder_features``: the encoder skip maps of level 1, bilinearly upsampled from the
+      token grid, and the final tokens of every coarser level at the pixel.
+
+    ``classifier="mlp"``: the standardised features (``feature_mean``/``feature_std``, set from
+    the painted pixels) go through an MLP (1×1 convolutions, ``hidden`` units; ``hidden=0``:
+    logistic regression). ``classifier="forest"``: a random forest (:class:`TreeEnsemble`,
+    fitted by scikit-learn on the filter bank of the painted pixels) gives the class
+    probabilities, and with ``encoder_features`` an MLP on all features adds a residual to
+    their logarithm; the residual starts at zero, so fine-tuning the segmenter starts from the
+    forest's answer. Fitting takes seconds on a CPU
+    (:func:`napari_muvit.engine.quicktrain.quick_fit`).
     """
 
     def __init__(
@@ -320,32 +332,58 @@ class PixelHead(nn.Module):
         num_classes: int,
         head_dim: int = 64,
         skips: Sequence[int] = (0, 5, 11),
-        sigmas: Sequence[float] = (1.0, 2.0, 4.0),
+        sigmas: Sequence[float] | None = None,
         num_levels: int = 1,
+        bank: str = "level1",
+        classifier: str = "mlp",
+        encoder_features: bool = True,
+        forest_trees: int = 0,
+        forest_nodes: int = 1,
+        forest_depth: int = 0,
         **_: object,
     ):
         super().__init__()
+        if bank not in BANKS:
+            raise ValueError(f"bank: expected one of {BANKS}, got {bank!r}")
+        if classifier not in ("mlp", "forest"):
+            raise ValueError(f"classifier: expected 'mlp' or 'forest', got {classifier!r}")
         self.skips = list(skips)
         self.num_levels = int(num_levels)
-        self.sigmas = [float(s) for s in sigmas]
+        self.bank = bank
+        self.classifier_type = classifier
+        self.encoder_features = bool(encoder_features)
+        self.sigmas = [float(s) for s in (sigmas if sigmas is not None else BANKS[bank])]
         self.in_channels = int(in_channels)
         self.patch_size = int(patch_size)
         for i, s in enumerate(self.sigmas):
             self.register_buffer(f"gauss{i}", _gaussian_kernel(s), persistent=False)
-        self.num_image_features = self.in_channels * (1 + 2 * len(self.sigmas))
+        per_sigma = 2 if bank == "level1" else 5
+        bank_levels = 1 if bank == "level1" else self.num_levels
+        self.num_image_features = self.in_channels * (1 + per_sigma * len(self.sigmas)) * bank_levels
         # skip maps of level 1, plus the final tokens of every coarser level at the pixel
-        self.num_features = self.num_image_features + dim * (len(self.skips) + self.num_levels - 1)
+        encoder_count = dim * (len(self.skips) + self.num_levels - 1) if self.encoder_features else 0
+        self.num_features = self.num_image_features + encoder_count
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_std", torch.ones(self.num_features))
+        self.forest: TreeEnsemble | None = None
+        if classifier == "forest":
+            self.forest = TreeEnsemble(self.num_image_features, num_classes, forest_trees,
+                                       forest_nodes, forest_depth)
         hidden = int(head_dim)
-        if hidden > 0:
-            self.classifier: nn.Module = nn.Sequential(
+        if classifier == "forest" and not self.encoder_features:
+            self.classifier: nn.Module | None = None
+        elif hidden > 0:
+            self.classifier = nn.Sequential(
                 nn.Conv2d(self.num_features, hidden, 1),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(hidden, num_classes, 1),
             )
         else:
             self.classifier = nn.Conv2d(self.num_features, num_classes, 1)
+        if self.forest is not None and self.classifier is not None:
+            last = self.classifier[-1] if isinstance(self.classifier, nn.Sequential) else self.classifier
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
 
     def _blur(self, x: Tensor, kernel: Tensor) -> Tensor:
         c = x.shape[1]
@@ -357,7 +395,7 @@ class PixelHead(nn.Module):
         return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
     def image_features(self, image: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, C·(1 + 2·len(sigmas)), H, W) filter responses."""
+        """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W)."""
         image = image.float()
         feats = [image]
         for i in range(len(self.sigmas)):
@@ -366,7 +404,51 @@ class PixelHead(nn.Module):
             gy = (gp[..., 2:, 1:-1] - gp[..., :-2, 1:-1]) / 2
             gx = (gp[..., 1:-1, 2:] - gp[..., 1:-1, :-2]) / 2
             feats += [g, torch.sqrt(gy * gy + gx * gx + 1e-12)]
+            if self.bank == "level1":
+                continue
+            c = gp[..., 1:-1, 1:-1]
+            hyy = gp[..., 2:, 1:-1] - 2 * c + gp[..., :-2, 1:-1]
+            hxx = gp[..., 1:-1, 2:] - 2 * c + gp[..., 1:-1, :-2]
+            hxy = (gp[..., 2:, 2:] - gp[..., 2:, :-2] - gp[..., :-2, 2:] + gp[..., :-2, :-2]) / 4
+            half_trace = (hyy + hxx) / 2
+            radius = torch.sqrt(((hyy - hxx) / 2) ** 2 + hxy * hxy + 1e-12)
+            feats += [hyy + hxx, half_trace + radius, half_trace - radius]
         return torch.cat(feats, 1)
+
+    def level_bank_features(self, nest: Tensor, coords: Tensor) -> Tensor:
+        """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W)."""
+        B, L, C, H, W = nest.shape
+        # Level 1's filters would see a replicated edge within a few sigmas of the tile border,
+        # a seam at every tile; the next level's crop shows what lies there, so the level-1
+        # crop is framed by it (upsampled) before filtering.
+        m = self.level1_margin
+        framed = self._sample_level(nest[:, 1].float(), coords, 1, H, W, m)
+        framed[..., m : m + H, m : m + W] = nest[:, 0].float()
+        parts = [self.image_features(framed)[..., m : m + H, m : m + W]]
+        for lv in range(1, self.num_levels):
+            parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
+        return torch.cat(parts, 1)
+
+    @property
+    def level1_margin(self) -> int:
+        """Pixels around the level-1 crop that its largest filter reaches."""
+        return max(getattr(self, f"gauss{i}").numel() // 2 for i in range(len(self.sigmas))) + 1
+
+    def _sample_level(self, fmap: Tensor, coords: Tensor, lv: int, H: int, W: int,
+                      margin: int = 0) -> Tensor:
+        """``fmap`` (B, F, S, S) of level ``lv``'s crop sampled at the level-1 pixels of the crop
+        grown by ``margin`` on each side (B, F, H + 2·margin, W + 2·margin)."""
+        B = fmap.shape[0]
+        P = self.patch_size
+        ty, tx = _token_index_of_level1_pixels(coords, lv, self.num_levels, H // P, W // P,
+                                               H, W, P, margin)
+        # token index -> pixel index of the coarse crop -> [-1, 1] (align_corners)
+        gy = ((ty + 0.5) * P - 0.5) * (2 / max(fmap.shape[-2] - 1, 1)) - 1
+        gx = ((tx + 0.5) * P - 0.5) * (2 / max(fmap.shape[-1] - 1, 1)) - 1
+        h, w = gy.shape[1], gx.shape[1]
+        grid = torch.stack((gx[:, None, :].expand(B, h, w), gy[:, :, None].expand(B, h, w)), -1)
+        return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border",
+                             align_corners=True)
 
     def context_features(self, tokens: Tensor, coords: Tensor, size: Sequence[int]) -> Tensor:
         """Final tokens of every coarser level, bilinearly sampled at each level-1 pixel's world
@@ -376,18 +458,12 @@ class PixelHead(nn.Module):
         n = N // L
         H, W = int(size[0]), int(size[1])
         h, w = H // self.patch_size, W // self.patch_size
-        # level-1 pixel centres relative to the level-1 crop centre (the coords' origin)
-        py = torch.arange(H, device=tokens.device, dtype=torch.float32) + 0.5 - H / 2
-        px = torch.arange(W, device=tokens.device, dtype=torch.float32) + 0.5 - W / 2
         out = []
         for lv in range(1, L):
-            grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
-            y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
-            dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
-            dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)
+            ty, tx = _token_index_of_level1_pixels(coords, lv, L, h, w, H, W, self.patch_size)
             # fractional token index -> [-1, 1] with token centres on the grid points
-            gy = ((py[None] - y0[:, None]) / dy[:, None]) * (2 / max(h - 1, 1)) - 1
-            gx = ((px[None] - x0[:, None]) / dx[:, None]) * (2 / max(w - 1, 1)) - 1
+            gy = ty * (2 / max(h - 1, 1)) - 1
+            gx = tx * (2 / max(w - 1, 1)) - 1
             grid = torch.stack(
                 (gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)), dim=-1
             )
@@ -405,25 +481,50 @@ class PixelHead(nn.Module):
         image: Tensor,
         tokens: Tensor | None = None,
         coords: Tensor | None = None,
+        nest: Tensor | None = None,
     ) -> Tensor:
         """Raw (unstandardised) per-pixel features (B, num_features, H, W)."""
         size = image.shape[-2:]
-        up = [
+        needs_context = self.num_levels > 1 and (self.encoder_features or self.bank == "levels")
+        if needs_context and coords is None:
+            raise ValueError("PixelHead.features: coords are needed for the coarse levels")
+        if self.bank == "levels" and self.num_levels > 1:
+            if nest is None:
+                raise ValueError("PixelHead.features: the crops of all levels (nest) are needed")
+            parts = [self.level_bank_features(nest, coords)]
+        else:
+            parts = [self.image_features(image)]
+        if not self.encoder_features:
+            return parts[0]
+        parts += [
             F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False)
             for m in maps
         ]
-        parts = [self.image_features(image), *up]
         if self.num_levels > 1:
-            if tokens is None or coords is None:
-                raise ValueError("PixelHead.features: tokens and coords are needed for context")
+            if tokens is None:
+                raise ValueError("PixelHead.features: tokens are needed for context")
             parts.append(self.context_features(tokens, coords, size))
         return torch.cat(parts, 1)
 
+    @property
+    def uses_encoder(self) -> bool:
+        """False for a filter-bank-only head: the segmenter then skips the transformer."""
+        return self.encoder_features
+
     def classify(self, features: Tensor) -> Tensor:
         """Logits from raw features (B, F, H, W) or (N, F, 1, 1)."""
-        mean = self.feature_mean.view(1, -1, 1, 1)
-        std = self.feature_std.view(1, -1, 1, 1)
-        return self.classifier((features - mean) / std)
+        residual = None
+        if self.classifier is not None:
+            mean = self.feature_mean.view(1, -1, 1, 1)
+            std = self.feature_std.view(1, -1, 1, 1)
+            residual = self.classifier((features - mean) / std)
+        if self.forest is None:
+            return residual
+        B, _, H, W = features.shape
+        rows = features[:, : self.num_image_features].permute(0, 2, 3, 1).reshape(B * H * W, -1)
+        probs = self.forest(rows).reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        logits = torch.log(probs.clamp_min(1e-4))
+        return logits if residual is None else logits + residual
 
     def forward(
         self,
@@ -432,6 +533,31 @@ class PixelHead(nn.Module):
         *,
         tokens: Tensor | None = None,
         coords: Tensor | None = None,
+        nest: Tensor | None = None,
         **_: object,
     ) -> Tensor:
-        return self.classify(self.features(maps, image, tokens, coords))
+        return self.classify(self.features(maps, image, tokens, coords, nest))
+
+
+#: filter-bank layouts of :class:`PixelHead` and their default sigmas (level-1 pixels of each
+#: level's crop); "levels" is ilastik's default set
+BANKS: dict[str, tuple[float, ...]] = {"level1": (1.0, 2.0, 4.0), "levels": (0.7, 1.6, 3.5, 5.0)}
+
+
+def _token_index_of_level1_pixels(
+    coords: Tensor, lv: int, num_levels: int, h: int, w: int, H: int, W: int, patch: int,
+    margin: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Fractional (row, col) token index in level ``lv``'s grid of every level-1 pixel centre
+    (B, H + 2·margin) and (B, W + 2·margin) of the level-1 crop grown by ``margin``, from the
+    tokens' centred world coordinates."""
+    B = coords.shape[0]
+    n = h * w
+    grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
+    # level-1 pixel centres relative to the level-1 crop centre (the coords' origin)
+    py = torch.arange(-margin, H + margin, device=coords.device, dtype=torch.float32) + 0.5 - H / 2
+    px = torch.arange(-margin, W + margin, device=coords.device, dtype=torch.float32) + 0.5 - W / 2
+    y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
+    dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
+    dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)
+    return (py[None] - y0[:, None]) / dy[:, None], (px[None] - x0[:, None]) / dx[:, None]

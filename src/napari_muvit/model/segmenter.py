@@ -158,12 +158,16 @@ class MuViTSegmenter(nn.Module):
     def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
         """Logits (B, K, H, W) for the level-1 crop ``x[:, 0]``."""
         maps, feats, coords, x = self.encode(x, bbox)
-        return self.head(maps, x[:, 0], tokens=feats, coords=coords)
+        return self.head(maps, x[:, 0], tokens=feats, coords=coords, nest=x)
 
     def encode(self, x: Tensor, bbox: Any = None) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """What the head sees: level-1 skip maps (B, D, h, w) shallow → deep, the final tokens
-        of all levels (B, N, D), their centred world coordinates and the checked input."""
+        of all levels (B, N, D), their centred world coordinates and the checked input (no maps and
+        no tokens for a head that does not use the encoder)."""
         x = self.encoder.check_input(x)
+        if not getattr(self.head, "uses_encoder", True):
+            # a filter-bank head needs only the levels' world positions: skip the transformer
+            return [], None, self.encoder.token_coords(bbox, x.shape, x.device), x
         maps, feats, coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
         return maps, feats, coords, x
 

@@ -27,6 +27,7 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
 from napari_muvit.engine.points import PointPredictor, PointTrainer, is_detector
 from napari_muvit.engine.predictor import Predictor
+from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, starts_with_quick_fit
 from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
@@ -58,7 +59,7 @@ class PredictorOptions:
 
     device: str = "auto"
     precision: str = "auto"
-    overlap: int = 0
+    overlap: int = 0  # -1 = automatic: the engine's blending default (tile size / 8)
     batch_size: int = 0  # 0 = automatic
 
     @classmethod
@@ -69,7 +70,8 @@ class PredictorOptions:
     def make(self, model: Any, **overrides: Any) -> Any:
         """A :class:`Predictor` of ``model`` with these options (``overrides`` win)."""
         kwargs: dict[str, Any] = dict(device=self.device, amp=self.precision,
-                                      overlap=self.overlap, batch_size=self.batch_size or None)
+                                      overlap=None if self.overlap < 0 else self.overlap,
+                                      batch_size=self.batch_size or None)
         # a point detector's tiles are decoded into points: the engine's point predictor
         make = PointPredictor if is_detector(model) else Predictor
         return make(model, **{**kwargs, **overrides})
@@ -498,16 +500,34 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
             provenance={"napari_layer": req.image.name, "source": "napari-muvit TrainWidget"},
             notes=notes,
         )
+        quick = None
         if req.points is not None:
             # as train_points: the whole plane counts as annotated (unclicked = no point)
             trainer: Trainer = PointTrainer(model, [(source, req.points, None)], req.config,
                                             **common)
+        elif starts_with_quick_fit(model, "pixel"):
+            # a new head (or a pixel head again): the forest's answer within seconds, published
+            # at once; a fine-tunable head then publishes every ``publish_every`` steps too
+            published: list[int] = []
+
+            def publish(snap: Any, info: dict[str, Any]) -> None:
+                step = int(info["step"])
+                if info["stage"] == "final" and (published[-1:] == [step] or last_publish[0] == step):
+                    return  # already shown (the forest's fit, or the last fine-tuning step)
+                snap.meta = {**dict(getattr(snap, "meta", {}) or {}),
+                             "crop_size": quick.trainer.crop_size}
+                published.append(step)
+                report.snapshot(snap, step)
+
+            quick = QuickTrainer(model, [(source, req.labels)], replace(req.config, head="pixel"),
+                                 QuickConfig(snapshot_every=0), on_snapshot=publish, **common)
+            trainer = quick.trainer
         else:
             trainer = Trainer(model, [(source, req.labels)], req.config, **common)
         job.trainer = trainer
         report.ready(trainer)
         with GUI_THREADS.job("train") as share:
-            return trainer.run()
+            return (quick or trainer).run()
     finally:
         job.done.set()
 
@@ -517,6 +537,7 @@ def train_config(state: Any, val_region: np.ndarray | None) -> Any:
     steps = int(state.steps)
     return TrainConfig(
         steps=steps,
+        classifier=state.classifier,
         batch_size=int(state.batch_size),
         crop_size=int(state.crop_size) or None,
         lr=float(state.lr),

@@ -225,8 +225,9 @@ class PredictWidget(DockPanel):
             "CPU threads for prediction and training together (auto: all cores but one, "
             "which stays with the viewer)", special="auto")
         self.overlap_spin = form.spin(
-            "overlap", "Tile overlap", 0, 256,
-            "Pixels shared by neighbouring tiles (blended; removes seams)")
+            "overlap", "Tile overlap", -1, 256,
+            "Pixels shared by neighbouring tiles, blended so that tile borders leave no seams "
+            "(auto: an eighth of the tile; 0: none, fastest)", special="auto")
         self.batch_spin = form.spin("batch_size", "Batch size", 0, 512, special="auto")
         return box
 

@@ -284,6 +284,8 @@ class TrainState(PanelState):
     by_kind: dict[str, Any] = setting(factory=dict)  # image kind -> {"start": ...}
     recent_models: list[str] = setting(factory=list)
     class_names: str = setting("")
+    # a new head: "forest" answers in seconds; "mlp" is then fine-tuned with the encoder
+    classifier: str = setting("forest", choices=("forest", "mlp"))
     steps: int = setting(200)
     lr: float = setting(1e-4)
     batch_size: int = setting(4)

@@ -177,6 +177,11 @@ class TrainWidget(DockPanel):
         self.start_combo.currentIndexChanged.connect(self._on_start_combo)
         self.start_browse = form.row_with_button("Start from", self.start_combo, "Folder…")
         self.start_browse.clicked.connect(self._browse_start)
+        self.classifier_combo = form.combo(
+            "classifier", "New head",
+            "forest: a random forest on image filters of every level (the context), trained "
+            "in seconds, retrained at each Train; mlp: a classifier on the encoder's features, "
+            "then Steps of fine-tuning of the whole model")
         self.steps_spin = form.spin("steps", "Steps", 1, 1_000_000)
         self.lr_spin = form.float_spin(
             "lr", "Learning rate", 1e-6, 1.0,

@@ -1,0 +1,122 @@
+"""A random forest evaluated in PyTorch, so that a forest-headed segmenter saves, loads and
+predicts like any other model (safetensors buffers, no pickled estimator).
+
+The trees are fitted elsewhere (``napari_muvit.engine.quicktrain`` uses scikit-learn) and
+handed over as flat node arrays; here they are only stored and evaluated. All trees share one
+padded node table of ``num_nodes`` entries; a leaf points to itself, so descending a fixed
+``depth`` times lands every pixel on its leaf whatever the tree's real depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TreeEnsemble", "TreeArrays"]
+
+#: one fitted tree: (feature, threshold, left, right, leaf class probabilities (nodes, K));
+#: ``left[i] == -1`` marks a leaf; a sample goes left when ``x[feature] <= threshold``
+TreeArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _round_down_to_float32(values: np.ndarray) -> np.ndarray:
+    """The largest float32 ``<=`` each value: ``x <= t`` equals ``x <= f32(t)`` for float32 ``x``."""
+    t32 = values.astype(np.float32)
+    above = t32.astype(np.float64) > values
+    t32[above] = np.nextafter(t32[above], np.float32(-np.inf))
+    return t32
+
+
+class TreeEnsemble(nn.Module):
+    """Mean class probabilities of ``num_trees`` decision trees over ``num_features`` inputs.
+
+    Shapes are fixed at construction (they are part of the checkpoint config); :meth:`load_trees`
+    fills the tables. An empty ensemble (``num_trees == 0``) predicts uniform probabilities.
+    """
+
+    def __init__(self, num_features: int, num_classes: int, num_trees: int = 0,
+                 num_nodes: int = 1, depth: int = 0) -> None:
+        super().__init__()
+        self.num_features = int(num_features)
+        self.num_classes = int(num_classes)
+        self.depth = int(depth)
+        t, n = int(num_trees), max(1, int(num_nodes))
+        self.register_buffer("feature", torch.zeros(t, n, dtype=torch.int32))
+        self.register_buffer("threshold", torch.zeros(t, n, dtype=torch.float32))
+        self.register_buffer("child_nodes", torch.zeros(t, n, 2, dtype=torch.int32))
+        self.register_buffer("leaf_probs", torch.zeros(t, n, self.num_classes))
+
+    @property
+    def num_trees(self) -> int:
+        return int(self.feature.shape[0])
+
+    @property
+    def shape_config(self) -> dict[str, int]:
+        """What rebuilds this ensemble's buffers: stored in the head's checkpoint options."""
+        return {"forest_trees": self.num_trees, "forest_nodes": int(self.feature.shape[1]),
+                "forest_depth": self.depth}
+
+    def load_trees(self, trees: Sequence[TreeArrays]) -> None:
+        """Replace the ensemble by ``trees`` (new buffer shapes: update the checkpoint config
+        from :attr:`shape_config`)."""
+        n = max(len(t[0]) for t in trees)
+        k = self.num_classes
+        feature = np.zeros((len(trees), n), np.int32)
+        threshold = np.zeros((len(trees), n), np.float32)
+        child_nodes = np.zeros((len(trees), n, 2), np.int32)
+        probs = np.zeros((len(trees), n, k), np.float32)
+        depth = 0
+        for i, (feat, thr, left, right, value) in enumerate(trees):
+            m = len(feat)
+            leaf = left < 0
+            own = np.arange(m)
+            feature[i, :m] = np.where(leaf, 0, feat)
+            threshold[i, :m] = _round_down_to_float32(np.asarray(thr, np.float64))
+            child_nodes[i, :m, 0] = np.where(leaf, own, left)
+            child_nodes[i, :m, 1] = np.where(leaf, own, right)
+            value = np.asarray(value, np.float64)
+            probs[i, :m] = value / np.clip(value.sum(1, keepdims=True), 1e-12, None)
+            depth = max(depth, _tree_depth(left, right))
+        device = self.feature.device
+        self.feature = torch.from_numpy(feature).to(device)
+        self.threshold = torch.from_numpy(threshold).to(device)
+        self.child_nodes = torch.from_numpy(child_nodes).to(device)
+        self.leaf_probs = torch.from_numpy(probs).to(device)
+        self.depth = depth
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class probabilities (P, K) of feature rows ``x`` (P, num_features)."""
+        P = x.shape[0]
+        if self.num_trees == 0:
+            return x.new_full((P, self.num_classes), 1.0 / self.num_classes)
+        x = x.float()
+        T = self.num_trees
+        node = torch.zeros(T, P, dtype=torch.long, device=x.device)
+        feature = self.feature.long()
+        children = self.child_nodes.long().view(T, -1)
+        rows = torch.arange(P, device=x.device).expand(T, P)
+        for _ in range(self.depth):
+            f = feature.gather(1, node)
+            right = (x[rows, f] > self.threshold.gather(1, node)).long()
+            node = _step(children, node, right)
+        probs = self.leaf_probs.gather(1, node[..., None].expand(T, P, self.num_classes))
+        return probs.mean(0)
+
+
+def _step(children: Tensor, node: Tensor, right: Tensor) -> Tensor:
+    """Next node of every (tree, sample): ``children[t, node, right]`` (children (T, 2N))."""
+    return children.gather(1, node * 2 + right)
+
+
+def _tree_depth(left: np.ndarray, right: np.ndarray) -> int:
+    """Edges on the longest root-to-leaf path."""
+    depth = np.zeros(len(left), np.int64)
+    deepest = 0
+    for i in range(len(left)):  # sklearn numbers a parent before its children
+        if left[i] >= 0:
+            depth[left[i]] = depth[right[i]] = depth[i] + 1
+            deepest = max(deepest, depth[i] + 1)
+    return int(deepest)

@@ -1,0 +1,51 @@
+"""The random forest evaluated in PyTorch (model/forest.py) answers as scikit-learn does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.ensemble import RandomForestClassifier
+
+from napari_muvit.model.forest import TreeEnsemble
+
+
+def _trees(forest: RandomForestClassifier) -> list:
+    return [(e.tree_.feature, e.tree_.threshold, e.tree_.children_left, e.tree_.children_right,
+             e.tree_.value[:, 0, :]) for e in forest.estimators_]
+
+
+def test_probabilities_equal_scikit_learns_on_unseen_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 10)).astype(np.float32)
+    y = (x[:, 0] + x[:, 1] ** 2 > 1).astype(int) + (x[:, 2] > 1)
+    forest = RandomForestClassifier(20, random_state=0).fit(x, y)
+    ensemble = TreeEnsemble(10, 3)
+    ensemble.load_trees(_trees(forest))
+    test = rng.normal(size=(5000, 10)).astype(np.float32)
+    # rows exactly on a threshold go left in both (thresholds rounded down to float32)
+    root = forest.estimators_[0].tree_
+    test[:100, root.feature[0]] = root.threshold[0].astype(np.float32)
+    got = ensemble(torch.from_numpy(test)).numpy()
+    np.testing.assert_allclose(got, forest.predict_proba(test), atol=1e-6)
+    assert ensemble.shape_config["forest_trees"] == 20
+    assert ensemble.shape_config["forest_depth"] == max(e.get_depth() for e in forest.estimators_)
+
+
+def test_the_shape_config_rebuilds_an_ensemble_that_loads_the_state_dict():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(500, 4)).astype(np.float32)
+    forest = RandomForestClassifier(5, random_state=0).fit(x, (x[:, 0] > 0).astype(int))
+    a = TreeEnsemble(4, 2)
+    a.load_trees(_trees(forest))
+    cfg = a.shape_config
+    b = TreeEnsemble(4, 2, cfg["forest_trees"], cfg["forest_nodes"], cfg["forest_depth"])
+    b.load_state_dict(a.state_dict())
+    rows = torch.from_numpy(x)
+    torch.testing.assert_close(a(rows), b(rows))
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_an_unfitted_ensemble_is_uniform(classes):
+    out = TreeEnsemble(3, classes)(torch.zeros(7, 3))
+    torch.testing.assert_close(out, torch.full((7, classes), 1.0 / classes))
