@@ -135,3 +135,21 @@ def test_interval_parsing_and_progress_line() -> None:
     text = stream.getvalue().splitlines()
     assert text[0].startswith("step 1/10 loss 0.5000 lr 1.00e-04")
     assert "val Dice 0.900" in text[-1]
+
+
+def test_default_train_fits_a_forest_in_one_pass(files, tmp_path: Path, capsys) -> None:
+    image, labels = files
+    out = tmp_path / "forest"
+    assert main(["train", str(image), "--labels", str(labels), "--out", str(out),
+                 "--preset", "tiny", "--crop", "32", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(out)
+    assert "painted pixels" in captured.err and "nothing to fine-tune" in captured.err
+    model = load_model(out)
+    assert model.head_type == "pixel" and model.head.forest.num_trees > 0
+    assert ckpt.load_train_state(out)["step"] == 0
+    # resuming a forest is refused in one line; --overwrite refits
+    assert main(["train", str(image), "--labels", str(labels), "--out", str(out),
+                 "--preset", "tiny", "--crop", "32", "--device", "cpu", "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no fine-tuning to resume" in err

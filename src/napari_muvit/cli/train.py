@@ -416,11 +416,11 @@ def _finish(command: str, model: Any, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CANCELLED
+    fitted = [e["message"] for e in history.get("events", []) if e.get("kind") == "quick_fit"]
     if not args.quiet:
-        print(
-            f"napari-muvit {command}: {step} steps, final loss {loss[-1]:.4f}; model in {args.out}",
-            file=sys.stderr,
-        )
+        summary = (f"{fitted[-1]}, nothing to fine-tune" if fitted and not step
+                   else f"{step} steps, final loss {loss[-1]:.4f}")
+        print(f"napari-muvit {command}: {summary}; model in {args.out}", file=sys.stderr)
     print(args.out)
     return 0
 
