@@ -418,30 +418,18 @@ class PixelHead(nn.Module):
     def level_bank_features(self, nest: Tensor, coords: Tensor) -> Tensor:
         """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W)."""
         B, L, C, H, W = nest.shape
-        # Level 1's filters would see a replicated edge within a few sigmas of the tile border,
-        # a seam at every tile; the next level's crop shows what lies there, so the level-1
-        # crop is framed by it (upsampled) before filtering.
-        m = self.level1_margin
-        framed = self._sample_level(nest[:, 1].float(), coords, 1, H, W, m)
-        framed[..., m : m + H, m : m + W] = nest[:, 0].float()
-        parts = [self.image_features(framed)[..., m : m + H, m : m + W]]
+        parts = [self.image_features(nest[:, 0])]
         for lv in range(1, self.num_levels):
             parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
         return torch.cat(parts, 1)
 
-    @property
-    def level1_margin(self) -> int:
-        """Pixels around the level-1 crop that its largest filter reaches."""
-        return max(getattr(self, f"gauss{i}").numel() // 2 for i in range(len(self.sigmas))) + 1
-
-    def _sample_level(self, fmap: Tensor, coords: Tensor, lv: int, H: int, W: int,
-                      margin: int = 0) -> Tensor:
-        """``fmap`` (B, F, S, S) of level ``lv``'s crop sampled at the level-1 pixels of the crop
-        grown by ``margin`` on each side (B, F, H + 2·margin, W + 2·margin)."""
+    def _sample_level(self, fmap: Tensor, coords: Tensor, lv: int, H: int, W: int) -> Tensor:
+        """``fmap`` (B, F, S, S) of level ``lv``'s crop sampled at the level-1 pixels of the
+        crop (B, F, H, W)."""
         B = fmap.shape[0]
         P = self.patch_size
         ty, tx = _token_index_of_level1_pixels(coords, lv, self.num_levels, H // P, W // P,
-                                               H, W, P, margin)
+                                               H, W, P)
         # token index -> pixel index of the coarse crop -> [-1, 1] (align_corners)
         gy = ((ty + 0.5) * P - 0.5) * (2 / max(fmap.shape[-2] - 1, 1)) - 1
         gx = ((tx + 0.5) * P - 0.5) * (2 / max(fmap.shape[-1] - 1, 1)) - 1
@@ -546,17 +534,15 @@ BANKS: dict[str, tuple[float, ...]] = {"level1": (1.0, 2.0, 4.0), "levels": (0.7
 
 def _token_index_of_level1_pixels(
     coords: Tensor, lv: int, num_levels: int, h: int, w: int, H: int, W: int, patch: int,
-    margin: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Fractional (row, col) token index in level ``lv``'s grid of every level-1 pixel centre
-    (B, H + 2·margin) and (B, W + 2·margin) of the level-1 crop grown by ``margin``, from the
-    tokens' centred world coordinates."""
+    (B, H) and (B, W), from the tokens' centred world coordinates."""
     B = coords.shape[0]
     n = h * w
     grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
     # level-1 pixel centres relative to the level-1 crop centre (the coords' origin)
-    py = torch.arange(-margin, H + margin, device=coords.device, dtype=torch.float32) + 0.5 - H / 2
-    px = torch.arange(-margin, W + margin, device=coords.device, dtype=torch.float32) + 0.5 - W / 2
+    py = torch.arange(H, device=coords.device, dtype=torch.float32) + 0.5 - H / 2
+    px = torch.arange(W, device=coords.device, dtype=torch.float32) + 0.5 - W / 2
     y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
     dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
     dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)
