@@ -157,3 +157,14 @@ def test_cli_reads_zarr_and_tiff_images(files, kind, capsys) -> None:
     labels = zarr.open_group(str(out), mode="r")["0"][:64, :96]
     ref = reference_labels(files["segmenter"], rings_source(192), np.array([[0, 0], [64, 96]]))
     np.testing.assert_array_equal(labels, ref)
+
+
+@pytest.mark.parametrize("name", ["pred.npy", "pred.TIF", "pred.png"])
+def test_cli_refuses_a_file_format_name_for_a_zarr_store(files, capsys, name) -> None:
+    out = files["root"] / name
+    code = main(["predict", str(files["image"]), "--model", str(files["model"]), "--out",
+                 str(out), "--quiet"])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert name in err and ".zarr" in err
+    assert not out.exists()

@@ -98,13 +98,20 @@ def create_zarr_sink(
 
 def output_path(out: Any) -> Path:
     """``out`` as a path, or a one-line :class:`InputError` for anything else."""
-    if isinstance(out, Path):
-        return out
-    if isinstance(out, str) and out.strip():
-        return Path(out)
-    if hasattr(out, "__fspath__"):
-        return Path(out)
+    if isinstance(out, (str, Path)) and str(out).strip() or hasattr(out, "__fspath__"):
+        path = Path(out)
+        if path.suffix.lower() in _FILE_FORMATS:
+            # a zarr store is a folder: "pred.npy/" would surprise whoever opens it
+            raise InputError(
+                f"out {path.name!r}: predictions are written as a zarr store (a folder, OME-Zarr "
+                f"labels), not as {path.suffix}; name it e.g. {path.stem}.zarr (a point "
+                "detector also writes .csv)"
+            )
+        return path
     raise InputError(f"out: expected the path of an output .zarr store, got {out!r}")
+
+
+_FILE_FORMATS = (".npy", ".npz", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".h5", ".hdf5")
 
 
 def _source_paths(source: Any) -> list[Path]:
