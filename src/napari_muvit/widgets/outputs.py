@@ -190,7 +190,7 @@ class ViewOutputs:
                 levels = L.allocate_levels(plane, dtype)
                 layer.data = levels if plane.multiscale else levels[0]
             if target.style != style:
-                layer.colormap = L.labels_colormap(model.label_values, colors, model.class_names)
+                layer.colormap = _colormap(loaded)
                 layer.features = L.class_features(model.label_values, model.class_names)
             if target.confidence is not None and target.confidence in viewer.layers:
                 viewer.layers.remove(target.confidence)
@@ -201,7 +201,7 @@ class ViewOutputs:
                 levels if plane.multiscale else levels[0],
                 name=f"{image.name} MuViT",
                 multiscale=plane.multiscale,
-                colormap=L.labels_colormap(model.label_values, colors, model.class_names),
+                colormap=_colormap(loaded),
                 features=L.class_features(model.label_values, model.class_names),
                 opacity=0.6,
                 metadata={"napari_muvit": {"source_layer": image.name}},
@@ -256,8 +256,7 @@ class ViewOutputs:
             coords = np.concatenate([old[keep], coords])
             new = pd.concat([layer.features.loc[keep, ["class", "score"]], new],
                             ignore_index=True)
-        colormap = L.labels_colormap(model.label_values, getattr(model, "class_colors", None),
-                                     model.class_names)
+        colormap = _colormap(loaded)
         face = (colormap.map(new["class"].to_numpy()) if len(new)
                 else np.zeros((0, 4), np.float32))
         if layer is None:
@@ -304,6 +303,12 @@ class ViewOutputs:
         else:
             out.regions = [(layer, slice_key) for level, slice_key in written if level == 0]
         return out
+
+
+def _colormap(loaded: Any) -> Any:
+    """The model's class colours, as built by the loader in its worker thread."""
+    cached = getattr(loaded, "colormap", None)
+    return cached if cached is not None else L.model_colormap(loaded.model)
 
 
 def points_coords(plane: L.LayerPlane, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -359,9 +364,7 @@ def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, mod
         data,
         name=name,
         multiscale=len(levels) > 1,
-        colormap=L.labels_colormap(
-            model.label_values, getattr(model, "class_colors", None), model.class_names
-        ),
+        colormap=L.model_colormap(model),
         features=L.class_features(model.label_values, model.class_names),
         opacity=0.6,
         metadata={"napari_muvit": {"store": str(out_path), "source_layer": image.name}},
