@@ -351,9 +351,10 @@ def _point_size(model: Any) -> float:
 
 
 def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, model: Any,
-                    out_path: Path) -> Any:
+                    out_path: Path, colormap: Any = None) -> Any:
     """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
-    (replacing the layer of a previous run of the same store)."""
+    (replacing the layer of a previous run of the same store); ``colormap`` default: the
+    model's."""
     levels = [sink.labels(k) for k in range(sink.n_levels)]
     name = f"{image.name} MuViT ({out_path.name})"
     for layer in list(viewer.layers):
@@ -364,7 +365,7 @@ def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, mod
         data,
         name=name,
         multiscale=len(levels) > 1,
-        colormap=L.model_colormap(model),
+        colormap=colormap if colormap is not None else L.model_colormap(model),
         features=L.class_features(model.label_values, model.class_names),
         opacity=0.6,
         metadata={"napari_muvit": {"store": str(out_path), "source_layer": image.name}},

@@ -908,17 +908,26 @@ class PredictWidget(DockPanel):
             return
         image = job.request.layer
         job.target = add_store_layer(self.viewer, image, msg.plane, msg.sink, msg.loaded.model,
-                                     job.out_path)
-        from napari.utils import progress
-
+                                     job.out_path, colormap=msg.loaded.colormap)
         job.total = msg.remaining
-        job.progress_bar = progress(total=max(1, msg.remaining), desc=f"MuViT {image.name}")
         self.state.progress = (0, max(1, msg.remaining))
         resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
         self.set_status(
             f"whole image{resumed}: {msg.remaining} tiles to compute → {job.out_path}"
         )
         job.answer(True)
+        # napari's activity-dock progress bar costs about as much as adding the layer: in the
+        # next turn of the event loop, so that the two do not add up to one long stall
+        QTimer.singleShot(0, self.lifeline.guard(lambda: self._add_progress_bar(job)))
+
+    def _add_progress_bar(self, job: Job) -> None:
+        if not job.running or job.progress_bar is not None:
+            return
+        from napari.utils import progress
+
+        job.progress_bar = progress(total=max(1, job.total),
+                                    desc=f"MuViT {job.request.layer.name}")
+        job.progress_bar.update(job.painted)
 
     def _on_image_progress(self, job: Job, done: int, total: int) -> None:
         job.painted = done
