@@ -4,9 +4,9 @@ stall > 100 ms).
 A 10 ms ``QTimer`` heartbeat runs on the GUI thread; every gap between two ticks beyond 10 ms
 is time the viewer could not repaint or react.  The GUI thread's CPU time within each gap is
 recorded too ("max CPU": the most GUI-thread work in one gap), which separates work on the GUI
-thread from waiting for a core or for the GIL on a shared machine. Phases, each driven through the panels' public
-methods only (``PredictWidget.predict_view()``, ``set_live()``, ``predict_image()``,
-``cancel()``, ``TrainWidget.train()``, ``stop()``):
+thread from waiting for a core or for the GIL on a shared machine.  Phases, each driven
+through the panels' public methods only (``PredictWidget.predict_view()``, ``set_live()``,
+``set_model()``, ``predict_image()``, ``cancel()``, ``TrainWidget.train()``, ``stop()``):
 
 * ``idle``: nothing running (the machine's own noise);
 * ``first predict``: a fresh predict panel, bundled model not yet loaded, ``predict_view()``
@@ -15,6 +15,9 @@ methods only (``PredictWidget.predict_view()``, ``set_live()``, ``predict_image(
   300 ms, ten times, until the last view is done;
 * ``model switch``: ``set_model()`` to another model folder (a copy of the bundled model,
   not loaded yet), then ``predict_view()`` of the same view, until done;
+* ``switch back``: ``set_model()`` back to the bundled model and ``predict_view()``: its
+  tiles of this view come from the engine's tile cache, in one burst (where painting each
+  tile on arrival costs most);
 * ``whole image``: ``predict_image()`` into a temporary OME-Zarr for ``--seconds``, then
   ``cancel()``;
 * ``training``: a fine-tune panel with ground-truth scribbles painted, ``train()`` for
@@ -182,6 +185,14 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         done = until_idle(timeout, predict)
     out["model switch"] = {**hb.summary(), "finished": done, "status": predict.status}
 
+    with Heartbeat() as hb:
+        predict.set_model(None)  # back to the bundled model: its tiles come from the cache
+        spin(100)
+        predict.predict_view()
+        done = until_idle(timeout, predict)
+    out["switch back"] = {**hb.summary(), "finished": done, "status": predict.status,
+                          "cache_hits": int(predict.predictor.stats.get("cache_hits", -1))}
+
     with tempfile.TemporaryDirectory() as tmp, Heartbeat() as hb:
         predict.predict_image(Path(tmp) / "whole.zarr")
         spin(1000 * seconds)
@@ -249,6 +260,9 @@ def main() -> None:
                         default=["sliced"],
                         help="sliced: the panel's time-sliced painting; direct: every message "
                         "painted on arrival (as before); both: ratios are printed")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every load and painting mode (alternating); the ratios "
+                        "compare medians over the rounds")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", choices=("idle", "busy"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,35 +272,51 @@ def main() -> None:
         return
     results = []
     for load in args.loads:
-        for painting in args.painting:
-            results.append(run_child(load, painting, args))
-    if len(args.painting) > 1:
-        print_ratios(results)
+        for round_ in range(args.rounds):
+            for painting in args.painting:
+                results.append({**run_child(load, painting, args), "round": round_})
+    ratios = print_ratios(results) if len(args.painting) > 1 else None
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         script = "benchmarks/bench_ui.py"
         command = " ".join(["python", script, *sys.argv[1:]])
         args.json.write_text(json.dumps({"command": command, "script": script,
-                                         "results": results}, indent=1))
+                                         "results": results, "ratios": ratios}, indent=1))
 
 
-def print_ratios(results: list[dict[str, Any]]) -> None:
-    """Per load and phase: max and p99 gap painting on arrival / time-sliced."""
-    print("\n-- painting on arrival (direct) / time-sliced: gap ratios (> 1: slicing helped)")
+def medians(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Per (load, painting, phase): the median over the rounds of every gap statistic."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in results:
+        for name, phase in row["phases"].items():
+            groups.setdefault((row["load"], row["painting"], name), []).append(phase)
+    keys = ("max_ms", "p99_ms", "max_cpu_ms", "p99_cpu_ms", "cpu_in_max_gap_ms")
+    return {group: {k: float(np.median([p[k] for p in phases])) for k in keys}
+            for group, phases in groups.items()}
+
+
+def print_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per load and phase: max and p99 gap painting on arrival / time-sliced (medians over
+    the rounds); returns the table."""
+    med = medians(results)
+    print("\n-- painting on arrival (direct) / time-sliced: gap ratios (> 1: slicing helped); "
+          "medians over the rounds")
     print(f"{'load':<6}{'phase':<16}{'max direct':>11}{'max sliced':>11}{'ratio':>7}"
-          f"{'p99 direct':>11}{'p99 sliced':>11}{'ratio':>7}")
-    for load in dict.fromkeys(r["load"] for r in results):
-        rows = {r["painting"]: r for r in results if r["load"] == load}
-        if {"direct", "sliced"} - set(rows):
+          f"{'p99 direct':>11}{'p99 sliced':>11}{'ratio':>7}{'max CPU d/s':>13}")
+    table = {}
+    for (load, painting, name), sliced in med.items():
+        direct = med.get((load, "direct", name))
+        if painting != "sliced" or direct is None:
             continue
-        for name, sliced in rows["sliced"]["phases"].items():
-            direct = rows["direct"]["phases"].get(name)
-            if direct is None:
-                continue
-            print(f"{load:<6}{name:<16}{direct['max_ms']:>11.0f}{sliced['max_ms']:>11.0f}"
-                  f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):>7.2f}"
-                  f"{direct['p99_ms']:>11.0f}{sliced['p99_ms']:>11.0f}"
-                  f"{direct['p99_ms'] / max(sliced['p99_ms'], 1e-3):>7.2f}")
+        row = {"direct": direct, "sliced": sliced,
+               "max_ratio": direct["max_ms"] / max(sliced["max_ms"], 1e-3),
+               "p99_ratio": direct["p99_ms"] / max(sliced["p99_ms"], 1e-3)}
+        table[f"{load} / {name}"] = row
+        print(f"{load:<6}{name:<16}{direct['max_ms']:>11.0f}{sliced['max_ms']:>11.0f}"
+              f"{row['max_ratio']:>7.2f}{direct['p99_ms']:>11.0f}{sliced['p99_ms']:>11.0f}"
+              f"{row['p99_ratio']:>7.2f}"
+              f"{direct['max_cpu_ms']:>7.0f}/{sliced['max_cpu_ms']:<5.0f}")
+    return table
 
 
 def run_child(load: str, painting: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -281,8 +281,9 @@ class ViewOutputs:
     def paint(self, target: ViewTarget, plane: L.LayerPlane, res: Any) -> PaintResult:
         """Write one :class:`~napari_muvit.engine.predictor.TileResult` into ``target``.
 
-        Returns what to refresh: non-multiscale Labels layers are refreshed region by region
-        (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
+        Returns what to refresh: non-multiscale Labels layers region by region (``regions``,
+        uploaded together once per painting slice), the others as a whole (``dirty``, by the
+        panel's rate-limited refresh).
         """
         out = PaintResult()
         key = (plane.key(), tuple(res.tile.grid))

@@ -3,8 +3,10 @@
 A thin Qt view over :class:`~.state.PredictState`: the form is bound to the state, the work runs
 in the worker functions of :mod:`.jobs`, and the output layers are managed by
 :class:`~.outputs.ViewOutputs`.  What stays here is the main-thread side: reading the camera,
-answering the jobs' handshake, painting streamed tiles and coalescing layer refreshes so that
-the event loop stays responsive while tiles stream in.
+answering the jobs' handshake, and painting streamed tiles in time slices
+(:class:`~._painting.PaintQueue`: in arrival order, a bounded time per slice, one refresh per
+layer and slice, the event loop running in between) so that the viewer stays responsive
+while tiles stream in.
 
 Three modes:
 
