@@ -124,6 +124,7 @@ class PredictWidget(DockPanel):
         self._loaded_info: Loaded | None = None
         self._dirty_layers: dict[int, Any] = {}
         self._painter: PaintQueue | None = None
+        self._unshown: set[Job] = set()  # view jobs whose end has not been painted yet
         self._last_image_refresh = 0.0
         self._progress_value: int | None = None
         super().__init__(napari_viewer, parent)
@@ -298,8 +299,10 @@ class PredictWidget(DockPanel):
 
     @property
     def running(self) -> bool:
-        """Whether a job runs or streamed results are still being painted."""
-        return self.state.running or bool(self._painter is not None and self._painter.pending)
+        """Whether a job runs or its streamed results are not all painted yet (its end
+        included: until then the status line may still change)."""
+        return (self.state.running or bool(self._unshown)
+                or bool(self._painter is not None and self._painter.pending))
 
     busy = running
 
@@ -654,6 +657,7 @@ class PredictWidget(DockPanel):
         else:
             previous = None
         job = Job("view", request=req)
+        self._unshown.add(job)
         self.state.view_job = job
         job.worker = start_worker(
             view_job, job, self.loader, self.sources, previous,
@@ -837,6 +841,7 @@ class PredictWidget(DockPanel):
 
     def _on_view_finished(self, job: Job) -> None:
         job.done.set()
+        self._unshown.discard(job)
         if job.target is not None and job.painted:
             self._flush_refresh()
         if self.state.view_job is job:
