@@ -226,6 +226,13 @@ def test_sliced_painting_equals_painting_on_arrival_centre_first(
     shown = np.asarray(widget.labels_layer(sliced_layer)._slice.image.raw)
     np.testing.assert_array_equal(shown, sliced)  # what is on screen is the data
     assert "view done: 64 tiles" in widget.status
+    # the output layer's tool overlays, created in later turns, end as napari's own
+    from napari.layers import Labels
+
+    expected = {n: o.visible for n, o in Labels(np.zeros((2, 2), np.uint8))._overlays.items()}
+    out = widget.labels_layer(sliced_layer)
+    qtbot.waitUntil(lambda: {n: o.visible for n, o in out._overlays.items()} == expected,
+                    timeout=10_000)
 
     # painting every message on arrival (as before time slicing): the same labels
     monkeypatch.setattr(predict, "PAINT_SLICE_S", None)
@@ -282,3 +289,27 @@ def test_cancel_with_tiles_queued_paints_them_all_and_leaves_whole_tiles(
     between = [log["events"][a:b] for a, b, queued in zip(starts, starts[1:], log["pending"])
                if queued >= 2]
     assert between and any("tick" in events for events in between)
+
+
+def test_a_new_labels_layer_gets_its_overlays_in_later_steps(make_napari_viewer):
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    usual = viewer.add_labels(np.zeros((32, 32), np.uint8), name="usual")
+    expected = {name: o.visible for name, o in usual._overlays.items()}
+    assert any(expected.values())  # napari shows some (the brush and polygon tools)
+
+    steps: list = []
+    layer = L.add_labels_in_steps(viewer, np.zeros((32, 32), np.uint8), steps.append,
+                                  name="stepwise", opacity=0.6)
+    assert layer in viewer.layers and layer.opacity == 0.6
+    assert not any(o.visible for o in layer._overlays.values())  # none created yet
+    shown = 0
+    while steps:  # one overlay per turn of the event loop
+        steps.pop(0)()
+        shown += 1
+    assert shown == sum(expected.values())
+    assert {name: o.visible for name, o in layer._overlays.items()} == expected
+    # without ``defer``: napari's own add_labels
+    plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
+    assert {name: o.visible for name, o in plain._overlays.items()} == expected

@@ -542,6 +542,55 @@ def _partial_labels_refresh(layer: Any, slice_keys: Sequence[tuple[slice, ...]])
         layer._partial_labels_refresh()  # one upload of the union of the regions
 
 
+def add_labels_in_steps(viewer: Any, data: Any, defer: Any = None, **kwargs: Any) -> Any:
+    """``viewer.add_labels(data, **kwargs)``, split over turns of the event loop.
+
+    Adding a Labels layer is one long stretch of GUI-thread work in napari (about a quarter
+    of a second on a small CPU); about a third of it is creating the canvas overlays of the
+    brush and polygon tools.  With ``defer`` (called with a callback to run in a later turn of
+    the event loop) those overlays are created one per turn after the layer was added, ending
+    in the state napari's own ``add_labels`` gives.  Uses napari internals defensively: any
+    surprise adds the layer the ordinary way (logged once).
+    """
+    from napari.layers import Labels
+
+    layer = Labels(data, **kwargs)
+    hidden: list[Any] = []
+    if defer is not None:
+        try:
+            for overlay in layer._overlays.values():
+                if overlay.visible:
+                    overlay.visible = False
+                    hidden.append(overlay)
+        except Exception as err:  # noqa: BLE001 - private napari API: never worse than usual
+            _log_once("deferring the Labels overlays", err)
+            for overlay in hidden:
+                overlay.visible = True
+            hidden = []
+    viewer.add_layer(layer)
+
+    def show_next() -> None:
+        if hidden:
+            hidden.pop(0).visible = True  # napari creates its canvas overlay now
+        if hidden:
+            defer(show_next)
+
+    if hidden:
+        defer(show_next)
+    return layer
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(what: str, err: BaseException) -> None:
+    first = what not in _LOGGED
+    _LOGGED.add(what)
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "%s failed (%s: %s); napari's ordinary (slower) path is used", what,
+            type(err).__name__, err)
+
+
 @functools.lru_cache(maxsize=1)
 def _annotation_colormap() -> Any:
     """The colours napari gives a new Labels layer (the annotation layer): one colour table,

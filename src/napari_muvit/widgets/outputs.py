@@ -121,8 +121,10 @@ class PaintResult:
 class ViewOutputs:
     """The view-prediction layers of one viewer, keyed by their image layer."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, viewer: Any, defer: Any = None) -> None:
         self.viewer = viewer
+        # runs a callback in a later turn of the event loop (see L.add_labels_in_steps)
+        self.defer = defer
         self._targets: dict[int, ViewTarget] = {}
         self._points: dict[int, tuple[Any, tuple]] = {}  # image id -> (Points layer, identity)
 
@@ -197,8 +199,8 @@ class ViewOutputs:
         else:
             levels = L.allocate_levels(plane, dtype)
             previous = viewer.layers.selection.active
-            layer = viewer.add_labels(
-                levels if plane.multiscale else levels[0],
+            layer = L.add_labels_in_steps(
+                viewer, levels if plane.multiscale else levels[0], self.defer,
                 name=f"{image.name} MuViT",
                 multiscale=plane.multiscale,
                 colormap=_colormap(loaded),
@@ -352,18 +354,20 @@ def _point_size(model: Any) -> float:
 
 
 def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, model: Any,
-                    out_path: Path, colormap: Any = None) -> Any:
+                    out_path: Path, colormap: Any = None, defer: Any = None) -> Any:
     """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
     (replacing the layer of a previous run of the same store); ``colormap`` default: the
-    model's."""
+    model's; ``defer`` as in :func:`._layers.add_labels_in_steps`."""
     levels = [sink.labels(k) for k in range(sink.n_levels)]
     name = f"{image.name} MuViT ({out_path.name})"
     for layer in list(viewer.layers):
         if layer.name == name:
             viewer.layers.remove(layer)  # a previous run of the same store
     data, kwargs = stack_for_plane(levels, image, plane)
-    return viewer.add_labels(
+    return L.add_labels_in_steps(
+        viewer,
         data,
+        defer,
         name=name,
         multiscale=len(levels) > 1,
         colormap=colormap if colormap is not None else L.model_colormap(model),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -125,15 +126,17 @@ class PredictWidget(DockPanel):
         self._dirty_layers: dict[int, Any] = {}
         self._painter: PaintQueue | None = None
         self._unshown: set[Job] = set()  # view jobs whose end has not been painted yet
+        self._deferred: deque[Any] = deque()  # GUI work for later turns (see _defer)
         self._last_image_refresh = 0.0
         self._progress_value: int | None = None
         super().__init__(napari_viewer, parent)
-        self.outputs = ViewOutputs(self.viewer)
+        self.outputs = ViewOutputs(self.viewer, defer=self._defer)
         PredictWidget._instances.add(self)
         self._debounce = _timer(self, LIVE_DEBOUNCE_MS, self._on_live_timeout)
         self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
         self._painter = PaintQueue(self._apply_view_message, self._show_painted)
         self._paint_timer = _timer(self, 0, self._paint_slice)
+        self._defer_timer = _timer(self, 0, self._run_deferred)
         st = self.state.events
         st.image.connect(self._on_image_changed)
         st.image.connect(self._update_source_ome)
@@ -915,7 +918,8 @@ class PredictWidget(DockPanel):
             return
         image = job.request.layer
         job.target = add_store_layer(self.viewer, image, msg.plane, msg.sink, msg.loaded.model,
-                                     job.out_path, colormap=msg.loaded.colormap)
+                                     job.out_path, colormap=msg.loaded.colormap,
+                                     defer=self._defer)
         job.total = msg.remaining
         self.state.progress = (0, max(1, msg.remaining))
         resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
@@ -925,10 +929,26 @@ class PredictWidget(DockPanel):
         job.answer(True)
         # napari's activity-dock progress bar costs about as much as adding the layer: in the
         # next turn of the event loop, so that the two do not add up to one long stall
-        QTimer.singleShot(0, self.lifeline.guard(lambda: self._add_progress_bar(job)))
+        self._defer(lambda: self._add_progress_bar(job))
+
+    def _defer(self, callback: Any) -> None:
+        """Run ``callback`` in a later turn of the event loop: deferred callbacks run one per
+        turn, in order, so that long pieces of GUI work do not add up to one stall."""
+        self._deferred.append(callback)
+        if not self._defer_timer.isActive():
+            self._defer_timer.start()
+
+    def _run_deferred(self) -> None:
+        if not self.alive or not self._deferred:
+            return
+        try:
+            self._deferred.popleft()()
+        finally:
+            if self._deferred and self.alive:
+                self._defer_timer.start()
 
     def _add_progress_bar(self, job: Job) -> None:
-        if not job.running or job.progress_bar is not None:
+        if not self.alive or not job.running or job.progress_bar is not None:
             return
         from napari.utils import progress
 
@@ -980,6 +1000,14 @@ class PredictWidget(DockPanel):
         self._debounce.stop()
         self._refresh_timer.stop()
         self._paint_timer.stop()
+        self._defer_timer.stop()
+        # finish what was deferred (a new layer's overlays must not stay hidden); what needs
+        # the panel (the progress bar) checks that it is alive
+        while self._deferred:
+            try:
+                self._deferred.popleft()()
+            except Exception as err:  # noqa: BLE001 - best effort at teardown
+                log.debug("deferred GUI work at teardown failed: %s", err)
 
 
 class _Failed:
