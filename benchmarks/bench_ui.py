@@ -264,11 +264,18 @@ def main() -> None:
                         help="repeat every load and painting mode (alternating); the ratios "
                         "compare medians over the rounds")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--summarize", type=Path, default=None,
+                        help="only (re)write the summary tables of this result file")
     parser.add_argument("--child", choices=("idle", "busy"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout,
                                            args.painting[0])))
+        return
+    if args.summarize is not None:
+        data = json.loads(args.summarize.read_text())
+        data["tables"] = summary_tables(data["results"])
+        args.summarize.write_text(json.dumps(data, indent=1))
         return
     results = []
     for load in args.loads:
@@ -281,7 +288,8 @@ def main() -> None:
         script = "benchmarks/bench_ui.py"
         command = " ".join(["python", script, *sys.argv[1:]])
         args.json.write_text(json.dumps({"command": command, "script": script,
-                                         "results": results, "ratios": ratios}, indent=1))
+                                         "results": results, "ratios": ratios,
+                                         "tables": summary_tables(results)}, indent=1))
 
 
 def medians(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
@@ -293,6 +301,35 @@ def medians(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[st
     keys = ("max_ms", "p99_ms", "max_cpu_ms", "p99_cpu_ms", "cpu_in_max_gap_ms")
     return {group: {k: float(np.median([p[k] for p in phases])) for k in keys}
             for group, phases in groups.items()}
+
+
+def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
+    """Per load, the docs table: medians over the rounds of the time-sliced runs, and the
+    painting-on-arrival comparison where both were run."""
+    med = medians(results)
+    tables = {}
+    for load in dict.fromkeys(r["load"] for r in results):
+        loads = [ph["loadavg"][0] for r in results if r["load"] == load
+                 for ph in r["phases"].values()]
+        rows = [["phase", "max gap ms", "p99 ms", "gaps > 100 ms",
+                 "GUI-thread CPU in the longest gap ms", "most GUI-thread CPU in one gap ms",
+                 "on arrival: most GUI-thread CPU in one gap ms", "max gap: on arrival / sliced",
+                 "load"]]
+        for (ld, painting, name), sliced in med.items():
+            if ld != load or painting != "sliced":
+                continue
+            direct = med.get((load, "direct", name))
+            count = float(np.median([r["phases"][name]["over_100ms"] for r in results
+                                     if r["load"] == load and r["painting"] == "sliced"]))
+            rows.append([name, f"{sliced['max_ms']:.0f}", f"{sliced['p99_ms']:.0f}",
+                         f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}",
+                         f"{sliced['max_cpu_ms']:.0f}",
+                         "" if direct is None else f"{direct['max_cpu_ms']:.0f}",
+                         "" if direct is None
+                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}",
+                         f"{min(loads):.1f}–{max(loads):.1f}"])
+        tables[load] = rows
+    return tables
 
 
 def print_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
