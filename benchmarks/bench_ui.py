@@ -29,7 +29,10 @@ max and 99th percentile of the gaps per phase, and the load average at the end o
 
 ``--painting sliced direct`` runs each load twice (alternating, each in a fresh process): with
 the panel's time-sliced painting (the default) and with every streamed message painted as it
-arrives (``predict.PAINT_SLICE_S = None``, the behaviour before), and prints the ratios.
+arrives (``predict.PAINT_SLICE_S = None``, the behaviour before), and prints the ratios;
+``--rounds N`` repeats them (alternating) and compares medians.  The result file holds every
+run and ``tables[load]``: per phase the medians of the time-sliced runs, the GUI-thread CPU
+columns and the on-arrival comparison (``--summarize FILE`` rewrites them from the runs).
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_ui.py --json ui-gaps.json
     xvfb-run -a python benchmarks/bench_ui.py --loads idle --seconds 5      # quicker
