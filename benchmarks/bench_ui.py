@@ -2,15 +2,22 @@
 stall > 100 ms).
 
 A 10 ms ``QTimer`` heartbeat runs on the GUI thread; every gap between two ticks beyond 10 ms
-is time the viewer could not repaint or react. Phases, each driven through the panels' public
-methods only (``PredictWidget.predict_view()``, ``set_live()``, ``predict_image()``,
-``cancel()``, ``TrainWidget.train()``, ``stop()``):
+is time the viewer could not repaint or react.  The GUI thread's CPU time within each gap is
+recorded too ("max CPU": the most GUI-thread work in one gap), which separates work on the GUI
+thread from waiting for a core or for the GIL on a shared machine.  Phases, each driven
+through the panels' public methods only (``PredictWidget.predict_view()``, ``set_live()``,
+``set_model()``, ``predict_image()``, ``cancel()``, ``TrainWidget.train()``, ``stop()``):
 
 * ``idle``: nothing running (the machine's own noise);
 * ``first predict``: a fresh predict panel, bundled model not yet loaded, ``predict_view()``
   of a ~0.8 Mpx view of the 2048² sample (scaled and translated layer), until done;
 * ``live panning``: ``set_live(True)``, then the camera pans by a fifth of the view every
   300 ms, ten times, until the last view is done;
+* ``model switch``: ``set_model()`` to another model folder (a copy of the bundled model,
+  not loaded yet), then ``predict_view()`` of the same view, until done;
+* ``switch back``: ``set_model()`` back to the bundled model and ``predict_view()``: its
+  tiles of this view come from the engine's tile cache, in one burst (where painting each
+  tile on arrival costs most);
 * ``whole image``: ``predict_image()`` into a temporary OME-Zarr for ``--seconds``, then
   ``cancel()``;
 * ``training``: a fine-tune panel with ground-truth scribbles painted, ``train()`` for
@@ -18,7 +25,14 @@ methods only (``PredictWidget.predict_view()``, ``set_live()``, ``predict_image(
 
 Every load runs in a fresh process (``idle``: nothing started; ``busy``: one busy process per
 core, started and killed by this script), so "first predict" is really the first. Reports
-max and 99th percentile of the gaps per phase, and the load average.
+max and 99th percentile of the gaps per phase, and the load average at the end of each phase.
+
+``--painting sliced direct`` runs each load twice (alternating, each in a fresh process): with
+the panel's time-sliced painting (the default) and with every streamed message painted as it
+arrives (``predict.PAINT_SLICE_S = None``, the behaviour before), and prints the ratios;
+``--rounds N`` repeats them (alternating) and compares medians.  The result file holds every
+run and ``tables[load]``: per phase the medians of the time-sliced runs, the GUI-thread CPU
+columns and the on-arrival comparison (``--summarize FILE`` rewrites them from the runs).
 
     xvfb-run -a -s "-screen 0 1280x1024x24" python benchmarks/bench_ui.py --json ui-gaps.json
     xvfb-run -a python benchmarks/bench_ui.py --loads idle --seconds 5      # quicker
@@ -47,7 +61,12 @@ SAMPLE = 2048
 
 
 class Heartbeat:
-    """Tick times of a 10 ms QTimer on the GUI thread."""
+    """Tick times of a 10 ms QTimer on the GUI thread, and the GUI thread's CPU time at each.
+
+    A gap's CPU time tells the two kinds of stall apart on a shared machine: the GUI thread
+    working (napari's or the plugin's code) vs waiting (descheduled by the OS, or for the GIL
+    held by a worker thread).
+    """
 
     def __init__(self) -> None:
         from qtpy.QtCore import QTimer
@@ -56,25 +75,33 @@ class Heartbeat:
         self.timer.setInterval(HEARTBEAT_MS)
         self.timer.timeout.connect(self._tick)
         self.ticks: list[float] = []
+        self.cpu: list[float] = []
 
     def _tick(self) -> None:
         self.ticks.append(time.perf_counter())
+        self.cpu.append(time.thread_time())
 
     def __enter__(self) -> Heartbeat:
-        self.ticks = [time.perf_counter()]
+        self.ticks, self.cpu = [time.perf_counter()], [time.thread_time()]
         self.timer.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.timer.stop()
-        self.ticks.append(time.perf_counter())
+        self._tick()
 
     def summary(self) -> dict[str, float]:
-        gaps = np.diff(np.asarray(self.ticks)) * 1000 - HEARTBEAT_MS
-        gaps = np.maximum(gaps, 0.0)
+        gaps = np.maximum(np.diff(np.asarray(self.ticks)) * 1000 - HEARTBEAT_MS, 0.0)
+        cpu = np.diff(np.asarray(self.cpu)) * 1000  # GUI-thread CPU time within each gap
+        longest = int(np.argmax(gaps)) if gaps.size else 0
         return {"max_ms": float(gaps.max()) if gaps.size else 0.0,
                 "p99_ms": float(np.percentile(gaps, 99)) if gaps.size else 0.0,
-                "over_100ms": int((gaps > 100).sum()), "ticks": len(self.ticks),
+                "over_100ms": int((gaps > 100).sum()),
+                # the GUI thread's own work: in the longest gap, and the most in any gap
+                "cpu_in_max_gap_ms": float(cpu[longest]) if cpu.size else 0.0,
+                "max_cpu_ms": float(cpu.max()) if cpu.size else 0.0,
+                "p99_cpu_ms": float(np.percentile(cpu, 99)) if cpu.size else 0.0,
+                "ticks": len(self.ticks),
                 "seconds": self.ticks[-1] - self.ticks[0], "loadavg": list(os.getloadavg())}
 
 
@@ -97,7 +124,14 @@ def wait_until(condition: Any, timeout: float) -> bool:
     return True
 
 
-def run_phases(seconds: float, timeout: float) -> dict[str, Any]:
+def until_idle(timeout: float, *panels: Any) -> bool:
+    """Wait until no panel is busy, then let the jobs' last queued signals arrive."""
+    done = wait_until(lambda: not any(p.busy for p in panels), timeout)
+    spin(100)
+    return done
+
+
+def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, Any]:
     """All phases in this process's viewer; returns their gap summaries."""
     import napari
 
@@ -127,7 +161,7 @@ def run_phases(seconds: float, timeout: float) -> dict[str, Any]:
     spin(300)
     with Heartbeat() as hb:
         predict.predict_view()
-        done = wait_until(lambda: not predict.busy, timeout)
+        done = until_idle(timeout, predict)
     out["first predict"] = {**hb.summary(), "finished": done, "status": predict.status}
     labels = predict.labels_layer()
     out["first predict"]["labelled_px"] = (int(np.count_nonzero(np.asarray(labels.data[0])))
@@ -141,15 +175,32 @@ def run_phases(seconds: float, timeout: float) -> dict[str, Any]:
         for i in range(10):
             spin(300)
             cam.center = tuple(centre + (i + 1) * np.array([40.0, 60.0]))
-        done = wait_until(lambda: not predict.busy, timeout)
+        done = until_idle(timeout, predict)
         predict.set_live(False)
     out["live panning"] = {**hb.summary(), "finished": done, "status": predict.status}
+
+    cam.center = tuple(float(v) for v in image.data_to_world((SAMPLE / 2, SAMPLE / 2)))
+    spin(300)
+    with Heartbeat() as hb:
+        predict.set_model(other_model)
+        spin(100)  # the user's next click
+        predict.predict_view()
+        done = until_idle(timeout, predict)
+    out["model switch"] = {**hb.summary(), "finished": done, "status": predict.status}
+
+    with Heartbeat() as hb:
+        predict.set_model(None)  # back to the bundled model: its tiles come from the cache
+        spin(100)
+        predict.predict_view()
+        done = until_idle(timeout, predict)
+    out["switch back"] = {**hb.summary(), "finished": done, "status": predict.status,
+                          "cache_hits": int(predict.predictor.stats.get("cache_hits", -1))}
 
     with tempfile.TemporaryDirectory() as tmp, Heartbeat() as hb:
         predict.predict_image(Path(tmp) / "whole.zarr")
         spin(1000 * seconds)
         predict.cancel()
-        done = wait_until(lambda: not predict.busy, timeout)
+        done = until_idle(timeout, predict)
     out["whole image"] = {**hb.summary(), "finished": done, "status": predict.status}
 
     train = TrainWidget(viewer)
@@ -167,20 +218,38 @@ def run_phases(seconds: float, timeout: float) -> dict[str, Any]:
         train.train()
         spin(1000 * seconds)
         train.stop()
-        done = wait_until(lambda: not train.busy and not predict.busy, timeout)
+        done = until_idle(timeout, train, predict)
     out["training"] = {**hb.summary(), "finished": done, "status": train.status}
     viewer.close()
     return out
 
 
-def child(load: str, seconds: float, timeout: float) -> dict[str, Any]:
+def copy_of_bundled_model(folder: Path) -> Path:
+    """A second model folder to switch to (the bundled weights, saved anew)."""
+    from napari_muvit.model import load_model
+    from napari_muvit.widgets._models import bundled_segmenter_path
+
+    return Path(load_model(bundled_segmenter_path()).save(folder / "bundled copy"))
+
+
+def child(load: str, seconds: float, timeout: float, painting: str) -> dict[str, Any]:
     os.environ.setdefault("NAPARI_MUVIT_SETTINGS_DIR", tempfile.mkdtemp(prefix="bench_ui_"))
-    if load == "busy":
-        with busy_cores():
-            phases = run_phases(seconds, timeout)
-    else:
-        phases = run_phases(seconds, timeout)
-    return {"load": load, "machine": machine(), "phases": phases}
+    from napari_muvit.widgets import predict
+
+    if painting == "direct":
+        predict.PAINT_SLICE_S = None  # every message painted on arrival (before time slicing)
+    with tempfile.TemporaryDirectory() as tmp:
+        other = copy_of_bundled_model(Path(tmp))
+        if load == "busy":
+            with busy_cores() as pids:
+                phases = run_phases(seconds, timeout, other)
+            busy = len(pids)
+        else:
+            phases = run_phases(seconds, timeout, other)
+            busy = 0
+    return {"load": load, "busy_processes": busy, "painting": painting,
+            "paint_slice_ms": None if predict.PAINT_SLICE_S is None
+            else 1000 * predict.PAINT_SLICE_S, "machine": machine(), "phases": phases}
 
 
 def main() -> None:
@@ -190,37 +259,126 @@ def main() -> None:
                         help="how long whole-image prediction and training run")
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="longest wait for a phase to finish")
+    parser.add_argument("--painting", nargs="+", choices=("sliced", "direct"),
+                        default=["sliced"],
+                        help="sliced: the panel's time-sliced painting; direct: every message "
+                        "painted on arrival (as before); both: ratios are printed")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat every load and painting mode (alternating); the ratios "
+                        "compare medians over the rounds")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--summarize", type=Path, default=None,
+                        help="only (re)write the summary tables of this result file")
     parser.add_argument("--child", choices=("idle", "busy"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout)))
+        print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout,
+                                           args.painting[0])))
+        return
+    if args.summarize is not None:
+        data = json.loads(args.summarize.read_text())
+        data["tables"] = summary_tables(data["results"])
+        args.summarize.write_text(json.dumps(data, indent=1))
         return
     results = []
     for load in args.loads:
-        cmd = [sys.executable, __file__, "--child", load, "--seconds", str(args.seconds),
-               "--timeout", str(args.timeout)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-        if res.returncode or not lines:
-            sys.exit(f"bench_ui child ({load}) failed:\n{res.stderr[-3000:]}")
-        row = json.loads(lines[-1][len("RESULT "):])
-        results.append(row)
-        m = row["machine"]
-        print(f"\n-- {load}: {m['model']} ({m['isa']}, native bf16 {m['native_bf16']}), "
-              f"{m['cores']} cores, load avg at the end {m['loadavg'][0]:.1f}")
-        print(f"{'phase':<16}{'max gap ms':>11}{'p99 ms':>8}{'>100 ms':>8}{'s':>7}{'done':>6}"
-              f"{'load':>6}  status")
-        for name, ph in row["phases"].items():
-            print(f"{name:<16}{ph['max_ms']:>11.0f}{ph['p99_ms']:>8.0f}{ph['over_100ms']:>8}"
-                  f"{ph['seconds']:>7.1f}{str(ph.get('finished', '')):>6}"
-                  f"{ph['loadavg'][0]:>6.1f}  {ph.get('status', '')[:60]}")
+        for round_ in range(args.rounds):
+            for painting in args.painting:
+                results.append({**run_child(load, painting, args), "round": round_})
+    ratios = print_ratios(results) if len(args.painting) > 1 else None
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         script = "benchmarks/bench_ui.py"
         command = " ".join(["python", script, *sys.argv[1:]])
         args.json.write_text(json.dumps({"command": command, "script": script,
-                                         "results": results}, indent=1))
+                                         "results": results, "ratios": ratios,
+                                         "tables": summary_tables(results)}, indent=1))
+
+
+def medians(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Per (load, painting, phase): the median over the rounds of every gap statistic."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in results:
+        for name, phase in row["phases"].items():
+            groups.setdefault((row["load"], row["painting"], name), []).append(phase)
+    keys = ("max_ms", "p99_ms", "max_cpu_ms", "p99_cpu_ms", "cpu_in_max_gap_ms")
+    return {group: {k: float(np.median([p[k] for p in phases])) for k in keys}
+            for group, phases in groups.items()}
+
+
+def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
+    """Per load, the docs table: medians over the rounds of the time-sliced runs, and the
+    painting-on-arrival comparison where both were run."""
+    med = medians(results)
+    tables = {}
+    for load in dict.fromkeys(r["load"] for r in results):
+        loads = [ph["loadavg"][0] for r in results if r["load"] == load
+                 for ph in r["phases"].values()]
+        rows = [["phase", "max gap ms", "p99 ms", "gaps > 100 ms",
+                 "GUI-thread CPU in the longest gap ms", "most GUI-thread CPU in one gap ms",
+                 "on arrival: most GUI-thread CPU in one gap ms", "max gap: on arrival / sliced",
+                 "load"]]
+        for (ld, painting, name), sliced in med.items():
+            if ld != load or painting != "sliced":
+                continue
+            direct = med.get((load, "direct", name))
+            count = float(np.median([r["phases"][name]["over_100ms"] for r in results
+                                     if r["load"] == load and r["painting"] == "sliced"]))
+            rows.append([name, f"{sliced['max_ms']:.0f}", f"{sliced['p99_ms']:.0f}",
+                         f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}",
+                         f"{sliced['max_cpu_ms']:.0f}",
+                         "" if direct is None else f"{direct['max_cpu_ms']:.0f}",
+                         "" if direct is None
+                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}",
+                         f"{min(loads):.1f}–{max(loads):.1f}"])
+        tables[load] = rows
+    return tables
+
+
+def print_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per load and phase: max and p99 gap painting on arrival / time-sliced (medians over
+    the rounds); returns the table."""
+    med = medians(results)
+    print("\n-- painting on arrival (direct) / time-sliced: gap ratios (> 1: slicing helped); "
+          "medians over the rounds")
+    print(f"{'load':<6}{'phase':<16}{'max direct':>11}{'max sliced':>11}{'ratio':>7}"
+          f"{'p99 direct':>11}{'p99 sliced':>11}{'ratio':>7}{'max CPU d/s':>13}")
+    table = {}
+    for (load, painting, name), sliced in med.items():
+        direct = med.get((load, "direct", name))
+        if painting != "sliced" or direct is None:
+            continue
+        row = {"direct": direct, "sliced": sliced,
+               "max_ratio": direct["max_ms"] / max(sliced["max_ms"], 1e-3),
+               "p99_ratio": direct["p99_ms"] / max(sliced["p99_ms"], 1e-3)}
+        table[f"{load} / {name}"] = row
+        print(f"{load:<6}{name:<16}{direct['max_ms']:>11.0f}{sliced['max_ms']:>11.0f}"
+              f"{row['max_ratio']:>7.2f}{direct['p99_ms']:>11.0f}{sliced['p99_ms']:>11.0f}"
+              f"{row['p99_ratio']:>7.2f}"
+              f"{direct['max_cpu_ms']:>7.0f}/{sliced['max_cpu_ms']:<5.0f}")
+    return table
+
+
+def run_child(load: str, painting: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One load and painting mode in a fresh process; prints its rows."""
+    cmd = [sys.executable, __file__, "--child", load, "--seconds", str(args.seconds),
+           "--timeout", str(args.timeout), "--painting", painting]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode or not lines:
+        sys.exit(f"bench_ui child ({load}, {painting}) failed:\n{res.stderr[-3000:]}")
+    row = json.loads(lines[-1][len("RESULT "):])
+    m = row["machine"]
+    print(f"\n-- {load}, painting {painting}: {m['model']} ({m['isa']}, native bf16 "
+          f"{m['native_bf16']}), {m['cores']} cores, load avg at the end {m['loadavg'][0]:.1f}")
+    print(f"{'phase':<16}{'max gap ms':>11}{'p99 ms':>8}{'>100 ms':>8}{'max CPU':>8}"
+          f"{'p99 CPU':>8}{'s':>7}{'done':>6}{'load':>6}  status")
+    for name, ph in row["phases"].items():
+        print(f"{name:<16}{ph['max_ms']:>11.0f}{ph['p99_ms']:>8.0f}{ph['over_100ms']:>8}"
+              f"{ph['max_cpu_ms']:>8.0f}{ph['p99_cpu_ms']:>8.0f}"
+              f"{ph['seconds']:>7.1f}{str(ph.get('finished', '')):>6}"
+              f"{ph['loadavg'][0]:>6.1f}  {ph.get('status', '')[:60]}", flush=True)
+    return row
 
 
 if __name__ == "__main__":

@@ -478,17 +478,25 @@ def refresh_data(layer: Any) -> None:
 
 
 def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
-    """Show new data written into ``layer.data[slice_key]`` with as little work as possible.
+    """Show new data written into ``layer.data[slice_key]`` (see :func:`refresh_regions`)."""
+    refresh_regions(layer, [slice_key])
 
-    For a non-multiscale Labels layer only the changed part of the displayed texture is updated
-    (napari's own partial-refresh path for painting; a full ``refresh`` re-colours the whole
-    plane, which takes tens of ms for large planes and would stall the event loop on every
-    tile).  Other layers fall back to ``refresh()``.  Uses napari internals defensively: any
-    surprise falls back to the full refresh, and is logged (a warning the first time for each
-    kind of error, so that a napari update that breaks the fast path does not go unnoticed).
+
+def refresh_regions(layer: Any, slice_keys: Sequence[tuple[slice, ...]]) -> None:
+    """Show new data written into ``layer.data[key]`` for every key, with one texture upload.
+
+    For a non-multiscale Labels layer only the changed parts of the displayed texture are
+    re-coloured, and the union of them is uploaded once (napari's own partial-refresh path for
+    painting; a full ``refresh`` re-colours the whole plane, which takes tens of ms for large
+    planes and would stall the event loop on every tile).  Other layers fall back to
+    ``refresh()``.  Uses napari internals defensively: any surprise falls back to the full
+    refresh, and is logged (a warning the first time for each kind of error, so that a napari
+    update that breaks the fast path does not go unnoticed).
     """
+    if not slice_keys:
+        return
     try:
-        _partial_labels_refresh(layer, slice_key)
+        _partial_labels_refresh(layer, slice_keys)
     except Exception as err:  # noqa: BLE001 - private napari API: never worse than a full refresh
         kind = type(err).__name__
         first = kind not in _FAST_REFRESH_FAILURES
@@ -504,7 +512,7 @@ def refresh_region(layer: Any, slice_key: tuple[slice, ...]) -> None:
 _FAST_REFRESH_FAILURES: set[str] = set()
 
 
-def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
+def _partial_labels_refresh(layer: Any, slice_keys: Sequence[tuple[slice, ...]]) -> None:
     from napari.layers import Labels
 
     if not isinstance(layer, Labels) or layer.multiscale:
@@ -512,31 +520,89 @@ def _partial_labels_refresh(layer: Any, slice_key: tuple[slice, ...]) -> None:
         return
     if not layer._slicing_state.loaded or layer._slice.empty:
         return  # a pending slice load will read the new data anyway
-    upd = layer._get_update_slices(slice_key)
-    if upd is None:
-        return  # not on the displayed plane
-    region_slices, view_slices = upd
-    region = np.asarray(layer.data[slice_key])
-    visible = region[tuple(region_slices)]
-    visible, _ = layer._align_data_to_view(visible, visible)
     data, image = layer.data, layer._slice.image
-    if not (isinstance(data, np.ndarray) and np.shares_memory(data, image.raw)):
-        image.raw[tuple(view_slices)] = visible
-    if layer.contour == 0 and not (
-        isinstance(data, np.ndarray) and np.shares_memory(data, image.view)
-    ):
-        image.view[tuple(view_slices)] = layer.colormap._data_to_texture(visible)
-    layer._accumulate_updated_slice(slice_key)
-    layer._partial_labels_refresh()
+    staged = False
+    for slice_key in slice_keys:
+        upd = layer._get_update_slices(slice_key)
+        if upd is None:
+            continue  # not on the displayed plane
+        region_slices, view_slices = upd
+        region = np.asarray(data[slice_key])
+        visible = region[tuple(region_slices)]
+        visible, _ = layer._align_data_to_view(visible, visible)
+        if not (isinstance(data, np.ndarray) and np.shares_memory(data, image.raw)):
+            image.raw[tuple(view_slices)] = visible
+        if layer.contour == 0 and not (
+            isinstance(data, np.ndarray) and np.shares_memory(data, image.view)
+        ):
+            image.view[tuple(view_slices)] = layer.colormap._data_to_texture(visible)
+        layer._accumulate_updated_slice(slice_key)
+        staged = True
+    if staged:
+        layer._partial_labels_refresh()  # one upload of the union of the regions
+
+
+def add_labels_in_steps(viewer: Any, data: Any, defer: Any = None, **kwargs: Any) -> Any:
+    """``viewer.add_labels(data, **kwargs)``, split over turns of the event loop.
+
+    Adding a Labels layer is one long stretch of GUI-thread work in napari (about a quarter
+    of a second on a small CPU); about a third of it is creating the canvas overlays of the
+    brush and polygon tools.  With ``defer`` (called with a callback to run in a later turn of
+    the event loop) those overlays are created one per turn after the layer was added, ending
+    in the state napari's own ``add_labels`` gives.  Uses napari internals defensively: any
+    surprise adds the layer the ordinary way (logged once).
+    """
+    from napari.layers import Labels
+
+    layer = Labels(data, **kwargs)
+    hidden: list[Any] = []
+    if defer is not None:
+        try:
+            for overlay in layer._overlays.values():
+                if overlay.visible:
+                    overlay.visible = False
+                    hidden.append(overlay)
+        except Exception as err:  # noqa: BLE001 - private napari API: never worse than usual
+            _log_once("deferring the Labels overlays", err)
+            for overlay in hidden:
+                overlay.visible = True
+            hidden = []
+    viewer.add_layer(layer)
+
+    def show_next() -> None:
+        if hidden:
+            hidden.pop(0).visible = True  # napari creates its canvas overlay now
+        if hidden:
+            defer(show_next)
+
+    if hidden:
+        defer(show_next)
+    return layer
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(what: str, err: BaseException) -> None:
+    first = what not in _LOGGED
+    _LOGGED.add(what)
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "%s failed (%s: %s); napari's ordinary (slower) path is used", what,
+            type(err).__name__, err)
 
 
 @functools.lru_cache(maxsize=1)
 def _annotation_colormap() -> Any:
     """The colours napari gives a new Labels layer (the annotation layer): one colour table,
-    so a class painted in a colour is predicted in that colour (built once: not cheap)."""
-    from napari.layers import Labels
+    so a class painted in a colour is predicted in that colour.
 
-    return Labels(np.zeros((1, 1), np.uint8)).colormap
+    Built as napari's ``Labels.__init__`` builds it (49 colours, seed 0.5), not by creating a
+    throw-away Labels layer: that took up to a second of GIL on the first prediction
+    (``tests/test_widget_painting.py`` checks the colours still match a new layer's).
+    """
+    from napari.utils.colormaps import label_colormap
+
+    return label_colormap(49, 0.5, background_value=0)
 
 
 def labels_colormap(
@@ -567,6 +633,12 @@ def labels_colormap(
         else:
             colors[int(value)] = default.map(np.array([int(value)]))[0]
     return DirectLabelColormap(color_dict=colors)
+
+
+def model_colormap(model: Any) -> Any:
+    """:func:`labels_colormap` of a segmenter's or detector's classes."""
+    return labels_colormap(model.label_values, getattr(model, "class_colors", None),
+                           model.class_names)
 
 
 def class_features(label_values: Sequence[int], class_names: Sequence[str]) -> Any:

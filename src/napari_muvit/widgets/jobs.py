@@ -87,6 +87,8 @@ class Loaded:
     predictor: Any
     options: PredictorOptions
     precision_warning: str | None = None  # the chosen precision is emulated (slow) here
+    # the output layers' colours, built in the worker (a napari colormap is not free to build)
+    colormap: Any = None
 
     @property
     def identity(self) -> tuple:
@@ -139,7 +141,7 @@ class ModelLoader:
             if loaded is None:
                 predictor = options.make(model)
                 loaded = Loaded(choice, version, model, predictor, options,
-                                precision_warning(predictor))
+                                precision_warning(predictor), L.model_colormap(model))
                 while len(self._loaded) >= 4:
                     self._loaded.pop(next(iter(self._loaded)))
                 self._loaded[pkey] = loaded

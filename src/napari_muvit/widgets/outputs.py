@@ -146,8 +146,10 @@ class PaintResult:
 class ViewOutputs:
     """The view-prediction layers of one viewer, keyed by their image layer."""
 
-    def __init__(self, viewer: Any) -> None:
+    def __init__(self, viewer: Any, defer: Any = None) -> None:
         self.viewer = viewer
+        # runs a callback in a later turn of the event loop (see L.add_labels_in_steps)
+        self.defer = defer
         self._targets: dict[int, ViewTarget] = {}
         self._points: dict[int, tuple[Any, tuple]] = {}  # image id -> (Points layer, identity)
 
@@ -244,7 +246,7 @@ class ViewOutputs:
                 levels = L.allocate_levels(plane, dtype)
                 layer.data = levels if plane.multiscale else levels[0]
             if target.style != style:
-                layer.colormap = L.labels_colormap(model.label_values, colors, model.class_names)
+                layer.colormap = _colormap(loaded)
                 layer.features = L.class_features(model.label_values, model.class_names)
             for old in (target.confidence, target.uncertainty):
                 if old is not None and old in viewer.layers:
@@ -252,11 +254,11 @@ class ViewOutputs:
         else:
             levels = L.allocate_levels(plane, dtype)
             previous = viewer.layers.selection.active
-            layer = viewer.add_labels(
-                levels if plane.multiscale else levels[0],
+            layer = L.add_labels_in_steps(
+                viewer, levels if plane.multiscale else levels[0], self.defer,
                 name=f"{image.name} MuViT",
                 multiscale=plane.multiscale,
-                colormap=L.labels_colormap(model.label_values, colors, model.class_names),
+                colormap=_colormap(loaded),
                 features=L.class_features(model.label_values, model.class_names),
                 opacity=0.6,
                 metadata={"napari_muvit": {"source_layer": image.name}},
@@ -321,8 +323,7 @@ class ViewOutputs:
             coords = np.concatenate([old[keep], coords])
             new = pd.concat([layer.features.loc[keep, ["class", "score"]], new],
                             ignore_index=True)
-        colormap = L.labels_colormap(model.label_values, getattr(model, "class_colors", None),
-                                     model.class_names)
+        colormap = _colormap(loaded)
         face = (colormap.map(new["class"].to_numpy()) if len(new)
                 else np.zeros((0, 4), np.float32))
         if layer is None:
@@ -347,8 +348,9 @@ class ViewOutputs:
     def paint(self, target: ViewTarget, plane: L.LayerPlane, res: Any) -> PaintResult:
         """Write one :class:`~napari_muvit.engine.sinks.TileResult` into ``target``.
 
-        Returns what to refresh: non-multiscale Labels layers are refreshed region by region
-        (``regions``) right away, the others (``dirty``) by the view's coalescing timer.
+        Returns what to refresh: non-multiscale Labels layers region by region (``regions``,
+        uploaded together once per painting slice), the others as a whole (``dirty``, by the
+        panel's rate-limited refresh).
         """
         out = PaintResult()
         if target.pending is not None:
@@ -374,6 +376,12 @@ class ViewOutputs:
         else:
             out.regions = [(layer, slice_key) for level, slice_key in written if level == 0]
         return out
+
+
+def _colormap(loaded: Any) -> Any:
+    """The model's class colours, as built by the loader in its worker thread."""
+    cached = getattr(loaded, "colormap", None)
+    return cached if cached is not None else L.model_colormap(loaded.model)
 
 
 def points_coords(plane: L.LayerPlane, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -416,22 +424,23 @@ def _point_size(model: Any) -> float:
 
 
 def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, model: Any,
-                    out_path: Path) -> Any:
+                    out_path: Path, colormap: Any = None, defer: Any = None) -> Any:
     """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
-    (replacing the layer of a previous run of the same store)."""
+    (replacing the layer of a previous run of the same store); ``colormap`` default: the
+    model's; ``defer`` as in :func:`._layers.add_labels_in_steps`."""
     levels = [sink.labels(k) for k in range(sink.n_levels)]
     name = f"{image.name} MuViT ({out_path.name})"
     for layer in list(viewer.layers):
         if layer.name == name:
             viewer.layers.remove(layer)  # a previous run of the same store
     data, kwargs = stack_for_plane(levels, image, plane)
-    return viewer.add_labels(
+    return L.add_labels_in_steps(
+        viewer,
         data,
+        defer,
         name=name,
         multiscale=len(levels) > 1,
-        colormap=L.labels_colormap(
-            model.label_values, getattr(model, "class_colors", None), model.class_names
-        ),
+        colormap=colormap if colormap is not None else L.model_colormap(model),
         features=L.class_features(model.label_values, model.class_names),
         opacity=0.6,
         metadata={"napari_muvit": {"store": str(out_path), "source_layer": image.name}},

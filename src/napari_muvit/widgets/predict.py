@@ -3,8 +3,10 @@
 A thin Qt view over :class:`~.state.PredictState`: the form is bound to the state, the work runs
 in the worker functions of :mod:`.jobs`, and the output layers are managed by
 :class:`~.outputs.ViewOutputs`.  What stays here is the main-thread side: reading the camera,
-answering the jobs' handshake, painting streamed tiles and coalescing layer refreshes so that
-the event loop stays responsive while tiles stream in.
+answering the jobs' handshake, and painting streamed tiles in time slices
+(:class:`~._painting.PaintQueue`: in arrival order, a bounded time per slice, one refresh per
+layer and slice, the event loop running in between) so that the viewer stays responsive
+while tiles stream in.
 
 Three modes:
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,6 +55,7 @@ from napari_muvit.errors import CancelledError, IncompatibleModelError, InputErr
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets import _models as models
 from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice, registry
+from napari_muvit.widgets._painting import PaintBatch, PaintQueue
 from napari_muvit.widgets._workers import error_message, report_error, start_worker
 from napari_muvit.widgets.base import DockPanel, Form, _alive, bind_label, compact, set_progress
 from napari_muvit.widgets.base import plane_channels
@@ -85,6 +89,11 @@ EXPLICIT_MAX_S = 600.0
 UNTIMED_TILE_S = 0.1  # a guess per tile before one was timed (bundled model on a laptop CPU)
 # Coalesce full layer refreshes (multiscale and image layers re-read the visible region).
 REFRESH_INTERVAL_MS = 80
+# Streamed view results are painted in slices of at most about this long (one message may take
+# longer: adding the output layer), with the event loop running between slices.  None paints
+# every message as it arrives (the behaviour before time slicing; benchmarks/bench_ui.py
+# compares both).
+PAINT_SLICE_S: float | None = 0.015
 IMAGE_REFRESH_INTERVAL_MS = 400
 
 
@@ -117,16 +126,22 @@ class PredictWidget(DockPanel):
         self.sources = SourceCache()
         self._loaded_info: Loaded | None = None
         self._dirty_layers: dict[int, Any] = {}
+        self._painter: PaintQueue | None = None
+        self._unshown: set[Job] = set()  # view jobs whose end has not been painted yet
+        self._deferred: deque[Any] = deque()  # GUI work for later turns (see _defer)
         self._last_image_refresh = 0.0
         self._progress_value: int | None = None
         # the image layer the user picked the current model for (None: remembered, recalled
         # for the image kind, or carried over from another image)
         self._picked_for: str | None = None
         super().__init__(napari_viewer, parent)
-        self.outputs = ViewOutputs(self.viewer)
+        self.outputs = ViewOutputs(self.viewer, defer=self._defer)
         PredictWidget._instances.add(self)
         self._debounce = _timer(self, LIVE_DEBOUNCE_MS, self._on_live_timeout)
         self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
+        self._painter = PaintQueue(self._apply_view_message, self._show_painted)
+        self._paint_timer = _timer(self, 0, self._paint_slice)
+        self._defer_timer = _timer(self, 0, self._run_deferred)
         st = self.state.events
         st.image.connect(self._on_image_changed)
         st.image.connect(self._update_source_ome)
@@ -294,6 +309,15 @@ class PredictWidget(DockPanel):
     @property
     def live(self) -> bool:
         return self.state.live
+
+    @property
+    def running(self) -> bool:
+        """Whether a job runs or its streamed results are not all painted yet (its end
+        included: until then the status line may still change)."""
+        return (self.state.running or bool(self._unshown)
+                or bool(self._painter is not None and self._painter.pending))
+
+    busy = running
 
     @property
     def model_choice(self) -> ModelChoice:
@@ -688,28 +712,69 @@ class PredictWidget(DockPanel):
         else:
             previous = None
         job = Job("view", request=req)
+        self._unshown.add(job)
         self.state.view_job = job
         job.worker = start_worker(
             view_job, job, self.loader, self.sources, previous,
             lifeline=self.lifeline,
-            on_yield=lambda msg, j=job: self._on_view_message(j, msg),
-            on_error=lambda err, j=job: self._on_job_error(j, err),
-            on_finish=lambda j=job: self._on_view_finished(j),
+            on_yield=lambda msg, j=job: self._queue_view(j, msg),
+            on_error=lambda err, j=job: self._queue_view(j, _Failed(err)),
+            on_finish=lambda j=job: self._queue_view(j, _FINISHED),
         )
         self.set_status("predicting view…" if not live else "live: predicting view…")
         self._update_buttons()
         return job.worker
 
-    def _on_view_message(self, job: Job, msg: Any) -> None:
+    def _queue_view(self, job: Job, msg: Any) -> None:
+        """A view job's message (handshake, tile, points, error, end) arrived: paint it in
+        the next time slice, after everything that arrived before."""
+        self._painter.push((job, msg))
+        if PAINT_SLICE_S is None:
+            self._paint_slice()
+        elif not self._paint_timer.isActive():
+            self._paint_timer.start()
+
+    def _paint_slice(self) -> None:
+        """Timer: apply queued view messages for up to :data:`PAINT_SLICE_S`, then yield."""
+        if not self.alive:
+            return
+        try:
+            self._painter.run(PAINT_SLICE_S)
+        finally:
+            if self._painter.pending and self.alive:
+                self._paint_timer.start()  # the event loop runs before the next slice
+
+    def _apply_view_message(self, item: tuple[Job, Any]) -> Any:
+        job, msg = item
+        if msg is _FINISHED:
+            self._on_view_finished(job)
+            return None
+        if isinstance(msg, _Failed):
+            self._on_job_error(job, msg.error)
+            return None
+        return self._on_view_message(job, msg)
+
+    def _show_painted(self, batch: PaintBatch) -> None:
+        """Refresh what one slice painted: the regions of each Labels layer in one upload,
+        multiscale layers by the rate-limited refresh."""
+        for layer, keys in batch.regions.values():
+            if layer in self.viewer.layers:
+                L.refresh_regions(layer, keys)
+        for layer in batch.dirty.values():
+            self._mark_dirty(layer)
+        if self._progress_value is not None and not self._refresh_timer.isActive():
+            self._refresh_timer.start()
+
+    def _on_view_message(self, job: Job, msg: Any) -> Any:
         if isinstance(msg, Ready):
             self._on_view_ready(job, msg)
-            return
+            return None
         if isinstance(msg, PointsFound):
             self._show_points(job, msg)
-            return
+            return None
         if (job.token.cancelled and job.target is None) or job.budget_stop:
-            return  # not started, or the live budget is spent (the rest stays in the cache)
-        self._paint_tile(job, msg)
+            return None  # not started, or the live budget is spent (the rest stays in the cache)
+        return self._paint_tile(job, msg)
 
     def _on_view_ready(self, job: Job, ready: Ready) -> None:
         job.loaded, job.plane = ready.loaded, ready.plane
@@ -797,24 +862,20 @@ class PredictWidget(DockPanel):
         job.painted = job.total
         self.state.progress = (job.total, job.total)
 
-    def _paint_tile(self, job: Job, res: Any) -> None:
+    def _paint_tile(self, job: Job, res: Any) -> Any:
+        """Write one tile into its layers; returns what to refresh (shown once per slice)."""
         target = job.target
         if not self.outputs.is_current(target):
-            return  # the output was replaced (model switch) or removed
+            return None  # the output was replaced (model switch) or removed
         result = self.outputs.paint(target, job.plane, res)
         if not result.painted:
-            return
+            return None
         job.painted += 1
         if job.limit is not None and job.painted >= job.limit and not job.token.cancelled:
             job.budget_stop = True  # the live budget is spent: stop within one batch
             job.token.cancel()
-        for layer in result.dirty:
-            self._mark_dirty(layer)
-        for layer, slice_key in result.regions:
-            L.refresh_region(layer, slice_key)
         self._progress_value = job.painted  # shown by the coalescing refresh timer
-        if not self._refresh_timer.isActive():
-            self._refresh_timer.start()
+        return result
 
     def _mark_dirty(self, layer: Any) -> None:
         if layer is None:
@@ -835,6 +896,7 @@ class PredictWidget(DockPanel):
 
     def _on_view_finished(self, job: Job) -> None:
         job.done.set()
+        self._unshown.discard(job)
         if job.target is not None and job.painted:
             self._flush_refresh()
         if self.state.view_job is job:
@@ -914,17 +976,43 @@ class PredictWidget(DockPanel):
             return
         image = job.request.layer
         job.target = add_store_layer(self.viewer, image, msg.plane, msg.sink, msg.loaded.model,
-                                     job.out_path)
-        from napari.utils import progress
-
+                                     job.out_path, colormap=msg.loaded.colormap,
+                                     defer=self._defer)
         job.total = msg.remaining
-        job.progress_bar = progress(total=max(1, msg.remaining), desc=f"MuViT {image.name}")
         self.state.progress = (0, max(1, msg.remaining))
         resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
         self.set_status(
             f"whole image{resumed}: {msg.remaining} tiles to compute → {job.out_path}"
         )
         job.answer(True)
+        # napari's activity-dock progress bar costs about as much as adding the layer: in the
+        # next turn of the event loop, so that the two do not add up to one long stall
+        self._defer(lambda: self._add_progress_bar(job))
+
+    def _defer(self, callback: Any) -> None:
+        """Run ``callback`` in a later turn of the event loop: deferred callbacks run one per
+        turn, in order, so that long pieces of GUI work do not add up to one stall."""
+        self._deferred.append(callback)
+        if not self._defer_timer.isActive():
+            self._defer_timer.start()
+
+    def _run_deferred(self) -> None:
+        if not self.alive or not self._deferred:
+            return
+        try:
+            self._deferred.popleft()()
+        finally:
+            if self._deferred and self.alive:
+                self._defer_timer.start()
+
+    def _add_progress_bar(self, job: Job) -> None:
+        if not self.alive or not job.running or job.progress_bar is not None:
+            return
+        from napari.utils import progress
+
+        job.progress_bar = progress(total=max(1, job.total),
+                                    desc=f"MuViT {job.request.layer.name}")
+        job.progress_bar.update(job.painted)
 
     def _on_image_progress(self, job: Job, done: int, total: int) -> None:
         job.painted = done
@@ -969,6 +1057,25 @@ class PredictWidget(DockPanel):
     def on_closing(self) -> None:
         self._debounce.stop()
         self._refresh_timer.stop()
+        self._paint_timer.stop()
+        self._defer_timer.stop()
+        # finish what was deferred (a new layer's overlays must not stay hidden); what needs
+        # the panel (the progress bar) checks that it is alive
+        while self._deferred:
+            try:
+                self._deferred.popleft()()
+            except Exception as err:  # noqa: BLE001 - best effort at teardown
+                log.debug("deferred GUI work at teardown failed: %s", err)
+
+
+class _Failed:
+    """A view job's error, queued behind its tiles (reported in order)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_FINISHED = object()  # a view job's end, queued behind its tiles
 
 
 def _eta(pred: Any, tiles: int) -> str:

@@ -1,0 +1,315 @@
+"""Time-sliced painting of streamed tiles (widgets/_painting.py and the predict panel's timer).
+
+The queue itself is tested without Qt (a fake clock); the panel in a real napari viewer, with
+a tiny model: sliced painting paints every tile, in the engine's centre-first order, equal to
+painting each tile on arrival and to the engine's own result, through napari's partial
+Labels refresh, with the event loop running between slices; a cancel with tiles still queued
+leaves a consistent layer.  No assertion depends on how fast the machine is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_muvit.widgets._painting import PaintBatch, PaintQueue
+
+
+class _Result:
+    def __init__(self, regions=(), dirty=()):
+        self.regions = list(regions)
+        self.dirty = list(dirty)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_paint_queue_applies_in_order_within_the_budget_and_flushes_once_per_slice():
+    clock = _Clock()
+    applied: list[int] = []
+    batches: list[PaintBatch] = []
+    layer_a, layer_b = object(), object()
+
+    def apply(item):
+        applied.append(item)
+        clock.now += 0.010 if item != 99 else 0.100  # 10 ms per message, 100 ms for one
+        if item % 2:
+            return _Result(regions=[(layer_a, ("a", item))], dirty=[layer_b])
+        return _Result(regions=[(layer_b, ("b", item))]) if item < 50 else None
+
+    queue = PaintQueue(apply, batches.append, clock=clock)
+    for item in range(8):
+        queue.push(item)
+    assert queue.pending == 8
+    # 25 ms budget: three 10 ms messages per slice, the third one crossing the budget
+    assert queue.run(0.025) == 3
+    assert applied == [0, 1, 2] and queue.pending == 5
+    assert len(batches) == 1
+    regions = batches[0].regions
+    assert regions[id(layer_a)] == (layer_a, [("a", 1)])
+    assert regions[id(layer_b)] == (layer_b, [("b", 0), ("b", 2)])
+    assert list(batches[0].dirty.values()) == [layer_b]
+    assert queue.run(0.025) == 3 and queue.run(0.025) == 2  # the rest: 3, 4, 5, then 6, 7
+    # messages pushed later come after the ones queued before
+    queue.push(99)
+    queue.push(60)
+    queue.push(61)
+    assert queue.run(0.025) == 1  # 99 alone exceeds the budget: still one per slice
+    assert queue.run(None) == 2  # None: everything left
+    assert applied == [0, 1, 2, 3, 4, 5, 6, 7, 99, 60, 61] and queue.pending == 0
+    assert len(batches) == 5  # one flush per slice
+    assert queue.run(0.025) == 0 and len(batches) == 5  # nothing queued: no flush
+    queue.push(60)
+    assert queue.run(None) == 1 and len(batches) == 5  # nothing changed: no flush
+
+
+def test_paint_queue_shows_what_was_painted_before_an_error():
+    batches: list[PaintBatch] = []
+    layer = object()
+
+    def apply(item):
+        if item == "bad":
+            raise ValueError("broken tile")
+        return _Result(regions=[(layer, item)])
+
+    queue = PaintQueue(apply, batches.append)
+    for item in ("t1", "bad", "t2"):
+        queue.push(item)
+    with pytest.raises(ValueError, match="broken tile"):
+        queue.run(None)
+    assert batches[0].regions[id(layer)] == (layer, ["t1"])
+    assert queue.pending == 1  # the next slice goes on with the rest
+    assert queue.run(None) == 1 and batches[1].regions[id(layer)] == (layer, ["t2"])
+
+
+# ------------------------------------------------------------------------------------ napari
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+
+def test_default_label_colours_are_those_of_a_new_labels_layer():
+    from napari.layers import Labels
+
+    from napari_muvit.widgets import _layers as L
+
+    values = np.arange(0, 300)
+    np.testing.assert_array_equal(L._annotation_colormap().map(values),
+                                  Labels(np.zeros((1, 1), np.uint8)).colormap.map(values))
+
+
+TILE = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from _predict_support import tiny_segmenter
+
+    seg = tiny_segmenter(crop=TILE)
+    return seg.save(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
+
+
+def _panel(make_napari_viewer, qtbot, model_dir, images):
+    from napari_muvit.widgets import PredictWidget
+
+    viewer = make_napari_viewer(show=True)
+    layers = [viewer.add_image(data, name=name) for name, data in images.items()]
+    widget = PredictWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="MuViT predict")
+    widget.set_model(model_dir)
+    widget.device_combo.setCurrentText("cpu")
+    widget.batch_spin.setValue(2)
+    viewer.window._qt_window.resize(1100, 800)
+    qtbot.wait(100)
+    viewer.reset_view()  # the whole image: 8 x 8 tiles
+    qtbot.wait(50)
+    return viewer, layers, widget
+
+
+def _run_view(qtbot, widget, layer):
+    widget.image_layer = layer
+    assert widget.predict_view() is not None
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
+    return widget.state.view_job
+
+
+def _record(widget, monkeypatch):
+    """Arrival order of tiles, paint order, slices and ticks of a 0 ms timer between them."""
+    from qtpy.QtCore import QTimer
+
+    from napari_muvit.widgets import _layers as L
+
+    log = {"arrived": [], "painted": [], "events": [], "regions": [], "full": [], "backlog": [],
+           "pending": []}
+    queue_view, paint = widget._queue_view, widget.outputs.paint
+    paint_slice = widget._paint_slice
+
+    def queued(job, msg):
+        if hasattr(msg, "tile"):
+            log["arrived"].append(tuple(msg.tile.grid))
+        queue_view(job, msg)
+
+    def painted(target, plane, res):
+        log["painted"].append(tuple(res.tile.grid))
+        return paint(target, plane, res)
+
+    def sliced():
+        log["events"].append("slice")
+        log["backlog"].append(len(log["events"]) - 1)  # where a slice started ...
+        log["pending"].append(widget._painter.pending)  # ... and how much was queued
+        paint_slice()
+
+    monkeypatch.setattr(widget, "_queue_view", queued)
+    monkeypatch.setattr(widget.outputs, "paint", painted)
+    monkeypatch.setattr(widget, "_paint_slice", sliced)
+    widget._paint_timer.timeout.disconnect()
+    widget._paint_timer.timeout.connect(sliced)
+    regions, full = L.refresh_regions, L.refresh_data
+    monkeypatch.setattr(
+        L, "refresh_regions",
+        lambda layer, keys: log["regions"].append(len(keys)) or regions(layer, keys))
+    monkeypatch.setattr(L, "refresh_data", lambda layer: log["full"].append(layer) or full(layer))
+    ticker = QTimer()
+    ticker.setInterval(0)
+    ticker.timeout.connect(lambda: log["events"].append("tick"))
+    ticker.start()
+    log["ticker"] = ticker
+    return log
+
+
+def test_sliced_painting_equals_painting_on_arrival_centre_first(
+    make_napari_viewer, qtbot, model_dir, monkeypatch
+):
+    from napari_muvit.data import PyramidSource, synthetic_rings
+    from napari_muvit.engine.predictor import Predictor
+    from napari_muvit.model import load_model
+    from napari_muvit.widgets import _layers as L
+    from napari_muvit.widgets import predict
+
+    data = synthetic_rings(256, seed=5, min_level_size=64).pyramid[0]
+    viewer, (sliced_layer, direct_layer), widget = _panel(
+        make_napari_viewer, qtbot, model_dir, {"sliced": data, "direct": data.copy()})
+    monkeypatch.setattr(L, "_FAST_REFRESH_FAILURES", set())
+
+    # the finest slicing: one message per slice
+    monkeypatch.setattr(predict, "PAINT_SLICE_S", 1e-9)
+    log = _record(widget, monkeypatch)
+    job = _run_view(qtbot, widget, sliced_layer)
+    log["ticker"].stop()
+    sliced = np.asarray(widget.labels_layer(sliced_layer).data).copy()
+
+    assert job.total == 64 and job.painted == 64, "every tile painted"
+    assert log["painted"] == log["arrived"], "painted in the order the engine streamed them"
+    cells = np.array(log["painted"], dtype=float)
+    centre = job.request.region.mean(axis=0) / TILE  # in grid cells
+    distance = np.hypot(*(cells + 0.5 - centre).T)
+    assert distance[0] == distance.min() and distance[-1] == distance.max(), "centre first"
+    slices = log["events"].count("slice")
+    assert slices >= 64 + 2  # the handshake, 64 tiles and the end, each in its own slice
+    # the event loop ran between slices (a 0 ms timer ticked in between)
+    starts = log["backlog"]
+    assert "tick" in log["events"][starts[0]:starts[-1]]
+    # napari's partial Labels refresh, one upload per slice, never a full refresh
+    assert len(log["regions"]) == 64 and set(log["regions"]) == {1}
+    assert not [layer for layer in log["full"] if layer is widget.labels_layer(sliced_layer)]
+    assert not L._FAST_REFRESH_FAILURES
+    shown = np.asarray(widget.labels_layer(sliced_layer)._slice.image.raw)
+    np.testing.assert_array_equal(shown, sliced)  # what is on screen is the data
+    assert "view done: 64 tiles" in widget.status
+    # the output layer's tool overlays, created in later turns, end as napari's own
+    from napari.layers import Labels
+
+    expected = {n: o.visible for n, o in Labels(np.zeros((2, 2), np.uint8))._overlays.items()}
+    out = widget.labels_layer(sliced_layer)
+    qtbot.waitUntil(lambda: {n: o.visible for n, o in out._overlays.items()} == expected,
+                    timeout=10_000)
+
+    # painting every message on arrival (as before time slicing): the same labels
+    monkeypatch.setattr(predict, "PAINT_SLICE_S", None)
+    _run_view(qtbot, widget, direct_layer)
+    direct = np.asarray(widget.labels_layer(direct_layer).data)
+    np.testing.assert_array_equal(sliced, direct)
+    # and the engine's result on the whole image
+    source = PyramidSource.from_layer_data(data, multiscale=False, rgb=False)
+    expected = Predictor(load_model(model_dir), device="cpu").predict(source).labels
+    np.testing.assert_array_equal(sliced, expected)
+
+
+def test_cancel_with_tiles_queued_paints_them_all_and_leaves_whole_tiles(
+    make_napari_viewer, qtbot, model_dir, monkeypatch
+):
+    import time
+
+    from napari_muvit.data import synthetic_rings
+    from napari_muvit.widgets import predict
+
+    data = synthetic_rings(256, seed=6, min_level_size=64).pyramid[0]
+    viewer, (layer,), widget = _panel(make_napari_viewer, qtbot, model_dir, {"rings": data})
+    monkeypatch.setattr(predict, "PAINT_SLICE_S", 1e-9)
+    log = _record(widget, monkeypatch)
+    paint = widget.outputs.paint
+
+    def slow_paint(target, plane, res):
+        time.sleep(0.03)  # painting slower than the engine: tiles queue up
+        return paint(target, plane, res)
+
+    monkeypatch.setattr(widget.outputs, "paint", slow_paint)
+    widget.image_layer = layer
+    widget.predict_view()
+    qtbot.waitUntil(lambda: widget._painter.pending >= 3 and widget.state.view_job.painted >= 1,
+                    timeout=60_000)
+    widget.cancel()
+    queued_at_cancel = widget._painter.pending
+    assert queued_at_cancel >= 3
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    log["ticker"].stop()
+    job = widget.state.view_job
+    assert job.token.cancelled and 1 <= job.painted < 64
+    # nothing that arrived was dropped: every streamed tile is painted, in order
+    assert job.painted == len(log["arrived"]) == len(log["painted"])
+    assert log["painted"] == log["arrived"]
+    out = np.asarray(widget.labels_layer().data)
+    mask = np.zeros(out.shape, bool)
+    for r, c in widget.outputs.target(layer).painted_cells():
+        mask[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE] = True
+    np.testing.assert_array_equal(out > 0, mask)  # whole tiles, nothing else
+    assert "cancelled" in widget.status
+    # with a backlog, the event loop still ran between two slices (a 0 ms timer ticked)
+    starts = log["backlog"]
+    between = [log["events"][a:b] for a, b, queued in zip(starts, starts[1:], log["pending"])
+               if queued >= 2]
+    assert between and any("tick" in events for events in between)
+
+
+def test_a_new_labels_layer_gets_its_overlays_in_later_steps(make_napari_viewer):
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    usual = viewer.add_labels(np.zeros((32, 32), np.uint8), name="usual")
+    expected = {name: o.visible for name, o in usual._overlays.items()}
+    assert any(expected.values())  # napari shows some (the brush and polygon tools)
+
+    steps: list = []
+    layer = L.add_labels_in_steps(viewer, np.zeros((32, 32), np.uint8), steps.append,
+                                  name="stepwise", opacity=0.6)
+    assert layer in viewer.layers and layer.opacity == 0.6
+    assert not any(o.visible for o in layer._overlays.values())  # none created yet
+    shown = 0
+    while steps:  # one overlay per turn of the event loop
+        steps.pop(0)()
+        shown += 1
+    assert shown == sum(expected.values())
+    assert {name: o.visible for name, o in layer._overlays.items()} == expected
+    # without ``defer``: napari's own add_labels
+    plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
+    assert {name: o.visible for name, o in plain._overlays.items()} == expected
