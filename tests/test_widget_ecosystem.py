@@ -61,6 +61,7 @@ def _panel(make_napari_viewer, model_dir, widget_cls=None):
     if hasattr(widget, "set_model"):
         widget.set_model(model_dir)
         widget.device_combo.setCurrentText("cpu")
+        widget.overlap_spin.setValue(0)  # compared with the engine's unblended prediction
     return viewer, widget
 
 

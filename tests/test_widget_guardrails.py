@@ -67,6 +67,7 @@ def _panel(make_napari_viewer, data, model, **kwargs):
     viewer.window.add_dock_widget(panel)
     viewer.window._qt_window.resize(1100, 800)
     panel.device_combo.setCurrentText("cpu")
+    panel.overlap_spin.setValue(0)  # tiles on the crop grid: compared with the engine's
     panel.image_layer = layer
     if model is not None:
         panel.set_model(model)

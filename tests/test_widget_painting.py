@@ -128,6 +128,7 @@ def _panel(make_napari_viewer, qtbot, model_dir, images):
     viewer.window.add_dock_widget(widget, name="MuViT predict")
     widget.set_model(model_dir)
     widget.device_combo.setCurrentText("cpu")
+    widget.overlap_spin.setValue(0)  # tiles on the crop grid: compared tile by tile below
     widget.batch_spin.setValue(2)
     viewer.window._qt_window.resize(1100, 800)
     qtbot.wait(100)

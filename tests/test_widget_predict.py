@@ -142,6 +142,7 @@ def _viewer_with_widget(make_napari_viewer, model_dir, data, **image_kwargs):
     qtbot_process_events()
     widget.set_model(model_dir)
     widget.device_combo.setCurrentText("cpu")
+    widget.overlap_spin.setValue(0)  # tiles on the crop grid: compared tile by tile below
     widget.image_layer = layer
     return viewer, layer, widget
 

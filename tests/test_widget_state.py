@@ -152,3 +152,24 @@ def test_fast_labels_refresh_path_is_taken_and_failures_are_logged(
     assert full == [layer, layer]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "partial Labels refresh failed" in warnings[0].getMessage()
+
+
+def test_the_predict_panel_blends_tiles_by_default():
+    """No seams at the defaults (issue 13): the panel's predictor overlaps tiles by the
+    engine's blending default; 0 in the panel still means no overlap."""
+    import torch
+
+    from napari_muvit.engine.predictor import default_overlap
+    from napari_muvit.model import MuViTEncoder, MuViTSegmenter
+    from napari_muvit.widgets.jobs import PredictorOptions
+    from napari_muvit.widgets.state import PredictState
+
+    torch.manual_seed(0)
+    seg = MuViTSegmenter(MuViTEncoder(1, (1, 4), patch_size=8, dim=48, num_layers=1, heads=2),
+                         num_classes=2, head_dim=16, meta={"crop_size": 64})
+    state = PredictState()
+    assert state.overlap == -1
+    predictor = PredictorOptions.of(state).make(seg, device="cpu")
+    assert predictor.overlap == default_overlap(64) == 8
+    state.overlap = 0
+    assert PredictorOptions.of(state).make(seg, device="cpu").overlap == 0
