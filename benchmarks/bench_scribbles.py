@@ -264,14 +264,20 @@ def plot(results: list[dict], out: Path) -> None:
     runs = [r for res in results for r in res["runs"]]
     datasets = sorted({r["dataset"] for r in runs})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
+    methods = sorted({r["method"] for r in runs})
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, ds in zip(axes[0], datasets):
+        labelled: set[str] = set()
         for r in (r for r in runs if r["dataset"] == ds):
             xs = [c["seconds"] for c in r["curve"]]
             ys = [c["mdsc"] for c in r["curve"]]
             style = "o" if len(xs) == 1 else ".-"
-            ax.plot(xs, ys, style, label=r["method"])
+            label = None if r["method"] in labelled else r["method"]  # one entry per method
+            labelled.add(r["method"])
+            ax.plot(xs, ys, style, color=colours[r["method"]], label=label, alpha=0.8)
         ax.set_title(ds)
         ax.set_xlabel("CPU seconds since Train")
+        ax.set_xscale("symlog", linthresh=1.0)
         ax.set_ylabel("mDSC")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
