@@ -21,7 +21,9 @@ from napari_muvit.cli import main
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.model import load_model
 
-TINY = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--device", "cpu", "--quiet"]
+# runs with steps (resume, kill, checkpoints): the fine-tuned MLP head, not the default forest
+TINY = ["--preset", "tiny", "--crop", "32", "--batch", "2", "--device", "cpu", "--quiet",
+        "--classifier", "mlp"]
 SRC = Path(napari_muvit.__file__).resolve().parents[1]
 
 
@@ -128,7 +130,7 @@ def test_hostile_init_folders_fail_fast_with_one_line(files, tmp_path: Path, cap
     image, labels = files
     enc = tmp_path / "enc"
     assert main(["pretrain", str(image), "--levels", "1,4", "--out", str(enc), "--steps", "1",
-                 *TINY]) == 0
+                 *TINY[:-2]]) == 0
     config = enc / "config.yaml"
     good = config.read_text()
     bomb = ["  l0: &l0 [x, x, x, x, x, x, x, x, x, x]"] + [
