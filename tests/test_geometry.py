@@ -321,3 +321,18 @@ def test_visible_data_bbox_examples():
     np.testing.assert_allclose(bb, [[30, 40], [70, 60]])
     with pytest.raises(InputError, match="zoom"):
         visible_data_bbox((0, 0), 0, (10, 10), np.eye(3), (10, 10))
+
+
+@given(
+    st.integers(16, 300), st.integers(16, 300), st.sampled_from([16, 32, 64]),
+    st.lists(st.tuples(st.integers(0, 299), st.integers(0, 299)), min_size=1, max_size=20),
+)
+@settings(max_examples=60, deadline=None)
+def test_the_cell_of_a_pixel_is_the_planned_tile_whose_core_holds_it(h, w, size, pixels):
+    from napari_muvit.data.geometry import grid_cells_of_pixels
+
+    pixels = [(y % h, x % w) for y, x in pixels]
+    tiles = {t.grid: t for t in plan_tiles(None, size, (h, w), 0)}
+    for (y, x), cell in zip(pixels, grid_cells_of_pixels(pixels, size)):
+        core = tiles[tuple(int(c) for c in cell)].core
+        assert core[0][0] <= y < core[1][0] and core[0][1] <= x < core[1][1]

@@ -401,6 +401,12 @@ def grid_cell_range(region: np.ndarray | Sequence, step: int) -> tuple[range, ra
     return rows, cols
 
 
+def grid_cells_of_pixels(pixels: np.ndarray | Sequence, step: int) -> np.ndarray:
+    """``(N, 2)`` cells ``(iy, ix)`` of the global tile grid (step ``step``) that own the
+    integer pixels ``(N, 2)``: the cell whose core holds each pixel."""
+    return np.floor_divide(np.asarray(pixels, dtype=np.int64).reshape(-1, 2), int(step))
+
+
 def grid_cells(region: np.ndarray | Sequence, step: int) -> list[tuple[int, int]]:
     """``(iy, ix)`` cells of the global tile grid (step ``step``, see :func:`plan_tiles`) whose
     cores intersect ``region`` (a float bbox; floored/ceiled to whole pixels), row-major."""

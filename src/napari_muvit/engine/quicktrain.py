@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_muvit.data.geometry import centered_nested_bboxes, plan_tiles
+from napari_muvit.data.geometry import centered_nested_bboxes, grid_cells_of_pixels, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
@@ -117,7 +117,7 @@ def collect_features(
         return out
     tiles = plan_tiles(None, tile_size, source.shape, 0)
     by_cell: dict[tuple[int, int], Any] = {t.grid: t for t in tiles}
-    cells = points // tile_size
+    cells = grid_cells_of_pixels(points, tile_size)
     order: dict[tuple[int, int], list[int]] = {}
     for i, (cy, cx) in enumerate(map(tuple, cells)):
         order.setdefault((int(cy), int(cx)), []).append(i)
