@@ -78,6 +78,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for the synthetic images")
     p.add_argument("--init-from", type=Path, required=True, help="model folder of the encoder")
+    p.add_argument("--levels", default="1,4", help="levels of the probed encoder (select_levels)")
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -91,13 +92,15 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model = load_model(args.init_from)
-    encoder = getattr(model, "encoder", model).eval()
+    levels = [float(v) for v in args.levels.split(",")]
+    encoder = getattr(model, "encoder", model).eval().select_levels(levels)
     norm = getattr(model, "normalization", None)
     train = make_image(args.out / "data", TRAIN_SEED)
     test = make_image(args.out / "data", TEST_SEED)
     results = {}
     t0 = time.perf_counter()
-    for name, enc in (("MuViT[1,4]", encoder), ("MuViT[1]", encoder.select_levels([1.0]))):
+    label = "MuViT[" + ",".join(f"{v:g}" for v in levels) + "]"
+    for name, enc in ((label, encoder), ("MuViT[1]", encoder.select_levels([1.0]))):
         tr = cell_features(enc, *train, norm, args.crop, TRAIN_SEED)
         te = cell_features(enc, *test, norm, args.crop, TEST_SEED)
         for feature, k in (("level1_token", 0), ("coarse_context", 1)):
@@ -115,6 +118,7 @@ def main() -> None:
         "script": "experiments/points_context_probe.py",
         "command": " ".join(["python", *sys.argv]),
         "init_from": str(args.init_from),
+        "levels": levels,
         "cells": {"train": int(len(tr[2])), "test": int(len(te[2])),
                   "test_per_class": np.bincount(te[2])[1:].tolist()},
         "load_average": [round(v, 2) for v in os.getloadavg()],
