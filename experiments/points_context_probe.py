@@ -16,7 +16,8 @@ A logistic regression fitted on the training field's cells is scored on the test
 (``select_levels``).
 
     python experiments/points_context_probe.py --out experiments/runs/points_probe \\
-        --init-from src/napari_muvit/weights/default_segmenter --json docs/data/points_context_probe.json
+        --init-from src/napari_muvit/weights/default_segmenter \\
+        --json docs/data/points_context_probe.json
 """
 
 from __future__ import annotations

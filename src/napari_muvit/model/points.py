@@ -114,7 +114,9 @@ class PointHead(nn.Module):
     ):
         super().__init__()
         if type_head not in TYPE_HEADS:
-            raise InputError(f"head_options.type_head: expected one of {TYPE_HEADS}, got {type_head!r}")
+            raise InputError(
+                f"head_options.type_head: expected one of {TYPE_HEADS}, got {type_head!r}"
+            )
         self.stride = int(stride)
         self.offsets = bool(offsets)
         self.patch_size = int(patch_size)
