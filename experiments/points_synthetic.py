@@ -11,7 +11,9 @@ MuViT[1,4] vs MuViT[1] vs MuViT[1,4] with naive bboxes.
     python experiments/points_synthetic.py --out experiments/runs/points_syn_pl \
         --variants muvit14 --region 0,0,1024,1024 --pseudo both   # consistency loss on / off
 
-Results: ``docs/data/points_synthetic.json`` (and the ``_pretrained`` / ``_typeloss`` variants) and docs/results.md.
+Results: ``docs/data/points_synthetic.json`` (and the ``_pretrained`` / ``_typeloss`` variants:
+the shared-softmax head; ``points_synthetic_separate_*.json``: the separate type head, today's
+default) and docs/results.md. ``--extra "--type-head shared"`` repeats the shared-head runs.
 """
 
 from __future__ import annotations
