@@ -93,7 +93,7 @@ def run_variant(name: str, pseudo: bool, train: tuple[Path, Path], test: tuple[P
     model = out / tag
     if args.eval_only:
         return evaluate_model(model, v, pseudo, test, out, tag)
-    init = initial_encoder(out / f"{name}_init", v["levels"], args)
+    init = out / f"{name}_init"  # written by main() before the runs start
     argv = ["train", str(train[0]), "--points", str(train[1]), "--out", str(model),
             "--init", str(init), "--levels", v["levels"], "--crop", str(args.crop),
             "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
@@ -183,6 +183,10 @@ def main() -> None:
     test = make_image(args.out / "data", TEST_SEED)
     pseudo = {"off": [False], "on": [True], "both": [False, True]}[args.pseudo]
     runs = [(v, pl) for v in args.variants.split(",") if v for pl in pseudo]
+    if not args.eval_only:
+        # once per variant, before the parallel runs (with/without pseudo-labels share it)
+        for name in dict.fromkeys(v for v, _ in runs):
+            initial_encoder(args.out / f"{name}_init", VARIANTS[name]["levels"], args)
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda r: run_variant(*r, train, test, args.out, args), runs))
     load = os.getloadavg()
