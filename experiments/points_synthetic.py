@@ -11,7 +11,9 @@ MuViT[1,4] vs MuViT[1] vs MuViT[1,4] with naive bboxes.
     python experiments/points_synthetic.py --out experiments/runs/points_syn_pl \
         --variants muvit14 --region 0,0,1024,1024 --pseudo both   # consistency loss on / off
 
-Results: ``docs/data/points_synthetic.json`` (and the ``_pretrained`` / ``_typeloss`` variants) and docs/results.md.
+Results: ``docs/data/points_synthetic.json`` (and the ``_pretrained`` / ``_typeloss`` variants:
+the shared-softmax head; ``points_synthetic_separate_*.json``: the separate type head, today's
+default) and docs/results.md. ``--extra "--type-head shared"`` repeats the shared-head runs.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def run_variant(name: str, pseudo: bool, train: tuple[Path, Path], test: tuple[P
     model = out / tag
     if args.eval_only:
         return evaluate_model(model, v, pseudo, test, out, tag)
-    init = initial_encoder(out / f"{name}_init", v["levels"], args)
+    init = out / f"{name}_init"  # written by main() before the runs start
     argv = ["train", str(train[0]), "--points", str(train[1]), "--out", str(model),
             "--init", str(init), "--levels", v["levels"], "--crop", str(args.crop),
             "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
@@ -181,6 +183,10 @@ def main() -> None:
     test = make_image(args.out / "data", TEST_SEED)
     pseudo = {"off": [False], "on": [True], "both": [False, True]}[args.pseudo]
     runs = [(v, pl) for v in args.variants.split(",") if v for pl in pseudo]
+    if not args.eval_only:
+        # once per variant, before the parallel runs (with/without pseudo-labels share it)
+        for name in dict.fromkeys(v for v, _ in runs):
+            initial_encoder(args.out / f"{name}_init", VARIANTS[name]["levels"], args)
     with ThreadPoolExecutor(args.parallel) as pool:
         results = list(pool.map(lambda r: run_variant(*r, train, test, args.out, args), runs))
     load = os.getloadavg()

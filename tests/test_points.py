@@ -32,6 +32,7 @@ from napari_muvit.model.points import (
     decode_points,
     nms_points,
     offset_scale,
+    point_consistency_loss,
     point_loss,
     point_maps,
     point_targets,
@@ -114,6 +115,19 @@ def test_point_raster_values_region_and_exclude() -> None:
 
 
 # ============================================================================ model
+def _perfect_raw(types: torch.Tensor, offsets: torch.Tensor, num_classes: int, scale: float,
+                 type_head: str) -> torch.Tensor:
+    """Raw outputs that are certain and right for the targets of :func:`point_targets`."""
+    fg = types.clamp_min(0)
+    if type_head == "shared":
+        logits = torch.nn.functional.one_hot(fg, num_classes + 1).permute(0, 3, 1, 2) * 20.0
+    else:
+        obj = torch.where(fg > 0, 20.0, -20.0)[:, None]
+        kind = torch.nn.functional.one_hot((fg - 1).clamp_min(0), num_classes)
+        logits = torch.cat([obj, kind.permute(0, 3, 1, 2) * 20.0], 1)
+    return torch.cat([logits.float(), offsets / scale], 1)
+
+
 def _tiny_detector(levels=(1, 4), classes=2, **opts) -> MuViTPointDetector:
     enc = MuViTEncoder(1, levels, patch_size=8, dim=48, num_layers=2, heads=2)
     return MuViTPointDetector(enc, num_classes=classes, head_dim=16, head_options=opts)
@@ -137,23 +151,69 @@ def test_targets_positives_and_offsets() -> None:
     assert float(loss.detach()) == 0.0
 
 
+@pytest.mark.parametrize("type_head", ["separate", "shared"])
 @pytest.mark.parametrize("stride", [1, 4])
-def test_perfect_raw_outputs_decode_to_the_points(stride: int) -> None:
+def test_perfect_raw_outputs_decode_to_the_points(stride: int, type_head: str) -> None:
     pts = {(10, 12): 1, (20, 5): 2, (21, 25): 1}
     t = torch.zeros(1, 32, 32, dtype=torch.long)
     for (y, x), c in pts.items():
         t[0, y, x] = c
     types, off, _, _ = point_targets(t, stride, 3.0)
-    logits = torch.nn.functional.one_hot(types.clamp_min(0), 3).permute(0, 3, 1, 2).float() * 20
-    raw = torch.cat([logits, off / offset_scale(stride, 3.0)], 1)
-    maps = point_maps(raw, 2, stride, 3.0, 32)
+    raw = _perfect_raw(types, off, 2, offset_scale(stride, 3.0), type_head)
+    maps = point_maps(raw, 2, stride, 3.0, 32, type_head=type_head)
     found = decode_points(maps, 0.5, 4.0)[0]
     got = sorted((round(float(y), 3), round(float(x), 3), int(c) + 1)
                  for (y, x), c in zip(found["yx"], found["class_index"]))
     assert got == sorted((float(y), float(x), c) for (y, x), c in pts.items())
     # the loss of these outputs is small (perfect types at 20-logit margin, exact offsets)
-    loss, parts = point_loss(raw, t, 2, stride, 3.0)
+    loss, parts = point_loss(raw, t, 2, stride, 3.0, type_head=type_head)
     assert parts["loss_reg"] < 1e-10 and parts["loss_type"] < 1e-6
+    assert parts["loss_obj"] < 1e-6
+
+
+def test_separate_type_loss_sees_only_the_points() -> None:
+    """MUSE's layout: the type logits learn from the positive locations only (background
+    locations cannot drown them), objectness from every annotated location."""
+    t = torch.zeros(1, 32, 32, dtype=torch.long)
+    t[0, 10, 12], t[0, 22, 20] = 2, 1
+    raw = torch.randn(1, 5, 8, 8, requires_grad=True)
+    loss, parts = point_loss(raw, t, 2, 4, 3.0, type_head="separate")
+    loss.backward()
+    _, _, positive, _ = point_targets(t, 4, 3.0)
+    type_grad = raw.grad[0, 1:3].abs().sum(0)
+    assert bool((type_grad[~positive[0]] == 0).all()) and bool((type_grad[positive[0]] > 0).all())
+    assert bool((raw.grad[0, 0] != 0).all())  # objectness: every annotated location
+    assert parts["loss_type"] > 0 and parts["loss_obj"] > 0
+    # the shared softmax (old detectors) puts class gradient on the background too
+    raw.grad = None
+    point_loss(raw, t, 2, 4, 3.0, type_head="shared")[0].backward()
+    assert bool((raw.grad[0, 1:3].abs().sum(0)[~positive[0]] > 0).all())
+
+
+def test_consistency_loss_of_the_separate_head() -> None:
+    """Confident teacher locations outside the annotation become pseudo labels: objectness both
+    ways, the type only where the teacher is sure of it; unconfident ones are not used."""
+    teacher = torch.zeros(1, 5, 8, 8)
+    teacher[0, 0] = -20.0  # sure: background
+    teacher[0, 0, 2, 3] = 20.0  # sure: a point ...
+    teacher[0, 1:3, 2, 3] = torch.tensor([0.0, 20.0])  # ... of the second type
+    teacher[0, 0, 5, 5] = 0.0  # unsure
+    target = torch.full((1, 32, 32), -1)
+    valid = torch.ones(1, 32, 32, dtype=torch.bool)
+    loss, frac = point_consistency_loss(teacher.clone(), teacher, target, valid, 2, 4, 0.9,
+                                        type_head="separate")
+    assert frac == pytest.approx(63 / 64) and float(loss) < 1e-6
+    student = teacher.clone()
+    student[0, 1:3, 2, 3] = torch.tensor([20.0, 0.0])  # the other type at the point
+    wrong, _ = point_consistency_loss(student, teacher, target, valid, 2, 4, 0.9,
+                                      type_head="separate")
+    assert float(wrong) > 10
+    student = teacher.clone()
+    student[0, 1:3, 4, 4] = torch.tensor([20.0, 0.0])  # types of background are free
+    student[0, 0, 5, 5] = 20.0  # and so is the unsure location
+    free, _ = point_consistency_loss(student, teacher, target, valid, 2, 4, 0.9,
+                                     type_head="separate")
+    assert float(free) < 1e-6
 
 
 def test_nms_keeps_best_then_first() -> None:
@@ -177,6 +237,67 @@ def test_detector_folder_round_trip(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(back(x), det.eval()(x))
     assert MuViTPointDetector.from_pretrained(tmp_path / "det").num_classes == 2
+    assert back.type_head == "separate" and back.head_options["context"] is True
+
+
+def test_detector_saved_before_the_type_head_loads_as_shared(tmp_path: Path) -> None:
+    """Checkpoints without ``type_head`` in their config had the shared softmax: they load
+    with it, give the same outputs, and decode with its meaning."""
+    det = _tiny_detector(type_head="shared").eval()
+    det.save(tmp_path / "old")
+    cfg = tmp_path / "old" / "config.yaml"
+    lines = cfg.read_text().splitlines()
+    kept = [ln for ln in lines if ln.strip().split(":")[0] not in ("type_head", "context",
+                                                                    "type_hidden")]
+    assert len(kept) == len(lines) - 3
+    cfg.write_text("\n".join(kept) + "\n")
+    back = load_model(tmp_path / "old")
+    assert back.type_head == "shared" and back.head_options["context"] is False
+    x = torch.randn(1, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), det(x))
+    # a new detector defaults to the separate layout; bad values are one-line errors
+    assert _tiny_detector().type_head == "separate"
+    with pytest.raises(InputError, match="type_head"):
+        _tiny_detector(type_head="joint")
+
+
+def test_type_head_learns_a_class_only_the_coarse_level_shows() -> None:
+    """Every cell looks the same at level 1; its class is the brightness of the 4x context
+    around it. The separate type head (with every level's tokens at the location) learns it
+    on a frozen encoder; MuViT[1] sees identical inputs for both classes (the cue is coarse
+    only), so it cannot."""
+    torch.manual_seed(0)
+    det = _tiny_detector(levels=(1, 4), stride=4)
+    for p in det.encoder.parameters():
+        p.requires_grad_(False)
+    cell = torch.zeros(32, 32)
+    cell[13:19, 13:19] = 1.0
+    target = torch.zeros(8, 32, 32, dtype=torch.long)
+    classes = torch.arange(8) % 2 + 1
+    target[:, 16, 16] = classes
+    x = torch.zeros(8, 2, 1, 32, 32)
+    x[:, 0, 0] = cell
+    x[:, 1, 0] = torch.where(classes == 2, 1.0, -1.0)[:, None, None]  # the context
+    x[:, 1, 0, 14:18, 14:18] += 0.25  # the cell at 4x: the same for both classes
+    opt = torch.optim.Adam([p for p in det.parameters() if p.requires_grad], lr=3e-3)
+    det.train()
+    for _ in range(40):
+        loss, _ = point_loss(det(x), target, 2, 4, 3.0, type_head="separate")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    det.eval()
+    with torch.no_grad():
+        maps = det.maps(det(x), 32)
+    found = decode_points(maps, 0.5, 4.0)
+    assert all(len(f["yx"]) == 1 for f in found)
+    got = torch.stack([f["class_index"][0] for f in found]) + 1
+    assert got.tolist() == classes.tolist()
+    one = _tiny_detector(levels=(1,), stride=4).eval()
+    with torch.no_grad():
+        out = one(x[:, :1])
+    torch.testing.assert_close(out[0::2], out[1::2])
 
 
 def test_merger_drops_cross_tile_duplicates() -> None:
@@ -209,8 +330,7 @@ class OracleDetector(MuViTPointDetector):
                  xs.start - x0 : xs.start - x0 + block.shape[1]] = block
             t = torch.from_numpy(crop)[None]
             types, off, _, _ = point_targets(t, self.stride, self.head_options["pos_radius"])
-            logits = torch.nn.functional.one_hot(types.clamp_min(0), 3).permute(0, 3, 1, 2) * 20.0
-            outs.append(torch.cat([logits.float(), off / self.loss_scale()], 1))
+            outs.append(_perfect_raw(types, off, 2, self.loss_scale(), self.type_head))
         return torch.cat(outs)
 
 
@@ -226,10 +346,13 @@ def _oracle_case(rng, n=40, shape=(100, 90)):
     return table, image
 
 
-@pytest.mark.parametrize(("overlap", "stride"), [(0, 1), (8, 1), (0, 4)])
-def test_tiled_prediction_recovers_points_once(rng, overlap: int, stride: int) -> None:
+@pytest.mark.parametrize(("overlap", "stride", "type_head"),
+                         [(0, 1, "separate"), (8, 1, "separate"), (0, 4, "separate"),
+                          (0, 4, "shared")])
+def test_tiled_prediction_recovers_points_once(rng, overlap: int, stride: int,
+                                               type_head: str) -> None:
     table, image = _oracle_case(rng)
-    oracle = OracleDetector(table, image.shape, stride=stride)
+    oracle = OracleDetector(table, image.shape, stride=stride, type_head=type_head)
     oracle.meta["crop_size"] = 32
     out = predict_points(image, oracle, device="cpu", overlap=overlap)
     got = sorted(zip(out["y"].round(3), out["x"].round(3), out["class"]))

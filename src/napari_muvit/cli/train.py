@@ -448,6 +448,13 @@ def _add_points_options(t: argparse.ArgumentParser) -> None:
     g.add_argument("--min-distance", type=positive_float, default=None, metavar="PX",
                    help="two detections closer than this are one nucleus (default: 0.5x the "
                         "median neighbour distance, 4-16 px)")
+    g.add_argument("--type-head", choices=("separate", "shared"), default=None,
+                   help="separate (default): an objectness output and an independent type head "
+                        "trained on the points only; shared: background and types in one "
+                        "softmax (the layout of older detectors)")
+    g.add_argument("--type-context", action=argparse.BooleanOptionalAction, default=None,
+                   help="the type head also sees every level's tokens at the point (default: "
+                        "on; separate type head only)")
 
 
 def _train_points(args: argparse.Namespace) -> int:
@@ -483,7 +490,9 @@ def _train_points(args: argparse.Namespace) -> int:
     overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     head = {k: v for k, v in (("stride", args.stride), ("pos_radius", args.pos_radius),
-                               ("min_distance", args.min_distance)) if v is not None}
+                               ("min_distance", args.min_distance),
+                               ("type_head", args.type_head), ("context", args.type_context))
+            if v is not None}
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     model = _run_interruptible(
         lambda progress, cancel: train_points(

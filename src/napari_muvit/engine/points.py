@@ -103,7 +103,7 @@ class PointTrainer(Trainer):
     maps class ids to names. Progress dicts carry ``val_f1`` (mean class F1) when validating.
     """
 
-    curve_keys = (*Trainer.curve_keys, "loss_type", "loss_reg")
+    curve_keys = (*Trainer.curve_keys, "loss_type", "loss_obj", "loss_reg")
 
     def __init__(
         self,
@@ -271,8 +271,9 @@ class PointTrainer(Trainer):
         teacher_logits: Tensor | None = None,
         step: int | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """MUSE: type CE + offset MSE inside the annotated region, plus the ramped
-        consistency term of the teacher's confident predictions outside it."""
+        """MUSE: objectness + type CE + offset MSE inside the annotated region (the detector's
+        ``type_head`` layout), plus the ramped consistency term of the teacher's confident
+        predictions outside it."""
         from napari_muvit.engine.trainer import _ramp
         from napari_muvit.model.points import point_consistency_loss, point_loss
 
@@ -281,6 +282,7 @@ class PointTrainer(Trainer):
         sup, parts = point_loss(
             logits, target, m.num_classes, m.stride, opts["pos_radius"],
             reg_weight=self.reg_weight, background_weight=self.background_weight,
+            type_head=m.type_head,
         )
         parts["loss_supervised"] = float(sup.detach())
         weight = cfg.pseudo_weight * _ramp(self.step if step is None else step, self._ramp_steps)
@@ -288,7 +290,7 @@ class PointTrainer(Trainer):
             return sup, parts
         pseudo, frac = point_consistency_loss(
             logits, teacher_logits, target, valid, m.num_classes, m.stride,
-            cfg.pseudo_threshold, reg_weight=self.reg_weight,
+            cfg.pseudo_threshold, reg_weight=self.reg_weight, type_head=m.type_head,
         )
         parts.update(loss_pseudo=float(pseudo.detach()), pseudo_fraction=frac)
         return sup + weight * pseudo, parts

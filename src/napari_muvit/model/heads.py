@@ -30,6 +30,7 @@ __all__ = [
     "PixelHead",
     "UNETRHead",
     "default_skips",
+    "level_tokens_at",
 ]
 
 # How the decoder's 3x3 convolutions pad the crop border. "zeros" (the paper's and the official
@@ -300,6 +301,48 @@ def _gaussian_kernel(sigma: float) -> Tensor:
     return k / k.sum()
 
 
+def level_tokens_at(
+    tokens: Tensor,
+    coords: Tensor,
+    num_levels: int,
+    patch_size: int,
+    size: Sequence[int],
+    stride: int = 1,
+    first_level: int = 1,
+) -> Tensor:
+    """Final tokens of levels ``first_level .. L-1`` sampled at level-1 positions.
+
+    ``tokens`` (B, L·h·w, D) and their centred world ``coords`` (B, L·h·w, 2) for level-1 crops
+    of ``size`` (H, W) pixels; returns (B, D·(L − first_level), H/stride, W/stride): for every
+    cell of a ``stride``-pixel grid on the level-1 crop, each level's token map bilinearly
+    interpolated at the cell centre's world position (what lies around it at that scale).
+    ``first_level=1`` gives the coarser levels only (the context a level-1 feature map lacks).
+    """
+    B, N, D = tokens.shape
+    L = int(num_levels)
+    n = N // L
+    H, W = int(size[0]), int(size[1])
+    h, w = H // patch_size, W // patch_size
+    s = int(stride)
+    Hs, Ws = H // s, W // s
+    out = []
+    for lv in range(int(first_level), L):
+        ty, tx = _token_index_of_level1_pixels(coords, lv, L, h, w, H, W, patch_size, s)
+        # fractional token index -> [-1, 1] with token centres on the grid points
+        gy = ty * (2 / max(h - 1, 1)) - 1
+        gx = tx * (2 / max(w - 1, 1)) - 1
+        grid = torch.stack(
+            (gx[:, None, :].expand(B, Hs, Ws), gy[:, :, None].expand(B, Hs, Ws)), dim=-1
+        )
+        fmap = tokens[:, lv * n : (lv + 1) * n].reshape(B, h, w, D).permute(0, 3, 1, 2)
+        out.append(
+            F.grid_sample(
+                fmap.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+            )
+        )
+    return torch.cat(out, 1) if out else tokens.new_zeros((B, 0, Hs, Ws))
+
+
 class PixelHead(nn.Module):
     """Per-pixel classifier on fixed image filters and encoder features (ilastik-like).
 
@@ -441,27 +484,7 @@ class PixelHead(nn.Module):
     def context_features(self, tokens: Tensor, coords: Tensor, size: Sequence[int]) -> Tensor:
         """Final tokens of every coarser level, bilinearly sampled at each level-1 pixel's world
         position (B, D·(L−1), H, W): what lies around the pixel at the context scales."""
-        B, N, D = tokens.shape
-        L = self.num_levels
-        n = N // L
-        H, W = int(size[0]), int(size[1])
-        h, w = H // self.patch_size, W // self.patch_size
-        out = []
-        for lv in range(1, L):
-            ty, tx = _token_index_of_level1_pixels(coords, lv, L, h, w, H, W, self.patch_size)
-            # fractional token index -> [-1, 1] with token centres on the grid points
-            gy = ty * (2 / max(h - 1, 1)) - 1
-            gx = tx * (2 / max(w - 1, 1)) - 1
-            grid = torch.stack(
-                (gx[:, None, :].expand(B, H, W), gy[:, :, None].expand(B, H, W)), dim=-1
-            )
-            fmap = tokens[:, lv * n : (lv + 1) * n].reshape(B, h, w, D).permute(0, 3, 1, 2)
-            out.append(
-                F.grid_sample(
-                    fmap.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
-                )
-            )
-        return torch.cat(out, 1) if out else tokens.new_zeros((B, 0, H, W))
+        return level_tokens_at(tokens, coords, self.num_levels, self.patch_size, size)
 
     def features(
         self,
@@ -534,15 +557,18 @@ BANKS: dict[str, tuple[float, ...]] = {"level1": (1.0, 2.0, 4.0), "levels": (0.7
 
 def _token_index_of_level1_pixels(
     coords: Tensor, lv: int, num_levels: int, h: int, w: int, H: int, W: int, patch: int,
+    stride: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Fractional (row, col) token index in level ``lv``'s grid of every level-1 pixel centre
-    (B, H) and (B, W), from the tokens' centred world coordinates."""
+    """Fractional (row, col) token index in level ``lv``'s grid of the centre of every cell of
+    a ``stride``-pixel grid on the level-1 crop (every pixel for ``stride=1``): (B, H/stride)
+    and (B, W/stride), from the tokens' centred world coordinates."""
     B = coords.shape[0]
     n = h * w
+    s = int(stride)
     grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
-    # level-1 pixel centres relative to the level-1 crop centre (the coords' origin)
-    py = torch.arange(H, device=coords.device, dtype=torch.float32) + 0.5 - H / 2
-    px = torch.arange(W, device=coords.device, dtype=torch.float32) + 0.5 - W / 2
+    # cell centres relative to the level-1 crop centre (the coords' origin)
+    py = torch.arange(H // s, device=coords.device, dtype=torch.float32) * s + s / 2 - H / 2
+    px = torch.arange(W // s, device=coords.device, dtype=torch.float32) * s + s / 2 - W / 2
     y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
     dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
     dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)

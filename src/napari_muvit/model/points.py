@@ -8,12 +8,26 @@ MuViT encoder's level-1 features:
 
 * a UNETR pixel decoder (:class:`~napari_muvit.model.heads.PixelDecoder`) brings the level-1
   tokens back to full resolution (the coarse levels inform them through attention);
-* every location of a ``stride``-pixel grid predicts ``K + 1`` logits (background + K types:
-  objectness and type in one softmax, as in P2PNet-style point heads) and, with ``offsets``,
-  the sub-cell offset ``(dy, dx)`` of the nucleus it belongs to;
+* every location of a ``stride``-pixel grid predicts whether a nucleus is there, its type
+  and, with ``offsets``, the sub-cell offset ``(dy, dx)`` of the nucleus it belongs to;
 * a location is *positive* when a point lies within ``pos_radius`` pixels of its centre (the
-  nearest point wins); positives regress the offset to that point (MSE), all annotated
-  locations learn the type/background cross-entropy.
+  nearest point wins); positives regress the offset to that point (MSE).
+
+Two layouts of objectness and type (head option ``type_head``):
+
+* ``"separate"`` (MUSE's, the default of new detectors): one objectness logit (binary
+  cross-entropy on every annotated location) and an independent type head with its own K
+  logits, trained by a cross-entropy on the positive locations only. With ``context`` the type
+  head also sees the final tokens of every level sampled at the location's world position
+  (:func:`~napari_muvit.model.heads.level_tokens_at`): the coarse levels say in which tissue
+  (ring) the nucleus lies, which is what MuViT adds. Raw outputs: ``[objectness, K types,
+  offsets]``.
+* ``"shared"`` (detectors trained before the separate head; P2PNet-style): ``K + 1`` logits
+  (background + K types) in one softmax. Measured on the synthetic rings, the background term
+  drowned the type distinction (mean class F1 0.46 with an encoder that knows the context;
+  docs/results.md). Raw outputs: ``[background, K types, offsets]``.
+
+In both, channels ``0 .. K`` are objectness/type and ``K + 1, K + 2`` the offsets.
 
 Decoding (:func:`decode_points`) takes the local maxima of the foreground score above a
 threshold, moves each to ``location + offset`` and keeps the best-scoring point within
@@ -39,7 +53,7 @@ from torch import Tensor, nn
 from napari_muvit.errors import InputError
 from napari_muvit.model.checkpoint import load_folder, save_model
 from napari_muvit.model.encoder import MuViTEncoder
-from napari_muvit.model.heads import PixelDecoder, default_skips
+from napari_muvit.model.heads import PixelDecoder, default_skips, level_tokens_at
 from napari_muvit.model.segmenter import level1_skip_maps
 
 __all__ = [
@@ -63,11 +77,25 @@ DEFAULT_POINT_OPTIONS: dict[str, Any] = {
     "min_distance": 4.0,
     "threshold": 0.5,
     "taper": True,
+    # MUSE's layout: objectness + an independent type head (see the module docstring);
+    # checkpoints without the key are "shared" (MuViTPointDetector.from_checkpoint_config)
+    "type_head": "separate",
+    # the type head sees every level's final tokens at the location ("separate" only)
+    "context": True,
+    "type_hidden": 64,
 }
+TYPE_HEADS = ("shared", "separate")
 
 
 class PointHead(nn.Module):
-    """Pixel decoder → (average-pooled to ``stride``) → class logits (K+1) [+ offsets (2)]."""
+    """Pixel decoder → (average-pooled to ``stride``) → objectness/type logits [+ offsets (2)].
+
+    ``type_head="shared"``: one 1×1 conv to ``K + 1`` logits (background + K types).
+    ``type_head="separate"``: a 1×1 conv to one objectness logit, and a type MLP (1×1 convs,
+    ``type_hidden`` units) to K logits on the decoder features, concatenated with the
+    layer-normalised final tokens of all ``num_levels`` levels at the location when
+    ``context`` is set (``dim`` channels per level).
+    """
 
     def __init__(
         self,
@@ -80,25 +108,66 @@ class PointHead(nn.Module):
         taper: bool = True,
         stride: int = 1,
         offsets: bool = True,
+        type_head: str = "shared",
+        context: bool = False,
+        num_levels: int = 1,
+        type_hidden: int = 64,
     ):
         super().__init__()
+        if type_head not in TYPE_HEADS:
+            raise InputError(
+                f"head_options.type_head: expected one of {TYPE_HEADS}, got {type_head!r}"
+            )
         self.stride = int(stride)
         self.offsets = bool(offsets)
+        self.patch_size = int(patch_size)
+        self.separate = type_head == "separate"
+        self.context = self.separate and bool(context)
+        self.num_levels = int(num_levels)
         self.pixel_decoder = PixelDecoder(
             dim, in_channels, patch_size, head_dim, len(list(skips)), taper
         )
         c = self.pixel_decoder.out_dim
-        self.type_head = nn.Conv2d(c, num_classes + 1, 1)
+        if self.separate:
+            self.object_head = nn.Conv2d(c, 1, 1)
+            ctx = dim * self.num_levels if self.context else 0
+            self.context_norm = nn.LayerNorm(ctx) if ctx else None
+            self.class_head = nn.Sequential(
+                nn.Conv2d(c + ctx, int(type_hidden), 1),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(int(type_hidden), num_classes, 1),
+            )
+        else:
+            self.type_head = nn.Conv2d(c, num_classes + 1, 1)
         self.offset_head = nn.Conv2d(c, 2, 1) if self.offsets else None
 
-    def forward(self, maps: list[Tensor], image: Tensor) -> Tensor:
+    def forward(
+        self,
+        maps: list[Tensor],
+        image: Tensor,
+        tokens: Tensor | None = None,
+        coords: Tensor | None = None,
+    ) -> Tensor:
         f = self.pixel_decoder(maps, image)
         if self.stride > 1:
             f = F.avg_pool2d(f, self.stride)
-        out = self.type_head(f)
+        if self.separate:
+            feats = f
+            if self.context_norm is not None:
+                if tokens is None or coords is None:
+                    raise ValueError("PointHead: the context type head needs tokens and coords")
+                ctx = level_tokens_at(
+                    tokens, coords, self.num_levels, self.patch_size, image.shape[-2:],
+                    self.stride, first_level=0,
+                )
+                ctx = self.context_norm(ctx.to(f.dtype).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                feats = torch.cat([f, ctx], 1)
+            outs = [self.object_head(f), self.class_head(feats)]
+        else:
+            outs = [self.type_head(f)]
         if self.offset_head is not None:
-            out = torch.cat([out, self.offset_head(f)], 1)
-        return out
+            outs.append(self.offset_head(f))
+        return torch.cat(outs, 1)
 
 
 class MuViTPointDetector(nn.Module):
@@ -114,7 +183,8 @@ class MuViTPointDetector(nn.Module):
         meta: provenance/history dict stored in the checkpoint.
         class_colors: optional K colours.
         head_options: ``skips``, ``taper``, ``stride``, ``offsets``, ``pos_radius``,
-            ``min_distance``, ``threshold`` (see the module docstring).
+            ``min_distance``, ``threshold``, ``type_head`` (``"separate"``/``"shared"``),
+            ``context``, ``type_hidden`` (see the module docstring).
 
     ``det(x, bbox)`` returns raw outputs (B, K+1 [+2], H/stride, W/stride); :func:`point_maps`
     turns them into per-pixel maps and :func:`decode_points` into points.
@@ -178,7 +248,18 @@ class MuViTPointDetector(nn.Module):
             raise InputError(
                 f"head_options.threshold: expected a value in (0, 1), got {opts['threshold']!r}"
             )
+        if opts["type_head"] not in TYPE_HEADS:
+            raise InputError(
+                f"head_options.type_head: expected one of {TYPE_HEADS}, got {opts['type_head']!r}"
+            )
+        if int(opts["type_hidden"]) < 1:
+            raise InputError(
+                f"head_options.type_hidden: expected a positive int, got {opts['type_hidden']!r}"
+            )
         opts.update(
+            type_hidden=int(opts["type_hidden"]),
+            # the shared softmax has no type head to give context to
+            context=bool(opts["context"]) and opts["type_head"] == "separate",
             stride=stride,
             offsets=bool(opts["offsets"]),
             taper=bool(opts["taper"]),
@@ -205,6 +286,10 @@ class MuViTPointDetector(nn.Module):
             opts["taper"],
             stride,
             opts["offsets"],
+            opts["type_head"],
+            opts["context"],
+            len(encoder.levels),
+            opts["type_hidden"],
         )
 
     # -------------------------------------------------------------------------- properties
@@ -225,6 +310,11 @@ class MuViTPointDetector(nn.Module):
         return int(self.head_options["stride"])
 
     @property
+    def type_head(self) -> str:
+        """``"separate"`` (objectness + independent type head) or ``"shared"`` (one softmax)."""
+        return str(self.head_options["type_head"])
+
+    @property
     def map_channels(self) -> int:
         """Channels of :func:`point_maps`: score, dy, dx, then K class probabilities."""
         return 3 + self.num_classes
@@ -243,12 +333,15 @@ class MuViTPointDetector(nn.Module):
     def forward(self, x: Tensor, bbox: Any = None) -> Tensor:
         """Raw outputs (B, K+1 [+2], H/stride, W/stride) for the level-1 crop."""
         x = self.encoder.check_input(x)
-        maps, _feats, _coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
-        return self.head(maps, x[:, 0])
+        maps, feats, coords = level1_skip_maps(self.encoder, x, bbox, self.head_options["skips"])
+        return self.head(maps, x[:, 0], feats, coords)
 
     def maps(self, raw: Tensor, size: int | None = None) -> Tensor:
         """Per-pixel maps of raw outputs (see :func:`point_maps`)."""
-        return point_maps(raw, self.num_classes, self.stride, self.head_options["pos_radius"], size)
+        return point_maps(
+            raw, self.num_classes, self.stride, self.head_options["pos_radius"], size,
+            type_head=self.type_head,
+        )
 
     def loss_scale(self) -> float:
         """Offsets are learnt in units of this many pixels (keeps the MSE O(1))."""
@@ -292,6 +385,8 @@ class MuViTPointDetector(nn.Module):
         if not isinstance(K, int):
             raise InputError(f"head.num_classes: expected an int, got {K!r}")
         head_dim = head.pop("head_dim", 64)
+        # detectors saved before the separate type head existed had the shared softmax
+        head.setdefault("type_head", "shared")
         return cls(
             encoder,
             num_classes=K,
@@ -370,32 +465,54 @@ def point_loss(
     type_weight: float = 1.0,
     reg_weight: float = 1.0,
     background_weight: float = 1.0,
+    type_head: str = "shared",
 ) -> tuple[Tensor, dict[str, float]]:
     """MUSE's supervised fine-tuning loss inside the annotated region.
 
-    ``type_weight``·CE(K+1 types incl. background) over annotated locations +
-    ``reg_weight``·MSE(offsets) over positive locations (offsets in units of
-    :func:`offset_scale`). Returns the scalar and its parts. Exactly 0 (with a graph) when
-    nothing in the batch is annotated.
+    ``type_head="separate"``: BCE(objectness) over annotated locations (negatives weighted by
+    ``background_weight``) + ``type_weight``·CE(K types) over the *positive* locations only.
+    ``"shared"``: ``type_weight``·CE(K+1 types incl. background) over annotated locations.
+    Both: + ``reg_weight``·MSE(offsets) over positive locations (offsets in units of
+    :func:`offset_scale`). Returns the scalar and its parts (``loss_type``, ``loss_obj``,
+    ``loss_reg``). Exactly 0 (with a graph) when nothing in the batch is annotated.
     """
     K = int(num_classes)
     types, offsets, positive, _annotated = point_targets(target, stride, pos_radius)
-    logits = raw[:, : K + 1].float()
+    zero = raw.float().sum() * 0.0
     if not bool((types >= 0).any()):
-        zero = raw.float().sum() * 0.0
-        return zero, {"loss_type": 0.0, "loss_reg": 0.0}
-    weight = torch.ones(K + 1, device=raw.device)
-    weight[0] = float(background_weight)
-    ce = F.cross_entropy(logits, types, weight=weight, ignore_index=-1)
-    loss = type_weight * ce
-    reg = raw.float().sum() * 0.0
+        return zero, {"loss_type": 0.0, "loss_obj": 0.0, "loss_reg": 0.0}
+    if type_head == "separate":
+        annotated = types >= 0
+        obj = raw[:, 0].float()[annotated]
+        is_pos = positive[annotated].float()
+        weight = torch.where(is_pos > 0, 1.0, float(background_weight))
+        obj_loss = F.binary_cross_entropy_with_logits(obj, is_pos, weight=weight)
+        typed = positive & (types > 0)
+        ce = zero
+        if bool(typed.any()):
+            type_logits = raw[:, 1 : K + 1].float().permute(0, 2, 3, 1)[typed]
+            ce = F.cross_entropy(type_logits, types[typed] - 1)
+        loss = obj_loss + type_weight * ce
+    elif type_head == "shared":
+        weight = torch.ones(K + 1, device=raw.device)
+        weight[0] = float(background_weight)
+        ce = F.cross_entropy(raw[:, : K + 1].float(), types, weight=weight, ignore_index=-1)
+        obj_loss = zero
+        loss = type_weight * ce
+    else:
+        raise InputError(f"type_head: expected one of {TYPE_HEADS}, got {type_head!r}")
+    reg = zero
     if raw.shape[1] > K + 1 and bool(positive.any()):
         scale = offset_scale(stride, pos_radius)
         pred = raw[:, K + 1 : K + 3].float()
         diff = (pred - offsets / scale).permute(0, 2, 3, 1)[positive]
         reg = (diff * diff).sum(-1).mean()
         loss = loss + reg_weight * reg
-    return loss, {"loss_type": float(ce.detach()), "loss_reg": float(reg.detach())}
+    return loss, {
+        "loss_type": float(ce.detach()),
+        "loss_obj": float(obj_loss.detach()) + 0.0,  # no -0.0 in the curves
+        "loss_reg": float(reg.detach()),
+    }
 
 
 def point_consistency_loss(
@@ -407,12 +524,16 @@ def point_consistency_loss(
     stride: int,
     threshold: float,
     reg_weight: float = 1.0,
+    type_head: str = "shared",
 ) -> tuple[Tensor, float]:
     """MUSE's consistency term on the unannotated surroundings.
 
-    The teacher's confident locations (max softmax ``>= threshold``, background or a type) in
-    cells with no annotated pixel (and inside the image, ``valid`` (B, S, S)) become pseudo
-    labels: CE towards the teacher's type, MSE towards its offsets where it predicts a point.
+    The teacher's confident locations in cells with no annotated pixel (and inside the image,
+    ``valid`` (B, S, S)) become pseudo labels. ``"shared"``: max softmax ``>= threshold``
+    (background or a type) → CE towards the teacher's class. ``"separate"``: objectness
+    probability ``>= threshold`` (a point) or ``<= 1 - threshold`` (background) → BCE towards
+    it, and on the confident points whose type probability is ``>= threshold`` CE towards the
+    teacher's type. Both: MSE towards the teacher's offsets where it predicts a point.
     Returns the loss and the fraction of locations used.
     """
     K = int(num_classes)
@@ -423,14 +544,32 @@ def point_consistency_loss(
         any_known = F.max_pool2d(any_known, s)
         inside = -F.max_pool2d(-inside, s)
     free = (any_known[:, 0] < 0.5) & (inside[:, 0] > 0.5)
-    conf, lab = torch.softmax(teacher_raw[:, : K + 1].float(), 1).max(1)
-    use = free & (conf >= threshold)
-    frac = float(use.float().mean())
-    if not bool(use.any()):
-        return raw.float().sum() * 0.0, frac
-    pseudo = torch.where(use, lab, torch.full_like(lab, -1))
-    loss = F.cross_entropy(raw[:, : K + 1].float(), pseudo, ignore_index=-1)
-    pos = use & (lab > 0)
+    zero = raw.float().sum() * 0.0
+    if type_head == "separate":
+        p_obj = torch.sigmoid(teacher_raw[:, 0].float())
+        use = free & ((p_obj >= threshold) | (p_obj <= 1.0 - threshold))
+        pos = use & (p_obj >= threshold)
+        frac = float(use.float().mean())
+        if not bool(use.any()):
+            return zero, frac
+        loss = F.binary_cross_entropy_with_logits(raw[:, 0].float()[use], pos[use].float())
+        t_conf, t_type = torch.softmax(teacher_raw[:, 1 : K + 1].float(), 1).max(1)
+        typed = pos & (t_conf >= threshold)
+        if bool(typed.any()):
+            loss = loss + F.cross_entropy(
+                raw[:, 1 : K + 1].float().permute(0, 2, 3, 1)[typed], t_type[typed]
+            )
+    elif type_head == "shared":
+        conf, lab = torch.softmax(teacher_raw[:, : K + 1].float(), 1).max(1)
+        use = free & (conf >= threshold)
+        frac = float(use.float().mean())
+        if not bool(use.any()):
+            return zero, frac
+        pseudo = torch.where(use, lab, torch.full_like(lab, -1))
+        loss = F.cross_entropy(raw[:, : K + 1].float(), pseudo, ignore_index=-1)
+        pos = use & (lab > 0)
+    else:
+        raise InputError(f"type_head: expected one of {TYPE_HEADS}, got {type_head!r}")
     if raw.shape[1] > K + 1 and bool(pos.any()):
         diff = (raw[:, K + 1 : K + 3].float() - teacher_raw[:, K + 1 : K + 3].float())
         diff = diff.permute(0, 2, 3, 1)[pos]
@@ -440,16 +579,29 @@ def point_consistency_loss(
 
 # ============================================================================ decoding
 def point_maps(
-    raw: Tensor, num_classes: int, stride: int, pos_radius: float, size: int | None = None
+    raw: Tensor,
+    num_classes: int,
+    stride: int,
+    pos_radius: float,
+    size: int | None = None,
+    type_head: str = "shared",
 ) -> Tensor:
     """Per-pixel maps (B, 3+K, S, S) of raw outputs: foreground score, offset ``dy``, ``dx``
-    (pixels from *this pixel* to the point it votes for) and K class probabilities (among the
-    foreground types). A ``stride`` grid is expanded to pixels (each pixel of a cell carries
-    the cell's prediction, its offset re-expressed from the pixel)."""
+    (pixels from *this pixel* to the point it votes for) and K class probabilities. The score
+    is the objectness probability (``"separate"``) or 1 − P(background) (``"shared"``); the
+    class probabilities are the type head's softmax (``"separate"``) or the foreground types'
+    share of the softmax (``"shared"``). A ``stride`` grid is expanded to pixels (each pixel of
+    a cell carries the cell's prediction, its offset re-expressed from the pixel)."""
     K = int(num_classes)
-    probs = torch.softmax(raw[:, : K + 1].float(), 1)
-    score = 1.0 - probs[:, :1]
-    cls = probs[:, 1:] / probs[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
+    if type_head == "separate":
+        score = torch.sigmoid(raw[:, :1].float())
+        cls = torch.softmax(raw[:, 1 : K + 1].float(), 1)
+    elif type_head == "shared":
+        probs = torch.softmax(raw[:, : K + 1].float(), 1)
+        score = 1.0 - probs[:, :1]
+        cls = probs[:, 1:] / probs[:, 1:].sum(1, keepdim=True).clamp_min(1e-12)
+    else:
+        raise InputError(f"type_head: expected one of {TYPE_HEADS}, got {type_head!r}")
     B, _, h, w = raw.shape
     if raw.shape[1] > K + 1:
         off = raw[:, K + 1 : K + 3].float() * offset_scale(stride, pos_radius)
