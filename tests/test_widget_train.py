@@ -243,9 +243,15 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
     assert train.classifier_combo.currentText() == "forest"
     train.device_combo.setCurrentText("cpu")
 
-    train.train()
-    qtbot.waitUntil(lambda: not train.busy, timeout=60_000)
-    qtbot.waitUntil(lambda: predict.model_choice.kind == SESSION, timeout=60_000)
+    assert train.train() is not None
+    qtbot.waitUntil(lambda: train.job.history is not None, timeout=60_000)
+    try:
+        qtbot.waitUntil(lambda: predict.model_choice.kind == SESSION, timeout=90_000)
+    except Exception:
+        raise AssertionError(
+            f"the predict panel did not switch: follows {predict.state.follow_session!r}, "
+            f"shows {predict.model_choice}, train status {train.status!r}, predict status "
+            f"{predict.status!r}, session models {registry().names()}") from None
     qtbot.waitUntil(lambda: not predict.busy and predict.labels_layer() is not None,
                     timeout=60_000)
     history = train.job.history
@@ -255,7 +261,8 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
     assert first.head.forest.num_trees > 0
     shown = np.asarray(predict.labels_layer().data)
     source = PyramidSource.from_layer_data(image.data, multiscale=False, rgb=False)
-    expected = Predictor(first, device="cpu").predict(source).labels
+    # the panel's default overlap (auto: blended, tile / 8)
+    expected = Predictor(first, device="cpu", overlap=None).predict(source).labels
     visible = shown > 0
     assert visible.mean() > 0.5, "the view shows the forest's answer"
     np.testing.assert_array_equal(shown[visible], expected[visible])
