@@ -334,3 +334,34 @@ def test_train_save_and_errors(make_napari_viewer, qtbot, folders, rings, tmp_pa
     assert saved.meta["crop_size"] == CROP
     assert saved.meta["trained_steps"] == train.job.history["step"]
     assert "saved to" in train.status
+
+
+def test_a_failing_panel_does_not_keep_others_from_following_a_run(
+    make_napari_viewer, qtbot, folders, rings
+):
+    """The session registry's signal stops at the first callback that raises: one panel that
+    fails (its window half gone) must not keep the others from switching to a run's model."""
+    from napari_muvit.widgets import PredictWidget
+    from napari_muvit.widgets._models import SESSION, registry
+
+    viewer = make_napari_viewer(show=True)
+    image = viewer.add_image(rings.image, name="rings")
+    broken, healthy = PredictWidget(viewer), PredictWidget(viewer)
+    for panel in (broken, healthy):
+        viewer.window.add_dock_widget(panel)
+        panel.device_combo.setCurrentText("cpu")
+        panel.image_layer = image
+
+    class DeletedCombo:
+        def count(self):
+            raise RuntimeError("wrapped C/C++ object of type QComboBox has been deleted")
+
+    real_combo, broken.model_combo = broken.model_combo, DeletedCombo()
+    name = "robustness run"
+    broken.follow_session(name)
+    healthy.follow_session(name)
+    registry().publish(name, load_model(folders["segmenter"]), step=1)
+    qtbot.waitUntil(lambda: healthy.model_choice.kind == SESSION, timeout=30_000)
+    assert healthy.model_choice.value == name
+    qtbot.waitUntil(lambda: not healthy.busy, timeout=60_000)
+    broken.model_combo = real_combo

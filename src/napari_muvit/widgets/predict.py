@@ -577,9 +577,21 @@ class PredictWidget(DockPanel):
         self.model_info.setStyleSheet("color: #e06c5a;" if problem else "")
 
     def _on_session_model(self, name: str) -> None:
-        """A fine-tuning run published new weights: list the model, re-predict if shown."""
+        """A fine-tuning run published new weights: list the model, re-predict if shown.
+
+        The registry is shared by every panel of the process and its signal stops at the first
+        callback that raises, so a failure here (say, a panel whose window is gone) is logged,
+        never raised: the other panels still get the snapshot.
+        """
         if not self.alive:
             return
+        try:
+            self._follow_published(name)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("predict panel: could not follow the published model %r", name,
+                        exc_info=True)
+
+    def _follow_published(self, name: str) -> None:
         current = self.model_choice
         listed = [self.model_combo.itemData(i) for i in range(self.model_combo.count())]
         if ModelChoice(SESSION, name) not in listed:
