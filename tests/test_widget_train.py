@@ -346,6 +346,10 @@ def test_a_failing_panel_does_not_keep_others_from_following_a_run(
 
     viewer = make_napari_viewer(show=True)
     image = viewer.add_image(rings.image, name="rings")
+    from napari_muvit.widgets import TrainWidget
+
+    # connected to the registry before the healthy panel: a fine-tune panel listens too
+    stale_train = TrainWidget(viewer)
     broken, healthy = PredictWidget(viewer), PredictWidget(viewer)
     for panel in (broken, healthy):
         viewer.window.add_dock_widget(panel)
@@ -357,6 +361,7 @@ def test_a_failing_panel_does_not_keep_others_from_following_a_run(
             raise RuntimeError("wrapped C/C++ object of type QComboBox has been deleted")
 
     real_combo, broken.model_combo = broken.model_combo, DeletedCombo()
+    real_start, stale_train.start_combo = stale_train.start_combo, DeletedCombo()
     name = "robustness run"
     broken.follow_session(name)
     healthy.follow_session(name)
@@ -365,3 +370,5 @@ def test_a_failing_panel_does_not_keep_others_from_following_a_run(
     assert healthy.model_choice.value == name
     qtbot.waitUntil(lambda: not healthy.busy, timeout=60_000)
     broken.model_combo = real_combo
+    stale_train.start_combo = real_start
+    stale_train.close_widget()

@@ -15,6 +15,8 @@ shows what the trainer reports:
 
 from __future__ import annotations
 
+import logging
+
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,9 @@ from napari_muvit.widgets.outputs import (
     is_prediction,
 )
 from napari_muvit.widgets.state import ENCODER, TrainState, remember_folder
+
+
+log = logging.getLogger("napari_muvit.widgets")
 
 NO_VALIDATION = "(none)"
 NO_POINTS = "(none: train on labels)"
@@ -324,11 +329,17 @@ class TrainWidget(DockPanel):
         self.state.recent_models = remember_folder(self.state.recent_models, choice)
 
     def _on_session_model(self, name: str) -> None:
+        """List a newly published session model as a start. Never raises: the registry's
+        signal is shared by every panel and stops at the first callback that raises."""
         if not self.alive:
             return
-        listed = [self.start_combo.itemData(i) for i in range(self.start_combo.count())]
-        if ModelChoice(SESSION, name) not in listed:
-            self._refresh_start_choices()
+        try:
+            listed = [self.start_combo.itemData(i) for i in range(self.start_combo.count())]
+            if ModelChoice(SESSION, name) not in listed:
+                self._refresh_start_choices()
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.warning("fine-tune panel: could not list the published model %r", name,
+                        exc_info=True)
 
     def _browse_start(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Starting model folder (config.yaml)")
