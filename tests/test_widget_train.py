@@ -251,7 +251,10 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
         raise AssertionError(
             f"the predict panel did not switch: follows {predict.state.follow_session!r}, "
             f"shows {predict.model_choice}, train status {train.status!r}, predict status "
-            f"{predict.status!r}, session models {registry().names()}") from None
+            f"{predict.status!r}, session models {registry().names()}, train panel alive "
+            f"{train.alive}, predict panel alive {predict.alive}, run "
+            f"{train.job.request.name!r} at version "
+            f"{registry().session_version(train.job.request.name)}") from None
     qtbot.waitUntil(lambda: not predict.busy and predict.labels_layer() is not None,
                     timeout=60_000)
     history = train.job.history

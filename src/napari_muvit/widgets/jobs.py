@@ -438,6 +438,7 @@ class TrainJob:
     history: dict[str, Any] | None = None
     steps_seen: int = 0
     regions_sent: int = 0
+    snapshots_published: int = 0
     started: float = field(default_factory=time.perf_counter)
 
     @property

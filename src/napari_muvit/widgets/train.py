@@ -612,6 +612,12 @@ class TrainWidget(DockPanel):
         self.state.model = model
         self.save_button.setEnabled(True)
         self.export_button.setEnabled(True)
+        if job.snapshots_published == 0:
+            # A forest's only snapshot can come right after the trainer was ready: point the
+            # predict widgets at the run here too, whatever order the two reached this thread.
+            for widget in predict_widgets(self.viewer):
+                widget.follow_session(job.request.name)
+        job.snapshots_published += 1
         # Predict widgets showing (or following) this model refresh on the registry's signal.
         registry().publish(job.request.name, model, step=step)
 
