@@ -166,7 +166,6 @@ class PointTrainer(Trainer):
         return mapping
 
     def _setup_model(self, model: nn.Module, class_names: Any) -> nn.Module:
-        from napari_muvit.engine._models import adapt_channels
         from napari_muvit.model import MuViTEncoder, MuViTMAE, MuViTPointDetector, MuViTSegmenter
 
         if isinstance(model, (MuViTMAE, MuViTSegmenter)):
@@ -181,12 +180,7 @@ class PointTrainer(Trainer):
             self._event("new_head", "the detector's channels differ from the image's: its "
                         "encoder is adapted and a new head trained", warning=True)
             model = model.encoder
-        model, notes = adapt_channels(model, source.channels)
-        for note in notes:
-            self._event("channel_adaptation", note, warning=True)
-        for src, _ in self.pairs:
-            src.check_levels(model.levels)
-            self._check_level_extent(src, model)
+        model = self._fit_to_images(model)
         classes = self.point_classes()
         if not classes:
             raise InputError(self._no_annotation_message())

@@ -422,6 +422,17 @@ class Trainer(TrainingLoop):
         """Label values painted anywhere (sorted; includes 0 in dense mode)."""
         return sorted({v for idx in self.indexes for v in idx.values})
 
+    def _fit_to_images(self, model: nn.Module) -> nn.Module:
+        """``model`` adapted to the images' channels (noted in the history), its levels checked
+        against every image."""
+        model, notes = adapt_channels(model, self.pairs[0][0].channels)
+        for note in notes:
+            self._event("channel_adaptation", note, warning=True)
+        for src, *_ in self.pairs:
+            src.check_levels(model.levels)
+            self._check_level_extent(src, model)
+        return model
+
     def _setup_model(self, model: nn.Module, class_names: Mapping[int, str] | None) -> nn.Module:
         from napari_muvit.model import MuViTEncoder, MuViTMAE, MuViTSegmenter
 
@@ -431,13 +442,7 @@ class Trainer(TrainingLoop):
             raise InputError(
                 f"model: expected a MuViTEncoder or MuViTSegmenter, got {type(model).__name__}"
             )
-        source = self.pairs[0][0]
-        model, notes = adapt_channels(model, source.channels)
-        for note in notes:
-            self._event("channel_adaptation", note, warning=True)
-        for src, _ in self.pairs:
-            src.check_levels(model.levels)
-            self._check_level_extent(src, model)
+        model = self._fit_to_images(model)
         values = self.painted_values()
         if not values:
             raise InputError(self._no_annotation_message())

@@ -569,12 +569,6 @@ class TrainWidget(DockPanel):
             f"{job.request.config.steps} steps on {trainer.device}"
         )
         self._open_activity(job)
-        # Point the predict widgets of this viewer at the model being trained: they switch to
-        # it at its first snapshot and refresh with every later one.
-        for widget in predict_widgets(self.viewer):
-            widget.follow_session(job.request.name)
-            if self.state.show_uncertainty:
-                widget.state.uncertainty = True
 
     def _on_progress(self, job: TrainJob, info: dict[str, Any]) -> None:
         step = int(info.get("step", 0))
@@ -613,10 +607,13 @@ class TrainWidget(DockPanel):
         self.save_button.setEnabled(True)
         self.export_button.setEnabled(True)
         if job.snapshots_published == 0:
-            # A forest's only snapshot can come right after the trainer was ready: point the
-            # predict widgets at the run here too, whatever order the two reached this thread.
+            # Point the predict widgets of this viewer at the model being trained: they switch
+            # to it now and refresh with every later snapshot. Done here, not when the trainer
+            # is ready: a forest's only snapshot can reach this thread before that message.
             for widget in predict_widgets(self.viewer):
                 widget.follow_session(job.request.name)
+                if self.state.show_uncertainty:
+                    widget.state.uncertainty = True
         job.snapshots_published += 1
         # Predict widgets showing (or following) this model refresh on the registry's signal.
         registry().publish(job.request.name, model, step=step)
