@@ -268,7 +268,7 @@ def test_type_head_learns_a_class_only_the_coarse_level_shows() -> None:
     on a frozen encoder; MuViT[1] sees identical inputs for both classes (the cue is coarse
     only), so it cannot."""
     torch.manual_seed(0)
-    det = _tiny_detector(levels=(1, 4), stride=4)
+    det = _tiny_detector(levels=(1, 4), stride=4, type_classifier="mlp")
     for p in det.encoder.parameters():
         p.requires_grad_(False)
     cell = torch.zeros(32, 32)
@@ -294,7 +294,7 @@ def test_type_head_learns_a_class_only_the_coarse_level_shows() -> None:
     assert all(len(f["yx"]) == 1 for f in found)
     got = torch.stack([f["class_index"][0] for f in found]) + 1
     assert got.tolist() == classes.tolist()
-    one = _tiny_detector(levels=(1,), stride=4).eval()
+    one = _tiny_detector(levels=(1,), stride=4, type_classifier="mlp").eval()
     with torch.no_grad():
         out = one(x[:, :1])
     torch.testing.assert_close(out[0::2], out[1::2])
@@ -395,6 +395,104 @@ def test_csv_sink_resumes_and_protects(rng, tmp_path: Path) -> None:
 
 
 # ============================================================================ training + CLI
+def _two_tissue_cells(seed: int, size: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """Identical bright cells on two tissues (left dark, right bright): a cell's class is its
+    tissue. Returns the image and ``(N, 3)`` rows ``y, x, class``."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(0, 2, (size, size)).astype(np.float32)
+    image[:, size // 2 :] += 60
+    rows = []
+    for y in range(12, size - 8, 18):
+        for x in range(12, size - 8, 18):
+            cy, cx = y + int(rng.integers(-3, 4)), x + int(rng.integers(-3, 4))
+            image[cy - 3 : cy + 4, cx - 3 : cx + 4] += 100
+            rows.append((cy, cx, 1 if cx < size // 2 else 2))
+    return image, np.asarray(rows, np.float64)
+
+
+def _type_at_points(det: MuViTPointDetector, image: np.ndarray, yx: np.ndarray,
+                    tile: int = 32) -> np.ndarray:
+    """The detector's type (class id) at the grid location of each point, each computed in
+    the tile of the global grid that holds it, as prediction reads it."""
+    from napari_muvit.data import Normalization, open_image
+    from napari_muvit.data.geometry import centered_nested_bboxes
+
+    source = open_image(image)
+    source.normalization = Normalization.from_dict(det.normalization)
+    levels = tuple(float(v) for v in det.levels)
+    out = []
+    for y, x in np.asarray(yx, np.int64):
+        origin = (y // tile * tile, x // tile * tile)
+        bb = centered_nested_bboxes(origin, tile, levels)
+        crop = torch.from_numpy(source.read_nested(bb, levels, tile)[0])[None]
+        with torch.no_grad():
+            raw = det.eval()(crop, torch.from_numpy(bb)[None])
+        cy, cx = (y - origin[0]) // det.stride, (x - origin[1]) // det.stride
+        out.append(det.label_values[int(raw[0, 1 : det.num_classes + 1, cy, cx].argmax())])
+    return np.asarray(out)
+
+
+def test_forest_type_head_is_fitted_from_clicked_points(tmp_path: Path) -> None:
+    """A new detector's types come from a random forest on every level's filter bank, fitted
+    on the clicked points before fine-tuning: right on another image after one step, saved
+    and reloaded to identical outputs, and kept (not refitted) on resume."""
+    from napari_muvit.engine.trainer import TrainConfig
+
+    image, rows = _two_tissue_cells(0)
+    test_image, test_rows = _two_tissue_cells(1)
+    cfg = TrainConfig(steps=1, batch_size=2, crop_size=32, device="cpu")
+    det = train_points(image, rows, out=tmp_path / "det", preset="tiny", levels="1,4",
+                       config=cfg)
+    assert det.head_options["type_classifier"] == "forest"
+    assert det.head_options["forest_trees"] == 100 and det.type_forest.forest.num_trees == 100
+    assert "type forest (100 trees) fitted on" in (tmp_path / "det" / "history.json").read_text()
+    got = _type_at_points(det, test_image, test_rows[:, :2])
+    assert (got == test_rows[:, 2]).mean() >= 0.95, got
+    back = load_model(tmp_path / "det")
+    assert back.head_config == det.head_config
+    x = torch.from_numpy(np.stack([image[None, None, :32, :32]] * 2, 1)[0])[None]
+    bb = torch.tensor([[[0.0, 0.0], [32.0, 32.0]], [[-48.0, -48.0], [80.0, 80.0]]])[None]
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(x, bb), det.eval()(x, bb))
+    leaves = det.type_forest.forest.leaf_probs.clone()
+    cfg2 = TrainConfig(steps=2, batch_size=2, crop_size=32, device="cpu")
+    resumed = train_points(image, rows, out=tmp_path / "det", resume=True, config=cfg2)
+    torch.testing.assert_close(resumed.type_forest.forest.leaf_probs, leaves)
+    assert (tmp_path / "det" / "history.json").read_text().count("type forest (") == 1
+
+
+def test_type_classifier_options_and_old_checkpoints(tmp_path: Path) -> None:
+    """Detectors saved before the forest type head load with their trained type MLP; bad
+    forest options are one-line errors; the shared layout has no forest."""
+    det = _tiny_detector(type_classifier="mlp").eval()
+    det.save(tmp_path / "old")
+    cfg = tmp_path / "old" / "config.yaml"
+    keys = ("type_classifier", "type_sigmas", "forest_trees", "forest_nodes", "forest_depth")
+    lines = cfg.read_text().splitlines()
+    kept, skipping = [], False
+    for ln in lines:
+        key = ln.strip().split(":")[0]
+        if key in keys:
+            skipping = key == "type_sigmas" and ln.strip().endswith(":")
+            continue
+        if skipping and ln.strip().startswith("- "):
+            continue
+        skipping = False
+        kept.append(ln)
+    cfg.write_text("\n".join(kept) + "\n")
+    back = load_model(tmp_path / "old")
+    assert back.head_options["type_classifier"] == "mlp" and back.type_forest is None
+    x = torch.randn(1, 2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), det(x))
+    assert _tiny_detector().type_forest is not None
+    assert _tiny_detector(type_head="shared").head_options["type_classifier"] == "mlp"
+    with pytest.raises(InputError, match="type_classifier"):
+        _tiny_detector(type_classifier="svm")
+    with pytest.raises(InputError, match="type_sigmas"):
+        _tiny_detector(type_sigmas=[])
+
+
 @pytest.fixture
 def point_files(tmp_path: Path):
     rng = np.random.default_rng(1)
@@ -420,6 +518,11 @@ def test_cli_train_points_then_predict_csv(point_files, tmp_path: Path, capsys) 
     assert isinstance(det, MuViTPointDetector) and det.label_values == [1, 2]
     assert det.class_names == ["round", "square"]
     assert det.meta["provenance"]["points"] == [str(pts)]
+    assert det.head_options["type_classifier"] == "forest" and det.head_options["forest_trees"]
+    import json
+
+    config = json.loads((out / "history.json").read_text())["config"]
+    assert (config["lr"], config["encoder_lr_factor"]) == (1e-3, 1.0)  # the points defaults
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert load_model(out).meta["history"]["steps"] == [1, 2, 3]
     capsys.readouterr()
@@ -431,6 +534,11 @@ def test_cli_train_points_then_predict_csv(point_files, tmp_path: Path, capsys) 
     assert main(["predict", str(image), "--out", str(tmp_path / "x.csv"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "needs a point detector" in err and err.count("\n") == 1
+    mlp = tmp_path / "mlp"
+    assert main(["train", str(image), "--points", str(pts), "--out", str(mlp), *TINY,
+                 "--steps", "1", "--type-classifier", "mlp", "--lr", "2e-4"]) == 0
+    assert load_model(mlp).head_options["type_classifier"] == "mlp"
+    assert json.loads((mlp / "history.json").read_text())["config"]["lr"] == 2e-4
 
 
 def test_cli_bad_points_file_is_one_line(point_files, tmp_path: Path, capsys) -> None:

@@ -166,8 +166,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         type=positive_float,
         default=None,
         metavar="X",
-        help="learning rate (default: train 1e-4 for the head; pretrain 6e-5 at D=512, "
-        "scaled up for narrower encoders)",
+        help="learning rate (default: train 1e-4 for the head, --points 1e-3; pretrain 6e-5 "
+        "at D=512, scaled up for narrower encoders)",
     )
     p.add_argument(
         "--checkpoint-every",
@@ -238,9 +238,9 @@ def register(subparsers: Any) -> None:
     t.add_argument(
         "--encoder-lr-factor",
         type=float,
-        default=0.1,
+        default=None,
         metavar="F",
-        help="encoder learning rate = F x --lr (default 0.1)",
+        help="encoder learning rate = F x --lr (default 0.1; --points: 1.0)",
     )
     t.add_argument("--freeze-encoder", action="store_true", help="train the head only")
     t.add_argument(
@@ -361,7 +361,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     config = TrainConfig(
         **_shared_config(args),
-        encoder_lr_factor=args.encoder_lr_factor,
+        encoder_lr_factor=(0.1 if args.encoder_lr_factor is None else args.encoder_lr_factor),
         dense=args.dense,
         naive_bbox=args.naive_bbox,
         freeze_encoder=args.freeze_encoder,
@@ -454,14 +454,18 @@ def _add_points_options(t: argparse.ArgumentParser) -> None:
                         "softmax (the layout of older detectors)")
     g.add_argument("--type-context", action=argparse.BooleanOptionalAction, default=None,
                    help="the type head also sees every level's tokens at the point (default: "
-                        "on; separate type head only)")
+                        "on; separate type head with --type-classifier mlp only)")
+    g.add_argument("--type-classifier", choices=("forest", "mlp"), default=None,
+                   help="forest (default): the type of a point is given by a random forest on "
+                        "the filters of every level's crop, fitted on the points in seconds; "
+                        "mlp: a type head trained with the detector (separate type head only)")
 
 
 def _train_points(args: argparse.Namespace) -> int:
     """``train --points``: a MuViT point detector, through the same Trainer machinery."""
     from dataclasses import replace
 
-    from napari_muvit.engine.points import train_points
+    from napari_muvit.engine.points import POINT_TRAIN_DEFAULTS, train_points
     from napari_muvit.engine.trainer import TrainConfig
 
     if args.labels is not None:
@@ -481,17 +485,18 @@ def _train_points(args: argparse.Namespace) -> int:
             f"({len(args.images)}), got {len(regions)}"
         )
     config = TrainConfig(
-        **_shared_config(args),
-        encoder_lr_factor=args.encoder_lr_factor,
+        **{**_shared_config(args), **POINT_TRAIN_DEFAULTS},
         naive_bbox=args.naive_bbox,
         freeze_encoder=args.freeze_encoder,
         val_region=parse_region(args.val_region) if args.val_region else None,
     )
-    overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
+    overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels,
+                 "encoder_lr_factor": args.encoder_lr_factor}
     config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     head = {k: v for k, v in (("stride", args.stride), ("pos_radius", args.pos_radius),
                                ("min_distance", args.min_distance),
-                               ("type_head", args.type_head), ("context", args.type_context))
+                               ("type_head", args.type_head), ("context", args.type_context),
+                               ("type_classifier", args.type_classifier))
             if v is not None}
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     model = _run_interruptible(

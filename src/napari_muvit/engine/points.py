@@ -40,6 +40,7 @@ from napari_muvit.errors import InputError
 
 __all__ = [
     "POINT_COLUMNS",
+    "POINT_TRAIN_DEFAULTS",
     "PointCsvSink",
     "PointMemorySink",
     "PointMerger",
@@ -53,6 +54,12 @@ __all__ = [
 
 POINT_COLUMNS = ("y", "x", "class", "score")
 DEFAULT_HEAD_DIM = 64
+#: TrainConfig fields a point detector trains with unless told otherwise: its decoder and
+#: objectness start from nothing and the encoder must learn to localise nuclei, so everything
+#: learns at 1e-3 (measured on the synthetic rings from the bundled MAE encoder, 600 steps:
+#: detection F1 0.45 at the segmentation defaults, lr 1e-4 and the encoder at 0.1x; see
+#: docs/results.md)
+POINT_TRAIN_DEFAULTS: dict[str, Any] = {"lr": 1e-3, "encoder_lr_factor": 1.0}
 
 
 def empty_points() -> dict[str, np.ndarray]:
@@ -125,7 +132,7 @@ class PointTrainer(Trainer):
     ) -> None:
         from napari_muvit.data import open_image
 
-        config = config or TrainConfig()
+        config = config or TrainConfig(**POINT_TRAIN_DEFAULTS)
         if not annotations:
             raise InputError("points: expected at least one (image, points) pair, got none")
         self.head_options = dict(head_options or {})
@@ -151,6 +158,11 @@ class PointTrainer(Trainer):
             model, pairs, config, progress, cancel, out, resume=resume,
             provenance=provenance, notes=notes,
         )
+        # one class needs no type: an empty forest gives probability 1
+        if not resume and self.model.type_forest is not None and self.model.num_classes > 1:
+            self._fit_type_forest()
+            # the EMA teacher was copied before the forest existed
+            self.teacher = self._build_teacher()
 
     # ------------------------------------------------------------------ classes
     def point_classes(self) -> list[int]:
@@ -255,6 +267,88 @@ class PointTrainer(Trainer):
                 "training signal",
                 warning=True,
             )
+
+    # ------------------------------------------------------------------ forest type head
+    def _fit_type_forest(self) -> None:
+        """Fit the detector's type forest on the positive locations of the clicked points."""
+        import time
+
+        from napari_muvit.engine.forests import fit_ensemble
+
+        t0 = time.perf_counter()
+        rows, types, points = self._type_rows()
+        if len(rows) == 0:
+            raise InputError(self._no_annotation_message())
+        trees = self.type_forest_trees
+        shape = fit_ensemble(self.model.type_forest.forest, rows, types, trees,
+                             seed=self.config.seed)
+        self.model.head_options.update(shape)
+        self._event(
+            "type_forest",
+            f"type forest ({trees} trees) fitted on {len(rows)} locations of {points} points "
+            f"in {time.perf_counter() - t0:.1f} s",
+        )
+
+    #: trees of the type forest (class-balanced, depth <= 20)
+    type_forest_trees = 100
+
+    @torch.no_grad()
+    def _type_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Forest features and type indices of the positive grid locations of the points
+        (outside the validation region), each computed in the level-1 tile of the global tile
+        grid that holds the point, with the crops prediction would read there."""
+        from napari_muvit.data.geometry import (
+            centered_nested_bboxes, grid_cells_of_pixels, plan_tiles,
+        )
+        from napari_muvit.model.points import point_targets
+
+        m, S = self.model, self.crop_size
+        levels = tuple(float(v) for v in m.levels)
+        device = next(m.parameters()).device
+        rows, types, points = [], [], 0
+        for source, raster in self.pairs:
+            pixels = np.clip(np.rint(raster.table.yx).astype(np.int64), 0,
+                             np.array(source.shape) - 1)
+            points += len(pixels)
+            tiles = {t.grid: t for t in plan_tiles(None, S, source.shape, 0)}
+            cells = sorted({(int(a), int(b)) for a, b in grid_cells_of_pixels(pixels, S)})
+            for start in range(0, len(cells), 4):
+                if self.cancel.cancelled:
+                    break
+                chunk = [tiles[c] for c in cells[start : start + 4]]
+                boxes = np.stack([centered_nested_bboxes(t.origin, S, levels) for t in chunk])
+                x = m.encoder.check_input(torch.from_numpy(
+                    np.stack([source.read_nested(bb, levels, S)[0] for bb in boxes])
+                ).to(device))
+                coords = m.encoder.token_coords(torch.from_numpy(boxes).to(device), x.shape,
+                                                device)
+                feats = m.head.type_features(x, coords).permute(0, 2, 3, 1)
+                target = torch.from_numpy(
+                    np.stack([self._type_target(raster, t.origin, S) for t in chunk])
+                )
+                t_types, _, positive, _ = point_targets(target, m.stride,
+                                                        m.head_options["pos_radius"])
+                keep = positive & (t_types > 0)
+                rows.append(feats[keep.to(device)].float().cpu().numpy())
+                types.append((t_types[keep] - 1).numpy())
+        if not rows:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), points
+        return np.concatenate(rows), np.concatenate(types), points
+
+    def _type_target(self, raster: PointRaster, origin: Any, size: int) -> np.ndarray:
+        """The tile's window of ``raster`` as :func:`point_targets` reads it (-1 not annotated,
+        0 no point, ``k + 1`` a point of type index ``k``), padded with -1 past the image."""
+        y0, x0 = (int(v) for v in origin)
+        block = np.asarray(raster[max(y0, 0) : y0 + size, max(x0, 0) : x0 + size])
+        lut = np.full(int(block.max(initial=1)) + 1, -1, np.int64)
+        lut[1] = 0
+        for value, index in self.label_mapping.items():
+            if value < len(lut):
+                lut[value] = index
+        out = np.full((size, size), -1, np.int64)
+        out[max(-y0, 0) : max(-y0, 0) + block.shape[0],
+            max(-x0, 0) : max(-x0, 0) + block.shape[1]] = lut[block]
+        return out
 
     # ------------------------------------------------------------------ loss
     def compute_loss(
@@ -364,7 +458,7 @@ def train_points(
     from napari_muvit.engine import _checkpointing as ckpt
     from napari_muvit.engine.trainer import _describe, prepare_start_model
 
-    config = config or TrainConfig()
+    config = config or TrainConfig(**POINT_TRAIN_DEFAULTS)
     images = list(images) if isinstance(images, (list, tuple)) else [images]
     several = isinstance(points, (list, tuple)) and not _is_array_like(points)
     points = list(points) if several else [points]
