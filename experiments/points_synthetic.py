@@ -8,6 +8,8 @@ layout of ``experiments/synthetic_table4.py``), predicts another 2048² image th
 MuViT[1,4] vs MuViT[1] vs MuViT[1,4] with naive bboxes.
 
     python experiments/points_synthetic.py --out experiments/runs/points_syn --steps 1500
+    python experiments/points_synthetic.py --out experiments/runs/points_syn_defaults --defaults \
+        --variants muvit14,muvit1 --parallel 2 --json docs/data/points_synthetic_defaults.json
     python experiments/points_synthetic.py --out experiments/runs/points_syn_pl \
         --variants muvit14 --region 0,0,1024,1024 --pseudo both   # consistency loss on / off
 
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 VARIANTS = {
+    "muvit141": dict(levels="1,4,16", naive=False, label="MuViT[1,4,16]"),
     "muvit14": dict(levels="1,4", naive=False, label="MuViT[1,4]"),
     "muvit1": dict(levels="1", naive=False, label="MuViT[1]"),
     "naive": dict(levels="1,4", naive=True, label="MuViT[1,4] (naive bboxes)"),
@@ -94,6 +97,14 @@ def run_variant(name: str, pseudo: bool, train: tuple[Path, Path], test: tuple[P
     if args.eval_only:
         return evaluate_model(model, v, pseudo, test, out, tag)
     init = out / f"{name}_init"  # written by main() before the runs start
+    if args.defaults:
+        # what a user types: the bundled start and every training default, only the levels
+        argv = ["train", str(train[0]), "--points", str(train[1]), "--out", str(model),
+                "--levels", v["levels"], "--overwrite", "--quiet"]
+        train_s = cli(argv)
+        score = evaluate_model(model, v, pseudo, test, out, tag)
+        score["train_seconds"] = round(train_s, 1)
+        return score
     argv = ["train", str(train[0]), "--points", str(train[1]), "--out", str(model),
             "--init", str(init), "--levels", v["levels"], "--crop", str(args.crop),
             "--steps", str(args.steps), "--batch", str(args.batch), "--lr", str(args.lr),
@@ -175,6 +186,9 @@ def main() -> None:
                         "of a random one, e.g. the bundled segmenter")
     p.add_argument("--eval-region", default=None, metavar="Y0,X0,Y1,X1",
                    help="predict and score only this box of the test image (CPU budget)")
+    p.add_argument("--defaults", action="store_true",
+                   help="train with the CLI's defaults (bundled start, steps, lr, head) and "
+                        "only --levels; ignores --steps/--batch/--crop/--lr/--init-from")
     args = p.parse_args()
     global EVAL_REGION
     EVAL_REGION = args.eval_region
@@ -183,7 +197,7 @@ def main() -> None:
     test = make_image(args.out / "data", TEST_SEED)
     pseudo = {"off": [False], "on": [True], "both": [False, True]}[args.pseudo]
     runs = [(v, pl) for v in args.variants.split(",") if v for pl in pseudo]
-    if not args.eval_only:
+    if not args.eval_only and not args.defaults:
         # once per variant, before the parallel runs (with/without pseudo-labels share it)
         for name in dict.fromkeys(v for v, _ in runs):
             initial_encoder(args.out / f"{name}_init", VARIANTS[name]["levels"], args)

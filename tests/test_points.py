@@ -592,3 +592,22 @@ def test_second_writer_on_the_same_csv_is_refused(rng, tmp_path: Path) -> None:
         t.join()
         raise errors[0]
     assert not path.exists()
+
+
+def test_ring_profile_is_orientation_free_and_sees_the_surroundings() -> None:
+    """The forest's ring features: the same for a crop turned by 90° (sorted over directions),
+    and different for a pixel inside a bright ring and one outside it."""
+    from napari_muvit.model.points import ring_profile
+
+    rng = np.random.default_rng(0)
+    crop = torch.from_numpy(rng.normal(0, 1, (1, 1, 48, 48)).astype(np.float32))
+    prof = ring_profile(crop, [4.0, 9.0])
+    assert prof.shape == (1, 2 * (8 + 2), 48, 48)
+    turned = ring_profile(torch.rot90(crop, 1, (2, 3)), [4.0, 9.0])
+    torch.testing.assert_close(turned, torch.rot90(prof, 1, (2, 3)))
+    yy, xx = np.mgrid[:48, :48]
+    r = np.hypot(yy - 24, xx - 24)
+    ring = torch.from_numpy(((r > 8) & (r < 12)).astype(np.float32))[None, None]
+    inside, outside = ring_profile(ring, [10.0])[0, :, 24, 24], ring_profile(ring, [10.0])[0, :, 24, 42]
+    assert inside[:8].min() > 0.5  # the ring all around the centre
+    assert outside[:8].min() < 0.1 < outside[:8].max()  # the ring on one side only
