@@ -13,6 +13,8 @@ predicts the whole image through the CLI; F1 (5 px, one-to-one Hungarian matchin
 on the right half against the centroids there.
 
     python experiments/points_nuclei.py --data /tmp/sd/stardist/data/images --out experiments/runs/points_nuclei
+    python experiments/points_nuclei.py --defaults --out experiments/runs/points_nuclei_defaults \
+        --json docs/data/points_nuclei_defaults.json      # what a user types
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ SPLIT_X = 256
 
 def find_data(folder: Path | None) -> Path:
     if folder is None:
-        try:
-            import stardist  # noqa: F401
+        import importlib.util
 
-            folder = Path(stardist.__file__).parent / "data" / "images"
-        except ImportError:
+        # located, not imported: stardist itself needs csbdeep and tensorflow
+        spec = importlib.util.find_spec("stardist")
+        if spec is not None and spec.origin:
+            folder = Path(spec.origin).parent / "data" / "images"
+        else:
             raise SystemExit("pass --data DIR holding img2d.tif and mask2d.tif (see the docstring)") from None
     if not (folder / "img2d.tif").is_file() or not (folder / "mask2d.tif").is_file():
         raise SystemExit(f"{folder}: expected img2d.tif and mask2d.tif (see the docstring)")
@@ -93,13 +97,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--extra", default="", help="extra train options, e.g. '--pseudo-labels'")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--defaults", action="store_true",
+                   help="the CLI's defaults (bundled start, steps, lr, crop, batch, levels): "
+                        "only the points and the annotated region are given")
     args = p.parse_args()
     image, train_csv, test_yx, train_yx = prepare(find_data(args.data), args.out)
     model = args.out / "model"
-    train_s = cli(["train", str(image), "--points", str(train_csv), "--out", str(model),
-                   "--region", f"0,0,512,{SPLIT_X}", "--levels", args.levels, "--crop",
-                   str(args.crop), "--steps", str(args.steps), "--batch", str(args.batch),
-                   "--lr", str(args.lr), "--overwrite", "--quiet", *args.extra.split()])
+    argv = ["train", str(image), "--points", str(train_csv), "--out", str(model),
+            "--region", f"0,0,512,{SPLIT_X}", "--overwrite", "--quiet"]
+    if not args.defaults:
+        argv += ["--levels", args.levels, "--crop", str(args.crop), "--steps", str(args.steps),
+                 "--batch", str(args.batch), "--lr", str(args.lr)]
+    train_s = cli([*argv, *args.extra.split()])
     pred = args.out / "pred.csv"
     pred_s = cli(["predict", str(image), "--model", str(model), "--out", str(pred),
                   "--overwrite", "--quiet"])
@@ -110,7 +119,7 @@ def main() -> None:
         "n_train_points": int(len(train_yx)),
         "n_test_points": int(len(test_yx)),
         "radius_px": RADIUS,
-        "steps": args.steps,
+        "steps": None if args.defaults else args.steps,
         "test_right_half": score(pred, test_yx, right=True),
         "train_left_half": score(pred, train_yx, right=False),
         "train_seconds": round(train_s, 1),

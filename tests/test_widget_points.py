@@ -145,6 +145,9 @@ def test_train_panel_trains_a_detector_on_clicked_points(make_napari_viewer, qtb
     train.device_combo.setCurrentText("cpu")
 
     request = train._points_request(image, points)
+    # a detector learns at its own rate (the shown lr follows the Points choice)
+    assert train.lr_spin.value() == pytest.approx(1e-3)
+    assert (request.config.lr, request.config.encoder_lr_factor) == (pytest.approx(1e-3), 1.0)
     np.testing.assert_allclose(request.points.yx, data_yx)  # image pixels, not world
     assert request.points.classes.tolist() == [1, 2, 1, 2, 2]
 
@@ -168,3 +171,9 @@ def test_train_panel_trains_a_detector_on_clicked_points(make_napari_viewer, qtb
     outside = viewer.add_points(np.array([[-50.0, -50.0]]), name="outside")
     with pytest.raises(InputError, match="outside|inside"):
         train._points_request(image, outside)
+    # back to labels: the segmentation rate again; a rate the user chose is kept
+    train.points_layer = None
+    assert train.lr_spin.value() == pytest.approx(1e-4)
+    train.lr_spin.setValue(5e-4)
+    train.points_layer = points
+    assert train.lr_spin.value() == pytest.approx(5e-4)

@@ -15,7 +15,9 @@ shows what the trainer reports:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import replace
 
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_muvit.data.points_io import PointTable
+from napari_muvit.engine.points import POINT_TRAIN_DEFAULTS
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._loss_plot import LossPlot
@@ -117,6 +120,7 @@ class TrainWidget(DockPanel):
         self._ui_timer.setInterval(UI_INTERVAL_MS)
         self._ui_timer.timeout.connect(self._show_progress)
         self.state.events.start.connect(self._on_start_changed)
+        self.state.events.points.connect(self._on_points_changed)
         self._refresh_start_choices(select=self.state.start)
 
     # ------------------------------------------------------------------------------ UI
@@ -190,7 +194,8 @@ class TrainWidget(DockPanel):
         self.steps_spin = form.spin("steps", "Steps", 1, 1_000_000)
         self.lr_spin = form.float_spin(
             "lr", "Learning rate", 1e-6, 1.0,
-            "Head learning rate (the encoder uses 0.1×, as in the paper)", step=1e-5)
+            "Head learning rate (the encoder uses 0.1×, as in the paper; a point detector "
+            "trains at 1e-3 with the encoder at 1×)", step=1e-5)
         self.batch_spin = form.spin("batch_size", "Batch size", 1, 256)
         self.crop_spin = form.spin("crop_size", "Crop size", 0, 2048,
                                    "Level-1 crop size (a multiple of the patch size)",
@@ -410,6 +415,14 @@ class TrainWidget(DockPanel):
             publish_every=int(self.state.publish_every),
         )
 
+    def _on_points_changed(self, event: Any = None) -> None:
+        """A point detector learns at its own rate: the shown learning rate follows the
+        choice of a Points layer unless the user set another one."""
+        labels_lr = next(f.default for f in dataclasses.fields(TrainState) if f.name == "lr")
+        defaults = (labels_lr, POINT_TRAIN_DEFAULTS["lr"])
+        if self.state.lr in defaults:
+            self.state.lr = defaults[self.state.points is not None]
+
     def _points_request(self, image: Any, points: Any) -> TrainRequest:
         """A request that trains a point detector on ``points`` (those on the shown plane)."""
         plane = L.layer_plane(self.viewer, image)
@@ -438,7 +451,8 @@ class TrainWidget(DockPanel):
         return TrainRequest(
             image=image, plane=plane, labels=None, start=start, start_model=start_model,
             class_names=self.state.class_name_map(),
-            config=train_config(self.state, self.validation_region()),
+            config=replace(train_config(self.state, self.validation_region()),
+                           encoder_lr_factor=POINT_TRAIN_DEFAULTS["encoder_lr_factor"]),
             name=f"{image.name} points #{self._run_counter}",
             publish_every=int(self.state.publish_every), points=table,
         )
