@@ -46,7 +46,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,82 @@ class Heartbeat:
                 "seconds": self.ticks[-1] - self.ticks[0], "loadavg": list(os.getloadavg())}
 
 
+class StackSampler:
+    """What the GUI thread runs, sampled every millisecond from a helper thread
+    (``--profile``): the stacks inside the longest gap of each phase are printed, innermost
+    project/napari/vispy frames first.  Sampling needs the GIL, so the samples of a gap show
+    where the GUI thread's Python code was whenever it let another thread run (every switch
+    interval, set to 1 ms while sampling).
+    """
+
+    def __init__(self) -> None:
+        self.main = threading.main_thread().ident
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StackSampler:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.001)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        sys.setswitchinterval(self._interval)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            frame = sys._current_frames().get(self.main)
+            stack = []
+            while frame is not None:
+                code = frame.f_code
+                stack.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
+                frame = frame.f_back
+            self.samples.append((time.perf_counter(), tuple(stack)))
+            time.sleep(0.001)
+
+    def report(self, name: str, heartbeat: Heartbeat, top: int = 12) -> list[str]:
+        """Lines describing the GUI thread's stacks in ``heartbeat``'s longest gap."""
+        ticks = np.asarray(heartbeat.ticks)
+        if ticks.size < 2:
+            return []
+        cpu = np.diff(np.asarray(heartbeat.cpu))
+        lines = []
+        longest, busiest = int(np.argmax(np.diff(ticks))), int(np.argmax(cpu))
+        for what, i in (("longest gap", longest), ("most GUI-thread CPU", busiest)):
+            if what != "longest gap" and i == longest:
+                continue
+            lines += self._gap(f"{name}: {what}", ticks[i], ticks[i + 1], cpu[i], top)
+        return lines
+
+    def _gap(self, title: str, t0: float, t1: float, cpu: float, top: int) -> list[str]:
+        inside = [stack for t, stack in self.samples if t0 <= t <= t1]
+        lines = [f"== {title} {1000 * (t1 - t0):.0f} ms, GUI-thread CPU {1000 * cpu:.0f} ms, "
+                 f"{len(inside)} samples"]
+        for depth in (1, 3, 6, 10):
+            lines.append(f"  -- innermost {depth} frames (count)")
+            for stack, n in Counter(s[:depth] for s in inside).most_common(top):
+                lines.append(f"    {n:4d}  " + " <- ".join(stack))
+        lines.append("  -- frames anywhere on the stack (count of samples)")
+        anywhere = Counter(frame.rsplit(":", 1)[0] for s in inside for frame in set(s))
+        for frame, n in anywhere.most_common(40):
+            lines.append(f"    {n:4d}  {frame}")
+        return lines
+
+
+PROFILE: StackSampler | None = None  # set by --profile
+PROFILE_LINES: list[str] = []
+
+
+def profiled(name: str, heartbeat: Heartbeat) -> None:
+    if PROFILE is not None:
+        PROFILE_LINES.extend(PROFILE.report(name, heartbeat))
+
+
 def spin(ms: float) -> None:
     """Run the Qt event loop for ``ms`` milliseconds."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -131,7 +209,8 @@ def until_idle(timeout: float, *panels: Any) -> bool:
     return done
 
 
-def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, Any]:
+def run_phases(seconds: float, timeout: float, other_model: Path,
+               classifier: str = "forest") -> dict[str, Any]:
     """All phases in this process's viewer; returns their gap summaries."""
     import napari
 
@@ -163,6 +242,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.predict_view()
         done = until_idle(timeout, predict)
     out["first predict"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("first predict", hb)
     labels = predict.labels_layer()
     out["first predict"]["labelled_px"] = (int(np.count_nonzero(np.asarray(labels.data[0])))
                                            if labels is not None and labels.multiscale else
@@ -178,6 +258,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         done = until_idle(timeout, predict)
         predict.set_live(False)
     out["live panning"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("live panning", hb)
 
     cam.center = tuple(float(v) for v in image.data_to_world((SAMPLE / 2, SAMPLE / 2)))
     spin(300)
@@ -187,6 +268,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.predict_view()
         done = until_idle(timeout, predict)
     out["model switch"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("model switch", hb)
 
     with Heartbeat() as hb:
         predict.set_model(None)  # back to the bundled model: its tiles come from the cache
@@ -195,6 +277,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         done = until_idle(timeout, predict)
     out["switch back"] = {**hb.summary(), "finished": done, "status": predict.status,
                           "cache_hits": int(predict.predictor.stats.get("cache_hits", -1))}
+    profiled("switch back", hb)
 
     with tempfile.TemporaryDirectory() as tmp, Heartbeat() as hb:
         predict.predict_image(Path(tmp) / "whole.zarr")
@@ -202,6 +285,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.cancel()
         done = until_idle(timeout, predict)
     out["whole image"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("whole image", hb)
 
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train, name="MuViT fine-tune", area="right", tabify=True)
@@ -209,17 +293,43 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
     annotations = train.create_annotation_layer()
     from napari_muvit.data.samples import synthetic_sample_image
 
-    gt = synthetic_sample_image(size=SAMPLE, seed=0).labels
-    annotations.data[200:1800:7] = np.asarray(gt)[200:1800:7]  # scribbles: every 7th row
+    gt = np.asarray(synthetic_sample_image(size=SAMPLE, seed=0).labels)
+    # a user's scribbles: a few strokes across the visible region (ground truth along them)
+    rows, cols = slice(720, 1330, 40), slice(720, 1330)
+    annotations.data[rows, cols] = gt[rows, cols]
     annotations.refresh()
     train.set_start_model(None)  # the bundled encoder
+    train.state.classifier = classifier
     spin(300)
     with Heartbeat() as hb:
+        start = time.perf_counter()
         train.train()
-        spin(1000 * seconds)
+        marks = {}
+
+        def refreshed() -> bool:
+            """The predict panel shows the trained model's view (after the forest's fit, or
+            the mlp head's quick fit, whose fine-tuning then runs on)."""
+            job, view = train.job, predict.state.view_job
+            if job is not None and job.snapshots_published and "snapshot" not in marks:
+                marks["snapshot"] = time.perf_counter() - start
+            shown = (job is not None and job.snapshots_published > 0 and view is not None
+                     and view.request.choice.kind == "session" and view.done.is_set()
+                     and not predict.busy)
+            if classifier == "forest":
+                return shown and not train.busy
+            return shown and job.steps_seen >= 1  # fine-tuning continues meanwhile
+
+        done = wait_until(refreshed, timeout)
+        marks["refreshed"] = time.perf_counter() - start
+        if classifier != "forest":
+            spin(1000 * seconds)  # fine-tuning with the predict panel following its snapshots
         train.stop()
-        done = until_idle(timeout, train, predict)
-    out["training"] = {**hb.summary(), "finished": done, "status": train.status}
+        done = until_idle(timeout, train, predict) and done
+    out["training"] = {**hb.summary(), "finished": done, "classifier": classifier,
+                       "snapshot_s": marks.get("snapshot"), "refreshed_s": marks["refreshed"],
+                       "steps": train.job.steps_seen if train.job is not None else 0,
+                       "status": f"{train.status} | predict: {predict.status}"}
+    profiled("training", hb)
     viewer.close()
     return out
 
@@ -232,7 +342,9 @@ def copy_of_bundled_model(folder: Path) -> Path:
     return Path(load_model(bundled_segmenter_path()).save(folder / "bundled copy"))
 
 
-def child(load: str, seconds: float, timeout: float, painting: str) -> dict[str, Any]:
+def child(load: str, seconds: float, timeout: float, painting: str,
+          profile: bool = False, classifier: str = "forest") -> dict[str, Any]:
+    global PROFILE
     os.environ.setdefault("NAPARI_MUVIT_SETTINGS_DIR", tempfile.mkdtemp(prefix="bench_ui_"))
     from napari_muvit.widgets import predict
 
@@ -240,13 +352,18 @@ def child(load: str, seconds: float, timeout: float, painting: str) -> dict[str,
         predict.PAINT_SLICE_S = None  # every message painted on arrival (before time slicing)
     with tempfile.TemporaryDirectory() as tmp:
         other = copy_of_bundled_model(Path(tmp))
+        if profile:
+            PROFILE = StackSampler().__enter__()
         if load == "busy":
             with busy_cores() as pids:
-                phases = run_phases(seconds, timeout, other)
+                phases = run_phases(seconds, timeout, other, classifier)
             busy = len(pids)
         else:
-            phases = run_phases(seconds, timeout, other)
+            phases = run_phases(seconds, timeout, other, classifier)
             busy = 0
+        if PROFILE is not None:
+            PROFILE.__exit__(None, None, None)
+            print("\n".join(PROFILE_LINES), file=sys.stderr)
     return {"load": load, "busy_processes": busy, "painting": painting,
             "paint_slice_ms": None if predict.PAINT_SLICE_S is None
             else 1000 * predict.PAINT_SLICE_S, "machine": machine(), "phases": phases}
@@ -266,6 +383,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every load and painting mode (alternating); the ratios "
                         "compare medians over the rounds")
+    parser.add_argument("--classifier", choices=("forest", "mlp"), default="forest",
+                        help="the fine-tune panel's new head in the training phase (forest: "
+                        "fit, one refresh; mlp: quick fit, refresh, then --seconds of "
+                        "fine-tuning)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the GUI thread's stack every ms and print what it ran "
+                        "in the longest gap of each phase (slows everything a little)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--summarize", type=Path, default=None,
                         help="only (re)write the summary tables of this result file")
@@ -273,7 +397,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout,
-                                           args.painting[0])))
+                                           args.painting[0], args.profile,
+                                           args.classifier)))
         return
     if args.summarize is not None:
         data = json.loads(args.summarize.read_text())
@@ -362,8 +487,11 @@ def print_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_child(load: str, painting: str, args: argparse.Namespace) -> dict[str, Any]:
     """One load and painting mode in a fresh process; prints its rows."""
     cmd = [sys.executable, __file__, "--child", load, "--seconds", str(args.seconds),
-           "--timeout", str(args.timeout), "--painting", painting]
+           "--timeout", str(args.timeout), "--painting", painting,
+           "--classifier", args.classifier, *(["--profile"] if args.profile else [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
+    if args.profile:
+        print(res.stderr)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if res.returncode or not lines:
         sys.exit(f"bench_ui child ({load}, {painting}) failed:\n{res.stderr[-3000:]}")

@@ -292,25 +292,89 @@ def test_cancel_with_tiles_queued_paints_them_all_and_leaves_whole_tiles(
     assert between and any("tick" in events for events in between)
 
 
-def test_a_new_labels_layer_gets_its_overlays_in_later_steps(make_napari_viewer):
+def _built(viewer, layer) -> tuple[bool, bool]:
+    """Whether napari built the layer's vispy visual and its Qt layer controls."""
+    qt_viewer = viewer.window._qt_viewer
+    controls = qt_viewer.controls.widgets.get(layer)
+    return (layer in qt_viewer.canvas.layer_to_visual,
+            controls is not None and controls is not qt_viewer.controls.empty_widget)
+
+
+def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_viewer):
+    """The expensive pieces of adding a layer (visuals, controls, each tool overlay, the first
+    draw, selecting it) run one per turn of the event loop; the end state is napari's."""
     from napari_muvit.widgets import _layers as L
 
     viewer = make_napari_viewer()
     usual = viewer.add_labels(np.zeros((32, 32), np.uint8), name="usual")
     expected = {name: o.visible for name, o in usual._overlays.items()}
     assert any(expected.values())  # napari shows some (the brush and polygon tools)
+    assert _built(viewer, usual) == (True, True)
 
     steps: list = []
-    layer = L.add_labels_in_steps(viewer, np.zeros((32, 32), np.uint8), steps.append,
-                                  name="stepwise", opacity=0.6)
+    data = np.zeros((32, 32), np.uint8)
+    data[3:9, 4:7] = 2
+    layer = L.add_labels_in_steps(viewer, data, steps.append, name="stepwise", opacity=0.6,
+                                  scale=(2.0, 3.0), translate=(5.0, -1.0))
+    # in the layer list at once (the panels find it), but hidden, nothing built, not selected
     assert layer in viewer.layers and layer.opacity == 0.6
-    assert not any(o.visible for o in layer._overlays.values())  # none created yet
-    shown = 0
-    while steps:  # one overlay per turn of the event loop
+    assert not layer.visible and viewer.layers.selection.active is usual
+    assert _built(viewer, layer) == (False, False)
+    assert not any(o.visible for o in layer._overlays.values())
+    count = 0
+    while steps:  # one piece per turn of the event loop
         steps.pop(0)()
-        shown += 1
-    assert shown == sum(expected.values())
+        count += 1
+        if count == 1:
+            assert _built(viewer, layer) == (True, False)  # the visuals first
+        if count == 2:
+            assert _built(viewer, layer) == (True, True)  # then the controls
+    assert count == 2 + sum(expected.values()) + 2  # + each overlay, showing, selecting
     assert {name: o.visible for name, o in layer._overlays.items()} == expected
+    assert layer.visible and viewer.layers.selection.active is layer
+    np.testing.assert_array_equal(layer.scale, (2.0, 3.0))
+    np.testing.assert_array_equal(layer.translate, (5.0, -1.0))
+    np.testing.assert_array_equal(layer._slice.image.raw, data)  # shown as it is
     # without ``defer``: napari's own add_labels
     plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
     assert {name: o.visible for name, o in plain._overlays.items()} == expected
+    assert plain.visible and viewer.layers.selection.active is plain
+
+
+def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
+        make_napari_viewer):
+    """napari's handlers of selecting or removing a layer need its controls and visual: the
+    remaining steps run at once (no error, nothing left behind); ``select`` is asked at the
+    last step."""
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    keep = viewer.add_labels(np.zeros((16, 16), np.uint8), name="painting")
+    steps: list = []
+    removed = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                    name="removed early")
+    steps.pop(0)()  # the visual only
+    viewer.layers.remove(removed)
+    assert removed not in viewer.layers and _built(viewer, removed) == (False, False)
+    while steps:
+        steps.pop(0)()  # what was queued still runs, harmlessly
+    assert viewer.layers.selection.active is keep
+
+    chosen = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                   name="selected early")
+    viewer.layers.selection.active = chosen  # the user clicks it in the layer list
+    assert _built(viewer, chosen) == (True, True) and chosen.visible
+    assert viewer.layers.selection.active is chosen
+    controls = viewer.window._qt_viewer.controls
+    assert controls.currentWidget() is controls.widgets[chosen]  # its controls are shown
+    steps.clear()
+
+    asked: list = []
+    quiet = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                  name="not selected", select=lambda: asked.append(1) or False)
+    viewer.layers.selection.active = keep
+    while steps:
+        steps.pop(0)()
+    assert asked == [1] and viewer.layers.selection.active is keep and quiet.visible
+    assert _built(viewer, quiet) == (True, True)
+    assert [la.name for la in viewer.layers] == ["painting", "selected early", "not selected"]
