@@ -118,6 +118,7 @@ class StackSampler:
     def __init__(self) -> None:
         self.main = threading.main_thread().ident
         self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self.others: list[tuple[tuple[str, ...], ...]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -135,14 +136,23 @@ class StackSampler:
         sys.setswitchinterval(self._interval)
 
     def _run(self) -> None:
+        me = threading.get_ident()
         while not self._stop.is_set():
-            frame = sys._current_frames().get(self.main)
-            stack = []
-            while frame is not None:
-                code = frame.f_code
-                stack.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
-                frame = frame.f_back
+            # Holding another thread's frame while it runs on could make this thread drop the
+            # last reference to its locals (Qt objects destroyed in the wrong thread): no
+            # thread switch while the frames are held.
+            sys.setswitchinterval(10.0)
+            try:
+                frames = sys._current_frames()
+                stack = _stack(frames.get(self.main))
+                # the other threads (workers): innermost frames only, who held the GIL
+                others = tuple(_stack(f, 8) for ident, f in frames.items()
+                               if ident not in (self.main, me))
+                del frames
+            finally:
+                sys.setswitchinterval(0.001)
             self.samples.append((time.perf_counter(), tuple(stack)))
+            self.others.append(others)
             time.sleep(0.001)
 
     def report(self, name: str, heartbeat: Heartbeat, top: int = 12) -> list[str]:
@@ -163,6 +173,19 @@ class StackSampler:
         inside = [stack for t, stack in self.samples if t0 <= t <= t1]
         lines = [f"== {title} {1000 * (t1 - t0):.0f} ms, GUI-thread CPU {1000 * cpu:.0f} ms, "
                  f"{len(inside)} samples"]
+        # the worker threads when the sampler got the GIL (during the gap and just after it):
+        # a long gap with few samples was a GIL held elsewhere
+        times = [t for t, _ in self.samples]
+        lo = int(np.searchsorted(times, t0))
+        hi = int(np.searchsorted(times, t1, side="right"))
+        seen: list[tuple[float, tuple[str, ...]]] = []
+        for k in range(max(lo - 1, 0), min(hi + 1, len(self.samples))):
+            for stack in self.others[k]:
+                if stack and not stack[0].startswith("threading.py:wait"):
+                    seen.append((1000 * (times[k] - t0), stack))
+        lines.append("  -- other threads (not waiting) at the samples around the gap")
+        for at, stack in seen[:12]:
+            lines.append(f"    +{at:6.0f} ms  " + " <- ".join(stack))
         for depth in (1, 3, 6, 10):
             lines.append(f"  -- innermost {depth} frames (count)")
             for stack, n in Counter(s[:depth] for s in inside).most_common(top):
@@ -172,6 +195,16 @@ class StackSampler:
         for frame, n in anywhere.most_common(40):
             lines.append(f"    {n:4d}  {frame}")
         return lines
+
+
+def _stack(frame: Any, depth: int | None = None) -> tuple[str, ...]:
+    """``file:function:line`` of ``frame`` and its callers, innermost first."""
+    out = []
+    while frame is not None and (depth is None or len(out) < depth):
+        code = frame.f_code
+        out.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return tuple(out)
 
 
 PROFILE: StackSampler | None = None  # set by --profile

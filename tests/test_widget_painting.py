@@ -378,3 +378,65 @@ def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
     assert asked == [1] and viewer.layers.selection.active is keep and quiet.visible
     assert _built(viewer, quiet) == (True, True)
     assert [la.name for la in viewer.layers] == ["painting", "selected early", "not selected"]
+
+
+def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles(
+        make_napari_viewer, qtbot, model_dir):
+    """The view's output layers are in the layer list (hidden, not built yet) before its
+    first tile is painted; they end built, shown, aligned with the image, the labels selected
+    unless the user is painting on another layer."""
+    from napari.layers import Labels
+
+    from napari_muvit.data import synthetic_rings
+
+    images = {"painting": synthetic_rings(128, seed=7, min_level_size=32).pyramid[0],
+              "plain": synthetic_rings(128, seed=8, min_level_size=32).pyramid[0]}
+    viewer, (painting, plain), widget = _panel(make_napari_viewer, qtbot, model_dir, images)
+    for layer in (painting, plain):
+        layer.scale, layer.translate = (0.5, 2.0), (10.0, -4.0)
+    viewer.reset_view()
+    inserted: list = []
+    viewer.layers.events.inserted.connect(
+        lambda event: inserted.append((event.value, event.value.visible,
+                                       _built(viewer, event.value))))
+    first_tile: list = []
+    paint = widget.outputs.paint
+
+    def painted(target, plane, res):
+        if not first_tile:
+            first_tile.append((target.labels in viewer.layers, target.confidence is None
+                               or target.confidence in viewer.layers))
+        return paint(target, plane, res)
+
+    widget.outputs.paint = painted
+    notes = viewer.add_labels(np.zeros((128, 128), np.uint8), name="notes",
+                              scale=(0.5, 2.0), translate=(10.0, -4.0))
+    notes.mode = "paint"  # the user is annotating: the selection stays on their layer
+    _run_view(qtbot, widget, painting)
+    out = widget.labels_layer(painting)
+    assert first_tile == [(True, True)]
+    assert [(la, visible, built) for la, visible, built in inserted
+            if la is out] == [(out, False, (False, False))]
+    assert viewer.layers.selection.active is notes
+
+    # not painting (the image is active), with the confidence layer
+    viewer.layers.selection.active = plain
+    inserted.clear()
+    first_tile.clear()
+    widget.state.confidence = True
+    job = _run_view(qtbot, widget, plain)
+    assert job.painted == job.total > 0
+    out, conf = widget.labels_layer(plain), widget.confidence_layer(plain)
+    assert first_tile == [(True, True)]
+    assert {la.name: (visible, built) for la, visible, built in inserted} == {
+        out.name: (False, (False, False)), conf.name: (False, (False, False))}
+    usual = Labels(np.zeros((2, 2), np.uint8))._overlays
+    for layer in (out, conf):
+        assert layer.visible and _built(viewer, layer) == (True, True)
+        np.testing.assert_array_equal(layer.scale, plain.scale)
+        np.testing.assert_array_equal(layer.translate, plain.translate)
+    assert {n: o.visible for n, o in out._overlays.items()} == {
+        n: o.visible for n, o in usual.items()}
+    np.testing.assert_array_equal(out._slice.image.raw, np.asarray(out.data))  # shown
+    assert np.count_nonzero(np.asarray(out.data)) > 0
+    assert viewer.layers.selection.active in (out, conf)  # napari's rule: the newest output
