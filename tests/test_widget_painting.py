@@ -294,10 +294,11 @@ def test_cancel_with_tiles_queued_paints_them_all_and_leaves_whole_tiles(
 
 def _built(viewer, layer) -> tuple[bool, bool]:
     """Whether napari built the layer's vispy visual and its Qt layer controls."""
+    from napari._qt.layer_controls.qt_layer_controls_base import QtLayerControls
+
     qt_viewer = viewer.window._qt_viewer
     controls = qt_viewer.controls.widgets.get(layer)
-    return (layer in qt_viewer.canvas.layer_to_visual,
-            controls is not None and controls is not qt_viewer.controls.empty_widget)
+    return (layer in qt_viewer.canvas.layer_to_visual, isinstance(controls, QtLayerControls))
 
 
 def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_viewer):
@@ -375,9 +376,22 @@ def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
     viewer.layers.selection.active = keep
     while steps:
         steps.pop(0)()
-    assert asked == [1] and viewer.layers.selection.active is keep and quiet.visible
+    assert asked and viewer.layers.selection.active is keep and quiet.visible
+    # not selected: its controls are built when it is first selected, not before
+    assert _built(viewer, quiet) == (True, False)
+    viewer.layers.selection.active = quiet
     assert _built(viewer, quiet) == (True, True)
+    assert controls.currentWidget() is controls.widgets[quiet]
     assert [la.name for la in viewer.layers] == ["painting", "selected early", "not selected"]
+    # one never selected is removed cleanly (its placeholder with it)
+    ghost = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                  name="never selected", select=False)
+    while steps:
+        steps.pop(0)()
+    count = controls.count()
+    viewer.layers.remove(ghost)
+    assert ghost not in controls.widgets and controls.count() == count - 1
+    assert viewer.layers.selection.active is quiet
 
 
 def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles(

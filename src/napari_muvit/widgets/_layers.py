@@ -569,10 +569,11 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
     first draw, which compiles its shaders.  With ``defer`` (called with a callback to run in
     a later turn of the event loop) the layer is in ``viewer.layers`` when this returns, but
     hidden and unselected, its visuals and controls not built yet; each of those pieces then
-    runs in a turn of its own: the visuals, the controls, each tool overlay, showing it (the
-    first draw), and last selecting it when ``select`` (a bool, or a callable asked at that
-    moment) says so.  The end state is napari's own ``add_layer``.  Removing or selecting the
-    layer before then finishes the remaining steps at once (napari's handlers need them).
+    runs in a turn of its own: the visuals, the controls (only if it is to be selected: else
+    when it is first selected), each tool overlay, showing it (the first draw), and last
+    selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
+    end state is napari's own ``add_layer``.  Removing or selecting the layer before then
+    finishes the remaining steps at once (napari's handlers need them).
 
     Uses napari internals defensively: any surprise adds the layer the ordinary way (logged
     once).  Without ``defer`` this is ``viewer.add_layer(layer)``.
@@ -600,64 +601,92 @@ class _Inserted:
 
 
 class _StagedAdd:
-    """The rest of adding one layer to the viewer, one step per turn of the event loop."""
+    """The rest of adding one layer to the viewer, one step per turn of the event loop.
+
+    The layer's Qt controls are built only when they are shown: in their own step when the
+    layer is to be selected at the end, else when it is first selected (a layer nobody
+    selects, e.g. a confidence map while the user paints, never pays for them).  Until then
+    a blank placeholder stands in napari's table of controls.
+    """
 
     def __init__(self, viewer: Any, layer: Any, defer: Any, select: Any) -> None:
-        self.viewer, self.layer, self.defer, self.select = viewer, layer, defer, select
         from napari.settings import get_settings
+        from qtpy.QtWidgets import QFrame
 
+        self.viewer, self.layer, self.defer, self.select = viewer, layer, defer, select
         qt_viewer = viewer.window._qt_viewer
-        self.controls = qt_viewer.controls
-        # napari's handlers of a new layer that build Qt/vispy objects: run later, one per turn
-        self.handlers = [qt_viewer._on_add_layer_change]
+        self.visual = qt_viewer._on_add_layer_change  # napari's vispy visual of a new layer
+        self.controls = None
+        self.placeholder = None
         if not get_settings().experimental.dynamic_layer_controls:
-            self.handlers.append(self.controls._add)
-        else:
-            self.controls = None  # napari builds controls on selection then
+            self.controls = qt_viewer.controls
+            self.placeholder = QFrame()
         self.overlays = [o for o in layer._overlays.values() if o.visible]
         self.visible = bool(layer.visible)
         self.steps: list[Any] = []
         self.running = False
+        self.connected = False
+        self.event: _Inserted | None = None
+
+    # ------------------------------------------------------------------ the steps
 
     def start(self) -> None:
         layers = self.viewer.layers
         inserted = layers.events.inserted
+        handlers = [self.visual] + ([self.controls._add] if self.controls is not None else [])
         for overlay in self.overlays:
             overlay.visible = False
         self.layer.visible = False  # no draw (shader compilation) before its own turn
         activate = layers._activate_on_insert
-        for handler in self.handlers:
+        for handler in handlers:
             inserted.block(handler)
         layers._activate_on_insert = False
         try:
             self.viewer.add_layer(self.layer)
         finally:
             layers._activate_on_insert = activate
-            for handler in self.handlers:
+            for handler in handlers:
                 inserted.unblock(handler)
+        self.event = _Inserted(layers.index(self.layer), self.layer)
         if self.controls is not None:
-            # napari's own selection handler runs before any plugin's: until the real controls
-            # exist, selecting the layer shows the empty controls panel (never a KeyError)
-            self.controls.widgets[self.layer] = self.controls.empty_widget
-        event = _Inserted(layers.index(self.layer), self.layer)
-        self.steps = [*(lambda h=h: h(event) for h in self.handlers),
+            # napari's own selection handler runs before any plugin's: until the controls are
+            # built, selecting the layer shows the placeholder (never a KeyError)
+            self.controls.addWidget(self.placeholder)
+            self.controls.widgets[self.layer] = self.placeholder
+        self.steps = [lambda: self.visual(self.event), self._controls_if_selected,
                       *(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
                       self._show, self._select]
-        layers.events.removing.connect(self._on_removing, position="first")
-        layers.selection.events.changed.connect(self._on_selection, position="first")
+        # strong references (napari holds bound methods weakly): this object lives as long as
+        # the layer may still need it
+        self._removing = lambda event=None: self._on_removing(event)
+        self._selected = lambda event=None: self._on_selection(event)
+        layers.events.removing.connect(self._removing)
+        layers.selection.events.changed.connect(self._selected)
+        self.connected = True
         self.defer(self._next)
 
-    @property
-    def pending(self) -> bool:
-        return bool(self.steps)
+    def _wanted(self) -> bool:
+        return bool(self.select() if callable(self.select) else self.select)
+
+    def _controls_if_selected(self) -> None:
+        if self._wanted():
+            self._build_controls()
+
+    def _build_controls(self) -> None:
+        if self.placeholder is None or self.layer not in self.viewer.layers:
+            return
+        placeholder, self.placeholder = self.placeholder, None
+        self.controls._add(self.event)  # napari's controls replace the placeholder
+        self.controls.removeWidget(placeholder)
+        placeholder.deleteLater()
 
     def _show(self) -> None:
         if self.visible:
             self.layer.visible = True
 
     def _select(self) -> None:
-        wanted = self.select() if callable(self.select) else self.select
-        if wanted and self.layer in self.viewer.layers:
+        if self._wanted() and self.layer in self.viewer.layers:
+            self._build_controls()
             self.viewer.layers.selection.active = self.layer
 
     def _next(self) -> None:
@@ -665,8 +694,8 @@ class _StagedAdd:
             self._run(self.steps.pop(0))
         if self.steps:
             self.defer(self._next)
-        else:
-            self._disconnect()
+        elif self.placeholder is None:
+            self._disconnect()  # else: still waiting for the first selection
 
     def _run(self, step: Any) -> None:
         self.running = True
@@ -676,29 +705,38 @@ class _StagedAdd:
             self.running = False
 
     def finish(self) -> None:
-        """Run every remaining step now (selecting excepted: the caller is choosing)."""
+        """Run every remaining step now (not selecting: the caller is choosing)."""
         while self.steps:
             step = self.steps.pop(0)
-            if step != self._select:
+            if step not in (self._select, self._controls_if_selected):
                 self._run(step)
-        self._disconnect()
+
+    # ------------------------------------------------------------------ napari's events
 
     def _on_removing(self, event: Any = None) -> None:
         layers = self.viewer.layers
         index = getattr(event, "index", None)
         if isinstance(index, int) and 0 <= index < len(layers) and layers[index] is self.layer:
-            self.finish()
+            self.finish()  # napari removes the visual and the placeholder (or controls)
+            self.placeholder = None
+            self._disconnect()
 
     def _on_selection(self, event: Any = None) -> None:
-        if not self.running and self.layer in self.viewer.layers.selection:
-            self.finish()
-            if self.controls is not None:
-                self.controls._populate()  # napari showed the placeholder: now the controls
+        if self.running or self.layer not in self.viewer.layers.selection:
+            return
+        self.finish()
+        if self.placeholder is not None:
+            self._build_controls()
+            self.controls._populate()  # napari showed the placeholder: now the controls
+        self._disconnect()
 
     def _disconnect(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
         layers = self.viewer.layers
-        layers.events.removing.disconnect(self._on_removing)
-        layers.selection.events.changed.disconnect(self._on_selection)
+        layers.events.removing.disconnect(self._removing)
+        layers.selection.events.changed.disconnect(self._selected)
 
 
 _LOGGED: set[str] = set()
