@@ -20,8 +20,18 @@ through the panels' public methods only (``PredictWidget.predict_view()``, ``set
   tile on arrival costs most);
 * ``whole image``: ``predict_image()`` into a temporary OME-Zarr for ``--seconds``, then
   ``cancel()``;
-* ``training``: a fine-tune panel with ground-truth scribbles painted, ``train()`` for
-  ``--seconds`` (the predict panel refreshes with the snapshots), then ``stop()``.
+* ``training``: what a user's *Train* click sets off: a fine-tune panel with scribbles painted
+  across the view (ground truth along 16 strokes), ``train()`` with the default new head
+  (``--classifier forest``: features, the forest's fit in the worker, its snapshot), the predict
+  panel switching to the trained model and re-predicting the view, until that view is shown
+  and both panels are idle (``--classifier mlp``: until the view of the quick fit is shown and
+  fine-tuning runs, then ``--seconds`` more of fine-tuning with the predict panel following
+  its snapshots, then ``stop()``).  ``snapshot_s``/``refreshed_s``: seconds from the click to
+  the first snapshot and to the refreshed view.
+
+``--profile`` samples the GUI thread's stack every millisecond (and the other threads') and
+prints, per phase, what it ran in the longest gap and in the gap with the most GUI-thread CPU:
+the tool that found what is left of the stalls (see docs/benchmarks.md).
 
 Every load runs in a fresh process (``idle``: nothing started; ``busy``: one busy process per
 core, started and killed by this script), so "first predict" is really the first. Reports
