@@ -478,26 +478,32 @@ def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
     """Per load, the docs table: medians over the rounds of the time-sliced runs, and the
     painting-on-arrival comparison where both were run."""
     med = medians(results)
+    compared = any(r["painting"] == "direct" for r in results)
     tables = {}
     for load in dict.fromkeys(r["load"] for r in results):
         loads = [ph["loadavg"][0] for r in results if r["load"] == load
                  for ph in r["phases"].values()]
         rows = [["phase", "max gap ms", "p99 ms", "gaps > 100 ms",
                  "GUI-thread CPU in the longest gap ms", "most GUI-thread CPU in one gap ms",
-                 "on arrival: most GUI-thread CPU in one gap ms", "max gap: on arrival / sliced",
+                 *(["on arrival: most GUI-thread CPU in one gap ms",
+                    "max gap: on arrival / sliced"] if compared else ["s"]),
                  "load"]]
         for (ld, painting, name), sliced in med.items():
             if ld != load or painting != "sliced":
                 continue
             direct = med.get((load, "direct", name))
-            count = float(np.median([r["phases"][name]["over_100ms"] for r in results
-                                     if r["load"] == load and r["painting"] == "sliced"]))
+            runs = [r["phases"][name] for r in results
+                    if r["load"] == load and r["painting"] == "sliced"]
+            count = float(np.median([ph["over_100ms"] for ph in runs]))
+            if compared:
+                extra = ["" if direct is None else f"{direct['max_cpu_ms']:.0f}",
+                         "" if direct is None
+                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}"]
+            else:
+                extra = [f"{float(np.median([ph['seconds'] for ph in runs])):.1f}"]
             rows.append([name, f"{sliced['max_ms']:.0f}", f"{sliced['p99_ms']:.0f}",
                          f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}",
-                         f"{sliced['max_cpu_ms']:.0f}",
-                         "" if direct is None else f"{direct['max_cpu_ms']:.0f}",
-                         "" if direct is None
-                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}",
+                         f"{sliced['max_cpu_ms']:.0f}", *extra,
                          f"{min(loads):.1f}–{max(loads):.1f}"])
         tables[load] = rows
     return tables
