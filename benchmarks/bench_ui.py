@@ -20,8 +20,18 @@ through the panels' public methods only (``PredictWidget.predict_view()``, ``set
   tile on arrival costs most);
 * ``whole image``: ``predict_image()`` into a temporary OME-Zarr for ``--seconds``, then
   ``cancel()``;
-* ``training``: a fine-tune panel with ground-truth scribbles painted, ``train()`` for
-  ``--seconds`` (the predict panel refreshes with the snapshots), then ``stop()``.
+* ``training``: what a user's *Train* click sets off: a fine-tune panel with scribbles painted
+  across the view (ground truth along 16 strokes), ``train()`` with the default new head
+  (``--classifier forest``: features, the forest's fit in the worker, its snapshot), the predict
+  panel switching to the trained model and re-predicting the view, until that view is shown
+  and both panels are idle (``--classifier mlp``: until the view of the quick fit is shown and
+  fine-tuning runs, then ``--seconds`` more of fine-tuning with the predict panel following
+  its snapshots, then ``stop()``).  ``snapshot_s``/``refreshed_s``: seconds from the click to
+  the first snapshot and to the refreshed view.
+
+``--profile`` samples the GUI thread's stack every millisecond (and the other threads') and
+prints, per phase, what it ran in the longest gap and in the gap with the most GUI-thread CPU:
+the tool that found what is left of the stalls (see docs/benchmarks.md).
 
 Every load runs in a fresh process (``idle``: nothing started; ``busy``: one busy process per
 core, started and killed by this script), so "first predict" is really the first. Reports
@@ -46,7 +56,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +117,115 @@ class Heartbeat:
                 "seconds": self.ticks[-1] - self.ticks[0], "loadavg": list(os.getloadavg())}
 
 
+class StackSampler:
+    """What the GUI thread runs, sampled every millisecond from a helper thread
+    (``--profile``): the stacks inside the longest gap of each phase are printed, innermost
+    project/napari/vispy frames first.  Sampling needs the GIL, so the samples of a gap show
+    where the GUI thread's Python code was whenever it let another thread run (every switch
+    interval, set to 1 ms while sampling).
+    """
+
+    def __init__(self) -> None:
+        self.main = threading.main_thread().ident
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self.others: list[tuple[tuple[str, ...], ...]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> StackSampler:
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.001)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        sys.setswitchinterval(self._interval)
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.is_set():
+            # Holding another thread's frame while it runs on could make this thread drop the
+            # last reference to its locals (Qt objects destroyed in the wrong thread): no
+            # thread switch while the frames are held.
+            sys.setswitchinterval(10.0)
+            try:
+                frames = sys._current_frames()
+                stack = _stack(frames.get(self.main))
+                # the other threads (workers): innermost frames only, who held the GIL
+                others = tuple(_stack(f, 8) for ident, f in frames.items()
+                               if ident not in (self.main, me))
+                del frames
+            finally:
+                sys.setswitchinterval(0.001)
+            self.samples.append((time.perf_counter(), tuple(stack)))
+            self.others.append(others)
+            time.sleep(0.001)
+
+    def report(self, name: str, heartbeat: Heartbeat, top: int = 12) -> list[str]:
+        """Lines describing the GUI thread's stacks in ``heartbeat``'s longest gap."""
+        ticks = np.asarray(heartbeat.ticks)
+        if ticks.size < 2:
+            return []
+        cpu = np.diff(np.asarray(heartbeat.cpu))
+        lines = []
+        longest, busiest = int(np.argmax(np.diff(ticks))), int(np.argmax(cpu))
+        for what, i in (("longest gap", longest), ("most GUI-thread CPU", busiest)):
+            if what != "longest gap" and i == longest:
+                continue
+            lines += self._gap(f"{name}: {what}", ticks[i], ticks[i + 1], cpu[i], top)
+        return lines
+
+    def _gap(self, title: str, t0: float, t1: float, cpu: float, top: int) -> list[str]:
+        inside = [stack for t, stack in self.samples if t0 <= t <= t1]
+        lines = [f"== {title} {1000 * (t1 - t0):.0f} ms, GUI-thread CPU {1000 * cpu:.0f} ms, "
+                 f"{len(inside)} samples"]
+        # the worker threads when the sampler got the GIL (during the gap and just after it):
+        # a long gap with few samples was a GIL held elsewhere
+        times = [t for t, _ in self.samples]
+        lo = int(np.searchsorted(times, t0))
+        hi = int(np.searchsorted(times, t1, side="right"))
+        seen: list[tuple[float, tuple[str, ...]]] = []
+        for k in range(max(lo - 1, 0), min(hi + 1, len(self.samples))):
+            for stack in self.others[k]:
+                if stack and not stack[0].startswith("threading.py:wait"):
+                    seen.append((1000 * (times[k] - t0), stack))
+        lines.append("  -- other threads (not waiting) at the samples around the gap")
+        for at, stack in seen[:12]:
+            lines.append(f"    +{at:6.0f} ms  " + " <- ".join(stack))
+        for depth in (1, 3, 6, 10):
+            lines.append(f"  -- innermost {depth} frames (count)")
+            for stack, n in Counter(s[:depth] for s in inside).most_common(top):
+                lines.append(f"    {n:4d}  " + " <- ".join(stack))
+        lines.append("  -- frames anywhere on the stack (count of samples)")
+        anywhere = Counter(frame.rsplit(":", 1)[0] for s in inside for frame in set(s))
+        for frame, n in anywhere.most_common(40):
+            lines.append(f"    {n:4d}  {frame}")
+        return lines
+
+
+def _stack(frame: Any, depth: int | None = None) -> tuple[str, ...]:
+    """``file:function:line`` of ``frame`` and its callers, innermost first."""
+    out = []
+    while frame is not None and (depth is None or len(out) < depth):
+        code = frame.f_code
+        out.append(f"{Path(code.co_filename).name}:{code.co_name}:{frame.f_lineno}")
+        frame = frame.f_back
+    return tuple(out)
+
+
+PROFILE: StackSampler | None = None  # set by --profile
+PROFILE_LINES: list[str] = []
+
+
+def profiled(name: str, heartbeat: Heartbeat) -> None:
+    if PROFILE is not None:
+        PROFILE_LINES.extend(PROFILE.report(name, heartbeat))
+
+
 def spin(ms: float) -> None:
     """Run the Qt event loop for ``ms`` milliseconds."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -131,7 +252,8 @@ def until_idle(timeout: float, *panels: Any) -> bool:
     return done
 
 
-def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, Any]:
+def run_phases(seconds: float, timeout: float, other_model: Path,
+               classifier: str = "forest") -> dict[str, Any]:
     """All phases in this process's viewer; returns their gap summaries."""
     import napari
 
@@ -163,6 +285,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.predict_view()
         done = until_idle(timeout, predict)
     out["first predict"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("first predict", hb)
     labels = predict.labels_layer()
     out["first predict"]["labelled_px"] = (int(np.count_nonzero(np.asarray(labels.data[0])))
                                            if labels is not None and labels.multiscale else
@@ -178,6 +301,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         done = until_idle(timeout, predict)
         predict.set_live(False)
     out["live panning"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("live panning", hb)
 
     cam.center = tuple(float(v) for v in image.data_to_world((SAMPLE / 2, SAMPLE / 2)))
     spin(300)
@@ -187,6 +311,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.predict_view()
         done = until_idle(timeout, predict)
     out["model switch"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("model switch", hb)
 
     with Heartbeat() as hb:
         predict.set_model(None)  # back to the bundled model: its tiles come from the cache
@@ -195,6 +320,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         done = until_idle(timeout, predict)
     out["switch back"] = {**hb.summary(), "finished": done, "status": predict.status,
                           "cache_hits": int(predict.predictor.stats.get("cache_hits", -1))}
+    profiled("switch back", hb)
 
     with tempfile.TemporaryDirectory() as tmp, Heartbeat() as hb:
         predict.predict_image(Path(tmp) / "whole.zarr")
@@ -202,6 +328,7 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
         predict.cancel()
         done = until_idle(timeout, predict)
     out["whole image"] = {**hb.summary(), "finished": done, "status": predict.status}
+    profiled("whole image", hb)
 
     train = TrainWidget(viewer)
     viewer.window.add_dock_widget(train, name="MuViT fine-tune", area="right", tabify=True)
@@ -209,17 +336,43 @@ def run_phases(seconds: float, timeout: float, other_model: Path) -> dict[str, A
     annotations = train.create_annotation_layer()
     from napari_muvit.data.samples import synthetic_sample_image
 
-    gt = synthetic_sample_image(size=SAMPLE, seed=0).labels
-    annotations.data[200:1800:7] = np.asarray(gt)[200:1800:7]  # scribbles: every 7th row
+    gt = np.asarray(synthetic_sample_image(size=SAMPLE, seed=0).labels)
+    # a user's scribbles: a few strokes across the visible region (ground truth along them)
+    rows, cols = slice(720, 1330, 40), slice(720, 1330)
+    annotations.data[rows, cols] = gt[rows, cols]
     annotations.refresh()
     train.set_start_model(None)  # the bundled encoder
+    train.state.classifier = classifier
     spin(300)
     with Heartbeat() as hb:
+        start = time.perf_counter()
         train.train()
-        spin(1000 * seconds)
+        marks = {}
+
+        def refreshed() -> bool:
+            """The predict panel shows the trained model's view (after the forest's fit, or
+            the mlp head's quick fit, whose fine-tuning then runs on)."""
+            job, view = train.job, predict.state.view_job
+            if job is not None and job.snapshots_published and "snapshot" not in marks:
+                marks["snapshot"] = time.perf_counter() - start
+            shown = (job is not None and job.snapshots_published > 0 and view is not None
+                     and view.request.choice.kind == "session" and view.done.is_set()
+                     and not predict.busy)
+            if classifier == "forest":
+                return shown and not train.busy
+            return shown and job.steps_seen >= 1  # fine-tuning continues meanwhile
+
+        done = wait_until(refreshed, timeout)
+        marks["refreshed"] = time.perf_counter() - start
+        if classifier != "forest":
+            spin(1000 * seconds)  # fine-tuning with the predict panel following its snapshots
         train.stop()
-        done = until_idle(timeout, train, predict)
-    out["training"] = {**hb.summary(), "finished": done, "status": train.status}
+        done = until_idle(timeout, train, predict) and done
+    out["training"] = {**hb.summary(), "finished": done, "classifier": classifier,
+                       "snapshot_s": marks.get("snapshot"), "refreshed_s": marks["refreshed"],
+                       "steps": train.job.steps_seen if train.job is not None else 0,
+                       "status": f"{train.status} | predict: {predict.status}"}
+    profiled("training", hb)
     viewer.close()
     return out
 
@@ -232,7 +385,9 @@ def copy_of_bundled_model(folder: Path) -> Path:
     return Path(load_model(bundled_segmenter_path()).save(folder / "bundled copy"))
 
 
-def child(load: str, seconds: float, timeout: float, painting: str) -> dict[str, Any]:
+def child(load: str, seconds: float, timeout: float, painting: str,
+          profile: bool = False, classifier: str = "forest") -> dict[str, Any]:
+    global PROFILE
     os.environ.setdefault("NAPARI_MUVIT_SETTINGS_DIR", tempfile.mkdtemp(prefix="bench_ui_"))
     from napari_muvit.widgets import predict
 
@@ -240,13 +395,18 @@ def child(load: str, seconds: float, timeout: float, painting: str) -> dict[str,
         predict.PAINT_SLICE_S = None  # every message painted on arrival (before time slicing)
     with tempfile.TemporaryDirectory() as tmp:
         other = copy_of_bundled_model(Path(tmp))
+        if profile:
+            PROFILE = StackSampler().__enter__()
         if load == "busy":
             with busy_cores() as pids:
-                phases = run_phases(seconds, timeout, other)
+                phases = run_phases(seconds, timeout, other, classifier)
             busy = len(pids)
         else:
-            phases = run_phases(seconds, timeout, other)
+            phases = run_phases(seconds, timeout, other, classifier)
             busy = 0
+        if PROFILE is not None:
+            PROFILE.__exit__(None, None, None)
+            print("\n".join(PROFILE_LINES), file=sys.stderr)
     return {"load": load, "busy_processes": busy, "painting": painting,
             "paint_slice_ms": None if predict.PAINT_SLICE_S is None
             else 1000 * predict.PAINT_SLICE_S, "machine": machine(), "phases": phases}
@@ -266,6 +426,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat every load and painting mode (alternating); the ratios "
                         "compare medians over the rounds")
+    parser.add_argument("--classifier", choices=("forest", "mlp"), default="forest",
+                        help="the fine-tune panel's new head in the training phase (forest: "
+                        "fit, one refresh; mlp: quick fit, refresh, then --seconds of "
+                        "fine-tuning)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the GUI thread's stack every ms and print what it ran "
+                        "in the longest gap of each phase (slows everything a little)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--summarize", type=Path, default=None,
                         help="only (re)write the summary tables of this result file")
@@ -273,7 +440,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout,
-                                           args.painting[0])))
+                                           args.painting[0], args.profile,
+                                           args.classifier)))
         return
     if args.summarize is not None:
         data = json.loads(args.summarize.read_text())
@@ -310,26 +478,32 @@ def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
     """Per load, the docs table: medians over the rounds of the time-sliced runs, and the
     painting-on-arrival comparison where both were run."""
     med = medians(results)
+    compared = any(r["painting"] == "direct" for r in results)
     tables = {}
     for load in dict.fromkeys(r["load"] for r in results):
         loads = [ph["loadavg"][0] for r in results if r["load"] == load
                  for ph in r["phases"].values()]
         rows = [["phase", "max gap ms", "p99 ms", "gaps > 100 ms",
                  "GUI-thread CPU in the longest gap ms", "most GUI-thread CPU in one gap ms",
-                 "on arrival: most GUI-thread CPU in one gap ms", "max gap: on arrival / sliced",
+                 *(["on arrival: most GUI-thread CPU in one gap ms",
+                    "max gap: on arrival / sliced"] if compared else ["s"]),
                  "load"]]
         for (ld, painting, name), sliced in med.items():
             if ld != load or painting != "sliced":
                 continue
             direct = med.get((load, "direct", name))
-            count = float(np.median([r["phases"][name]["over_100ms"] for r in results
-                                     if r["load"] == load and r["painting"] == "sliced"]))
+            runs = [r["phases"][name] for r in results
+                    if r["load"] == load and r["painting"] == "sliced"]
+            count = float(np.median([ph["over_100ms"] for ph in runs]))
+            if compared:
+                extra = ["" if direct is None else f"{direct['max_cpu_ms']:.0f}",
+                         "" if direct is None
+                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}"]
+            else:
+                extra = [f"{float(np.median([ph['seconds'] for ph in runs])):.1f}"]
             rows.append([name, f"{sliced['max_ms']:.0f}", f"{sliced['p99_ms']:.0f}",
                          f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}",
-                         f"{sliced['max_cpu_ms']:.0f}",
-                         "" if direct is None else f"{direct['max_cpu_ms']:.0f}",
-                         "" if direct is None
-                         else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}",
+                         f"{sliced['max_cpu_ms']:.0f}", *extra,
                          f"{min(loads):.1f}–{max(loads):.1f}"])
         tables[load] = rows
     return tables
@@ -362,8 +536,11 @@ def print_ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
 def run_child(load: str, painting: str, args: argparse.Namespace) -> dict[str, Any]:
     """One load and painting mode in a fresh process; prints its rows."""
     cmd = [sys.executable, __file__, "--child", load, "--seconds", str(args.seconds),
-           "--timeout", str(args.timeout), "--painting", painting]
+           "--timeout", str(args.timeout), "--painting", painting,
+           "--classifier", args.classifier, *(["--profile"] if args.profile else [])]
     res = subprocess.run(cmd, capture_output=True, text=True)
+    if args.profile:
+        print(res.stderr)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     if res.returncode or not lines:
         sys.exit(f"bench_ui child ({load}, {painting}) failed:\n{res.stderr[-3000:]}")

@@ -292,25 +292,165 @@ def test_cancel_with_tiles_queued_paints_them_all_and_leaves_whole_tiles(
     assert between and any("tick" in events for events in between)
 
 
-def test_a_new_labels_layer_gets_its_overlays_in_later_steps(make_napari_viewer):
+def _built(viewer, layer) -> tuple[bool, bool]:
+    """Whether napari built the layer's vispy visual and its Qt layer controls."""
+    from napari._qt.layer_controls.qt_layer_controls_base import QtLayerControls
+
+    qt_viewer = viewer.window._qt_viewer
+    controls = qt_viewer.controls.widgets.get(layer)
+    return (layer in qt_viewer.canvas.layer_to_visual, isinstance(controls, QtLayerControls))
+
+
+def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_viewer):
+    """The expensive pieces of adding a layer (visuals, controls, each tool overlay, the first
+    draw, selecting it) run one per turn of the event loop; the end state is napari's."""
     from napari_muvit.widgets import _layers as L
 
     viewer = make_napari_viewer()
     usual = viewer.add_labels(np.zeros((32, 32), np.uint8), name="usual")
     expected = {name: o.visible for name, o in usual._overlays.items()}
     assert any(expected.values())  # napari shows some (the brush and polygon tools)
+    assert _built(viewer, usual) == (True, True)
 
     steps: list = []
-    layer = L.add_labels_in_steps(viewer, np.zeros((32, 32), np.uint8), steps.append,
-                                  name="stepwise", opacity=0.6)
+    data = np.zeros((32, 32), np.uint8)
+    data[3:9, 4:7] = 2
+    layer = L.add_labels_in_steps(viewer, data, steps.append, name="stepwise", opacity=0.6,
+                                  scale=(2.0, 3.0), translate=(5.0, -1.0))
+    # in the layer list at once (the panels find it), but hidden, nothing built, not selected
     assert layer in viewer.layers and layer.opacity == 0.6
-    assert not any(o.visible for o in layer._overlays.values())  # none created yet
-    shown = 0
-    while steps:  # one overlay per turn of the event loop
+    assert not layer.visible and viewer.layers.selection.active is usual
+    assert _built(viewer, layer) == (False, False)
+    assert not any(o.visible for o in layer._overlays.values())
+    count = 0
+    while steps:  # one piece per turn of the event loop
         steps.pop(0)()
-        shown += 1
-    assert shown == sum(expected.values())
+        count += 1
+        if count == 1:
+            assert _built(viewer, layer) == (True, False)  # the visuals first
+        if count == 2:
+            assert _built(viewer, layer) == (True, True)  # then the controls
+    assert count == 2 + sum(expected.values()) + 2  # + each overlay, showing, selecting
     assert {name: o.visible for name, o in layer._overlays.items()} == expected
+    assert layer.visible and viewer.layers.selection.active is layer
+    np.testing.assert_array_equal(layer.scale, (2.0, 3.0))
+    np.testing.assert_array_equal(layer.translate, (5.0, -1.0))
+    np.testing.assert_array_equal(layer._slice.image.raw, data)  # shown as it is
     # without ``defer``: napari's own add_labels
     plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
     assert {name: o.visible for name, o in plain._overlays.items()} == expected
+    assert plain.visible and viewer.layers.selection.active is plain
+
+
+def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
+        make_napari_viewer):
+    """napari's handlers of selecting or removing a layer need its controls and visual: the
+    remaining steps run at once (no error, nothing left behind); ``select`` is asked at the
+    last step."""
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    keep = viewer.add_labels(np.zeros((16, 16), np.uint8), name="painting")
+    steps: list = []
+    removed = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                    name="removed early")
+    steps.pop(0)()  # the visual only
+    viewer.layers.remove(removed)
+    assert removed not in viewer.layers and _built(viewer, removed) == (False, False)
+    while steps:
+        steps.pop(0)()  # what was queued still runs, harmlessly
+    assert viewer.layers.selection.active is keep
+
+    chosen = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                   name="selected early")
+    viewer.layers.selection.active = chosen  # the user clicks it in the layer list
+    assert _built(viewer, chosen) == (True, True) and chosen.visible
+    assert viewer.layers.selection.active is chosen
+    controls = viewer.window._qt_viewer.controls
+    assert controls.currentWidget() is controls.widgets[chosen]  # its controls are shown
+    steps.clear()
+
+    asked: list = []
+    quiet = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                  name="not selected", select=lambda: asked.append(1) or False)
+    viewer.layers.selection.active = keep
+    while steps:
+        steps.pop(0)()
+    assert asked and viewer.layers.selection.active is keep and quiet.visible
+    # not selected: its controls are built when it is first selected, not before
+    assert _built(viewer, quiet) == (True, False)
+    viewer.layers.selection.active = quiet
+    assert _built(viewer, quiet) == (True, True)
+    assert controls.currentWidget() is controls.widgets[quiet]
+    assert [la.name for la in viewer.layers] == ["painting", "selected early", "not selected"]
+    # one never selected is removed cleanly (its placeholder with it)
+    ghost = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                  name="never selected", select=False)
+    while steps:
+        steps.pop(0)()
+    count = controls.count()
+    viewer.layers.remove(ghost)
+    assert ghost not in controls.widgets and controls.count() == count - 1
+    assert viewer.layers.selection.active is quiet
+
+
+def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles(
+        make_napari_viewer, qtbot, model_dir):
+    """The view's output layers are in the layer list (hidden, not built yet) before its
+    first tile is painted; they end built, shown, aligned with the image, the labels selected
+    unless the user is painting on another layer."""
+    from napari.layers import Labels
+
+    from napari_muvit.data import synthetic_rings
+
+    images = {"painting": synthetic_rings(128, seed=7, min_level_size=32).pyramid[0],
+              "plain": synthetic_rings(128, seed=8, min_level_size=32).pyramid[0]}
+    viewer, (painting, plain), widget = _panel(make_napari_viewer, qtbot, model_dir, images)
+    for layer in (painting, plain):
+        layer.scale, layer.translate = (0.5, 2.0), (10.0, -4.0)
+    viewer.reset_view()
+    inserted: list = []
+    viewer.layers.events.inserted.connect(
+        lambda event: inserted.append((event.value, event.value.visible,
+                                       _built(viewer, event.value))))
+    first_tile: list = []
+    paint = widget.outputs.paint
+
+    def painted(target, plane, res):
+        if not first_tile:
+            first_tile.append((target.labels in viewer.layers, target.confidence is None
+                               or target.confidence in viewer.layers))
+        return paint(target, plane, res)
+
+    widget.outputs.paint = painted
+    notes = viewer.add_labels(np.zeros((128, 128), np.uint8), name="notes",
+                              scale=(0.5, 2.0), translate=(10.0, -4.0))
+    notes.mode = "paint"  # the user is annotating: the selection stays on their layer
+    _run_view(qtbot, widget, painting)
+    out = widget.labels_layer(painting)
+    assert first_tile == [(True, True)]
+    assert [(la, visible, built) for la, visible, built in inserted
+            if la is out] == [(out, False, (False, False))]
+    assert viewer.layers.selection.active is notes
+
+    # not painting (the image is active), with the confidence layer
+    viewer.layers.selection.active = plain
+    inserted.clear()
+    first_tile.clear()
+    widget.state.confidence = True
+    job = _run_view(qtbot, widget, plain)
+    assert job.painted == job.total > 0
+    out, conf = widget.labels_layer(plain), widget.confidence_layer(plain)
+    assert first_tile == [(True, True)]
+    assert {la.name: (visible, built) for la, visible, built in inserted} == {
+        out.name: (False, (False, False)), conf.name: (False, (False, False))}
+    usual = Labels(np.zeros((2, 2), np.uint8))._overlays
+    for layer in (out, conf):
+        assert layer.visible and _built(viewer, layer) == (True, True)
+        np.testing.assert_array_equal(layer.scale, plain.scale)
+        np.testing.assert_array_equal(layer.translate, plain.translate)
+    assert {n: o.visible for n, o in out._overlays.items()} == {
+        n: o.visible for n, o in usual.items()}
+    np.testing.assert_array_equal(out._slice.image.raw, np.asarray(out.data))  # shown
+    assert np.count_nonzero(np.asarray(out.data)) > 0
+    assert viewer.layers.selection.active in (out, conf)  # napari's rule: the newest output

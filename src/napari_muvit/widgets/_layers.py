@@ -542,42 +542,201 @@ def _partial_labels_refresh(layer: Any, slice_keys: Sequence[tuple[slice, ...]])
         layer._partial_labels_refresh()  # one upload of the union of the regions
 
 
-def add_labels_in_steps(viewer: Any, data: Any, defer: Any = None, **kwargs: Any) -> Any:
-    """``viewer.add_labels(data, **kwargs)``, split over turns of the event loop.
-
-    Adding a Labels layer is one long stretch of GUI-thread work in napari (about a quarter
-    of a second on a small CPU); about a third of it is creating the canvas overlays of the
-    brush and polygon tools.  With ``defer`` (called with a callback to run in a later turn of
-    the event loop) those overlays are created one per turn after the layer was added, ending
-    in the state napari's own ``add_labels`` gives.  Uses napari internals defensively: any
-    surprise adds the layer the ordinary way (logged once).
-    """
+def add_labels_in_steps(viewer: Any, data: Any, defer: Any = None,
+                        select: Any = True, **kwargs: Any) -> Any:
+    """``viewer.add_labels(data, **kwargs)``, split over turns of the event loop (see
+    :func:`add_layer_in_steps`; ``select`` as there)."""
     from napari.layers import Labels
 
-    layer = Labels(data, **kwargs)
-    hidden: list[Any] = []
-    if defer is not None:
-        try:
-            for overlay in layer._overlays.values():
-                if overlay.visible:
-                    overlay.visible = False
-                    hidden.append(overlay)
-        except Exception as err:  # noqa: BLE001 - private napari API: never worse than usual
-            _log_once("deferring the Labels overlays", err)
-            for overlay in hidden:
-                overlay.visible = True
-            hidden = []
-    viewer.add_layer(layer)
+    return add_layer_in_steps(viewer, Labels(data, **kwargs), defer, select=select)
 
-    def show_next() -> None:
-        if hidden:
-            hidden.pop(0).visible = True  # napari creates its canvas overlay now
-        if hidden:
-            defer(show_next)
 
-    if hidden:
-        defer(show_next)
+def add_image_in_steps(viewer: Any, data: Any, defer: Any = None,
+                       select: Any = True, **kwargs: Any) -> Any:
+    """``viewer.add_image(data, **kwargs)`` for one layer, split over turns of the event loop
+    (see :func:`add_layer_in_steps`)."""
+    from napari.layers import Image
+
+    return add_layer_in_steps(viewer, Image(data, **kwargs), defer, select=select)
+
+
+def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any = True) -> Any:
+    """``viewer.add_layer(layer)``, split over turns of the event loop.
+
+    Adding a layer is one long stretch of GUI-thread work in napari (0.1–0.3 s on a small CPU,
+    see ``benchmarks/bench_ui.py --profile``): creating its vispy visuals, its Qt layer
+    controls, the canvas overlays of the Labels tools (brush, polygon), selecting it, and the
+    first draw, which compiles its shaders.  With ``defer`` (called with a callback to run in
+    a later turn of the event loop) the layer is in ``viewer.layers`` when this returns, but
+    hidden and unselected, its visuals and controls not built yet; each of those pieces then
+    runs in a turn of its own: the visuals, the controls (only if it is to be selected: else
+    when it is first selected), each tool overlay, showing it (the first draw), and last
+    selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
+    end state is napari's own ``add_layer``.  Removing or selecting the layer before then
+    finishes the remaining steps at once (napari's handlers need them).
+
+    Uses napari internals defensively: any surprise adds the layer the ordinary way (logged
+    once).  Without ``defer`` this is ``viewer.add_layer(layer)``.
+    """
+    if defer is None:
+        viewer.add_layer(layer)
+        return layer
+    try:
+        staged = _StagedAdd(viewer, layer, defer, select)
+    except Exception as err:  # noqa: BLE001 - private napari API: never worse than usual
+        _log_once("adding a layer in steps", err)
+        viewer.add_layer(layer)
+        return layer
+    staged.start()
     return layer
+
+
+class _Inserted:
+    """The part of napari's ``inserted`` event that its layer handlers read."""
+
+    type = "inserted"
+
+    def __init__(self, index: int, value: Any) -> None:
+        self.index, self.value = index, value
+
+
+class _StagedAdd:
+    """The rest of adding one layer to the viewer, one step per turn of the event loop.
+
+    The layer's Qt controls are built only when they are shown: in their own step when the
+    layer is to be selected at the end, else when it is first selected (a layer nobody
+    selects, e.g. a confidence map while the user paints, never pays for them).  Until then
+    a blank placeholder stands in napari's table of controls.
+    """
+
+    def __init__(self, viewer: Any, layer: Any, defer: Any, select: Any) -> None:
+        from napari.settings import get_settings
+        from qtpy.QtWidgets import QFrame
+
+        self.viewer, self.layer, self.defer, self.select = viewer, layer, defer, select
+        qt_viewer = viewer.window._qt_viewer
+        self.visual = qt_viewer._on_add_layer_change  # napari's vispy visual of a new layer
+        self.controls = None
+        self.placeholder = None
+        if not get_settings().experimental.dynamic_layer_controls:
+            self.controls = qt_viewer.controls
+            self.placeholder = QFrame()
+        self.overlays = [o for o in layer._overlays.values() if o.visible]
+        self.visible = bool(layer.visible)
+        self.steps: list[Any] = []
+        self.running = False
+        self.connected = False
+        self.event: _Inserted | None = None
+
+    # ------------------------------------------------------------------ the steps
+
+    def start(self) -> None:
+        layers = self.viewer.layers
+        inserted = layers.events.inserted
+        handlers = [self.visual] + ([self.controls._add] if self.controls is not None else [])
+        for overlay in self.overlays:
+            overlay.visible = False
+        self.layer.visible = False  # no draw (shader compilation) before its own turn
+        activate = layers._activate_on_insert
+        for handler in handlers:
+            inserted.block(handler)
+        layers._activate_on_insert = False
+        try:
+            self.viewer.add_layer(self.layer)
+        finally:
+            layers._activate_on_insert = activate
+            for handler in handlers:
+                inserted.unblock(handler)
+        self.event = _Inserted(layers.index(self.layer), self.layer)
+        if self.controls is not None:
+            # napari's own selection handler runs before any plugin's: until the controls are
+            # built, selecting the layer shows the placeholder (never a KeyError)
+            self.controls.addWidget(self.placeholder)
+            self.controls.widgets[self.layer] = self.placeholder
+        self.steps = [lambda: self.visual(self.event), self._controls_if_selected,
+                      *(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
+                      self._show, self._select]
+        # strong references (napari holds bound methods weakly): this object lives as long as
+        # the layer may still need it
+        self._removing = lambda event=None: self._on_removing(event)
+        self._selected = lambda event=None: self._on_selection(event)
+        layers.events.removing.connect(self._removing)
+        layers.selection.events.changed.connect(self._selected)
+        self.connected = True
+        self.defer(self._next)
+
+    def _wanted(self) -> bool:
+        return bool(self.select() if callable(self.select) else self.select)
+
+    def _controls_if_selected(self) -> None:
+        if self._wanted():
+            self._build_controls()
+
+    def _build_controls(self) -> None:
+        if self.placeholder is None or self.layer not in self.viewer.layers:
+            return
+        placeholder, self.placeholder = self.placeholder, None
+        self.controls._add(self.event)  # napari's controls replace the placeholder
+        self.controls.removeWidget(placeholder)
+        placeholder.deleteLater()
+
+    def _show(self) -> None:
+        if self.visible:
+            self.layer.visible = True
+
+    def _select(self) -> None:
+        if self._wanted() and self.layer in self.viewer.layers:
+            self._build_controls()
+            self.viewer.layers.selection.active = self.layer
+
+    def _next(self) -> None:
+        if self.steps:
+            self._run(self.steps.pop(0))
+        if self.steps:
+            self.defer(self._next)
+        elif self.placeholder is None:
+            self._disconnect()  # else: still waiting for the first selection
+
+    def _run(self, step: Any) -> None:
+        self.running = True
+        try:
+            step()
+        finally:
+            self.running = False
+
+    def finish(self) -> None:
+        """Run every remaining step now (not selecting: the caller is choosing)."""
+        while self.steps:
+            step = self.steps.pop(0)
+            if step not in (self._select, self._controls_if_selected):
+                self._run(step)
+
+    # ------------------------------------------------------------------ napari's events
+
+    def _on_removing(self, event: Any = None) -> None:
+        layers = self.viewer.layers
+        index = getattr(event, "index", None)
+        if isinstance(index, int) and 0 <= index < len(layers) and layers[index] is self.layer:
+            self.finish()  # napari removes the visual and the placeholder (or controls)
+            self.placeholder = None
+            self._disconnect()
+
+    def _on_selection(self, event: Any = None) -> None:
+        if self.running or self.layer not in self.viewer.layers.selection:
+            return
+        self.finish()
+        if self.placeholder is not None:
+            self._build_controls()
+            self.controls._populate()  # napari showed the placeholder: now the controls
+        self._disconnect()
+
+    def _disconnect(self) -> None:
+        if not self.connected:
+            return
+        self.connected = False
+        layers = self.viewer.layers
+        layers.events.removing.disconnect(self._removing)
+        layers.selection.events.changed.disconnect(self._selected)
 
 
 _LOGGED: set[str] = set()

@@ -42,6 +42,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_muvit.widgets import _gc
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._workers import Lifeline
 from napari_muvit.widgets.state import PanelState, choices_of, image_kind
@@ -278,6 +279,9 @@ class DockPanel(QWidget):
         # over the lifeline and the state, not ``self``.
         lifeline, state = self.lifeline, self.state
         self.destroyed.connect(lambda *_: shutdown(lifeline, state.jobs()))
+        # long-lived objects out of Python's full collections while a panel is open (_gc.py)
+        _gc.hold(self)
+        self.destroyed.connect(lambda *_: _gc.release())
         window = getattr(getattr(self.viewer, "window", None), "_qt_window", None)
         if window is not None:
             self._close_filter = _CloseFilter(self.close_widget)
@@ -460,6 +464,7 @@ class DockPanel(QWidget):
                     emitter.disconnect(callback)
                     self._connections.remove((emitter, callback))
             self.on_layer_removed(layer)
+            _gc.layer_removed(layer)
         self.refresh_layer_choices()
 
     def _disconnect_all(self) -> None:
@@ -506,6 +511,7 @@ class DockPanel(QWidget):
         shutdown(self.lifeline, self.state.jobs())
         self.on_closing()
         self._disconnect_all()
+        _gc.release(self)
 
     def closeEvent(self, event: Any) -> None:
         self.close_widget()

@@ -53,6 +53,15 @@ def keep_painting(viewer: Any, previous: Any) -> None:
         viewer.layers.selection.active = previous
 
 
+def unless_painting(viewer: Any) -> Any:
+    """For :func:`._layers.add_layer_in_steps`: select the new layer (napari's rule) unless
+    the active layer is being painted on at that moment (see :func:`keep_painting`)."""
+    def select() -> bool:
+        active = viewer.layers.selection.active
+        return active is None or str(getattr(active, "mode", "")) not in PAINT_MODES
+    return select
+
+
 def is_prediction(layer: Any) -> bool:
     """Whether ``layer`` is an output of the predict panel (not an annotation)."""
     meta = getattr(layer, "metadata", {}) or {}
@@ -148,7 +157,7 @@ class ViewOutputs:
 
     def __init__(self, viewer: Any, defer: Any = None) -> None:
         self.viewer = viewer
-        # runs a callback in a later turn of the event loop (see L.add_labels_in_steps)
+        # runs a callback in a later turn of the event loop (see L.add_layer_in_steps)
         self.defer = defer
         self._targets: dict[int, ViewTarget] = {}
         self._points: dict[int, tuple[Any, tuple]] = {}  # image id -> (Points layer, identity)
@@ -256,6 +265,7 @@ class ViewOutputs:
             previous = viewer.layers.selection.active
             layer = L.add_labels_in_steps(
                 viewer, levels if plane.multiscale else levels[0], self.defer,
+                select=unless_painting(viewer),
                 name=f"{image.name} MuViT",
                 multiscale=plane.multiscale,
                 colormap=_colormap(loaded),
@@ -282,8 +292,9 @@ class ViewOutputs:
         """An Image layer of percentages over ``image``'s plane (magma, additive)."""
         levels = L.allocate_levels(plane, np.uint8)
         previous = self.viewer.layers.selection.active
-        layer = self.viewer.add_image(
-            levels if plane.multiscale else levels[0],
+        layer = L.add_image_in_steps(
+            self.viewer, levels if plane.multiscale else levels[0], self.defer,
+            select=unless_painting(self.viewer),
             name=f"{image.name} MuViT {what}",
             multiscale=plane.multiscale,
             colormap="magma",
@@ -427,7 +438,7 @@ def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, mod
                     out_path: Path, colormap: Any = None, defer: Any = None) -> Any:
     """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
     (replacing the layer of a previous run of the same store); ``colormap`` default: the
-    model's; ``defer`` as in :func:`._layers.add_labels_in_steps`."""
+    model's; ``defer`` as in :func:`._layers.add_layer_in_steps`."""
     levels = [sink.labels(k) for k in range(sink.n_levels)]
     name = f"{image.name} MuViT ({out_path.name})"
     for layer in list(viewer.layers):

@@ -313,9 +313,11 @@ class PredictWidget(DockPanel):
     @property
     def running(self) -> bool:
         """Whether a job runs or its streamed results are not all painted yet (its end
-        included: until then the status line may still change)."""
+        included: until then the status line may still change), or a new output layer is
+        still being added in steps (see :meth:`_defer`)."""
         return (self.state.running or bool(self._unshown)
-                or bool(self._painter is not None and self._painter.pending))
+                or bool(self._painter is not None and self._painter.pending)
+                or bool(self._deferred))
 
     busy = running
 

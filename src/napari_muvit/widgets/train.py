@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# The forest head (the default new head) is fitted by scikit-learn, imported by the engine when
+# first used.  Imported there, from the training worker, its import (1.5-4 s of scipy and
+# scikit-learn modules) held the GIL for 170-280 ms at a time, stalling the viewer right after
+# *Train*; imported here, it is part of opening the panel (as torch is).
+import sklearn.ensemble  # noqa: F401
 from qtpy.QtCore import QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
