@@ -35,7 +35,8 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
-__all__ = ["QuickConfig", "QuickTrainer", "collect_features", "quick_fit", "starts_with_quick_fit"]
+__all__ = ["QuickConfig", "QuickTrainer", "choose_forest_levels", "collect_features", "quick_fit",
+           "starts_with_quick_fit", "stroke_folds"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -46,7 +47,10 @@ class QuickConfig:
     """Settings of the quick fit (stage 1).
 
     ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit; a
-    forest head gets ``trees`` trees of depth ``tree_depth`` at most; an MLP head
+    forest head gets ``trees`` trees of depth ``tree_depth`` at most, on the filters of the
+    levels that ``select_levels`` chooses (see :func:`choose_forest_levels`: ``select_folds``
+    stroke folds, ``select_trees`` trees per trial forest, fewer levels unless more score
+    ``select_margin`` better; ``False``: every level); an MLP head
     ``iterations`` full-batch Adam steps at ``lr`` with ``weight_decay``; ``tile_batch`` tiles
     per encoder forward pass while collecting features; ``snapshot_every`` fine-tuning steps
     between two snapshots of stage 2 (``0``: only at the end).
@@ -61,9 +65,14 @@ class QuickConfig:
     tile_batch: int = 4
     snapshot_every: int = 25
     seed: int = 0
+    select_levels: bool = True
+    select_folds: int = 3
+    select_trees: int = 25
+    select_margin: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch"):
+        for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch",
+                     "select_folds", "select_trees"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.snapshot_every < 0:
@@ -75,12 +84,19 @@ class QuickConfig:
 
 def _points_of_pair(
     labels: Any, mapping: Mapping[int, int], budget_per_class: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Painted pixels ``(N, 2)`` and their class indices, at most ``budget_per_class`` each."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Painted pixels ``(N, 2)``, their class indices and their stroke (a connected painted
+    region of one label value, numbered from 0 in this image), at most ``budget_per_class``
+    pixels per class."""
+    from scipy import ndimage
+
     lab = np.asarray(labels)
-    pts, cls = [], []
+    pts, cls, strokes = [], [], []
+    first = 0
     for value, k in mapping.items():
-        yy, xx = np.nonzero(lab == value)
+        painted = lab == value
+        regions, count = ndimage.label(painted, structure=np.ones((3, 3)))
+        yy, xx = np.nonzero(painted)
         if yy.size == 0:
             continue
         if yy.size > budget_per_class:
@@ -88,9 +104,11 @@ def _points_of_pair(
             yy, xx = yy[keep], xx[keep]
         pts.append(np.stack([yy, xx], 1))
         cls.append(np.full(yy.size, k, np.int64))
+        strokes.append(first + regions[yy, xx].astype(np.int64) - 1)
+        first += count
     if not pts:
-        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64)
-    return np.concatenate(pts).astype(np.int64), np.concatenate(cls)
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(pts).astype(np.int64), np.concatenate(cls), np.concatenate(strokes)
 
 
 @torch.no_grad()
@@ -137,7 +155,8 @@ def collect_features(
             x = torch.from_numpy(np.stack(crops)).to(device)
             bb_t = torch.from_numpy(np.stack(bbs)).to(device)
             maps, tokens, coords, x = model.encode(x, bb_t)
-            feats = head.features(maps, x[:, 0], tokens, coords, x)  # (B, F, S, S)
+            # every level's filters, whichever the head reads now: the fit chooses among them
+            feats = head.features(maps, x[:, 0], tokens, coords, x, all_levels=True)
             for b, tile in enumerate(chunk):
                 idx = np.asarray(order[tile.grid])
                 local = points[idx] - np.asarray(tile.origin)
@@ -156,12 +175,16 @@ def quick_fit(
     classes: np.ndarray,
     config: QuickConfig | None = None,
     cancel: CancelToken | None = None,
-) -> dict[str, float]:
+    strokes: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Fit ``model.head`` (a :class:`PixelHead`) on cached features, in place.
 
     Sets the head's standardisation buffers from ``features`` ``(N, F)`` and trains its
     classifier with class-balanced cross-entropy (every class counts equally, however many
-    pixels were painted). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``.
+    pixels were painted). A forest is fitted instead, on the levels chosen by
+    :func:`choose_forest_levels` from the ``strokes`` (stroke index of every row; without them,
+    every level). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
+    ``"forest_levels"`` and the stroke-validated ``"level_scores"``.
     """
     cfg = config or QuickConfig()
     head = model.head
@@ -177,12 +200,14 @@ def quick_fit(
         head.feature_mean.copy_(x.mean(0))
         head.feature_std.copy_(x.std(0).clamp_min(1e-3))
     if getattr(head, "forest", None) is not None:
-        _fit_forest(model, features, classes, cfg)
+        scores = _fit_forest(model, features, classes, cfg, strokes)
         with torch.no_grad():
             acc = float((head.classify(x[:, :, None, None])[:, :, 0, 0].argmax(1) == y)
                         .float().mean())
         return {"loss": float("nan"), "train_accuracy": acc, "pixels": int(len(y)),
-                "seconds": time.perf_counter() - t0}
+                "seconds": time.perf_counter() - t0,
+                "forest_levels": head.forest_levels or _bank_levels(head),
+                "level_scores": scores}
     counts = torch.bincount(y, minlength=model.num_classes).float()
     weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
     weight = weight / weight[counts > 0].mean()
@@ -219,23 +244,98 @@ def quick_fit(
     }
 
 
-def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
-                cfg: QuickConfig) -> None:
-    """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
+def _bank_levels(head: nn.Module) -> int:
+    """Levels in the head's filter bank."""
+    return head.num_levels if head.bank == "levels" else 1
 
-    scikit-learn fits the trees (class-balanced, so a class painted with few pixels counts as
-    much as one painted with many); the head keeps only their node tables, evaluated in torch.
-    Classes that were not painted keep a zero probability column.
-    """
+
+def _forest(trees: int, cfg: QuickConfig) -> Any:
     from sklearn.ensemble import RandomForestClassifier
 
+    # class-balanced: a class painted with few pixels counts as much as one painted with many
+    return RandomForestClassifier(
+        n_estimators=trees, max_depth=cfg.tree_depth, class_weight="balanced",
+        random_state=cfg.seed, n_jobs=max(1, torch.get_num_threads()))
+
+
+def stroke_folds(classes: np.ndarray, strokes: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Fold index of every row: whole strokes go to one fold, each class's strokes spread
+    over the folds in turn (so every fold holds out strokes of as many classes as it can)."""
+    rng = np.random.default_rng(seed)
+    fold_of_stroke: dict[int, int] = {}
+    for k in np.unique(classes):
+        own = np.unique(strokes[classes == k])
+        rng.shuffle(own)
+        start = int(rng.integers(folds))  # classes with few strokes do not all miss one fold
+        for i, stroke in enumerate(own):
+            fold_of_stroke[int(stroke)] = (start + i) % folds
+    return np.array([fold_of_stroke[int(s)] for s in strokes], np.int64)
+
+
+def choose_forest_levels(
+    bank: np.ndarray, classes: np.ndarray, strokes: np.ndarray, level_width: int,
+    num_levels: int, cfg: QuickConfig,
+) -> tuple[int, dict[int, float]]:
+    """How many levels' filters the forest should read, judged on strokes it did not see.
+
+    For 1, 2, … ``num_levels`` levels (the bank's first columns), small forests are fitted on
+    the strokes of all folds but one and predict the held-out strokes; the score is the mean
+    Dice over classes of those out-of-stroke predictions (pixels of one stroke are too alike
+    for a per-pixel split to tell anything). The coarse levels are the context: decisive when
+    a class shows only around the pixel (a cell's ring, a tissue layer), noise the forest
+    overfits when it does not (nuclei on plain background). Fewest levels within
+    ``cfg.select_margin`` of the best score wins. Returns ``(levels, {levels: score})``;
+    every level without a score when fewer than two folds can be formed.
+    """
+    n_strokes = len(np.unique(strokes))
+    folds = min(int(cfg.select_folds), n_strokes)
+    if folds < 2 or num_levels < 2 or len(np.unique(classes)) < 2:
+        return num_levels, {}
+    fold = stroke_folds(classes, strokes, folds, cfg.seed)
+    present = np.unique(classes)
+    scores: dict[int, float] = {}
+    for levels in range(1, num_levels + 1):
+        cols = bank[:, : levels * level_width]
+        predicted = np.full(len(classes), -1, np.int64)
+        for f in range(folds):
+            train, test = fold != f, fold == f
+            if not test.any() or len(np.unique(classes[train])) < 2:
+                continue
+            forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
+            predicted[test] = forest.predict(cols[test])
+        judged = predicted >= 0
+        dice = []
+        for k in present:
+            truth_k, pred_k = classes[judged] == k, predicted[judged] == k
+            total = truth_k.sum() + pred_k.sum()
+            dice.append(2 * (truth_k & pred_k).sum() / total if total else 1.0)
+        scores[levels] = float(np.mean(dice))
+    best = max(scores.values())
+    chosen = min(lv for lv, v in scores.items() if v >= best - cfg.select_margin)
+    return chosen, scores
+
+
+def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
+                cfg: QuickConfig, strokes: np.ndarray | None = None) -> dict[int, float]:
+    """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
+
+    With ``strokes`` and ``cfg.select_levels``, a forest-only head reads the levels that
+    :func:`choose_forest_levels` picks (its ``forest_levels`` option); returns their scores.
+    scikit-learn fits the trees; the head keeps only their node tables, evaluated in torch.
+    Classes that were not painted keep a zero probability column.
+    """
     head = model.head
     bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
     present = np.unique(classes)
-    forest = RandomForestClassifier(
-        n_estimators=cfg.trees, max_depth=cfg.tree_depth, class_weight="balanced",
-        random_state=cfg.seed, n_jobs=max(1, torch.get_num_threads()),
-    ).fit(bank, classes)
+    levels, scores = _bank_levels(head), {}
+    if head.classifier is None:  # a forest-only head: reading fewer levels saves their filters
+        if cfg.select_levels and strokes is not None:
+            levels, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
+                                                  head.bank_level_width, levels, cfg)
+        head.forest_levels = levels
+        model.head_options["forest_levels"] = levels
+    bank = np.ascontiguousarray(bank[:, : levels * head.bank_level_width])
+    forest = _forest(cfg.trees, cfg).fit(bank, classes)
     K = model.num_classes
     trees = []
     for estimator in forest.estimators_:
@@ -245,6 +345,7 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
         trees.append((t.feature, t.threshold, t.children_left, t.children_right, value))
     head.forest.load_trees(trees)
     model.head_options.update(head.forest.shape_config)
+    return scores
 
 
 class QuickTrainer:
@@ -338,9 +439,11 @@ class QuickTrainer:
         rng = np.random.default_rng(cfg.seed)
         mapping = t.label_mapping
         per_class = max(1, cfg.max_pixels // max(1, len(mapping)))
-        feats, classes = [], []
+        feats, classes, strokes = [], [], []
         for source, labels in t.pairs:
-            pts, cls = _points_of_pair(labels, mapping, per_class, rng)
+            pts, cls, stroke = _points_of_pair(labels, mapping, per_class, rng)
+            # strokes of different images are different strokes
+            strokes.append(stroke + sum(int(s.max(initial=-1)) + 1 for s in strokes))
             if self.cancel.cancelled:
                 break
 
@@ -354,11 +457,19 @@ class QuickTrainer:
         if self.cancel.cancelled:
             return {}
         stats = quick_fit(t.model, np.concatenate(feats), np.concatenate(classes), cfg,
-                          self.cancel)
+                          self.cancel, strokes=np.concatenate(strokes))
         stats["elapsed"] = time.monotonic() - self._start
         self.quick_stats = stats
+        read = ""
+        if stats.get("level_scores"):
+            chosen = stats["forest_levels"]
+            judged = ", ".join(f"{n}: {v:.3f}" for n, v in stats["level_scores"].items())
+            read = (f"; the forest reads level{'s' if chosen > 1 else ''} "
+                    f"{', '.join(str(v) for v in list(t.model.levels)[:chosen])} "
+                    f"(held-out stroke Dice by levels read: {judged})")
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
-                 f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})")
+                 f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
+                 + read)
         self._emit({"stage": "quick", **stats, "elapsed": stats["elapsed"]})
         # the out folder holds a usable model seconds after the start, not after the first
         # fine-tuning checkpoint

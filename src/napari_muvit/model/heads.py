@@ -365,6 +365,11 @@ class PixelHead(nn.Module):
     their logarithm; the residual starts at zero, so fine-tuning the segmenter starts from the
     forest's answer. Fitting takes seconds on a CPU
     (:func:`napari_muvit.engine.quicktrain.quick_fit`).
+
+    ``forest_levels``: the forest reads the filter bank of the first ``forest_levels`` levels
+    only (``None``: all levels, as in models saved before the option existed). The quick fit
+    chooses it from the strokes (context matters for some tasks and is noise for others); a
+    forest-only head then skips the filters of the levels it does not read.
     """
 
     def __init__(
@@ -383,6 +388,7 @@ class PixelHead(nn.Module):
         forest_trees: int = 0,
         forest_nodes: int = 1,
         forest_depth: int = 0,
+        forest_levels: int | None = None,
         **_: object,
     ):
         super().__init__()
@@ -408,6 +414,10 @@ class PixelHead(nn.Module):
         self.num_features = self.num_image_features + encoder_count
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_std", torch.ones(self.num_features))
+        bank_levels = self.num_levels if bank == "levels" else 1
+        if forest_levels is not None and not 1 <= int(forest_levels) <= bank_levels:
+            raise ValueError(f"forest_levels: expected 1..{bank_levels}, got {forest_levels!r}")
+        self.forest_levels = None if forest_levels is None else int(forest_levels)
         self.forest: TreeEnsemble | None = None
         if classifier == "forest":
             self.forest = TreeEnsemble(self.num_image_features, num_classes, forest_trees,
@@ -458,11 +468,18 @@ class PixelHead(nn.Module):
             feats += [hyy + hxx, half_trace + radius, half_trace - radius]
         return torch.cat(feats, 1)
 
-    def level_bank_features(self, nest: Tensor, coords: Tensor) -> Tensor:
-        """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W)."""
+    @property
+    def bank_level_width(self) -> int:
+        """Filter-bank columns of one level (the bank's layout is level after level)."""
+        return self.num_image_features // (self.num_levels if self.bank == "levels" else 1)
+
+    def level_bank_features(self, nest: Tensor, coords: Tensor,
+                            levels: int | None = None) -> Tensor:
+        """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W), or of
+        the first ``levels`` levels only (B, levels·F_img/L, H, W)."""
         B, L, C, H, W = nest.shape
         parts = [self.image_features(nest[:, 0])]
-        for lv in range(1, self.num_levels):
+        for lv in range(1, self.num_levels if levels is None else int(levels)):
             parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
         return torch.cat(parts, 1)
 
@@ -493,16 +510,24 @@ class PixelHead(nn.Module):
         tokens: Tensor | None = None,
         coords: Tensor | None = None,
         nest: Tensor | None = None,
+        all_levels: bool = False,
     ) -> Tensor:
-        """Raw (unstandardised) per-pixel features (B, num_features, H, W)."""
+        """Raw (unstandardised) per-pixel features (B, num_features, H, W).
+
+        A forest-only head whose forest reads fewer levels (``forest_levels``) computes only
+        their filters (fewer columns) unless ``all_levels`` (what the quick fit chooses from).
+        """
         size = image.shape[-2:]
+        read = None if all_levels or self.classifier is not None else self.forest_levels
+        if read == 1:
+            return self.image_features(image)
         needs_context = self.num_levels > 1 and (self.encoder_features or self.bank == "levels")
         if needs_context and coords is None:
             raise ValueError("PixelHead.features: coords are needed for the coarse levels")
         if self.bank == "levels" and self.num_levels > 1:
             if nest is None:
                 raise ValueError("PixelHead.features: the crops of all levels (nest) are needed")
-            parts = [self.level_bank_features(nest, coords)]
+            parts = [self.level_bank_features(nest, coords, read)]
         else:
             parts = [self.image_features(image)]
         if not self.encoder_features:
