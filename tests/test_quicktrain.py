@@ -219,3 +219,114 @@ def test_forest_segmenter_saves_loads_and_predicts_the_same(tmp_path):
     with pytest.raises(InputError, match="no fine-tuning to resume"):
         train(image, strokes, out=tmp_path / "m", head="pixel", config=_quick_cfg(), resume=True)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ forest levels
+def _quick_levels(image, truth, levels, seed=0, **quick):
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=seed)
+    qt = QuickTrainer(_tiny(levels), [(image, strokes)], _quick_cfg(), QuickConfig(**quick),
+                      fine_tune=False)
+    qt.run()
+    return qt
+
+
+def test_the_forest_reads_level_1_alone_when_the_context_does_not_help():
+    image, truth = _discs()
+    qt = _quick_levels(image, truth, (1, 4))
+    scores = qt.quick_stats["level_scores"]
+    assert qt.model.head_options["forest_levels"] == 1 == qt.model.head.forest_levels
+    assert set(scores) == {1, 2} and scores[1] >= max(scores.values()) - 0.01
+    assert mean_dice(predict(image, qt.model, device="cpu"), truth + 1) > 0.9
+    # the fitted trees never split on a column of the levels the head does not compute
+    width = qt.model.head.bank_level_width
+    assert int(qt.model.head.forest.feature.max()) < width
+
+
+def test_the_forest_keeps_the_coarse_levels_when_the_class_is_in_the_context():
+    image, truth = _bar_context()
+    qt = _quick_levels(image, truth, (1, 4))
+    scores = qt.quick_stats["level_scores"]
+    assert qt.model.head_options["forest_levels"] == 2
+    # measured 0.918 vs 0.817 (background, a third of the score, is easy at both)
+    assert scores[2] > scores[1] + 0.05
+    disc = truth > 0
+    labels = predict(image, qt.model, device="cpu")
+    assert float((labels[disc] == truth[disc] + 1).mean()) >= 0.95
+    events = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "quick_fit"]
+    assert "the forest reads levels 1, 4" in events[0]
+
+
+def test_choose_forest_levels_on_known_columns():
+    from napari_muvit.engine.quicktrain import choose_forest_levels
+
+    rng = np.random.default_rng(0)
+    strokes = np.repeat(np.arange(12), 50)  # 12 strokes of 50 pixels, 6 per class
+    classes = (strokes % 2).astype(np.int64)
+    signal = classes[:, None] + rng.normal(0, 0.3, (600, 1))
+    noise = rng.normal(0, 1, (600, 3))
+    cfg = QuickConfig(select_trees=10)
+    # level 1 tells the classes apart, level 2 is noise: level 1 alone
+    chosen, scores = choose_forest_levels(
+        np.hstack([signal, noise[:, :1], noise[:, 1:]]).astype(np.float32), classes, strokes,
+        2, 2, cfg)
+    assert chosen == 1 and scores[1] > 0.9
+    # only level 2 tells them apart: both levels
+    chosen, scores = choose_forest_levels(
+        np.hstack([noise[:, :2], signal, noise[:, 2:]]).astype(np.float32), classes, strokes,
+        2, 2, cfg)
+    assert chosen == 2 and scores[2] > 0.9 > 0.7 > scores[1]
+    # one stroke: nothing to hold out, every level
+    assert choose_forest_levels(signal.astype(np.float32), classes, np.zeros(600, np.int64),
+                                1, 1, cfg) == (1, {})
+
+
+def test_stroke_folds_keep_strokes_whole_and_spread_every_class():
+    from napari_muvit.engine.quicktrain import stroke_folds
+
+    strokes = np.repeat(np.arange(9), 5)
+    classes = np.repeat([0, 0, 0, 1, 1, 1, 2, 2, 2], 5)
+    fold = stroke_folds(classes, strokes, 3, seed=1)
+    for s in range(9):
+        assert len(set(fold[strokes == s])) == 1
+    for k in range(3):
+        assert sorted(set(fold[classes == k])) == [0, 1, 2]
+
+
+def test_a_head_reading_fewer_levels_computes_only_their_filters():
+    image, truth = _discs(96)
+    qt = _quick_levels(image, truth, (1, 4))
+    head = qt.model.head
+    assert head.forest_levels == 1
+    bb = torch.from_numpy(centered_nested_bboxes((32, 32), 32, qt.model.levels))[None]
+    crops, _ = PyramidSource([image]).read_nested(bb[0].numpy(), qt.model.levels, 32)
+    with torch.no_grad():
+        maps, tokens, coords, x = qt.model.encode(torch.from_numpy(crops)[None], bb)
+        read = head.features(maps, x[:, 0], tokens, coords, x)
+        full = head.features(maps, x[:, 0], tokens, coords, x, all_levels=True)
+        assert read.shape[1] == head.bank_level_width and full.shape[1] == head.num_features
+        torch.testing.assert_close(read, full[:, : read.shape[1]])
+        torch.testing.assert_close(head.classify(read), head.classify(full))
+
+
+def test_a_forest_saved_without_forest_levels_reads_every_level(tmp_path):
+    # a forest head saved before the option existed: no forest_levels in its config
+    image, truth = _bar_context(128)
+    qt = _quick_levels(image, truth, (1, 4), select_levels=False)
+    model = qt.model.eval()
+    assert model.head_options["forest_levels"] == 2
+    expected = predict(image, model, device="cpu")
+    model.head_options.pop("forest_levels")
+    model.head.forest_levels = None
+    model.save(tmp_path / "old")
+    assert "forest_levels" not in (tmp_path / "old" / "config.yaml").read_text()
+    again = load_model(tmp_path / "old")
+    assert again.head.forest_levels is None
+    np.testing.assert_array_equal(predict(image, again, device="cpu"), expected)
+    # refitting it on new strokes chooses its levels again, and its trees stay within them
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=1)
+    refit = QuickTrainer(again, [(image, strokes)], _quick_cfg(), fine_tune=False)
+    refit.run()
+    head = refit.model.head
+    chosen = refit.quick_stats["forest_levels"]
+    assert refit.model.head_options["forest_levels"] == chosen == head.forest_levels
+    assert int(head.forest.feature.max()) < chosen * head.bank_level_width
