@@ -17,13 +17,28 @@ Data sets (all ship offline):
     The 2-D fluorescence nuclei image and its instance mask shipped in the ``stardist``
     wheel (``stardist/data/images/img2d.tif``, ``mask2d.tif``; ``pip install stardist
     --no-deps``), as two classes: background, nucleus.
+``vesicles``
+    A real EM image with an expert's outline: the presynaptic terminal of spatstat.data
+    (R package; Debian: ``r-cran-spatstat.data``, files ``rawdata/vesicles/vesiclesimage.tif``
+    and ``vesiclesmask.tif``, 420×250), as three classes: elsewhere, presynaptic cytoplasm,
+    mitochondrion. Found in R's library folders or ``$SPATSTAT_DATA_DIR``.
+``food``
+    A real RGB photograph with a hand-drawn 4-region ground truth, shipped in the
+    napari-convpaint wheel for its tests (``_tests/test_imgs/0000_img.png``, 384×512): the RGB
+    stand-in for the issue's H&E image (none with ground truth ships offline).
+
+A data set whose files are missing is skipped with a message saying what to install.
 
 Methods:
 
 ``muvit``
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
-    with the random-forest pixel head on the filter bank of every level's crop (levels 1, 4, 16
-    of the bundled encoder), fitted in seconds; nothing to fine-tune.
+    with the random-forest pixel head on the filter bank of the levels' crops (levels 1, 4, 16
+    of the bundled encoder), the levels it reads chosen on held-out strokes
+    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), fitted in seconds; nothing
+    to fine-tune.
+``muvit-all-levels``
+    The same forest always on every level (the default before the level choice).
 ``muvit-level1``
     The same forest on level 1 only (the bundled encoder restricted to level 1): what the
     coarse levels' context adds.
