@@ -333,10 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                     read = model.head_options.get("forest_levels")
                     if read is not None:  # the levels the forest chose to read
                         point["forest_levels"] = list(model.levels)[:read]
+                        point["sub_forests"] = model.head_options.get("forest_sub_levels")
                     run["curve"].append(point)
                     print(f"[{ds}] {method} {stage}: {seconds:.1f} CPU s ({wall:.1f} s wall) "
                           f"mDSC {score:.3f} (predicting the image: {predict_cpu:.1f} CPU s)"
-                          + (f", forest on levels {point['forest_levels']}" if read else ""),
+                          + (f", forest on levels {point['forest_levels']} (sub-forests on "
+                             f"{point['sub_forests']} levels)" if read else ""),
                           flush=True)
             result["runs"].append(run)
     result["load_average_end"] = os.getloadavg()

@@ -35,8 +35,8 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
-__all__ = ["QuickConfig", "QuickTrainer", "choose_forest_levels", "collect_features", "quick_fit",
-           "starts_with_quick_fit", "stroke_folds"]
+__all__ = ["QuickConfig", "QuickTrainer", "choose_forest_levels", "collect_features",
+           "forest_level_candidates", "quick_fit", "starts_with_quick_fit", "stroke_folds"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -49,8 +49,8 @@ class QuickConfig:
     ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit; a
     forest head gets ``trees`` trees of depth ``tree_depth`` at most, on the filters of the
     levels that ``select_levels`` chooses (see :func:`choose_forest_levels`: ``select_folds``
-    stroke folds, ``select_trees`` trees per trial forest, fewer levels unless more score
-    ``select_margin`` better; ``False``: every level); an MLP head
+    stroke folds, ``select_trees`` trees per trial forest, the first candidate within
+    ``select_margin`` of the best; ``False``: every level); an MLP head
     ``iterations`` full-batch Adam steps at ``lr`` with ``weight_decay``; ``tile_batch`` tiles
     per encoder forward pass while collecting features; ``snapshot_every`` fine-tuning steps
     between two snapshots of stage 2 (``0``: only at the end).
@@ -68,7 +68,7 @@ class QuickConfig:
     select_levels: bool = True
     select_folds: int = 3
     select_trees: int = 25
-    select_margin: float = 0.01
+    select_margin: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch",
@@ -184,7 +184,8 @@ def quick_fit(
     pixels were painted). A forest is fitted instead, on the levels chosen by
     :func:`choose_forest_levels` from the ``strokes`` (stroke index of every row; without them,
     every level). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
-    ``"forest_levels"`` and the stroke-validated ``"level_scores"``.
+    ``"forest_levels"`` (levels its filters are computed on), ``"sub_forests"`` (the level
+    counts of its sub-forests) and the stroke-validated ``"level_scores"``.
     """
     cfg = config or QuickConfig()
     head = model.head
@@ -200,14 +201,14 @@ def quick_fit(
         head.feature_mean.copy_(x.mean(0))
         head.feature_std.copy_(x.std(0).clamp_min(1e-3))
     if getattr(head, "forest", None) is not None:
-        scores = _fit_forest(model, features, classes, cfg, strokes)
+        fitted = _fit_forest(model, features, classes, cfg, strokes)
         with torch.no_grad():
             acc = float((head.classify(x[:, :, None, None])[:, :, 0, 0].argmax(1) == y)
                         .float().mean())
         return {"loss": float("nan"), "train_accuracy": acc, "pixels": int(len(y)),
                 "seconds": time.perf_counter() - t0,
                 "forest_levels": head.forest_levels or _bank_levels(head),
-                "level_scores": scores}
+                "sub_forests": fitted["sub_forests"], "level_scores": fitted["scores"]}
     counts = torch.bincount(y, minlength=model.num_classes).float()
     weight = torch.where(counts > 0, counts.sum() / counts.clamp_min(1), torch.zeros_like(counts))
     weight = weight / weight[counts > 0].mean()
@@ -272,80 +273,122 @@ def stroke_folds(classes: np.ndarray, strokes: np.ndarray, folds: int, seed: int
     return np.array([fold_of_stroke[int(s)] for s in strokes], np.int64)
 
 
+def forest_level_candidates(num_levels: int) -> list[tuple[int, ...]]:
+    """What the forest may read, as the level counts of its sub-forests, in order of
+    preference: a mix (equal sub-forests on the first 1, 2, … all levels, their
+    probabilities averaged), level 1 alone, every level."""
+    if num_levels < 2:
+        return [(1,)]
+    return [tuple(range(1, num_levels + 1)), (1,), (num_levels,)]
+
+
+def _dice_of_classes(predicted: np.ndarray, classes: np.ndarray) -> float:
+    """Mean Dice over the classes in ``classes`` (rows with ``predicted < 0`` not judged)."""
+    judged = predicted >= 0
+    dice = []
+    for k in np.unique(classes):
+        truth_k, pred_k = classes[judged] == k, predicted[judged] == k
+        total = truth_k.sum() + pred_k.sum()
+        dice.append(2 * (truth_k & pred_k).sum() / total if total else 1.0)
+    return float(np.mean(dice))
+
+
 def choose_forest_levels(
     bank: np.ndarray, classes: np.ndarray, strokes: np.ndarray, level_width: int,
     num_levels: int, cfg: QuickConfig,
-) -> tuple[int, dict[int, float]]:
-    """How many levels' filters the forest should read, judged on strokes it did not see.
+) -> tuple[tuple[int, ...], dict[str, float]]:
+    """Which levels' filters the forest should read, judged on strokes it did not see.
 
-    For 1, 2, … ``num_levels`` levels (the bank's first columns), small forests are fitted on
-    the strokes of all folds but one and predict the held-out strokes; the score is the mean
-    Dice over classes of those out-of-stroke predictions (pixels of one stroke are too alike
-    for a per-pixel split to tell anything). The coarse levels are the context: decisive when
-    a class shows only around the pixel (a cell's ring, a tissue layer), noise the forest
-    overfits when it does not (nuclei on plain background). Fewest levels within
-    ``cfg.select_margin`` of the best score wins. Returns ``(levels, {levels: score})``;
-    every level without a score when fewer than two folds can be formed.
+    The coarse levels are the context: decisive when a class shows only around the pixel (a
+    cell's ring, a tissue layer), noise that a forest fitted on a few strokes overfits when it
+    does not (nuclei on plain background: smooth coarse filters tell one stroke's place from
+    another's). Each candidate of :func:`forest_level_candidates` is fitted on the strokes of
+    all folds but one (:func:`stroke_folds`; pixels of one stroke are too alike for a per-pixel
+    split to tell anything) and predicts the held-out strokes; its score is the mean Dice over
+    classes of those predictions. The first candidate within ``cfg.select_margin`` of the best
+    wins. Returns ``(level counts of the sub-forests, {"1+2+3": score, ...})``; every level
+    without scores when fewer than two folds can be formed.
     """
-    n_strokes = len(np.unique(strokes))
-    folds = min(int(cfg.select_folds), n_strokes)
+    candidates = forest_level_candidates(num_levels)
+    folds = min(int(cfg.select_folds), len(np.unique(strokes)))
     if folds < 2 or num_levels < 2 or len(np.unique(classes)) < 2:
-        return num_levels, {}
+        return (num_levels,), {}
     fold = stroke_folds(classes, strokes, folds, cfg.seed)
     present = np.unique(classes)
-    scores: dict[int, float] = {}
-    for levels in range(1, num_levels + 1):
-        cols = bank[:, : levels * level_width]
-        predicted = np.full(len(classes), -1, np.int64)
-        for f in range(folds):
-            train, test = fold != f, fold == f
-            if not test.any() or len(np.unique(classes[train])) < 2:
-                continue
+    counts = sorted({n for c in candidates for n in c})
+    # out-of-stroke class probabilities of a sub-forest on the first n levels
+    held_out = {n: np.zeros((len(classes), len(present))) for n in counts}
+    judged = np.zeros(len(classes), bool)
+    for f in range(folds):
+        train, test = fold != f, fold == f
+        if not test.any() or len(np.unique(classes[train])) < 2:
+            continue
+        judged |= test
+        for n in counts:
+            cols = bank[:, : n * level_width]
             forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
-            predicted[test] = forest.predict(cols[test])
-        judged = predicted >= 0
-        dice = []
-        for k in present:
-            truth_k, pred_k = classes[judged] == k, predicted[judged] == k
-            total = truth_k.sum() + pred_k.sum()
-            dice.append(2 * (truth_k & pred_k).sum() / total if total else 1.0)
-        scores[levels] = float(np.mean(dice))
+            columns = np.searchsorted(present, forest.classes_)
+            held_out[n][np.ix_(test, columns)] = forest.predict_proba(cols[test])
+    scores: dict[str, float] = {}
+    for c in candidates:
+        probs = sum(held_out[n] for n in c)
+        predicted = np.where(judged, present[probs.argmax(1)], -1)
+        scores[_candidate_name(c)] = _dice_of_classes(predicted, classes)
     best = max(scores.values())
-    chosen = min(lv for lv, v in scores.items() if v >= best - cfg.select_margin)
+    chosen = next(c for c in candidates if scores[_candidate_name(c)] >= best - cfg.select_margin)
     return chosen, scores
 
 
+def _candidate_name(counts: Sequence[int]) -> str:
+    return "+".join(str(n) for n in counts)
+
+
 def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
-                cfg: QuickConfig, strokes: np.ndarray | None = None) -> dict[int, float]:
+                cfg: QuickConfig, strokes: np.ndarray | None = None) -> dict[str, Any]:
     """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
 
     With ``strokes`` and ``cfg.select_levels``, a forest-only head reads the levels that
-    :func:`choose_forest_levels` picks (its ``forest_levels`` option); returns their scores.
+    :func:`choose_forest_levels` picks (its ``forest_levels`` option: the most levels a
+    sub-forest reads); a mix is equal sub-forests in one ensemble, which averages them.
+    Returns ``{"sub_forests": level counts, "scores": held-out scores}``.
     scikit-learn fits the trees; the head keeps only their node tables, evaluated in torch.
     Classes that were not painted keep a zero probability column.
     """
     head = model.head
     bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
     present = np.unique(classes)
-    levels, scores = _bank_levels(head), {}
+    chosen, scores = (_bank_levels(head),), {}
     if head.classifier is None:  # a forest-only head: reading fewer levels saves their filters
         if cfg.select_levels and strokes is not None:
-            levels, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
-                                                  head.bank_level_width, levels, cfg)
-        head.forest_levels = levels
-        model.head_options["forest_levels"] = levels
-    bank = np.ascontiguousarray(bank[:, : levels * head.bank_level_width])
-    forest = _forest(cfg.trees, cfg).fit(bank, classes)
+            chosen, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
+                                                  head.bank_level_width, _bank_levels(head), cfg)
+        head.forest_levels = max(chosen)
+        head.forest_sub_levels = list(chosen)
+        model.head_options["forest_levels"] = max(chosen)
+        model.head_options["forest_sub_levels"] = list(chosen)
     K = model.num_classes
     trees = []
-    for estimator in forest.estimators_:
-        t = estimator.tree_
-        value = np.zeros((t.node_count, K))
-        value[:, present] = t.value[:, 0, :]
-        trees.append((t.feature, t.threshold, t.children_left, t.children_right, value))
+    per_forest = max(1, cfg.trees // len(chosen))
+    for n in chosen:
+        cols = np.ascontiguousarray(bank[:, : n * head.bank_level_width])
+        forest = _forest(per_forest, cfg).fit(cols, classes)
+        for estimator in forest.estimators_:
+            t = estimator.tree_
+            value = np.zeros((t.node_count, K))
+            value[:, present] = t.value[:, 0, :]
+            trees.append((t.feature, t.threshold, t.children_left, t.children_right, value))
     head.forest.load_trees(trees)
     model.head_options.update(head.forest.shape_config)
-    return scores
+    return {"sub_forests": list(chosen), "scores": scores}
+
+
+def _describe_sub_forests(counts: Sequence[int], levels: Sequence[float]) -> str:
+    """``[1]`` -> "level 1"; ``[3]`` -> "levels 1, 4, 16"; ``[1, 2, 3]`` -> "a mix of
+    levels 1 | 1, 4 | 1, 4, 16"."""
+    names = [", ".join(str(v) for v in list(levels)[:n]) for n in counts]
+    if len(counts) > 1:
+        return "a mix of levels " + " | ".join(names)
+    return f"level{'s' if counts[0] > 1 else ''} {names[0]}"
 
 
 class QuickTrainer:
@@ -462,11 +505,10 @@ class QuickTrainer:
         self.quick_stats = stats
         read = ""
         if stats.get("level_scores"):
-            chosen = stats["forest_levels"]
-            judged = ", ".join(f"{n}: {v:.3f}" for n, v in stats["level_scores"].items())
-            read = (f"; the forest reads level{'s' if chosen > 1 else ''} "
-                    f"{', '.join(str(v) for v in list(t.model.levels)[:chosen])} "
-                    f"(held-out stroke Dice by levels read: {judged})")
+            read = (f"; the forest reads {_describe_sub_forests(stats['sub_forests'], t.model.levels)}"
+                    " (held-out stroke Dice: " + ", ".join(
+                        f"{_describe_sub_forests([int(n) for n in name.split('+')], t.model.levels)}"
+                        f" {v:.3f}" for name, v in stats["level_scores"].items()) + ")")
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)

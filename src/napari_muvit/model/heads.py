@@ -370,6 +370,8 @@ class PixelHead(nn.Module):
     only (``None``: all levels, as in models saved before the option existed). The quick fit
     chooses it from the strokes (context matters for some tasks and is noise for others); a
     forest-only head then skips the filters of the levels it does not read.
+    ``forest_sub_levels`` records how the fit built the forest (the level counts of its
+    equal-sized sub-forests, e.g. ``[1, 2, 3]`` for a mix); prediction does not need it.
     """
 
     def __init__(
@@ -389,6 +391,7 @@ class PixelHead(nn.Module):
         forest_nodes: int = 1,
         forest_depth: int = 0,
         forest_levels: int | None = None,
+        forest_sub_levels: Sequence[int] | None = None,
         **_: object,
     ):
         super().__init__()
@@ -418,6 +421,8 @@ class PixelHead(nn.Module):
         if forest_levels is not None and not 1 <= int(forest_levels) <= bank_levels:
             raise ValueError(f"forest_levels: expected 1..{bank_levels}, got {forest_levels!r}")
         self.forest_levels = None if forest_levels is None else int(forest_levels)
+        self.forest_sub_levels = None if forest_sub_levels is None else [
+            int(n) for n in forest_sub_levels]
         self.forest: TreeEnsemble | None = None
         if classifier == "forest":
             self.forest = TreeEnsemble(self.num_image_features, num_classes, forest_trees,
