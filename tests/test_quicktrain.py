@@ -230,30 +230,31 @@ def _quick_levels(image, truth, levels, seed=0, **quick):
     return qt
 
 
-def test_the_forest_reads_level_1_alone_when_the_context_does_not_help():
+def test_the_forest_does_not_read_the_coarse_levels_alone_when_the_context_does_not_help():
     image, truth = _discs()
     qt = _quick_levels(image, truth, (1, 4))
     scores = qt.quick_stats["level_scores"]
-    assert qt.model.head_options["forest_levels"] == 1 == qt.model.head.forest_levels
-    assert set(scores) == {1, 2} and scores[1] >= max(scores.values()) - 0.01
+    assert set(scores) == {"1+2", "1", "2"}
+    # level 1 alone scores as well as anything on held-out strokes; the mix (first choice
+    # on a tie) or level 1 alone wins, never the coarse levels' forest alone
+    assert scores["1"] >= max(scores.values()) - 0.01
+    assert qt.quick_stats["sub_forests"] in ([1, 2], [1])
+    assert qt.model.head_options["forest_sub_levels"] == qt.quick_stats["sub_forests"]
     assert mean_dice(predict(image, qt.model, device="cpu"), truth + 1) > 0.9
-    # the fitted trees never split on a column of the levels the head does not compute
-    width = qt.model.head.bank_level_width
-    assert int(qt.model.head.forest.feature.max()) < width
 
 
-def test_the_forest_keeps_the_coarse_levels_when_the_class_is_in_the_context():
+def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
     image, truth = _bar_context()
     qt = _quick_levels(image, truth, (1, 4))
     scores = qt.quick_stats["level_scores"]
-    assert qt.model.head_options["forest_levels"] == 2
+    assert qt.quick_stats["sub_forests"] == [2] and qt.model.head_options["forest_levels"] == 2
     # measured 0.918 vs 0.817 (background, a third of the score, is easy at both)
-    assert scores[2] > scores[1] + 0.05
+    assert scores["2"] > scores["1"] + 0.05 and scores["2"] > scores["1+2"] + 0.01
     disc = truth > 0
     labels = predict(image, qt.model, device="cpu")
     assert float((labels[disc] == truth[disc] + 1).mean()) >= 0.95
     events = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "quick_fit"]
-    assert "the forest reads levels 1, 4" in events[0]
+    assert "the forest reads levels 1, 4 (held-out stroke Dice: a mix of levels 1 | 1, 4" in events[0]
 
 
 def test_choose_forest_levels_on_known_columns():
@@ -265,19 +266,19 @@ def test_choose_forest_levels_on_known_columns():
     signal = classes[:, None] + rng.normal(0, 0.3, (600, 1))
     noise = rng.normal(0, 1, (600, 3))
     cfg = QuickConfig(select_trees=10)
-    # level 1 tells the classes apart, level 2 is noise: level 1 alone
+    # level 1 tells the classes apart, level 2 is noise: not level 2's forest alone
     chosen, scores = choose_forest_levels(
         np.hstack([signal, noise[:, :1], noise[:, 1:]]).astype(np.float32), classes, strokes,
         2, 2, cfg)
-    assert chosen == 1 and scores[1] > 0.9
-    # only level 2 tells them apart: both levels
+    assert chosen in ((1, 2), (1,)) and scores["1"] > 0.9
+    # only level 2 tells them apart: the forest on both levels alone
     chosen, scores = choose_forest_levels(
         np.hstack([noise[:, :2], signal, noise[:, 2:]]).astype(np.float32), classes, strokes,
         2, 2, cfg)
-    assert chosen == 2 and scores[2] > 0.9 > 0.7 > scores[1]
+    assert chosen == (2,) and scores["2"] > 0.9 > 0.7 > scores["1"]
     # one stroke: nothing to hold out, every level
     assert choose_forest_levels(signal.astype(np.float32), classes, np.zeros(600, np.int64),
-                                1, 1, cfg) == (1, {})
+                                1, 1, cfg) == ((1,), {})
 
 
 def test_stroke_folds_keep_strokes_whole_and_spread_every_class():
@@ -294,9 +295,18 @@ def test_stroke_folds_keep_strokes_whole_and_spread_every_class():
 
 def test_a_head_reading_fewer_levels_computes_only_their_filters():
     image, truth = _discs(96)
-    qt = _quick_levels(image, truth, (1, 4))
+    enc = _tiny((1, 4))
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=0)
+    options = {"bank": "levels", "classifier": "forest", "encoder_features": False,
+               "forest_levels": 1}
+    seg = MuViTSegmenter(enc, head="pixel", num_classes=2, head_dim=8, label_values=[1, 2],
+                         head_options=options)
+    qt = QuickTrainer(seg, [(image, strokes)], _quick_cfg(), QuickConfig(select_levels=False),
+                      fine_tune=False)
+    qt.run()
     head = qt.model.head
-    assert head.forest_levels == 1
+    assert head.forest_levels == 1 and qt.quick_stats["sub_forests"] == [1]
+    assert int(head.forest.feature.max()) < head.bank_level_width  # no split on level 4
     bb = torch.from_numpy(centered_nested_bboxes((32, 32), 32, qt.model.levels))[None]
     crops, _ = PyramidSource([image]).read_nested(bb[0].numpy(), qt.model.levels, 32)
     with torch.no_grad():

@@ -68,7 +68,7 @@ class QuickConfig:
     select_levels: bool = True
     select_folds: int = 3
     select_trees: int = 25
-    select_margin: float = 0.02
+    select_margin: float = 0.005
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch",
@@ -349,7 +349,8 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
 
     With ``strokes`` and ``cfg.select_levels``, a forest-only head reads the levels that
     :func:`choose_forest_levels` picks (its ``forest_levels`` option: the most levels a
-    sub-forest reads); a mix is equal sub-forests in one ensemble, which averages them.
+    sub-forest reads; without, the levels it is set to read); a mix is equal sub-forests in
+    one ensemble, which averages them.
     Returns ``{"sub_forests": level counts, "scores": held-out scores}``.
     scikit-learn fits the trees; the head keeps only their node tables, evaluated in torch.
     Classes that were not painted keep a zero probability column.
@@ -362,6 +363,8 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
         if cfg.select_levels and strokes is not None:
             chosen, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
                                                   head.bank_level_width, _bank_levels(head), cfg)
+        else:  # the levels the head is set to read (every level unless forest_levels says)
+            chosen = (head.forest_levels or _bank_levels(head),)
         head.forest_levels = max(chosen)
         head.forest_sub_levels = list(chosen)
         model.head_options["forest_levels"] = max(chosen)
