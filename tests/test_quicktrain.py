@@ -248,7 +248,7 @@ def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
     qt = _quick_levels(image, truth, (1, 4))
     scores = qt.quick_stats["level_scores"]
     assert qt.quick_stats["sub_forests"] == [2] and qt.model.head_options["forest_levels"] == 2
-    # measured 0.918 vs 0.817 (background, a third of the score, is easy at both)
+    # measured 0.949 vs 0.811, mix 0.928 (background, a third of the score, is easy at all)
     assert scores["2"] > scores["1"] + 0.05 and scores["2"] > scores["1+2"] + 0.01
     disc = truth > 0
     labels = predict(image, qt.model, device="cpu")

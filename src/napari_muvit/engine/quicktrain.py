@@ -49,7 +49,8 @@ class QuickConfig:
     ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit; a
     forest head gets ``trees`` trees of depth ``tree_depth`` at most, on the filters of the
     levels that ``select_levels`` chooses (see :func:`choose_forest_levels`: ``select_folds``
-    stroke folds, ``select_trees`` trees per trial forest, the first candidate within
+    stroke folds drawn ``select_repeats`` times, ``select_trees`` trees per trial forest, the
+    first candidate within
     ``select_margin`` of the best; ``False``: every level); an MLP head
     ``iterations`` full-batch Adam steps at ``lr`` with ``weight_decay``; ``tile_batch`` tiles
     per encoder forward pass while collecting features; ``snapshot_every`` fine-tuning steps
@@ -67,12 +68,13 @@ class QuickConfig:
     seed: int = 0
     select_levels: bool = True
     select_folds: int = 3
-    select_trees: int = 25
+    select_repeats: int = 3
+    select_trees: int = 12
     select_margin: float = 0.005
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "trees", "tree_depth", "iterations", "tile_batch",
-                     "select_folds", "select_trees"):
+                     "select_folds", "select_repeats", "select_trees"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.snapshot_every < 0:
@@ -305,35 +307,39 @@ def choose_forest_levels(
     another's). Each candidate of :func:`forest_level_candidates` is fitted on the strokes of
     all folds but one (:func:`stroke_folds`; pixels of one stroke are too alike for a per-pixel
     split to tell anything) and predicts the held-out strokes; its score is the mean Dice over
-    classes of those predictions. The first candidate within ``cfg.select_margin`` of the best
-    wins. Returns ``(level counts of the sub-forests, {"1+2+3": score, ...})``; every level
-    without scores when fewer than two folds can be formed.
+    classes of those predictions, averaged over ``cfg.select_repeats`` draws of the folds (one
+    draw depends much on which strokes fall together). The first candidate within
+    ``cfg.select_margin`` of the best wins. Returns ``(level counts of the sub-forests,
+    {"1+2+3": score, ...})``; every level without scores when fewer than two folds can be
+    formed.
     """
     candidates = forest_level_candidates(num_levels)
     folds = min(int(cfg.select_folds), len(np.unique(strokes)))
     if folds < 2 or num_levels < 2 or len(np.unique(classes)) < 2:
         return (num_levels,), {}
-    fold = stroke_folds(classes, strokes, folds, cfg.seed)
     present = np.unique(classes)
     counts = sorted({n for c in candidates for n in c})
-    # out-of-stroke class probabilities of a sub-forest on the first n levels
-    held_out = {n: np.zeros((len(classes), len(present))) for n in counts}
-    judged = np.zeros(len(classes), bool)
-    for f in range(folds):
-        train, test = fold != f, fold == f
-        if not test.any() or len(np.unique(classes[train])) < 2:
-            continue
-        judged |= test
-        for n in counts:
-            cols = bank[:, : n * level_width]
-            forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
-            columns = np.searchsorted(present, forest.classes_)
-            held_out[n][np.ix_(test, columns)] = forest.predict_proba(cols[test])
-    scores: dict[str, float] = {}
-    for c in candidates:
-        probs = sum(held_out[n] for n in c)
-        predicted = np.where(judged, present[probs.argmax(1)], -1)
-        scores[_candidate_name(c)] = _dice_of_classes(predicted, classes)
+    runs: dict[str, list[float]] = {_candidate_name(c): [] for c in candidates}
+    for repeat in range(int(cfg.select_repeats)):
+        fold = stroke_folds(classes, strokes, folds, cfg.seed + repeat)
+        # out-of-stroke class probabilities of a sub-forest on the first n levels
+        held_out = {n: np.zeros((len(classes), len(present))) for n in counts}
+        judged = np.zeros(len(classes), bool)
+        for f in range(folds):
+            train, test = fold != f, fold == f
+            if not test.any() or len(np.unique(classes[train])) < 2:
+                continue
+            judged |= test
+            for n in counts:
+                cols = bank[:, : n * level_width]
+                forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
+                columns = np.searchsorted(present, forest.classes_)
+                held_out[n][np.ix_(test, columns)] = forest.predict_proba(cols[test])
+        for c in candidates:
+            probs = sum(held_out[n] for n in c)
+            predicted = np.where(judged, present[probs.argmax(1)], -1)
+            runs[_candidate_name(c)].append(_dice_of_classes(predicted, classes))
+    scores = {name: float(np.mean(v)) for name, v in runs.items()}
     best = max(scores.values())
     chosen = next(c for c in candidates if scores[_candidate_name(c)] >= best - cfg.select_margin)
     return chosen, scores
