@@ -349,13 +349,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: list[dict], out: Path) -> None:
-    """mDSC against seconds, one panel per data set."""
+    """mDSC against seconds, one panel per data set; a run of a later file replaces an earlier
+    file's run of the same data set, method and seed (a re-measured method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for res in results for r in res["runs"]]
+    latest = {(r["dataset"], r["method"], r["seed"]): r for res in results for r in res["runs"]}
+    runs = list(latest.values())
     datasets = sorted({r["dataset"] for r in runs})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
     methods = sorted({r["method"] for r in runs})
