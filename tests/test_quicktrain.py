@@ -254,7 +254,7 @@ def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
     labels = predict(image, qt.model, device="cpu")
     assert float((labels[disc] == truth[disc] + 1).mean()) >= 0.95
     events = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "quick_fit"]
-    assert "the forest reads levels 1, 4 (held-out stroke Dice: a mix of levels 1 | 1, 4" in events[0]
+    assert "the forest reads levels 1, 4 (held-out strokes, mean Dice: mix 0.9" in events[0]
 
 
 def test_choose_forest_levels_on_known_columns():

@@ -400,6 +400,15 @@ def _describe_sub_forests(counts: Sequence[int], levels: Sequence[float]) -> str
     return f"level{'s' if counts[0] > 1 else ''} {names[0]}"
 
 
+def _short_name(candidate: str, num_levels: int) -> str:
+    """A candidate of :func:`forest_level_candidates` in a few words."""
+    counts = [int(n) for n in candidate.split("+")]
+    if len(counts) > 1:
+        return "mix"
+    return "level 1" if counts[0] == 1 else (
+        "all levels" if counts[0] == num_levels else f"{counts[0]} levels")
+
+
 class QuickTrainer:
     """Quick fit (stage 1), then full fine-tuning (stage 2) of one segmenter.
 
@@ -515,9 +524,9 @@ class QuickTrainer:
         read = ""
         if stats.get("level_scores"):
             read = (f"; the forest reads {_describe_sub_forests(stats['sub_forests'], t.model.levels)}"
-                    " (held-out stroke Dice: " + ", ".join(
-                        f"{_describe_sub_forests([int(n) for n in name.split('+')], t.model.levels)}"
-                        f" {v:.3f}" for name, v in stats["level_scores"].items()) + ")")
+                    " (held-out strokes, mean Dice: " + ", ".join(
+                        f"{_short_name(name, len(t.model.levels))} {v:.3f}"
+                        for name, v in stats["level_scores"].items()) + ")")
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)
