@@ -523,10 +523,10 @@ class QuickTrainer:
         self.quick_stats = stats
         read = ""
         if stats.get("level_scores"):
-            read = (f"; the forest reads {_describe_sub_forests(stats['sub_forests'], t.model.levels)}"
-                    " (held-out strokes, mean Dice: " + ", ".join(
-                        f"{_short_name(name, len(t.model.levels))} {v:.3f}"
-                        for name, v in stats["level_scores"].items()) + ")")
+            forest = _describe_sub_forests(stats["sub_forests"], t.model.levels)
+            judged = ", ".join(f"{_short_name(name, len(t.model.levels))} {v:.3f}"
+                               for name, v in stats["level_scores"].items())
+            read = f"; the forest reads {forest} (held-out strokes, mean Dice: {judged})"
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)
