@@ -372,6 +372,11 @@ class PixelHead(nn.Module):
     forest-only head then skips the filters of the levels it does not read.
     ``forest_sub_levels`` records how the fit built the forest (the level counts of its
     equal-sized sub-forests, e.g. ``[1, 2, 3]`` for a mix); prediction does not need it.
+
+    ``color_space="lab"``: a 3-channel crop (RGB scaled to [0, 1]) is converted to CIELAB
+    before the filters, so lightness and the two colour axes get their own filters instead of
+    three correlated channels (``"channels"``, the default of models saved before the option:
+    the filters see the channels as they come). The quick fit sets it for RGB images.
     """
 
     def __init__(
@@ -392,11 +397,17 @@ class PixelHead(nn.Module):
         forest_depth: int = 0,
         forest_levels: int | None = None,
         forest_sub_levels: Sequence[int] | None = None,
+        color_space: str = "channels",
         **_: object,
     ):
         super().__init__()
         if bank not in BANKS:
             raise ValueError(f"bank: expected one of {BANKS}, got {bank!r}")
+        if color_space not in COLOR_SPACES:
+            raise ValueError(f"color_space: expected one of {COLOR_SPACES}, got {color_space!r}")
+        if color_space == "lab" and int(in_channels) != 3:
+            raise ValueError(f"color_space 'lab' needs 3 input channels, got {in_channels}")
+        self.color_space = color_space
         if classifier not in ("mlp", "forest"):
             raise ValueError(f"classifier: expected 'mlp' or 'forest', got {classifier!r}")
         self.skips = list(skips)
@@ -455,6 +466,8 @@ class PixelHead(nn.Module):
     def image_features(self, image: Tensor) -> Tensor:
         """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W)."""
         image = image.float()
+        if self.color_space == "lab":
+            image = srgb_to_lab(image)
         feats = [image]
         for i in range(len(self.sigmas)):
             g = self._blur(image, getattr(self, f"gauss{i}"))
@@ -578,6 +591,28 @@ class PixelHead(nn.Module):
         **_: object,
     ) -> Tensor:
         return self.classify(self.features(maps, image, tokens, coords, nest))
+
+
+#: what :class:`PixelHead`'s filters see of the input channels (``color_space``)
+COLOR_SPACES = ("channels", "lab")
+# sRGB (D65) -> XYZ, and the D65 white point
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.950456, 1.0, 1.088754)
+
+
+def srgb_to_lab(rgb: Tensor) -> Tensor:
+    """(B, 3, H, W) sRGB in [0, 1] -> CIELAB (B, 3, H, W) as L/100, a/128, b/128 (D65; values
+    outside [0, 1] are clipped first). Matches ``skimage.color.rgb2lab`` up to that scaling."""
+    x = rgb.float().clamp(0.0, 1.0)
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
+    white = torch.tensor(_D65_WHITE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear) / white
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    lightness = 116 * f[:, 1] - 16
+    return torch.stack((lightness / 100, 500 * (f[:, 0] - f[:, 1]) / 128,
+                        200 * (f[:, 1] - f[:, 2]) / 128), 1)
 
 
 #: filter-bank layouts of :class:`PixelHead` and their default sigmas (level-1 pixels of each
