@@ -352,3 +352,60 @@ def test_the_level_choice_keeps_blended_predictions_free_of_tile_seams():
         labels = predict(image, model, device="cpu", tile_size=32, overlap=None)  # 4 px blend
         seams = seam_ratio(labels, 32 - 4)
         assert seams["ratio"] <= 1.5, seams
+
+
+# ------------------------------------------------------------------------------ colour
+def test_lab_conversion_matches_scikit_image():
+    from skimage import color
+
+    from napari_muvit.model.heads import srgb_to_lab
+
+    rng = np.random.default_rng(0)
+    rgb = rng.random((6, 9, 3)).astype(np.float32)
+    rgb[0, 0], rgb[0, 1] = 0.0, 1.0  # black and white
+    ours = srgb_to_lab(torch.from_numpy(np.moveaxis(rgb, -1, 0))[None])[0].numpy()
+    ours = np.moveaxis(ours, 0, -1) * np.array([100, 128, 128])
+    np.testing.assert_allclose(ours, color.rgb2lab(rgb), atol=0.02)
+
+
+def _colour_discs(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Red and green discs of equal lightness on grey: the class is the hue."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    truth = np.zeros((size, size), np.int32)
+    for (cy, cx), k in zip(((32, 32), (32, 96), (96, 32), (96, 96)), (1, 2, 2, 1)):
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= 18 * 18] = k
+    colours = np.array([[128, 128, 128], [180, 90, 90], [100, 140, 100]], np.float64)
+    image = colours[truth] + rng.normal(0, 8, truth.shape + (3,))
+    return image.clip(0, 255).astype(np.uint8), truth
+
+
+def test_a_new_forest_head_on_rgb_filters_lab_and_reloads_the_same(tmp_path):
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg())
+    assert model.in_channels == 3 and model.head.color_space == "lab"
+    assert model.head_options["color_space"] == "lab"
+    labels = predict(image, model, device="cpu")
+    assert mean_dice(labels, truth + 1) > 0.9
+    again = load_model(tmp_path / "m")
+    assert again.head.color_space == "lab"
+    np.testing.assert_array_equal(predict(image, again, device="cpu"), labels)
+    # a model saved before the option (no color_space) filters the channels as they come
+    model.head_options.pop("color_space")
+    model.save(tmp_path / "old")
+    assert load_model(tmp_path / "old").head.color_space == "channels"
+
+
+def test_grey_images_keep_their_channels_and_lab_needs_three():
+    from napari_muvit.model.heads import PixelHead
+
+    image, truth = _discs(96)
+    qt = _quick_levels(image, truth, (1, 4))
+    assert qt.model.head.color_space == "channels"
+    assert "color_space" not in qt.model.head_options
+    with pytest.raises(ValueError, match="3 input channels"):
+        PixelHead(8, 1, 8, 2, color_space="lab")
+    with pytest.raises(ValueError, match="color_space"):
+        PixelHead(8, 3, 8, 2, color_space="hsv")
