@@ -35,8 +35,8 @@ Methods:
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
     with the random-forest pixel head on the filter bank of the levels' crops (levels 1, 4, 16
     of the bundled encoder), the levels it reads chosen on held-out strokes
-    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), fitted in seconds; nothing
-    to fine-tune.
+    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), on CIELAB for RGB images,
+    fitted in seconds; nothing to fine-tune.
 ``muvit-all-levels``
     The same forest always on every level (the default before the level choice).
 ``muvit-level1``

@@ -5,7 +5,10 @@ Stage 1, **quick fit** (seconds on a CPU, ilastik-like): the segmenter gets a
 the level-1 image and on the encoder's multi-level feature maps (upsampled from the token
 grid). The features of the painted pixels are computed once, tile by tile on the prediction
 grid, cached, standardised, and a small MLP is fitted on them with full-batch Adam: no crops,
-no augmentation, no backward pass through the encoder.
+no augmentation, no backward pass through the encoder. The default head is a random forest on
+the filter bank of every level's crop instead (:func:`quick_fit`); which levels it reads is
+chosen on held-out strokes (:func:`choose_forest_levels`), and on RGB images its filters see
+CIELAB (the head's ``color_space``).
 
 Stage 2, **fine-tuning**: the project's :class:`~napari_muvit.engine.trainer.Trainer` trains the
 same segmenter (encoder at a tenth of the head's learning rate) on random nested crops around
