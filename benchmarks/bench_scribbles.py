@@ -17,13 +17,28 @@ Data sets (all ship offline):
     The 2-D fluorescence nuclei image and its instance mask shipped in the ``stardist``
     wheel (``stardist/data/images/img2d.tif``, ``mask2d.tif``; ``pip install stardist
     --no-deps``), as two classes: background, nucleus.
+``vesicles``
+    A real EM image with an expert's outline: the presynaptic terminal of spatstat.data
+    (R package; Debian: ``r-cran-spatstat.data``, files ``rawdata/vesicles/vesiclesimage.tif``
+    and ``vesiclesmask.tif``, 420×250), as three classes: elsewhere, presynaptic cytoplasm,
+    mitochondrion. Found in R's library folders or ``$SPATSTAT_DATA_DIR``.
+``food``
+    A real RGB photograph with a hand-drawn 4-region ground truth, shipped in the
+    napari-convpaint wheel for its tests (``_tests/test_imgs/0000_img.png``, 384×512): the RGB
+    stand-in for the issue's H&E image (none with ground truth ships offline).
+
+A data set whose files are missing is skipped with a message saying what to install.
 
 Methods:
 
 ``muvit``
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
-    with the random-forest pixel head on the filter bank of every level's crop (levels 1, 4, 16
-    of the bundled encoder), fitted in seconds; nothing to fine-tune.
+    with the random-forest pixel head on the filter bank of the levels' crops (levels 1, 4, 16
+    of the bundled encoder), the levels it reads chosen on held-out strokes
+    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), on CIELAB for RGB images,
+    fitted in seconds; nothing to fine-tune.
+``muvit-all-levels``
+    The same forest always on every level (the default before the level choice).
 ``muvit-level1``
     The same forest on level 1 only (the bundled encoder restricted to level 1): what the
     coarse levels' context adds.
@@ -94,13 +109,73 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         image = tifffile.imread(folder / "img2d.tif")
         truth = (tifffile.imread(folder / "mask2d.tif") > 0).astype(np.int32)
         return image, truth, [image]
-    raise SystemExit(f"unknown data set {name!r} (context, nuclei)")
+    if name == "vesicles":
+        return _vesicles()
+    if name == "food":
+        return _food()
+    raise SystemExit(f"unknown data set {name!r} ({', '.join(DATASETS)})")
+
+
+DATASETS = ("context", "nuclei", "vesicles", "food")
+#: where R keeps the spatstat.data package (Debian's r-cran-spatstat.data, or CRAN's install)
+SPATSTAT_DATA = [Path(p) / "spatstat.data" for p in (
+    "/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library")]
+
+
+def _vesicles() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """The EM image of a presynaptic terminal in spatstat.data and its expert outline.
+
+    ``rawdata/vesicles/vesiclesmask.tif`` is the drawn presynapse minus the drawn mitochondrion;
+    filling its hole gives the presynapse. Classes: 0 elsewhere, 1 presynaptic cytoplasm,
+    2 mitochondrion. Looked for in ``$SPATSTAT_DATA_DIR`` (the ``spatstat.data`` folder), then in
+    R's library folders.
+    """
+    import tifffile
+    from scipy import ndimage
+
+    env = os.environ.get("SPATSTAT_DATA_DIR")
+    folders = ([Path(env)] if env else []) + SPATSTAT_DATA
+    found = next((f / "rawdata" / "vesicles" for f in folders
+                  if (f / "rawdata" / "vesicles" / "vesiclesimage.tif").is_file()), None)
+    if found is None:
+        raise DatasetMissing(
+            "vesicles: needs R's spatstat.data (apt-get install r-cran-spatstat.data, or "
+            "apt-get download it, dpkg-deb -x it and set SPATSTAT_DATA_DIR=<...>/spatstat.data)")
+    image = tifffile.imread(found / "vesiclesimage.tif")
+    cytoplasm = tifffile.imread(found / "vesiclesmask.tif") > 0
+    presynapse = ndimage.binary_fill_holes(cytoplasm)
+    truth = cytoplasm.astype(np.int32) + 2 * (presynapse & ~cytoplasm)
+    return image, truth, [image]
+
+
+def _food() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """napari-convpaint's test photograph (RGB 384×512) and its 4-region ground truth."""
+    import importlib.util
+
+    import imageio.v3 as iio
+
+    spec = importlib.util.find_spec("napari_convpaint")
+    folder = (Path(list(spec.submodule_search_locations)[0]) / "_tests" / "test_imgs"
+              if spec is not None and spec.submodule_search_locations else None)
+    if folder is None or not (folder / "0000_ground_truth.png").is_file():
+        raise DatasetMissing("food: needs napari-convpaint's wheel (pip install napari-convpaint "
+                             "--no-deps), which ships _tests/test_imgs/0000_*.png")
+    image = np.ascontiguousarray(iio.imread(folder / "0000_img.png")[..., :3])
+    values = iio.imread(folder / "0000_ground_truth.png")
+    truth = np.unique(values, return_inverse=True)[1].reshape(values.shape).astype(np.int32)
+    return image, truth, [image]
+
+
+class DatasetMissing(Exception):
+    """A data set's files are not installed (the run skips it with this message)."""
 
 
 # ------------------------------------------------------------------------------ methods
 MUVIT_METHODS: dict[str, dict[str, Any]] = {
     # name: (quick trainer?, pixel classifier, levels of the start model: None = the encoder's)
     "muvit": {"quick": True, "classifier": "forest", "levels": None},
+    "muvit-all-levels": {"quick": True, "classifier": "forest", "levels": None,
+                         "select_levels": False},
     "muvit-level1": {"quick": True, "classifier": "forest", "levels": "1"},
     "muvit-mlp": {"quick": True, "classifier": "mlp", "levels": None},
     "muvit-unetr": {"quick": False, "classifier": "forest", "levels": None},
@@ -116,8 +191,13 @@ def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int)
     snaps: list[tuple[float, float, str, Any]] = []
     start, wall = time.process_time(), time.monotonic()
 
+    steps: list[int] = []
+
     def keep(m: Any, info: dict) -> None:
         cpu = time.process_time() - start
+        if info["stage"] == "final" and steps and steps[-1] == info.get("step"):
+            return  # nothing was fine-tuned since the last snapshot: the same answer
+        steps.append(info.get("step", -1))
         snaps.append((cpu, time.monotonic() - wall, info["stage"], m))
         if cpu > budget:
             cancel.cancel()
@@ -125,8 +205,10 @@ def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int)
     cfg = TrainConfig(steps=100_000, device="cpu", checkpoint_every=1e9,
                       classifier=spec["classifier"])
     if spec["quick"]:
-        QuickTrainer(model, [(source, strokes)], cfg, QuickConfig(snapshot_every=snapshot_every),
-                     on_snapshot=keep, cancel=cancel).run()
+        quick = QuickConfig(snapshot_every=snapshot_every,
+                            select_levels=spec.get("select_levels", True))
+        QuickTrainer(model, [(source, strokes)], cfg, quick, on_snapshot=keep,
+                     cancel=cancel).run()
     else:
         trainer: Trainer
 
@@ -193,7 +275,7 @@ def evaluate(model: Any, pyramid, truth: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--datasets", nargs="+", default=["context", "nuclei"])
+    p.add_argument("--datasets", nargs="+", default=["context", "nuclei"], choices=DATASETS)
     p.add_argument("--methods", nargs="+", default=["muvit", "muvit-unetr", "convpaint"],
                    choices=[*MUVIT_METHODS, "convpaint"])
     p.add_argument("--budget", type=float, default=180.0, help="training seconds per run")
@@ -218,7 +300,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for ds, seed in ((d, s) for d in args.datasets for s in args.seeds):
-        image, truth, pyramid = load_dataset(ds)
+        try:
+            image, truth, pyramid = load_dataset(ds)
+        except DatasetMissing as missing:
+            print(f"[{ds}] skipped: {missing}", flush=True)
+            result.setdefault("skipped", {})[ds] = str(missing)
+            continue
         strokes = simulate_strokes(truth, strokes_per_class=args.strokes, seed=seed)
         painted = {int(v): int(n) for v, n in enumerate(np.bincount(strokes.ravel())) if v and n}
         print(f"[{ds}] seed {seed}: image {image.shape}, painted pixels per label {painted}",
@@ -240,11 +327,18 @@ def main(argv: list[str] | None = None) -> int:
                     t0 = time.process_time()
                     score = evaluate(model, pyramid, truth)
                     predict_cpu = time.process_time() - t0
-                    run["curve"].append({"seconds": round(seconds, 2), "wall": round(wall, 2),
-                                         "stage": stage, "mdsc": round(score, 4),
-                                         "predict_cpu_s": round(predict_cpu, 2)})
+                    point = {"seconds": round(seconds, 2), "wall": round(wall, 2),
+                             "stage": stage, "mdsc": round(score, 4),
+                             "predict_cpu_s": round(predict_cpu, 2)}
+                    read = model.head_options.get("forest_levels")
+                    if read is not None:  # the levels the forest chose to read
+                        point["forest_levels"] = list(model.levels)[:read]
+                        point["sub_forests"] = model.head_options.get("forest_sub_levels")
+                    run["curve"].append(point)
                     print(f"[{ds}] {method} {stage}: {seconds:.1f} CPU s ({wall:.1f} s wall) "
-                          f"mDSC {score:.3f} (predicting the image: {predict_cpu:.1f} CPU s)",
+                          f"mDSC {score:.3f} (predicting the image: {predict_cpu:.1f} CPU s)"
+                          + (f", forest on levels {point['forest_levels']} (sub-forests on "
+                             f"{point['sub_forests']} levels)" if read else ""),
                           flush=True)
             result["runs"].append(run)
     result["load_average_end"] = os.getloadavg()
@@ -255,13 +349,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(results: list[dict], out: Path) -> None:
-    """mDSC against seconds, one panel per data set."""
+    """mDSC against seconds, one panel per data set; a run of a later file replaces an earlier
+    file's run of the same data set, method and seed (a re-measured method)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [r for res in results for r in res["runs"]]
+    latest = {(r["dataset"], r["method"], r["seed"]): r for res in results for r in res["runs"]}
+    runs = list(latest.values())
     datasets = sorted({r["dataset"] for r in runs})
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
     methods = sorted({r["method"] for r in runs})

@@ -219,3 +219,193 @@ def test_forest_segmenter_saves_loads_and_predicts_the_same(tmp_path):
     with pytest.raises(InputError, match="no fine-tuning to resume"):
         train(image, strokes, out=tmp_path / "m", head="pixel", config=_quick_cfg(), resume=True)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ forest levels
+def _quick_levels(image, truth, levels, seed=0, **quick):
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=seed)
+    qt = QuickTrainer(_tiny(levels), [(image, strokes)], _quick_cfg(), QuickConfig(**quick),
+                      fine_tune=False)
+    qt.run()
+    return qt
+
+
+def test_the_forest_does_not_read_the_coarse_levels_alone_when_the_context_does_not_help():
+    image, truth = _discs()
+    qt = _quick_levels(image, truth, (1, 4))
+    scores = qt.quick_stats["level_scores"]
+    assert set(scores) == {"1+2", "1", "2"}
+    # level 1 alone scores as well as anything on held-out strokes; the mix (first choice
+    # on a tie) or level 1 alone wins, never the coarse levels' forest alone
+    assert scores["1"] >= max(scores.values()) - 0.01
+    assert qt.quick_stats["sub_forests"] in ([1, 2], [1])
+    assert qt.model.head_options["forest_sub_levels"] == qt.quick_stats["sub_forests"]
+    assert mean_dice(predict(image, qt.model, device="cpu"), truth + 1) > 0.9
+
+
+def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
+    image, truth = _bar_context()
+    qt = _quick_levels(image, truth, (1, 4))
+    scores = qt.quick_stats["level_scores"]
+    assert qt.quick_stats["sub_forests"] == [2] and qt.model.head_options["forest_levels"] == 2
+    # measured 0.949 vs 0.811, mix 0.928 (background, a third of the score, is easy at all)
+    assert scores["2"] > scores["1"] + 0.05 and scores["2"] > scores["1+2"] + 0.01
+    disc = truth > 0
+    labels = predict(image, qt.model, device="cpu")
+    assert float((labels[disc] == truth[disc] + 1).mean()) >= 0.95
+    events = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "quick_fit"]
+    assert "the forest reads levels 1, 4 (held-out strokes, mean Dice: mix 0.9" in events[0]
+
+
+def test_choose_forest_levels_on_known_columns():
+    from napari_muvit.engine.quicktrain import choose_forest_levels
+
+    rng = np.random.default_rng(0)
+    strokes = np.repeat(np.arange(12), 50)  # 12 strokes of 50 pixels, 6 per class
+    classes = (strokes % 2).astype(np.int64)
+    signal = classes[:, None] + rng.normal(0, 0.3, (600, 1))
+    noise = rng.normal(0, 1, (600, 3))
+    cfg = QuickConfig(select_trees=10)
+    # level 1 tells the classes apart, level 2 is noise: not level 2's forest alone
+    chosen, scores = choose_forest_levels(
+        np.hstack([signal, noise[:, :1], noise[:, 1:]]).astype(np.float32), classes, strokes,
+        2, 2, cfg)
+    assert chosen in ((1, 2), (1,)) and scores["1"] > 0.9
+    # only level 2 tells them apart: the forest on both levels alone
+    chosen, scores = choose_forest_levels(
+        np.hstack([noise[:, :2], signal, noise[:, 2:]]).astype(np.float32), classes, strokes,
+        2, 2, cfg)
+    assert chosen == (2,) and scores["2"] > 0.9 > 0.7 > scores["1"]
+    # one stroke: nothing to hold out, every level
+    assert choose_forest_levels(signal.astype(np.float32), classes, np.zeros(600, np.int64),
+                                1, 1, cfg) == ((1,), {})
+
+
+def test_stroke_folds_keep_strokes_whole_and_spread_every_class():
+    from napari_muvit.engine.quicktrain import stroke_folds
+
+    strokes = np.repeat(np.arange(9), 5)
+    classes = np.repeat([0, 0, 0, 1, 1, 1, 2, 2, 2], 5)
+    fold = stroke_folds(classes, strokes, 3, seed=1)
+    for s in range(9):
+        assert len(set(fold[strokes == s])) == 1
+    for k in range(3):
+        assert sorted(set(fold[classes == k])) == [0, 1, 2]
+
+
+def test_a_head_reading_fewer_levels_computes_only_their_filters():
+    image, truth = _discs(96)
+    enc = _tiny((1, 4))
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=0)
+    options = {"bank": "levels", "classifier": "forest", "encoder_features": False,
+               "forest_levels": 1}
+    seg = MuViTSegmenter(enc, head="pixel", num_classes=2, head_dim=8, label_values=[1, 2],
+                         head_options=options)
+    qt = QuickTrainer(seg, [(image, strokes)], _quick_cfg(), QuickConfig(select_levels=False),
+                      fine_tune=False)
+    qt.run()
+    head = qt.model.head
+    assert head.forest_levels == 1 and qt.quick_stats["sub_forests"] == [1]
+    assert int(head.forest.feature.max()) < head.bank_level_width  # no split on level 4
+    bb = torch.from_numpy(centered_nested_bboxes((32, 32), 32, qt.model.levels))[None]
+    crops, _ = PyramidSource([image]).read_nested(bb[0].numpy(), qt.model.levels, 32)
+    with torch.no_grad():
+        maps, tokens, coords, x = qt.model.encode(torch.from_numpy(crops)[None], bb)
+        read = head.features(maps, x[:, 0], tokens, coords, x)
+        full = head.features(maps, x[:, 0], tokens, coords, x, all_levels=True)
+        assert read.shape[1] == head.bank_level_width and full.shape[1] == head.num_features
+        torch.testing.assert_close(read, full[:, : read.shape[1]])
+        torch.testing.assert_close(head.classify(read), head.classify(full))
+
+
+def test_a_forest_saved_without_forest_levels_reads_every_level(tmp_path):
+    # a forest head saved before the option existed: no forest_levels in its config
+    image, truth = _bar_context(128)
+    qt = _quick_levels(image, truth, (1, 4), select_levels=False)
+    model = qt.model.eval()
+    assert model.head_options["forest_levels"] == 2
+    expected = predict(image, model, device="cpu")
+    model.head_options.pop("forest_levels")
+    model.head.forest_levels = None
+    model.save(tmp_path / "old")
+    assert "forest_levels" not in (tmp_path / "old" / "config.yaml").read_text()
+    again = load_model(tmp_path / "old")
+    assert again.head.forest_levels is None
+    np.testing.assert_array_equal(predict(image, again, device="cpu"), expected)
+    # refitting it on new strokes chooses its levels again, and its trees stay within them
+    strokes = simulate_strokes(truth, strokes_per_class=4, length=20, seed=1)
+    refit = QuickTrainer(again, [(image, strokes)], _quick_cfg(), fine_tune=False)
+    refit.run()
+    head = refit.model.head
+    chosen = refit.quick_stats["forest_levels"]
+    assert refit.model.head_options["forest_levels"] == chosen == head.forest_levels
+    assert int(head.forest.feature.max()) < chosen * head.bank_level_width
+
+
+def test_the_level_choice_keeps_blended_predictions_free_of_tile_seams():
+    from napari_muvit.metrics import seam_ratio
+
+    # measured: discs (a mix of sub-forests) 0.63 blended, 2.10 unblended; bar context
+    # (levels 1, 4) 0.81 blended
+    for image, truth in (_discs(), _bar_context()):
+        model = _quick_levels(image, truth, (1, 4)).model.eval()
+        labels = predict(image, model, device="cpu", tile_size=32, overlap=None)  # 4 px blend
+        seams = seam_ratio(labels, 32 - 4)
+        assert seams["ratio"] <= 1.5, seams
+
+
+# ------------------------------------------------------------------------------ colour
+def test_lab_conversion_matches_scikit_image():
+    from skimage import color
+
+    from napari_muvit.model.heads import srgb_to_lab
+
+    rng = np.random.default_rng(0)
+    rgb = rng.random((6, 9, 3)).astype(np.float32)
+    rgb[0, 0], rgb[0, 1] = 0.0, 1.0  # black and white
+    ours = srgb_to_lab(torch.from_numpy(np.moveaxis(rgb, -1, 0))[None])[0].numpy()
+    ours = np.moveaxis(ours, 0, -1) * np.array([100, 128, 128])
+    np.testing.assert_allclose(ours, color.rgb2lab(rgb), atol=0.02)
+
+
+def _colour_discs(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Red and green discs of equal lightness on grey: the class is the hue."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    truth = np.zeros((size, size), np.int32)
+    for (cy, cx), k in zip(((32, 32), (32, 96), (96, 32), (96, 96)), (1, 2, 2, 1)):
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 <= 18 * 18] = k
+    colours = np.array([[128, 128, 128], [180, 90, 90], [100, 140, 100]], np.float64)
+    image = colours[truth] + rng.normal(0, 8, truth.shape + (3,))
+    return image.clip(0, 255).astype(np.uint8), truth
+
+
+def test_a_new_forest_head_on_rgb_filters_lab_and_reloads_the_same(tmp_path):
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg())
+    assert model.in_channels == 3 and model.head.color_space == "lab"
+    assert model.head_options["color_space"] == "lab"
+    labels = predict(image, model, device="cpu")
+    assert mean_dice(labels, truth + 1) > 0.9
+    again = load_model(tmp_path / "m")
+    assert again.head.color_space == "lab"
+    np.testing.assert_array_equal(predict(image, again, device="cpu"), labels)
+    # a model saved before the option (no color_space) filters the channels as they come
+    model.head_options.pop("color_space")
+    model.save(tmp_path / "old")
+    assert load_model(tmp_path / "old").head.color_space == "channels"
+
+
+def test_grey_images_keep_their_channels_and_lab_needs_three():
+    from napari_muvit.model.heads import PixelHead
+
+    image, truth = _discs(96)
+    qt = _quick_levels(image, truth, (1, 4))
+    assert qt.model.head.color_space == "channels"
+    assert "color_space" not in qt.model.head_options
+    with pytest.raises(ValueError, match="3 input channels"):
+        PixelHead(8, 1, 8, 2, color_space="lab")
+    with pytest.raises(ValueError, match="color_space"):
+        PixelHead(8, 3, 8, 2, color_space="hsv")

@@ -55,6 +55,8 @@ NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate
 # A new pixel head: a random forest on the filter bank of every level's crop, without the
 # encoder's features (they made the forest worse with a few thousand painted pixels; the
 # levels' filters carry the context: benchmarks/bench_scribbles.py, docs/benchmarks.md).
+# Which levels the forest reads (its forest_levels/forest_sub_levels options) is chosen by
+# the quick fit on held-out strokes (QuickConfig.select_levels), not fixed here.
 NEW_PIXEL_HEAD_OPTIONS: dict[str, object] = {
     "bank": "levels", "classifier": "forest", "encoder_features": False,
 }

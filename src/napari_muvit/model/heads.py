@@ -365,6 +365,18 @@ class PixelHead(nn.Module):
     their logarithm; the residual starts at zero, so fine-tuning the segmenter starts from the
     forest's answer. Fitting takes seconds on a CPU
     (:func:`napari_muvit.engine.quicktrain.quick_fit`).
+
+    ``forest_levels``: the forest reads the filter bank of the first ``forest_levels`` levels
+    only (``None``: all levels, as in models saved before the option existed). The quick fit
+    chooses it from the strokes (context matters for some tasks and is noise for others); a
+    forest-only head then skips the filters of the levels it does not read.
+    ``forest_sub_levels`` records how the fit built the forest (the level counts of its
+    equal-sized sub-forests, e.g. ``[1, 2, 3]`` for a mix); prediction does not need it.
+
+    ``color_space="lab"``: a 3-channel crop (RGB scaled to [0, 1]) is converted to CIELAB
+    before the filters, so lightness and the two colour axes get their own filters instead of
+    three correlated channels (``"channels"``, the default of models saved before the option:
+    the filters see the channels as they come). The quick fit sets it for RGB images.
     """
 
     def __init__(
@@ -383,11 +395,19 @@ class PixelHead(nn.Module):
         forest_trees: int = 0,
         forest_nodes: int = 1,
         forest_depth: int = 0,
+        forest_levels: int | None = None,
+        forest_sub_levels: Sequence[int] | None = None,
+        color_space: str = "channels",
         **_: object,
     ):
         super().__init__()
         if bank not in BANKS:
             raise ValueError(f"bank: expected one of {BANKS}, got {bank!r}")
+        if color_space not in COLOR_SPACES:
+            raise ValueError(f"color_space: expected one of {COLOR_SPACES}, got {color_space!r}")
+        if color_space == "lab" and int(in_channels) != 3:
+            raise ValueError(f"color_space 'lab' needs 3 input channels, got {in_channels}")
+        self.color_space = color_space
         if classifier not in ("mlp", "forest"):
             raise ValueError(f"classifier: expected 'mlp' or 'forest', got {classifier!r}")
         self.skips = list(skips)
@@ -408,6 +428,12 @@ class PixelHead(nn.Module):
         self.num_features = self.num_image_features + encoder_count
         self.register_buffer("feature_mean", torch.zeros(self.num_features))
         self.register_buffer("feature_std", torch.ones(self.num_features))
+        bank_levels = self.num_levels if bank == "levels" else 1
+        if forest_levels is not None and not 1 <= int(forest_levels) <= bank_levels:
+            raise ValueError(f"forest_levels: expected 1..{bank_levels}, got {forest_levels!r}")
+        self.forest_levels = None if forest_levels is None else int(forest_levels)
+        self.forest_sub_levels = None if forest_sub_levels is None else [
+            int(n) for n in forest_sub_levels]
         self.forest: TreeEnsemble | None = None
         if classifier == "forest":
             self.forest = TreeEnsemble(self.num_image_features, num_classes, forest_trees,
@@ -440,6 +466,8 @@ class PixelHead(nn.Module):
     def image_features(self, image: Tensor) -> Tensor:
         """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W)."""
         image = image.float()
+        if self.color_space == "lab":
+            image = srgb_to_lab(image)
         feats = [image]
         for i in range(len(self.sigmas)):
             g = self._blur(image, getattr(self, f"gauss{i}"))
@@ -458,11 +486,18 @@ class PixelHead(nn.Module):
             feats += [hyy + hxx, half_trace + radius, half_trace - radius]
         return torch.cat(feats, 1)
 
-    def level_bank_features(self, nest: Tensor, coords: Tensor) -> Tensor:
-        """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W)."""
+    @property
+    def bank_level_width(self) -> int:
+        """Filter-bank columns of one level (the bank's layout is level after level)."""
+        return self.num_image_features // (self.num_levels if self.bank == "levels" else 1)
+
+    def level_bank_features(self, nest: Tensor, coords: Tensor,
+                            levels: int | None = None) -> Tensor:
+        """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W), or of
+        the first ``levels`` levels only (B, levels·F_img/L, H, W)."""
         B, L, C, H, W = nest.shape
         parts = [self.image_features(nest[:, 0])]
-        for lv in range(1, self.num_levels):
+        for lv in range(1, self.num_levels if levels is None else int(levels)):
             parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
         return torch.cat(parts, 1)
 
@@ -493,16 +528,24 @@ class PixelHead(nn.Module):
         tokens: Tensor | None = None,
         coords: Tensor | None = None,
         nest: Tensor | None = None,
+        all_levels: bool = False,
     ) -> Tensor:
-        """Raw (unstandardised) per-pixel features (B, num_features, H, W)."""
+        """Raw (unstandardised) per-pixel features (B, num_features, H, W).
+
+        A forest-only head whose forest reads fewer levels (``forest_levels``) computes only
+        their filters (fewer columns) unless ``all_levels`` (what the quick fit chooses from).
+        """
         size = image.shape[-2:]
+        read = None if all_levels or self.classifier is not None else self.forest_levels
+        if read == 1:
+            return self.image_features(image)
         needs_context = self.num_levels > 1 and (self.encoder_features or self.bank == "levels")
         if needs_context and coords is None:
             raise ValueError("PixelHead.features: coords are needed for the coarse levels")
         if self.bank == "levels" and self.num_levels > 1:
             if nest is None:
                 raise ValueError("PixelHead.features: the crops of all levels (nest) are needed")
-            parts = [self.level_bank_features(nest, coords)]
+            parts = [self.level_bank_features(nest, coords, read)]
         else:
             parts = [self.image_features(image)]
         if not self.encoder_features:
@@ -548,6 +591,28 @@ class PixelHead(nn.Module):
         **_: object,
     ) -> Tensor:
         return self.classify(self.features(maps, image, tokens, coords, nest))
+
+
+#: what :class:`PixelHead`'s filters see of the input channels (``color_space``)
+COLOR_SPACES = ("channels", "lab")
+# sRGB (D65) -> XYZ, and the D65 white point
+_RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169),
+               (0.019334, 0.119193, 0.950227))
+_D65_WHITE = (0.950456, 1.0, 1.088754)
+
+
+def srgb_to_lab(rgb: Tensor) -> Tensor:
+    """(B, 3, H, W) sRGB in [0, 1] -> CIELAB (B, 3, H, W) as L/100, a/128, b/128 (D65; values
+    outside [0, 1] are clipped first). Matches ``skimage.color.rgb2lab`` up to that scaling."""
+    x = rgb.float().clamp(0.0, 1.0)
+    linear = torch.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    matrix = torch.tensor(_RGB_TO_XYZ, dtype=x.dtype, device=x.device)
+    white = torch.tensor(_D65_WHITE, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    xyz = torch.einsum("ij,bjhw->bihw", matrix, linear) / white
+    f = torch.where(xyz > 0.008856, xyz.clamp_min(1e-12) ** (1 / 3), 7.787 * xyz + 16 / 116)
+    lightness = 116 * f[:, 1] - 16
+    return torch.stack((lightness / 100, 500 * (f[:, 0] - f[:, 1]) / 128,
+                        200 * (f[:, 1] - f[:, 2]) / 128), 1)
 
 
 #: filter-bank layouts of :class:`PixelHead` and their default sigmas (level-1 pixels of each
