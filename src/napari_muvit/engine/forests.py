@@ -8,12 +8,24 @@ as much as a frequent one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from napari_muvit.model.forest import TreeArrays, TreeEnsemble
 
-__all__ = ["fit_tree_arrays", "fit_ensemble"]
+__all__ = ["fit_ensemble", "fit_tree_arrays", "random_forest"]
+
+
+def random_forest(trees: int = 100, depth: int | None = 20, seed: int = 0) -> Any:
+    """An unfitted class-balanced scikit-learn forest using torch's thread count."""
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(
+        n_estimators=int(trees), max_depth=depth, class_weight="balanced",
+        random_state=int(seed), n_jobs=max(1, torch.get_num_threads()),
+    )
 
 
 def fit_tree_arrays(
@@ -26,14 +38,9 @@ def fit_tree_arrays(
 ) -> list[TreeArrays]:
     """Grow a class-balanced random forest on ``features`` (N, F) for class indices
     ``classes`` (N,) in ``[0, num_classes)``; a class without samples keeps a zero column."""
-    from sklearn.ensemble import RandomForestClassifier
-
     rows = np.ascontiguousarray(features, np.float32)
     present = np.unique(classes)
-    forest = RandomForestClassifier(
-        n_estimators=int(trees), max_depth=depth, class_weight="balanced",
-        random_state=int(seed), n_jobs=max(1, torch.get_num_threads()),
-    ).fit(rows, classes)
+    forest = random_forest(trees, depth, seed).fit(rows, classes)
     out = []
     for estimator in forest.estimators_:
         t = estimator.tree_

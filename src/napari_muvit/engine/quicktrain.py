@@ -35,6 +35,7 @@ from torch import nn
 
 from napari_muvit.data.geometry import centered_nested_bboxes, grid_cells_of_pixels, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
+from napari_muvit.engine.forests import fit_tree_arrays, random_forest
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
@@ -256,12 +257,8 @@ def _bank_levels(head: nn.Module) -> int:
 
 
 def _forest(trees: int, cfg: QuickConfig) -> Any:
-    from sklearn.ensemble import RandomForestClassifier
-
     # class-balanced: a class painted with few pixels counts as much as one painted with many
-    return RandomForestClassifier(
-        n_estimators=trees, max_depth=cfg.tree_depth, class_weight="balanced",
-        random_state=cfg.seed, n_jobs=max(1, torch.get_num_threads()))
+    return random_forest(trees, cfg.tree_depth, cfg.seed)
 
 
 def stroke_folds(classes: np.ndarray, strokes: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -366,7 +363,6 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
     """
     head = model.head
     bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
-    present = np.unique(classes)
     chosen, scores = (_bank_levels(head),), {}
     if head.classifier is None:  # a forest-only head: reading fewer levels saves their filters
         if cfg.select_levels and strokes is not None:
@@ -378,17 +374,12 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
         head.forest_sub_levels = list(chosen)
         model.head_options["forest_levels"] = max(chosen)
         model.head_options["forest_sub_levels"] = list(chosen)
-    K = model.num_classes
     trees = []
     per_forest = max(1, cfg.trees // len(chosen))
     for n in chosen:
-        cols = np.ascontiguousarray(bank[:, : n * head.bank_level_width])
-        forest = _forest(per_forest, cfg).fit(cols, classes)
-        for estimator in forest.estimators_:
-            t = estimator.tree_
-            value = np.zeros((t.node_count, K))
-            value[:, present] = t.value[:, 0, :]
-            trees.append((t.feature, t.threshold, t.children_left, t.children_right, value))
+        cols = bank[:, : n * head.bank_level_width]
+        trees += fit_tree_arrays(cols, classes, model.num_classes, per_forest, cfg.tree_depth,
+                                 cfg.seed)
     head.forest.load_trees(trees)
     model.head_options.update(head.forest.shape_config)
     return {"sub_forests": list(chosen), "scores": scores}
