@@ -62,3 +62,16 @@ def table4():
     finally:
         sys.modules.pop("synthetic_table4", None)
     return module
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Let cancelled widget workers end before the interpreter does: a worker that emits into
+    Qt objects already torn down at exit makes PyQt abort the process (exit 134) after every
+    test passed."""
+    import sys
+
+    if "qtpy" not in sys.modules:
+        return
+    from qtpy.QtCore import QThreadPool
+
+    QThreadPool.globalInstance().waitForDone(60_000)

@@ -92,23 +92,23 @@ class TreeEnsemble(nn.Module):
         P = x.shape[0]
         if self.num_trees == 0:
             return x.new_full((P, self.num_classes), 1.0 / self.num_classes)
-        x = x.float()
-        T = self.num_trees
-        node = torch.zeros(T, P, dtype=torch.long, device=x.device)
-        feature = self.feature.long()
-        children = self.child_nodes.long().view(T, -1)
-        rows = torch.arange(P, device=x.device).expand(T, P)
+        T, N = self.feature.shape
+        dev = x.device
+        # every (tree, sample) as one flat walk over one node table of all trees: 1-D
+        # index_select is several times faster than gathers over (T, P) tensors on a CPU
+        offsets = (torch.arange(T, device=dev) * N)[:, None]
+        feature = self.feature.reshape(-1).long()
+        threshold = self.threshold.reshape(-1)
+        children = (self.child_nodes.long() + offsets[..., None]).reshape(-1)
+        node = offsets.expand(T, P).reshape(-1).clone()
+        cells = torch.arange(P, device=dev).repeat(T) * x.shape[1]
+        values = x.float().reshape(-1)
         for _ in range(self.depth):
-            f = feature.gather(1, node)
-            right = (x[rows, f] > self.threshold.gather(1, node)).long()
-            node = _step(children, node, right)
-        probs = self.leaf_probs.gather(1, node[..., None].expand(T, P, self.num_classes))
+            value = values.index_select(0, cells + feature.index_select(0, node))
+            right = (value > threshold.index_select(0, node)).long()
+            node = children.index_select(0, node * 2 + right)
+        probs = self.leaf_probs.reshape(T * N, -1).index_select(0, node).view(T, P, -1)
         return probs.mean(0)
-
-
-def _step(children: Tensor, node: Tensor, right: Tensor) -> Tensor:
-    """Next node of every (tree, sample): ``children[t, node, right]`` (children (T, 2N))."""
-    return children.gather(1, node * 2 + right)
 
 
 def _tree_depth(left: np.ndarray, right: np.ndarray) -> int:
