@@ -94,18 +94,21 @@ class TreeEnsemble(nn.Module):
             return x.new_full((P, self.num_classes), 1.0 / self.num_classes)
         T, N = self.feature.shape
         dev = x.device
-        # every (tree, sample) as one flat walk over one node table of all trees: 1-D
-        # index_select is several times faster than gathers over (T, P) tensors on a CPU
-        offsets = (torch.arange(T, device=dev) * N)[:, None]
-        feature = self.feature.reshape(-1).long()
+        # every (tree, sample) as one flat walk over one node table of all trees, on int32
+        # indices: 1-D index_select is several times faster than gathers over (T, P) int64
+        # tensors on a CPU (benchmarks/bench_forest.py)
+        small = x.numel() < 2**31 and T * N * 2 < 2**31
+        i32 = torch.int32 if small else torch.int64
+        offsets = (torch.arange(T, device=dev, dtype=i32) * N)[:, None]
+        feature = self.feature.reshape(-1).to(i32)
         threshold = self.threshold.reshape(-1)
-        children = (self.child_nodes.long() + offsets[..., None]).reshape(-1)
+        children = (self.child_nodes.to(i32) + offsets[..., None]).reshape(-1)
         node = offsets.expand(T, P).reshape(-1).clone()
-        cells = torch.arange(P, device=dev).repeat(T) * x.shape[1]
+        cells = torch.arange(P, device=dev, dtype=i32).repeat(T) * x.shape[1]
         values = x.float().reshape(-1)
         for _ in range(self.depth):
             value = values.index_select(0, cells + feature.index_select(0, node))
-            right = (value > threshold.index_select(0, node)).long()
+            right = (value > threshold.index_select(0, node)).to(i32)
             node = children.index_select(0, node * 2 + right)
         probs = self.leaf_probs.reshape(T * N, -1).index_select(0, node).view(T, P, -1)
         return probs.mean(0)
