@@ -440,22 +440,23 @@ def tile_contributors(
     around = {t.grid: t for t in plan_tiles(grown, size, shape, overlap)}
     contributors: dict[tuple[int, int], list[tuple[int, int]]] = {}
     pool: dict[tuple[int, int], Tile] = {}
+    offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)]
     for t in targets:
+        # one vectorised overlap test per target: this runs in the prediction worker, and
+        # thousands of tiny numpy calls held the GIL long enough to stall napari's GUI thread
+        near = [(t.grid[0] + dy, t.grid[1] + dx) for dy, dx in offsets]
+        near = [cell for cell in near if cell in around]
         cells = []
-        for dy in range(-reach, reach + 1):
-            for dx in range(-reach, reach + 1):
-                cell = (t.grid[0] + dy, t.grid[1] + dx)
-                other = around.get(cell)
-                if other is not None and _bboxes_overlap(other.bbox, t.core):
-                    cells.append(cell)
-                    pool[cell] = other
+        if near:
+            boxes = np.stack([around[cell].bbox for cell in near])
+            core = np.asarray(t.core)
+            hit = np.all(np.maximum(boxes[:, 0], core[0]) < np.minimum(boxes[:, 1], core[1]),
+                         axis=1)
+            cells = [cell for cell, h in zip(near, hit) if h]
+        for cell in cells:
+            pool[cell] = around[cell]
         contributors[t.grid] = sorted(cells)
     return contributors, pool
-
-
-def _bboxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when bboxes ``a`` and ``b`` share area (touching edges do not count)."""
-    return bool(np.all(np.maximum(a[0], b[0]) < np.minimum(a[1], b[1])))
 
 
 def grid_cell_region(
