@@ -63,6 +63,12 @@ from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
 from napari_muvit.model.checkpoint import load_folder, save_model
+from napari_muvit.model._labelled import (
+    class_fields,
+    labelled_config,
+    labelled_kwargs,
+    normalization_dict,
+)
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import PixelDecoder, PixelHead, default_skips, level_tokens_at
 from napari_muvit.model.segmenter import level1_skip_maps
@@ -303,19 +309,9 @@ class MuViTPointDetector(nn.Module):
         K = int(num_classes)
         if K < 1:
             raise InputError(f"num_classes: expected >= 1, got {num_classes}")
-        if label_values is None:
-            label_values = list(range(1, K + 1))
-        label_values = [int(v) for v in label_values]
-        class_names = (
-            [f"class {v}" for v in label_values] if class_names is None else list(class_names)
-        )
-        for name, val in (("class_names", class_names), ("label_values", label_values)):
-            if len(val) != K:
-                raise InputError(f"{name}: expected {K} entries (num_classes), got {len(val)}")
-        if class_colors is not None and len(class_colors) != K:
-            raise InputError(f"class_colors: expected {K} entries, got {len(class_colors)}")
-        if normalization is not None and not isinstance(normalization, dict):
-            normalization = normalization.to_dict()
+        class_names, label_values, class_colors = class_fields(
+            K, class_names, label_values, class_colors, first_value=1, names_from_values=True)
+        normalization = normalization_dict(normalization)
         opts = {**DEFAULT_POINT_OPTIONS, **dict(head_options or {})}
         if "stride" not in (head_options or {}) and encoder.patch_size % opts["stride"]:
             opts["stride"] = 1
@@ -389,7 +385,7 @@ class MuViTPointDetector(nn.Module):
         self.head_options = opts
         self.class_names = class_names
         self.label_values = label_values
-        self.class_colors = None if class_colors is None else list(class_colors)
+        self.class_colors = class_colors
         self.normalization = normalization
         self.meta = dict(meta or {})
         self.head = PointHead(
@@ -489,15 +485,7 @@ class MuViTPointDetector(nn.Module):
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
-        return {
-            "kind": "points",
-            "encoder": self.encoder.config,
-            "head": self.head_config,
-            "class_names": self.class_names,
-            "label_values": self.label_values,
-            "class_colors": self.class_colors,
-            "normalization": self.normalization,
-        }
+        return labelled_config(self, "points")
 
     @classmethod
     def from_checkpoint_config(
@@ -518,12 +506,8 @@ class MuViTPointDetector(nn.Module):
             encoder,
             num_classes=K,
             head_dim=head_dim,
-            class_names=cfg.get("class_names"),
-            label_values=cfg.get("label_values"),
-            normalization=cfg.get("normalization"),
-            meta=meta,
-            class_colors=cfg.get("class_colors"),
             head_options=head,
+            **labelled_kwargs(cfg, meta),
         )
 
 

@@ -10,6 +10,12 @@ from torch import Tensor, nn
 
 from napari_muvit.errors import InputError
 from napari_muvit.model.checkpoint import load_folder, save_model
+from napari_muvit.model._labelled import (
+    class_fields,
+    labelled_config,
+    labelled_kwargs,
+    normalization_dict,
+)
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.heads import Mask2FormerHead, PixelHead, UNETRHead, default_skips
 
@@ -82,20 +88,9 @@ class MuViTSegmenter(nn.Module):
         K = int(num_classes)
         if K < 1:
             raise InputError(f"num_classes: expected >= 1, got {num_classes}")
-        class_names = [f"class {k}" for k in range(K)] if class_names is None else list(class_names)
-        label_values = list(range(K)) if label_values is None else [int(v) for v in label_values]
-        for name, val in (("class_names", class_names), ("label_values", label_values)):
-            if len(val) != K:
-                raise InputError(f"{name}: expected {K} entries (num_classes), got {len(val)}")
-        if class_colors is not None and len(class_colors) != K:
-            raise InputError(f"class_colors: expected {K} entries, got {len(class_colors)}")
-        if normalization is not None and not isinstance(normalization, dict):
-            to_dict = getattr(normalization, "to_dict", None)
-            if to_dict is None:
-                raise InputError(
-                    f"normalization: expected a dict or Normalization, got {type(normalization).__name__}"
-                )
-            normalization = to_dict()
+        class_names, label_values, class_colors = class_fields(
+            K, class_names, label_values, class_colors, first_value=0, names_from_values=False)
+        normalization = normalization_dict(normalization)
         opts = dict(head_options or {})
         opts.setdefault("skips", default_skips(encoder.num_layers))
         opts["skips"] = [int(s) for s in opts["skips"]]
@@ -111,7 +106,7 @@ class MuViTSegmenter(nn.Module):
         self.head_options = opts
         self.class_names = class_names
         self.label_values = label_values
-        self.class_colors = None if class_colors is None else list(class_colors)
+        self.class_colors = class_colors
         self.normalization = normalization
         self.meta = dict(meta or {})
         common = {
@@ -195,15 +190,7 @@ class MuViTSegmenter(nn.Module):
 
     def checkpoint_config(self) -> dict[str, Any]:
         """Everything of ``config.yaml`` but format fields and meta (used by save_model)."""
-        return {
-            "kind": "segmenter",
-            "encoder": self.encoder.config,
-            "head": self.head_config,
-            "class_names": self.class_names,
-            "label_values": self.label_values,
-            "class_colors": self.class_colors,
-            "normalization": self.normalization,
-        }
+        return labelled_config(self, "segmenter")
 
     @classmethod
     def from_checkpoint_config(
@@ -216,10 +203,6 @@ class MuViTSegmenter(nn.Module):
             head=head.pop("type", None),
             num_classes=head.pop("num_classes", None),
             head_dim=head.pop("head_dim", 256),
-            class_names=cfg.get("class_names"),
-            label_values=cfg.get("label_values"),
-            normalization=cfg.get("normalization"),
-            meta=meta,
-            class_colors=cfg.get("class_colors"),
             head_options=head,
+            **labelled_kwargs(cfg, meta),
         )
