@@ -74,7 +74,7 @@ def run(levels: str, sigmas: list[float], rings: list[float], train, test) -> di
     rows, types, _ = trainer._type_rows()
     head = trainer.model.head
     with torch.no_grad():
-        logits = head._forest_logits(torch.from_numpy(rows)[:, :, None, None])
+        logits = head.type_forest.forest.log_probs(torch.from_numpy(rows)[:, :, None, None])
     pred = logits[:, :, 0, 0].argmax(1).numpy()
     f1, mean = macro_f1(pred, types)
     return {"levels": levels, "type_sigmas": sigmas, "type_rings": rings,

@@ -111,6 +111,8 @@ class PointTrainer(Trainer):
     """
 
     curve_keys = (*Trainer.curve_keys, "loss_type", "loss_obj", "loss_reg")
+    #: trees of the type forest (class-balanced, depth <= 20)
+    type_forest_trees = 100
 
     def __init__(
         self,
@@ -289,17 +291,12 @@ class PointTrainer(Trainer):
             f"in {time.perf_counter() - t0:.1f} s",
         )
 
-    #: trees of the type forest (class-balanced, depth <= 20)
-    type_forest_trees = 100
-
     @torch.no_grad()
     def _type_rows(self) -> tuple[np.ndarray, np.ndarray, int]:
         """Forest features and type indices of the positive grid locations of the points
         (outside the validation region), each computed in the level-1 tile of the global tile
         grid that holds the point, with the crops prediction would read there."""
-        from napari_muvit.data.geometry import (
-            centered_nested_bboxes, grid_cells_of_pixels, plan_tiles,
-        )
+        from napari_muvit.engine.quicktrain import nested_tiles_of_pixels
         from napari_muvit.model.points import point_targets
 
         m, S = self.model, self.crop_size
@@ -310,21 +307,13 @@ class PointTrainer(Trainer):
             pixels = np.clip(np.rint(raster.table.yx).astype(np.int64), 0,
                              np.array(source.shape) - 1)
             points += len(pixels)
-            tiles = {t.grid: t for t in plan_tiles(None, S, source.shape, 0)}
-            cells = sorted({(int(a), int(b)) for a, b in grid_cells_of_pixels(pixels, S)})
-            for start in range(0, len(cells), 4):
-                if self.cancel.cancelled:
-                    break
-                chunk = [tiles[c] for c in cells[start : start + 4]]
-                boxes = np.stack([centered_nested_bboxes(t.origin, S, levels) for t in chunk])
-                x = m.encoder.check_input(torch.from_numpy(
-                    np.stack([source.read_nested(bb, levels, S)[0] for bb in boxes])
-                ).to(device))
-                coords = m.encoder.token_coords(torch.from_numpy(boxes).to(device), x.shape,
-                                                device)
+            for tiles, _, x, boxes in nested_tiles_of_pixels(source, pixels, S, levels, device,
+                                                             cancel=self.cancel):
+                x = m.encoder.check_input(x)
+                coords = m.encoder.token_coords(boxes, x.shape, device)
                 feats = m.head.type_features(x, coords).permute(0, 2, 3, 1)
                 target = torch.from_numpy(
-                    np.stack([self._type_target(raster, t.origin, S) for t in chunk])
+                    np.stack([self._type_target(raster, t.origin, S) for t in tiles])
                 )
                 t_types, _, positive, _ = point_targets(target, m.stride,
                                                         m.head_options["pos_radius"])

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from napari_muvit.data.geometry import centered_nested_bboxes, grid_cells_of_pixels, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
@@ -117,6 +117,37 @@ def _points_of_pair(
     return np.concatenate(pts).astype(np.int64), np.concatenate(cls), np.concatenate(strokes)
 
 
+def nested_tiles_of_pixels(
+    source: Any,
+    pixels: np.ndarray,
+    tile_size: int,
+    levels: Sequence[float],
+    device: torch.device,
+    tile_batch: int = 4,
+    cancel: CancelToken | None = None,
+) -> Iterator[tuple[list[Any], list[np.ndarray], Tensor, Tensor]]:
+    """The prediction tiles that own world pixels ``pixels`` (N, 2), ``tile_batch`` at a time:
+    ``(tiles, pixel indices of each tile, nested crops (B, L, C, S, S), their bboxes)``.
+
+    The tiles are those of the global tile grid without overlap
+    (:func:`~napari_muvit.data.geometry.plan_tiles`), with nested crops centred on them, so
+    what is computed at a pixel here is what prediction shows the classifier there.
+    """
+    by_cell = {t.grid: t for t in plan_tiles(None, tile_size, source.shape, 0)}
+    owners: dict[tuple[int, int], list[int]] = {}
+    for i, (cy, cx) in enumerate(grid_cells_of_pixels(pixels, tile_size)):
+        owners.setdefault((int(cy), int(cx)), []).append(i)
+    keys = sorted(owners)
+    for start in range(0, len(keys), tile_batch):
+        if cancel is not None and cancel.cancelled:
+            return
+        tiles = [by_cell[k] for k in keys[start : start + tile_batch]]
+        boxes = np.stack([centered_nested_bboxes(t.origin, tile_size, levels) for t in tiles])
+        crops = np.stack([source.read_nested(bb, levels, tile_size)[0] for bb in boxes])
+        groups = [np.asarray(owners[t.grid]) for t in tiles]
+        yield tiles, groups, torch.from_numpy(crops).to(device), torch.from_numpy(boxes).to(device)
+
+
 @torch.no_grad()
 def collect_features(
     model: nn.Module,
@@ -127,11 +158,9 @@ def collect_features(
     cancel: CancelToken | None = None,
     progress: Callable[[int, int], Any] | None = None,
 ) -> np.ndarray:
-    """Raw :class:`PixelHead` features ``(N, F)`` float32 of world pixels ``points`` ``(N, 2)``.
-
-    Every pixel is computed in the prediction tile that owns it (the global tile grid of
-    :func:`~napari_muvit.data.geometry.plan_tiles` without overlap, nested crops centred on the
-    tile), so the classifier is fitted on the features prediction will show it.
+    """Raw :class:`PixelHead` features ``(N, F)`` float32 of world pixels ``points`` ``(N, 2)``,
+    each computed in the prediction tile that owns it (:func:`nested_tiles_of_pixels`), so the
+    classifier is fitted on the features prediction will show it.
     """
     head = model.head
     device = next(model.parameters()).device
@@ -139,37 +168,24 @@ def collect_features(
     out = np.zeros((len(points), head.num_features), np.float32)
     if len(points) == 0:
         return out
-    tiles = plan_tiles(None, tile_size, source.shape, 0)
-    by_cell: dict[tuple[int, int], Any] = {t.grid: t for t in tiles}
-    cells = grid_cells_of_pixels(points, tile_size)
-    order: dict[tuple[int, int], list[int]] = {}
-    for i, (cy, cx) in enumerate(map(tuple, cells)):
-        order.setdefault((int(cy), int(cx)), []).append(i)
-    keys = sorted(order)
+    total = len(np.unique(grid_cells_of_pixels(points, tile_size), axis=0))
+    done = 0
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(keys), tile_batch):
-            if cancel is not None and cancel.cancelled:
-                break
-            chunk = [by_cell[k] for k in keys[start : start + tile_batch]]
-            crops, bbs = [], []
-            for tile in chunk:
-                bb = centered_nested_bboxes(tile.origin, tile_size, levels)
-                crops.append(source.read_nested(bb, levels, tile_size)[0])
-                bbs.append(bb)
-            x = torch.from_numpy(np.stack(crops)).to(device)
-            bb_t = torch.from_numpy(np.stack(bbs)).to(device)
-            maps, tokens, coords, x = model.encode(x, bb_t)
+        for tiles, groups, x, bb in nested_tiles_of_pixels(
+            source, points, tile_size, levels, device, tile_batch, cancel
+        ):
+            maps, tokens, coords, x = model.encode(x, bb)
             # every level's filters, whichever the head reads now: the fit chooses among them
             feats = head.features(maps, x[:, 0], tokens, coords, x, all_levels=True)
-            for b, tile in enumerate(chunk):
-                idx = np.asarray(order[tile.grid])
+            for b, (tile, idx) in enumerate(zip(tiles, groups)):
                 local = points[idx] - np.asarray(tile.origin)
                 f = feats[b, :, local[:, 0], local[:, 1]]  # (F, n)
                 out[idx] = f.T.float().cpu().numpy()
+            done += len(tiles)
             if progress is not None:
-                progress(min(start + tile_batch, len(keys)), len(keys))
+                progress(done, total)
     finally:
         model.train(was_training)
     return out

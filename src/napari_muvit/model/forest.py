@@ -113,6 +113,14 @@ class TreeEnsemble(nn.Module):
         probs = self.leaf_probs.reshape(T * N, -1).index_select(0, node).view(T, P, -1)
         return probs.mean(0)
 
+    def log_probs(self, features: Tensor, floor: float = 1e-4) -> Tensor:
+        """Log class probabilities (B, K, H, W) of a feature map (B, F, H, W) whose channels
+        are the columns the trees were grown on, floored so an unseen class stays finite."""
+        B, _, H, W = features.shape
+        rows = features.permute(0, 2, 3, 1).reshape(B * H * W, -1)
+        probs = self(rows).reshape(B, H, W, -1).permute(0, 3, 1, 2)
+        return torch.log(probs.clamp_min(floor))
+
 
 def _tree_depth(left: np.ndarray, right: np.ndarray) -> int:
     """Edges on the longest root-to-leaf path."""

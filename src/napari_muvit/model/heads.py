@@ -574,10 +574,7 @@ class PixelHead(nn.Module):
             residual = self.classifier((features - mean) / std)
         if self.forest is None:
             return residual
-        B, _, H, W = features.shape
-        rows = features[:, : self.num_image_features].permute(0, 2, 3, 1).reshape(B * H * W, -1)
-        probs = self.forest(rows).reshape(B, H, W, -1).permute(0, 3, 1, 2)
-        logits = torch.log(probs.clamp_min(1e-4))
+        logits = self.forest.log_probs(features[:, : self.num_image_features])
         return logits if residual is None else logits + residual
 
     def forward(

@@ -206,7 +206,8 @@ class PointHead(nn.Module):
         if self.type_forest is not None:
             if nest is None or coords is None:
                 raise ValueError("PointHead: the forest type head needs the nest and coords")
-            outs = [self.object_head(f), self._forest_logits(self.type_features(nest, coords))]
+            types = self.type_forest.forest.log_probs(self.type_features(nest, coords))
+            outs = [self.object_head(f), types]
         elif self.separate:
             feats = f
             if self.context_norm is not None:
@@ -238,13 +239,6 @@ class PointHead(nn.Module):
                 rings = self.type_forest._sample_level(rings, coords, L - 1, H, W)
             feats = torch.cat([feats, rings], 1)
         return F.avg_pool2d(feats, self.stride) if self.stride > 1 else feats
-
-    def _forest_logits(self, feats: Tensor) -> Tensor:
-        """Log class probabilities (B, K, h, w) of the type forest on ``feats`` (B, F, h, w)."""
-        B, _, h, w = feats.shape
-        rows = feats.permute(0, 2, 3, 1).reshape(B * h * w, -1)
-        probs = self.type_forest.forest(rows).reshape(B, h, w, -1).permute(0, 3, 1, 2)
-        return torch.log(probs.clamp_min(1e-4))
 
 
 def ring_profile(crop: Tensor, radii: Sequence[float], directions: int = 8,
