@@ -41,6 +41,12 @@ def _seed_and_one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def _own_settings(tmp_path, monkeypatch):
+    """Widget settings in a fresh folder: no test sees another test's choices."""
+    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
+
+
 @pytest.fixture
 def official_fixtures() -> Path:
     assert OFFICIAL_FIXTURES.exists(), f"official muvit fixtures missing from {OFFICIAL_FIXTURES}"

@@ -25,12 +25,6 @@ from napari_muvit.model import MuViTEncoder, MuViTSegmenter, load_model
 SIZE, VIEW = 512, 96  # the sample is a field of 512² ring systems: one system
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    """Widget settings in a fresh folder: no test sees another test's choices."""
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     import torch

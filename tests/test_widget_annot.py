@@ -13,11 +13,6 @@ from _predict_support import tiny_segmenter
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def test_labels_choice_never_offers_predictions_or_ground_truth(make_napari_viewer):
     from napari_muvit.widgets import TrainWidget
 

@@ -24,11 +24,6 @@ pytestmark = pytest.mark.gui
 SIZE = 200
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return Path(tiny_segmenter().save(tmp_path_factory.mktemp("models") / "tiny"))

@@ -14,11 +14,6 @@ napari = pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def test_an_open_panel_keeps_full_collections_small_and_leaks_nothing(make_napari_viewer,
                                                                        qtbot):
     from napari_muvit.widgets import PredictWidget, TrainWidget, _gc

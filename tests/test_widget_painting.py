@@ -114,11 +114,6 @@ def model_dir(tmp_path_factory):
     return seg.save(tmp_path_factory.mktemp("models") / "tiny")
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def _panel(make_napari_viewer, qtbot, model_dir, images):
     from napari_muvit.widgets import PredictWidget
 

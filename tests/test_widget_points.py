@@ -25,11 +25,6 @@ SCALE = (0.5, 0.75)
 TRANSLATE = (10.0, -20.0)
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def _predict(qtbot, widget):
     worker = widget.predict_view()
     assert worker is not None

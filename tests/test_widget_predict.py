@@ -50,12 +50,6 @@ def _tiny_segmenter(label_values=(1, 2, 3), seed=0) -> MuViTSegmenter:
     )
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    """Widget settings in a fresh folder: no test sees another test's choices."""
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("models")

@@ -14,11 +14,6 @@ import pytest
 from napari_muvit.data.geometry import grid_cell_region, grid_cells, plan_tiles
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def test_state_modules_import_without_qt():
     """state, jobs and outputs are importable (and the state usable) in a process without Qt."""
     code = (

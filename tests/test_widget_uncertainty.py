@@ -29,11 +29,6 @@ SCALE = (0.5, 0.75)
 TRANSLATE = (10.0, -20.0)
 
 
-@pytest.fixture(autouse=True)
-def _own_settings(tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_MUVIT_SETTINGS_DIR", str(tmp_path / "settings"))
-
-
 def tied_segmenter(seed: int = 5, shift: float = 1.3):
     """Classes 1 and 2 share their output weights (wherever one of them wins, it is a tie);
     class 3 has the opposite logit. ``shift`` (the median class-1 logit of seed 5 on the

@@ -25,6 +25,7 @@ import yaml
 from torch import Tensor, nn
 
 from napari_muvit.errors import CheckpointError, InputError
+from napari_muvit.model._labelled import labelled_config
 from napari_muvit.model.checkpoint import _plain
 from napari_muvit.model.encoder import MuViTEncoder
 from napari_muvit.model.segmenter import MuViTSegmenter
@@ -95,15 +96,8 @@ class MuViTPackaged(nn.Module):
 
 def packaged_kwargs(model: MuViTSegmenter) -> dict[str, Any]:
     """The :class:`MuViTPackaged` keyword arguments of ``model`` (plain YAML values)."""
-    return _plain({
-        "encoder": model.encoder.config,
-        "head": model.head_config,
-        "class_names": model.class_names,
-        "label_values": model.label_values,
-        "class_colors": model.class_colors,
-        "normalization": model.normalization,
-        "meta": {k: v for k, v in model.meta.items() if k != "history"},
-    })
+    fields = {k: v for k, v in labelled_config(model, "segmenter").items() if k != "kind"}
+    return _plain({**fields, "meta": {k: v for k, v in model.meta.items() if k != "history"}})
 
 
 def is_package(path: str | Path) -> bool:
