@@ -318,14 +318,19 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     assert _built(viewer, layer) == (False, False)
     assert not any(o.visible for o in layer._overlays.values())
     count = 0
+    overlays = sum(expected.values())
     while steps:  # one piece per turn of the event loop
         steps.pop(0)()
         count += 1
         if count == 1:
             assert _built(viewer, layer) == (True, False)  # the visuals first
         if count == 2:
+            assert layer.visible and not any(o.visible for o in layer._overlays.values())
+        if count == 2 + overlays:
+            assert _built(viewer, layer) == (True, False)  # the tool overlays next
+        if count == 3 + overlays:
             assert _built(viewer, layer) == (True, True)  # then the controls
-    assert count == 2 + sum(expected.values()) + 2  # + each overlay, showing, selecting
+    assert count == 2 + overlays + 2  # visual, showing, each overlay, controls, selecting
     assert {name: o.visible for name, o in layer._overlays.items()} == expected
     assert layer.visible and viewer.layers.selection.active is layer
     np.testing.assert_array_equal(layer.scale, (2.0, 3.0))
@@ -335,6 +340,35 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
     assert {name: o.visible for name, o in plain._overlays.items()} == expected
     assert plain.visible and viewer.layers.selection.active is plain
+
+
+def test_a_layer_added_in_steps_leaves_overlays_controls_and_selection_for_a_quiet_moment(
+        make_napari_viewer):
+    """With ``settled``, the visual and the first draw come at once, while a prediction may
+    still stream tiles; the tool overlays, controls and selection are deferred with
+    ``settled=True`` (the predict panel runs those once no job runs or paints)."""
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((32, 32), np.float32), name="image")
+    queued: list = []
+
+    def defer(callback, settled=False):
+        queued.append((callback, settled))
+
+    layer = L.add_labels_in_steps(viewer, np.zeros((32, 32), np.uint8), defer,
+                                  settled=True, name="output")
+    flags = []
+    while queued:
+        callback, settled = queued.pop(0)
+        flags.append(settled)
+        callback()
+    overlays = sum(o.visible for o in layer._overlays.values())
+    assert overlays >= 1
+    # deferred: the visual, then showing it and each overlay, controls and selecting (quiet)
+    assert flags == [False, False] + [True] * (overlays + 2)
+    assert _built(viewer, layer) == (True, True) and layer.visible
+    assert viewer.layers.selection.active is layer and image in viewer.layers
 
 
 def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
@@ -393,7 +427,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
         make_napari_viewer, qtbot, model_dir):
     """The view's output layers are in the layer list (hidden, not built yet) before its
     first tile is painted; they end built, shown, aligned with the image, the labels selected
-    unless the user is painting on another layer."""
+    (once the view is done) unless the user is painting on another layer."""
     from napari.layers import Labels
 
     from napari_muvit.data import synthetic_rings
@@ -414,7 +448,8 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     def painted(target, plane, res):
         if not first_tile:
             first_tile.append((target.labels in viewer.layers, target.confidence is None
-                               or target.confidence in viewer.layers))
+                               or target.confidence in viewer.layers,
+                               viewer.layers.selection.active is target.labels))
         return paint(target, plane, res)
 
     widget.outputs.paint = painted
@@ -423,7 +458,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     notes.mode = "paint"  # the user is annotating: the selection stays on their layer
     _run_view(qtbot, widget, painting)
     out = widget.labels_layer(painting)
-    assert first_tile == [(True, True)]
+    assert first_tile == [(True, True, False)]
     assert [(la, visible, built) for la, visible, built in inserted
             if la is out] == [(out, False, (False, False))]
     assert viewer.layers.selection.active is notes
@@ -436,7 +471,8 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     job = _run_view(qtbot, widget, plain)
     assert job.painted == job.total > 0
     out, conf = widget.labels_layer(plain), widget.confidence_layer(plain)
-    assert first_tile == [(True, True)]
+    # selected only once the view is done: its controls wait for a quiet moment
+    assert first_tile == [(True, True, False)]
     assert {la.name: (visible, built) for la, visible, built in inserted} == {
         out.name: (False, (False, False)), conf.name: (False, (False, False))}
     usual = Labels(np.zeros((2, 2), np.uint8))._overlays

@@ -251,6 +251,9 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
     history = train.job.history
     assert history["status"] == "finished" and history["step"] == 0
     assert any(e["kind"] == "quick_fit" for e in history["events"])
+    # a forest has no loss to report: the status says what was fitted (never "loss nan")
+    assert train.status.startswith("finished in ") and "painted pixels" in train.status
+    assert "nan" not in train.status
     first = registry().session_model(train.job.request.name)
     assert first.head.forest.num_trees > 0
     shown = np.asarray(predict.labels_layer().data)

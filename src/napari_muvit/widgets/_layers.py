@@ -543,24 +543,27 @@ def _partial_labels_refresh(layer: Any, slice_keys: Sequence[tuple[slice, ...]])
 
 
 def add_labels_in_steps(viewer: Any, data: Any, defer: Any = None,
-                        select: Any = True, **kwargs: Any) -> Any:
+                        select: Any = True, settled: Any = None, **kwargs: Any) -> Any:
     """``viewer.add_labels(data, **kwargs)``, split over turns of the event loop (see
-    :func:`add_layer_in_steps`; ``select`` as there)."""
+    :func:`add_layer_in_steps`; ``select`` and ``settled`` as there)."""
     from napari.layers import Labels
 
-    return add_layer_in_steps(viewer, Labels(data, **kwargs), defer, select=select)
+    return add_layer_in_steps(viewer, Labels(data, **kwargs), defer, select=select,
+                              settled=settled)
 
 
 def add_image_in_steps(viewer: Any, data: Any, defer: Any = None,
-                       select: Any = True, **kwargs: Any) -> Any:
+                       select: Any = True, settled: Any = None, **kwargs: Any) -> Any:
     """``viewer.add_image(data, **kwargs)`` for one layer, split over turns of the event loop
     (see :func:`add_layer_in_steps`)."""
     from napari.layers import Image
 
-    return add_layer_in_steps(viewer, Image(data, **kwargs), defer, select=select)
+    return add_layer_in_steps(viewer, Image(data, **kwargs), defer, select=select,
+                              settled=settled)
 
 
-def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any = True) -> Any:
+def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any = True,
+                       settled: Any = None) -> Any:
     """``viewer.add_layer(layer)``, split over turns of the event loop.
 
     Adding a layer is one long stretch of GUI-thread work in napari (0.1–0.3 s on a small CPU,
@@ -569,10 +572,15 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
     first draw, which compiles its shaders.  With ``defer`` (called with a callback to run in
     a later turn of the event loop) the layer is in ``viewer.layers`` when this returns, but
     hidden and unselected, its visuals and controls not built yet; each of those pieces then
-    runs in a turn of its own: the visuals, the controls (only if it is to be selected: else
-    when it is first selected), each tool overlay, showing it (the first draw), and last
+    runs in a turn of its own: the visuals, showing it (the first draw), each tool overlay,
+    the controls (only if it is to be selected: else when it is first selected), and last
     selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
-    end state is napari's own ``add_layer``.  Removing or selecting the layer before then
+    end state is napari's own ``add_layer``.  With ``settled`` the overlays, controls and
+    selection are deferred with ``defer(callback, settled=True)``: the caller runs them once
+    it has settled (e.g. no prediction running).  A Labels layer's controls and polygon
+    overlay are the longest single pieces of GUI work (30–80 ms each with a worker competing
+    for the GIL), so they wait for a quiet moment instead of lengthening a stall while tiles
+    stream in.  Removing or selecting the layer before then
     finishes the remaining steps at once (napari's handlers need them).
 
     Uses napari internals defensively: any surprise adds the layer the ordinary way (logged
@@ -582,7 +590,7 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
         viewer.add_layer(layer)
         return layer
     try:
-        staged = _StagedAdd(viewer, layer, defer, select)
+        staged = _StagedAdd(viewer, layer, defer, select, settled)
     except Exception as err:  # noqa: BLE001 - private napari API: never worse than usual
         _log_once("adding a layer in steps", err)
         viewer.add_layer(layer)
@@ -609,11 +617,13 @@ class _StagedAdd:
     a blank placeholder stands in napari's table of controls.
     """
 
-    def __init__(self, viewer: Any, layer: Any, defer: Any, select: Any) -> None:
+    def __init__(self, viewer: Any, layer: Any, defer: Any, select: Any,
+                 settled: Any = None) -> None:
         from napari.settings import get_settings
         from qtpy.QtWidgets import QFrame
 
         self.viewer, self.layer, self.defer, self.select = viewer, layer, defer, select
+        self.settled = settled
         qt_viewer = viewer.window._qt_viewer
         self.visual = qt_viewer._on_add_layer_change  # napari's vispy visual of a new layer
         self.controls = None
@@ -624,6 +634,7 @@ class _StagedAdd:
         self.overlays = [o for o in layer._overlays.values() if o.visible]
         self.visible = bool(layer.visible)
         self.steps: list[Any] = []
+        self.quiet_steps: list[Any] = []
         self.running = False
         self.connected = False
         self.event: _Inserted | None = None
@@ -653,9 +664,12 @@ class _StagedAdd:
             # built, selecting the layer shows the placeholder (never a KeyError)
             self.controls.addWidget(self.placeholder)
             self.controls.widgets[self.layer] = self.placeholder
-        self.steps = [lambda: self.visual(self.event), self._controls_if_selected,
-                      *(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
-                      self._show, self._select]
+        # the tool overlays (brush, polygon: vispy visuals of their own) and the controls
+        # serve a user working on the layer: they can wait for a quiet moment (``settled``)
+        quiet = [*(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
+                 self._controls_if_selected, self._select]
+        self.quiet_steps = quiet
+        self.steps = [lambda: self.visual(self.event), self._show, *quiet]
         # strong references (napari holds bound methods weakly): this object lives as long as
         # the layer may still need it
         self._removing = lambda event=None: self._on_removing(event)
@@ -693,9 +707,15 @@ class _StagedAdd:
         if self.steps:
             self._run(self.steps.pop(0))
         if self.steps:
-            self.defer(self._next)
+            if self._waits_to_settle():
+                self.defer(self._next, settled=True)
+            else:
+                self.defer(self._next)
         elif self.placeholder is None:
             self._disconnect()  # else: still waiting for the first selection
+
+    def _waits_to_settle(self) -> bool:
+        return bool(self.settled) and any(self.steps[0] is q for q in self.quiet_steps)
 
     def _run(self, step: Any) -> None:
         self.running = True

@@ -155,10 +155,10 @@ class PaintResult:
 class ViewOutputs:
     """The view-prediction layers of one viewer, keyed by their image layer."""
 
-    def __init__(self, viewer: Any, defer: Any = None) -> None:
+    def __init__(self, viewer: Any, defer: Any = None, settled: bool = False) -> None:
         self.viewer = viewer
         # runs a callback in a later turn of the event loop (see L.add_layer_in_steps)
-        self.defer = defer
+        self.defer, self.settled = defer, settled
         self._targets: dict[int, ViewTarget] = {}
         self._points: dict[int, tuple[Any, tuple]] = {}  # image id -> (Points layer, identity)
 
@@ -265,7 +265,7 @@ class ViewOutputs:
             previous = viewer.layers.selection.active
             layer = L.add_labels_in_steps(
                 viewer, levels if plane.multiscale else levels[0], self.defer,
-                select=unless_painting(viewer),
+                select=unless_painting(viewer), settled=self.settled,
                 name=f"{image.name} MuViT",
                 multiscale=plane.multiscale,
                 colormap=_colormap(loaded),
@@ -294,7 +294,7 @@ class ViewOutputs:
         previous = self.viewer.layers.selection.active
         layer = L.add_image_in_steps(
             self.viewer, levels if plane.multiscale else levels[0], self.defer,
-            select=unless_painting(self.viewer),
+            select=unless_painting(self.viewer), settled=self.settled,
             name=f"{image.name} MuViT {what}",
             multiscale=plane.multiscale,
             colormap="magma",
@@ -435,10 +435,11 @@ def _point_size(model: Any) -> float:
 
 
 def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, model: Any,
-                    out_path: Path, colormap: Any = None, defer: Any = None) -> Any:
+                    out_path: Path, colormap: Any = None, defer: Any = None,
+                    settled: bool = False) -> Any:
     """Show the zarr store of a whole-image job as a Labels layer over ``image``'s plane
     (replacing the layer of a previous run of the same store); ``colormap`` default: the
-    model's; ``defer`` as in :func:`._layers.add_layer_in_steps`."""
+    model's; ``defer`` and ``settled`` as in :func:`._layers.add_layer_in_steps`."""
     levels = [sink.labels(k) for k in range(sink.n_levels)]
     name = f"{image.name} MuViT ({out_path.name})"
     for layer in list(viewer.layers):
@@ -449,6 +450,7 @@ def add_store_layer(viewer: Any, image: Any, plane: L.LayerPlane, sink: Any, mod
         viewer,
         data,
         defer,
+        settled=settled,
         name=name,
         multiscale=len(levels) > 1,
         colormap=colormap if colormap is not None else L.model_colormap(model),

@@ -95,6 +95,7 @@ REFRESH_INTERVAL_MS = 80
 # compares both).
 PAINT_SLICE_S: float | None = 0.015
 IMAGE_REFRESH_INTERVAL_MS = 400
+SETTLE_POLL_MS = 50  # how often deferred work that waits for a quiet panel asks again
 
 
 class _Relay(QObject):
@@ -135,7 +136,7 @@ class PredictWidget(DockPanel):
         # for the image kind, or carried over from another image)
         self._picked_for: str | None = None
         super().__init__(napari_viewer, parent)
-        self.outputs = ViewOutputs(self.viewer, defer=self._defer)
+        self.outputs = ViewOutputs(self.viewer, defer=self._defer, settled=True)
         PredictWidget._instances.add(self)
         self._debounce = _timer(self, LIVE_DEBOUNCE_MS, self._on_live_timeout)
         self._refresh_timer = _timer(self, REFRESH_INTERVAL_MS, self._flush_refresh)
@@ -991,7 +992,7 @@ class PredictWidget(DockPanel):
         image = job.request.layer
         job.target = add_store_layer(self.viewer, image, msg.plane, msg.sink, msg.loaded.model,
                                      job.out_path, colormap=msg.loaded.colormap,
-                                     defer=self._defer)
+                                     defer=self._defer, settled=True)
         job.total = msg.remaining
         self.state.progress = (0, max(1, msg.remaining))
         resumed = " (resuming)" if getattr(msg.sink, "resumed", False) else ""
@@ -1003,21 +1004,34 @@ class PredictWidget(DockPanel):
         # next turn of the event loop, so that the two do not add up to one long stall
         self._defer(lambda: self._add_progress_bar(job))
 
-    def _defer(self, callback: Any) -> None:
+    def _defer(self, callback: Any, settled: bool = False) -> None:
         """Run ``callback`` in a later turn of the event loop: deferred callbacks run one per
-        turn, in order, so that long pieces of GUI work do not add up to one stall."""
-        self._deferred.append(callback)
+        turn, in order, so that long pieces of GUI work do not add up to one stall; with
+        ``settled``, only once no job runs or paints (the others go first meanwhile)."""
+        self._deferred.append((callback, settled))
         if not self._defer_timer.isActive():
-            self._defer_timer.start()
+            self._defer_timer.start(0)
 
     def _run_deferred(self) -> None:
         if not self.alive or not self._deferred:
             return
+        quiet = self._settled()
+        ready = next((i for i, (_, wants) in enumerate(self._deferred) if quiet or not wants),
+                     None)
         try:
-            self._deferred.popleft()()
+            if ready is not None:
+                callback, _ = self._deferred[ready]
+                del self._deferred[ready]
+                callback()
         finally:
             if self._deferred and self.alive:
-                self._defer_timer.start()
+                waiting = all(wants for _, wants in self._deferred) and not self._settled()
+                self._defer_timer.start(SETTLE_POLL_MS if waiting else 0)
+
+    def _settled(self) -> bool:
+        """No job runs and everything it sent is painted."""
+        return not (self.state.running or self._unshown
+                    or (self._painter is not None and self._painter.pending))
 
     def _add_progress_bar(self, job: Job) -> None:
         if not self.alive or not job.running or job.progress_bar is not None:
@@ -1077,7 +1091,7 @@ class PredictWidget(DockPanel):
         # the panel (the progress bar) checks that it is alive
         while self._deferred:
             try:
-                self._deferred.popleft()()
+                self._deferred.popleft()[0]()
             except Exception as err:  # noqa: BLE001 - best effort at teardown
                 log.debug("deferred GUI work at teardown failed: %s", err)
 

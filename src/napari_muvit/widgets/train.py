@@ -646,11 +646,14 @@ class TrainWidget(DockPanel):
         dice = f", validation Dice {val[-1]['dice']:.3f}" if val else ""
         warnings = history.get("warnings") or []
         note = f" — note: {warnings[-1]}" if warnings else ""
-        loss = history["loss"][-1] if history.get("loss") else float("nan")
-        self.set_status(
-            f"{history.get('status', 'finished')} after {history.get('step', 0)} steps in "
-            f"{dt:.0f} s: loss {loss:.4f}{dice}{note}"
-        )
+        status = history.get("status", "finished")
+        fitted = [e["message"] for e in history.get("events", []) if e.get("kind") == "quick_fit"]
+        if history.get("loss"):
+            self.set_status(f"{status} after {history.get('step', 0)} steps in {dt:.0f} s: "
+                            f"loss {history['loss'][-1]:.4f}{dice}{note}")
+        else:  # a forest head: fitted, nothing to fine-tune
+            fit = fitted[-1] if fitted else "no fine-tuning steps"
+            self.set_status(f"{status} in {dt:.0f} s: {fit}{dice}{note}")
 
     def _on_error(self, job: TrainJob, err: BaseException) -> None:
         if isinstance(err, CancelledError):
