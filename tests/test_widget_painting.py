@@ -449,7 +449,9 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
         if not first_tile:
             first_tile.append((target.labels in viewer.layers, target.confidence is None
                                or target.confidence in viewer.layers,
-                               viewer.layers.selection.active is target.labels))
+                               viewer.layers.selection.active is target.labels,
+                               target.confidence is not None
+                               and _built(viewer, target.confidence)[0]))
         return paint(target, plane, res)
 
     widget.outputs.paint = painted
@@ -458,7 +460,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     notes.mode = "paint"  # the user is annotating: the selection stays on their layer
     _run_view(qtbot, widget, painting)
     out = widget.labels_layer(painting)
-    assert first_tile == [(True, True, False)]
+    assert first_tile == [(True, True, False, False)]
     assert [(la, visible, built) for la, visible, built in inserted
             if la is out] == [(out, False, (False, False))]
     assert viewer.layers.selection.active is notes
@@ -471,8 +473,9 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     job = _run_view(qtbot, widget, plain)
     assert job.painted == job.total > 0
     out, conf = widget.labels_layer(plain), widget.confidence_layer(plain)
-    # selected only once the view is done: its controls wait for a quiet moment
-    assert first_tile == [(True, True, False)]
+    # selected only once the view is done: its controls wait for a quiet moment; the
+    # confidence map's visual too (a secondary layer)
+    assert first_tile == [(True, True, False, False)]
     assert {la.name: (visible, built) for la, visible, built in inserted} == {
         out.name: (False, (False, False)), conf.name: (False, (False, False))}
     usual = Labels(np.zeros((2, 2), np.uint8))._overlays

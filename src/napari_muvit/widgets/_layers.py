@@ -575,9 +575,10 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
     runs in a turn of its own: the visuals, showing it (the first draw), each tool overlay,
     the controls (only if it is to be selected: else when it is first selected), and last
     selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
-    end state is napari's own ``add_layer``.  With ``settled`` the overlays, controls and
-    selection are deferred with ``defer(callback, settled=True)``: the caller runs them once
-    it has settled (e.g. no prediction running).  A Labels layer's controls and polygon
+    end state is napari's own ``add_layer``.  With ``settled`` (True) the overlays, controls
+    and selection are deferred with ``defer(callback, settled=True)``: the caller runs them
+    once it has settled (e.g. no prediction running); ``settled="all"``: every step (a
+    secondary layer, e.g. a confidence map, built once the tiles are in).  A Labels layer's controls and polygon
     overlay are the longest single pieces of GUI work (30–80 ms each with a worker competing
     for the GIL), so they wait for a quiet moment instead of lengthening a stall while tiles
     stream in.  Removing or selecting the layer before then
@@ -666,10 +667,11 @@ class _StagedAdd:
             self.controls.widgets[self.layer] = self.placeholder
         # the tool overlays (brush, polygon: vispy visuals of their own) and the controls
         # serve a user working on the layer: they can wait for a quiet moment (``settled``)
+        shown = [lambda: self.visual(self.event), self._show]
         quiet = [*(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
                  self._controls_if_selected, self._select]
-        self.quiet_steps = quiet
-        self.steps = [lambda: self.visual(self.event), self._show, *quiet]
+        self.steps = shown + quiet
+        self.quiet_steps = list(self.steps) if self.settled == "all" else quiet
         # strong references (napari holds bound methods weakly): this object lives as long as
         # the layer may still need it
         self._removing = lambda event=None: self._on_removing(event)
@@ -677,7 +679,7 @@ class _StagedAdd:
         layers.events.removing.connect(self._removing)
         layers.selection.events.changed.connect(self._selected)
         self.connected = True
-        self.defer(self._next)
+        self._defer_next()
 
     def _wanted(self) -> bool:
         return bool(self.select() if callable(self.select) else self.select)
@@ -707,15 +709,15 @@ class _StagedAdd:
         if self.steps:
             self._run(self.steps.pop(0))
         if self.steps:
-            if self._waits_to_settle():
-                self.defer(self._next, settled=True)
-            else:
-                self.defer(self._next)
+            self._defer_next()
         elif self.placeholder is None:
             self._disconnect()  # else: still waiting for the first selection
 
-    def _waits_to_settle(self) -> bool:
-        return bool(self.settled) and any(self.steps[0] is q for q in self.quiet_steps)
+    def _defer_next(self) -> None:
+        if self.settled and any(self.steps[0] is q for q in self.quiet_steps):
+            self.defer(self._next, settled=True)
+        else:
+            self.defer(self._next)
 
     def _run(self, step: Any) -> None:
         self.running = True

@@ -294,7 +294,7 @@ class ViewOutputs:
         previous = self.viewer.layers.selection.active
         layer = L.add_image_in_steps(
             self.viewer, levels if plane.multiscale else levels[0], self.defer,
-            select=unless_painting(self.viewer), settled=self.settled,
+            select=unless_painting(self.viewer), settled=self.settled and "all",
             name=f"{image.name} MuViT {what}",
             multiscale=plane.multiscale,
             colormap="magma",
