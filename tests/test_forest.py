@@ -49,3 +49,32 @@ def test_the_shape_config_rebuilds_an_ensemble_that_loads_the_state_dict():
 def test_an_unfitted_ensemble_is_uniform(classes):
     out = TreeEnsemble(3, classes)(torch.zeros(7, 3))
     torch.testing.assert_close(out, torch.full((7, classes), 1.0 / classes))
+
+
+def test_the_compiled_cpu_walk_equals_the_torch_walk_and_follows_new_tables():
+    """On a CPU the leaves come from scikit-learn's compiled walk on trees rebuilt from the
+    buffers: the same probabilities as the torch walk (used on a GPU), bfloat16 input
+    included, and rebuilt when a state dict replaces the tables."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2000, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + (x[:, 1] > 0.5)
+    shallow = RandomForestClassifier(7, max_depth=3, random_state=0).fit(x, y)
+    deep = RandomForestClassifier(7, random_state=1).fit(x, 2 - y)
+    a, b = TreeEnsemble(6, 3), TreeEnsemble(6, 3)
+    a.load_trees(_trees(deep))  # trees of different sizes: padded node tables
+    b.load_trees(_trees(shallow))
+    rows = torch.from_numpy(rng.normal(size=(3000, 6)).astype(np.float32))
+    with torch.no_grad():
+        assert a._sklearn_trees() is not None  # the fast path is taken here
+        assert torch.equal(a(rows), a._walk(rows))
+        half = rows.to(torch.bfloat16)
+        assert torch.equal(a(half), a._walk(half.float()))
+        before = a(rows)
+        cfg = b.shape_config
+        a2 = TreeEnsemble(6, 3, cfg["forest_trees"], cfg["forest_nodes"], cfg["forest_depth"])
+        a2(rows)  # compiles the empty tables
+        a2.load_state_dict(b.state_dict())  # replaced in place
+        assert torch.equal(a2(rows), b._walk(rows))
+        np.testing.assert_allclose(a2(rows).numpy(), shallow.predict_proba(rows.numpy()),
+                                   atol=1e-6)
+    assert not torch.equal(before, b(rows))
