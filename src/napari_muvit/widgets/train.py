@@ -197,6 +197,7 @@ class TrainWidget(DockPanel):
             "forest: a random forest on image filters of every level (the context), trained "
             "in seconds, retrained at each Train; mlp: a classifier on the encoder's features, "
             "then Steps of fine-tuning of the whole model")
+        self._build_quick_fit_row(form)
         self.steps_spin = form.spin("steps", "Steps", 1, 1_000_000)
         self.lr_spin = form.float_spin(
             "lr", "Learning rate", 1e-6, 1.0,
@@ -215,6 +216,26 @@ class TrainWidget(DockPanel):
             "The predict panel adds an uncertainty layer to its refreshed view: bright where "
             "the model hesitates between two classes, where a stroke teaches it the most")
         return box
+
+    def _build_quick_fit_row(self, form: Form) -> None:
+        """One row for the forest's levels and the filters' colour space ("auto": the engine
+        chooses, as `napari-muvit train --forest-levels/--color-space`)."""
+        unplaced = Form(self.state)
+        self.forest_levels_combo = unplaced.combo(
+            "forest_levels", "",
+            "Levels the forest reads. auto: chosen from your strokes (judged on strokes held "
+            "out of the fit); level1: the pixel's own level; all: every level (the context); "
+            "mix: sub-forests on level 1, 1-2, … all levels, averaged")
+        self.color_space_combo = unplaced.combo(
+            "color_space", "",
+            "What the filters see of an RGB image. auto: CIELAB for a new forest head; rgb: "
+            "R, G, B as they come; lab: lightness and two colour axes (RGB images only)")
+        row = QHBoxLayout()
+        for text, combo in (("levels", self.forest_levels_combo),
+                            ("colours", self.color_space_combo)):
+            row.addWidget(QLabel(text))
+            row.addWidget(combo, 1)
+        form.layout.addRow("Quick fit", row)
 
     def _build_buttons(self) -> QHBoxLayout:
         row = QHBoxLayout()
