@@ -617,7 +617,7 @@ def _check_quick_choices(model: nn.Module, pairs: Sequence[tuple[Any, Any]],
         names = list((provenance or {}).get("images") or [])
         for i, (source, _) in enumerate(pairs):
             if not getattr(source, "rgb", False) or getattr(source, "channels", 3) != 3:
-                name = repr(names[i]) if i < len(names) and names[i] else f"image {i + 1}"
+                name = f"image {i + 1}" + (f" ({names[i]})" if i < len(names) and names[i] else "")
                 raise InputError(
                     f"color space 'lab' needs RGB images; {name} is not RGB "
                     f"({getattr(source, 'channels', '?')} channel(s)): use color space auto")
