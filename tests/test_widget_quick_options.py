@@ -30,7 +30,10 @@ def _panel(make_napari_viewer, rings):
 def _train_and_wait(train, qtbot):
     job = train.train()
     assert job is not None, train.status
-    qtbot.waitUntil(lambda: not train.running, timeout=90_000)
+    # the worker's end is signalled to the main thread: wait for its result or its error
+    qtbot.waitUntil(lambda: train.job.history is not None or train.status.startswith("error:"),
+                    timeout=90_000)
+    qtbot.waitUntil(lambda: not train.running, timeout=30_000)
     return train.job
 
 
@@ -43,6 +46,10 @@ def test_quick_fit_row_passes_the_choices_and_remembers_them(make_napari_viewer,
     assert [levels.itemText(i) for i in range(levels.count())] == ["auto", "level1", "all", "mix"]
     assert [colours.itemText(i) for i in range(colours.count())] == ["auto", "rgb", "lab"]
     assert (levels.currentText(), colours.currentText()) == ("auto", "auto")
+    # behind the New head row's button until asked for
+    assert train.quick_fit_row.isHidden()
+    train.quick_fit_button.click()
+    assert not train.quick_fit_row.isHidden()
 
     labels = train.create_annotation_layer()
     labels.data[:] = simulate_strokes(rings.labels, strokes_per_class=2, length=15, seed=0)
@@ -58,8 +65,14 @@ def test_quick_fit_row_passes_the_choices_and_remembers_them(make_napari_viewer,
     assert model.head_options["forest_sub_levels"] == [1] and model.head.forest_levels == 1
     fitted = [e["message"] for e in job.history["events"] if e["kind"] == "quick_fit"]
     assert "the forest reads level 1 (forest levels: level1)" in fitted[-1]
-    # remembered with the panel's settings: the next panel opens with it
+    # remembered with the panel's settings: the next panel opens with it, shown
     assert TrainState.restored().forest_levels == "level1"
+    from napari_muvit.widgets import TrainWidget
+
+    again = TrainWidget(viewer)
+    viewer.window.add_dock_widget(again, name="MuViT fine-tune 2")
+    assert again.forest_levels_combo.currentText() == "level1"
+    assert not again.quick_fit_row.isHidden() and again.quick_fit_button.isChecked()
 
     # a choice that cannot apply: one line in the status, no model published
     colours.setCurrentText("lab")
