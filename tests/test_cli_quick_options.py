@@ -67,9 +67,10 @@ def test_choices_that_cannot_apply_are_one_line_errors(files, tmp_path, capsys) 
         (["--color-space", "lab"], "color space 'lab' needs RGB images; image 1 (image.npy) "
                                    "is not RGB (1 channel(s)): use color space auto"),
         (["--forest-levels", "mix", "--classifier", "mlp"],
-         "forest levels 'mix' apply to a forest pixel head (--classifier forest)"),
+         "forest levels 'mix': only a forest pixel head (classifier forest) reads levels"),
         (["--forest-levels", "level1", "--head", "unetr"],
-         "forest levels 'level1' apply to the quick fit of a pixel head"),
+         "forest levels 'level1' applies to the quick fit of a pixel head; the unetr head "
+         "is fine-tuned: leave it at auto"),
         (["--color-space", "rgb", "--points", str(labels)],
          "--forest-levels and --color-space apply to a pixel head trained on --labels"),
     ]

@@ -97,15 +97,16 @@ def test_choices_that_cannot_apply_are_refused_in_one_line_before_anything_is_wr
     strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
     cases = [
         # a grey image has no colours to convert
-        (dict(color_space="lab"), "color space 'lab' needs RGB images; image 1 (ndarray(96, 96) (in "
-                                  "memory)) is not RGB (1 channel(s)): use color space auto"),
+        (dict(color_space="lab"),
+         "color space 'lab' needs RGB images; image 1 (ndarray(96, 96) (in memory)) is not RGB "
+         "(1 channel(s)): use color space auto"),
         # an MLP head's classifier reads every feature: there is no forest to restrict
         (dict(forest_levels="level1", config=_quick_cfg(classifier="mlp")),
-         "forest levels 'level1' apply to a forest pixel head"),
+         "forest levels 'level1': only a forest pixel head (classifier forest) reads levels"),
         # the paper's heads are fine-tuned, not fitted: nothing reads the choice
         (dict(color_space="rgb", head="unetr"),
-         "color space 'rgb' apply to the quick fit of a pixel head; the unetr head is "
-         "fine-tuned: leave them at auto"),
+         "color space 'rgb' applies to the quick fit of a pixel head; the unetr head is "
+         "fine-tuned: leave it at auto"),
     ]
     for i, (kwargs, message) in enumerate(cases):
         out = tmp_path / f"m{i}"

@@ -208,7 +208,8 @@ def quick_fit(
     classifier with class-balanced cross-entropy (every class counts equally, however many
     pixels were painted). A forest is fitted instead, on the levels chosen by
     :func:`choose_forest_levels` from the ``strokes`` (stroke index of every row; without them,
-    every level), or on those ``forest_levels`` forces (:func:`forced_forest_levels`). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
+    every level), or on those ``forest_levels`` forces (:func:`forced_forest_levels`). Returns
+    ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
     ``"forest_levels"`` (levels its filters are computed on), ``"sub_forests"`` (the level
     counts of its sub-forests) and the stroke-validated ``"level_scores"``.
     """
@@ -425,8 +426,8 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
     return {"sub_forests": list(chosen), "scores": scores}
 
 
-_NOT_FOREST_ONLY = ("forest levels {!r} apply to a forest pixel head (--classifier forest); "
-                    "this model's pixel head has an MLP: leave forest levels at auto")
+_NOT_FOREST_ONLY = ("forest levels {!r}: only a forest pixel head (classifier forest) reads "
+                    "levels by choice; this head has an MLP: leave forest levels at auto")
 
 
 def _describe_sub_forests(counts: Sequence[int], levels: Sequence[float]) -> str:
@@ -638,8 +639,9 @@ def check_quick_options_apply(config: TrainConfig, quick_fit: bool, why: str) ->
               (("forest_levels", config.forest_levels), ("color_space", config.color_space))
               if value != "auto"]
     if forced:
-        raise InputError(f"{' and '.join(forced)} apply to the quick fit of a pixel head; "
-                         f"{why}: leave them at auto")
+        verb, pronoun = ("apply", "them") if len(forced) > 1 else ("applies", "it")
+        raise InputError(f"{' and '.join(forced)} {verb} to the quick fit of a pixel head; "
+                         f"{why}: leave {pronoun} at auto")
 
 
 def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
@@ -654,7 +656,8 @@ def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
     model, head = trainer.model, trainer.model.head
     rgb = all(getattr(source, "rgb", False) for source, _ in trainer.pairs)
     if choice == "auto":
-        if not fresh_head or not rgb or head.in_channels != 3 or getattr(head, "forest", None) is None:
+        new_forest = fresh_head and getattr(head, "forest", None) is not None
+        if not new_forest or not rgb or head.in_channels != 3:
             return
         choice = "lab"
     elif not rgb:  # "rgb" on other images: the filters see the channels as they come anyway

@@ -531,9 +531,9 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
                                  QuickConfig(snapshot_every=0), on_snapshot=publish, **common)
             trainer = quick.trainer
         else:
+            head = getattr(model, "head_type", "unetr")
             check_quick_options_apply(
-                req.config, False,
-                f"the {getattr(model, 'head_type', 'unetr')} head of the starting model is fine-tuned")
+                req.config, False, f"the {head} head of the starting model is fine-tuned")
             trainer = Trainer(model, [(source, req.labels)], req.config, **common)
         job.trainer = trainer
         report.ready(trainer)
