@@ -86,6 +86,19 @@ def test_color_space_sets_the_filters_of_rgb_images(tmp_path, choice, recorded, 
     assert mean_dice_of(image, model, truth) > 0.85  # hue discs: both colour spaces see it
 
 
+def test_lab_applies_to_an_mlp_pixel_head_too(tmp_path):
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg(classifier="mlp", steps=2), color_space="lab")
+    assert model.head.forest is None and model.head.color_space == "lab"
+    assert load_model(tmp_path / "m").head.color_space == "lab"
+    # auto keeps an MLP head's filters on R, G, B (CIELAB was measured for the forest only)
+    auto = train(image, strokes, out=tmp_path / "a", init=_tiny(), head="pixel",
+                 config=_quick_cfg(classifier="mlp", steps=2))
+    assert auto.head.color_space == "channels" and "color_space" not in auto.head_options
+
+
 def mean_dice_of(image, model, truth) -> float:
     from napari_muvit.metrics import mean_dice
 
