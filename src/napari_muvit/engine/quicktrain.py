@@ -664,7 +664,7 @@ def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
         return
     head.color_space = "lab" if choice == "lab" else "channels"
     model.head_options["color_space"] = head.color_space
-    set_by = "" if trainer.config.color_space == "auto" else " (color space: {})".format(choice)
+    set_by = "" if trainer.config.color_space == "auto" else f" (color space: {choice})"
     if choice == "lab":
         trainer._event("color_space", "RGB images: the filters see lightness and colour "
                        f"(CIELAB) instead of R, G, B{set_by}")
