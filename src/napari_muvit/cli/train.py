@@ -28,6 +28,7 @@ from typing import Any, TextIO
 
 from napari_muvit.cli._args import parse_region, positive_float, positive_int
 from napari_muvit.cli._terminal import StatusLine, clock
+from napari_muvit.engine.quick_choices import COLOR_SPACE_CHOICES, FOREST_LEVEL_CHOICES
 from napari_muvit.errors import InputError, MuViTError
 
 DEBUG_ENV = "NAPARI_MUVIT_DEBUG"
@@ -236,6 +237,22 @@ def register(subparsers: Any) -> None:
         "filters and the encoder's features, then --steps of fine-tuning",
     )
     t.add_argument(
+        "--forest-levels",
+        choices=FOREST_LEVEL_CHOICES,
+        default="auto",
+        help="which levels' filters the forest reads: auto (default): chosen from the strokes "
+        "(judged on strokes held out of the fit); level1: the pixel's own level only; all: "
+        "every level (the context); mix: sub-forests on level 1, 1-2, ... all levels, averaged",
+    )
+    t.add_argument(
+        "--color-space",
+        choices=COLOR_SPACE_CHOICES,
+        default="auto",
+        help="what the pixel head's filters see of an RGB image: auto (default): CIELAB for a "
+        "new forest head; rgb: R, G, B as they come; lab: lightness and two colour axes "
+        "(CIELAB; RGB images only)",
+    )
+    t.add_argument(
         "--encoder-lr-factor",
         type=float,
         default=None,
@@ -367,6 +384,8 @@ def _train(args: argparse.Namespace) -> int:
         freeze_encoder=args.freeze_encoder,
         head=args.head,
         classifier=args.classifier,
+        forest_levels=args.forest_levels,
+        color_space=args.color_space,
         val_region=parse_region(args.val_region, "--val-region") if args.val_region else None,
     )
     overrides = {"steps": args.steps, "lr": args.lr, "pseudo_labels": args.pseudo_labels}
@@ -470,6 +489,9 @@ def _train_points(args: argparse.Namespace) -> int:
 
     if args.labels is not None:
         raise InputError("train: pass either --labels or --points, not both")
+    if args.forest_levels != "auto" or args.color_space != "auto":
+        raise InputError("--forest-levels and --color-space apply to a pixel head trained on "
+                         "--labels, not to a point detector (--points): leave them out")
     _check_paths(args.points, "--points")
     if len(args.points) != len(args.images):
         raise InputError(

@@ -39,7 +39,11 @@ from napari_muvit.engine.predictor import (
     resolve_model,
     tile_size_of,
 )
-from napari_muvit.engine.quicktrain import QuickTrainer, starts_with_quick_fit
+from napari_muvit.engine.quicktrain import (
+    QuickTrainer,
+    check_quick_options_apply,
+    starts_with_quick_fit,
+)
 from napari_muvit.engine.stores import create_zarr_sink, output_path, source_labels_target
 from napari_muvit.engine.trainer import (
     TrainConfig,
@@ -172,6 +176,8 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     class_names: Mapping[int, str] | None = None,
+    forest_levels: str | None = None,
+    color_space: str | None = None,
 ) -> nn.Module:
     """Train a segmenter on images and their (sparse or dense) labels; returns the segmenter.
 
@@ -181,10 +187,15 @@ def train(
     With ``out``, checkpoints are written there; an existing ``out`` is resumed with
     ``resume=True``, replaced with ``overwrite=True`` and otherwise refused (a folder that is
     not a napari-muvit model is never written to).
+    ``forest_levels`` (``"auto"``, ``"level1"``, ``"all"``, ``"mix"``) and ``color_space``
+    (``"auto"``, ``"rgb"``, ``"lab"``) override ``config``'s: what the quick fit of a pixel head
+    reads (see :class:`~napari_muvit.engine.trainer.TrainConfig`); a value other than
+    ``"auto"`` that cannot apply (``"lab"`` on a grey image, a head without quick fit) raises
+    :class:`~napari_muvit.errors.InputError`.
     """
     config = config or TrainConfig()
-    if head is not None:
-        config = replace(config, head=head)
+    overrides = {"head": head, "forest_levels": forest_levels, "color_space": color_space}
+    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
     images, labels = _pair_lists(images, labels)
     sources = [open_image(i) for i in images]
     lock = _checkpointing.run_folder_lock(out) if out is not None else contextlib.nullcontext()
@@ -213,7 +224,11 @@ def train(
             "steps": config.steps,
             "preset": preset,
         }
-        if not resuming and starts_with_quick_fit(model, config.head):
+        quick_fit = not resuming and starts_with_quick_fit(model, config.head)
+        check_quick_options_apply(
+            config, quick_fit, "resuming a run fine-tunes its model" if resuming
+            else f"the {getattr(model, 'head_type', None) or config.head} head is fine-tuned")
+        if quick_fit:
             # quick fit of the pixel head on cached features first (seconds), then fine-tuning
             quick = QuickTrainer(
                 model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,

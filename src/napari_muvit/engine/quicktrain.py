@@ -36,11 +36,13 @@ from torch import Tensor, nn
 from napari_muvit.data.geometry import centered_nested_bboxes, grid_cells_of_pixels, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.forests import fit_tree_arrays, random_forest
+from napari_muvit.engine.quick_choices import FOREST_LEVEL_CHOICES
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
 
-__all__ = ["QuickConfig", "QuickTrainer", "choose_forest_levels", "collect_features",
-           "forest_level_candidates", "quick_fit", "starts_with_quick_fit", "stroke_folds"]
+__all__ = ["QuickConfig", "QuickTrainer", "check_quick_options_apply", "choose_forest_levels",
+           "collect_features", "forced_forest_levels", "forest_level_candidates", "quick_fit",
+           "starts_with_quick_fit", "stroke_folds"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -198,6 +200,7 @@ def quick_fit(
     config: QuickConfig | None = None,
     cancel: CancelToken | None = None,
     strokes: np.ndarray | None = None,
+    forest_levels: str = "auto",
 ) -> dict[str, Any]:
     """Fit ``model.head`` (a :class:`PixelHead`) on cached features, in place.
 
@@ -205,7 +208,8 @@ def quick_fit(
     classifier with class-balanced cross-entropy (every class counts equally, however many
     pixels were painted). A forest is fitted instead, on the levels chosen by
     :func:`choose_forest_levels` from the ``strokes`` (stroke index of every row; without them,
-    every level). Returns ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
+    every level), or on those ``forest_levels`` forces (:func:`forced_forest_levels`). Returns
+    ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
     ``"forest_levels"`` (levels its filters are computed on), ``"sub_forests"`` (the level
     counts of its sub-forests) and the stroke-validated ``"level_scores"``.
     """
@@ -223,7 +227,7 @@ def quick_fit(
         head.feature_mean.copy_(x.mean(0))
         head.feature_std.copy_(x.std(0).clamp_min(1e-3))
     if getattr(head, "forest", None) is not None:
-        fitted = _fit_forest(model, features, classes, cfg, strokes)
+        fitted = _fit_forest(model, features, classes, cfg, strokes, forest_levels)
         with torch.no_grad():
             acc = float((head.classify(x[:, :, None, None])[:, :, 0, 0].argmax(1) == y)
                         .float().mean())
@@ -300,6 +304,20 @@ def forest_level_candidates(num_levels: int) -> list[tuple[int, ...]]:
     return [tuple(range(1, num_levels + 1)), (1,), (num_levels,)]
 
 
+def forced_forest_levels(choice: str, num_levels: int) -> tuple[int, ...] | None:
+    """The level counts of the sub-forests that ``TrainConfig.forest_levels`` ``choice`` forces
+    (a candidate of :func:`forest_level_candidates`); ``None`` for ``"auto"``."""
+    if choice == "auto":
+        return None
+    if choice not in FOREST_LEVEL_CHOICES:
+        raise InputError(f"forest_levels: expected one of {', '.join(FOREST_LEVEL_CHOICES)}, "
+                         f"got {choice!r}")
+    candidates = forest_level_candidates(num_levels)
+    if len(candidates) == 1:  # one level: level 1, every level and the mix are the same forest
+        return candidates[0]
+    return candidates[{"mix": 0, "level1": 1, "all": 2}[choice]]
+
+
 def _dice_of_classes(predicted: np.ndarray, classes: np.ndarray) -> float:
     """Mean Dice over the classes in ``classes`` (rows with ``predicted < 0`` not judged)."""
     judged = predicted >= 0
@@ -366,10 +384,12 @@ def _candidate_name(counts: Sequence[int]) -> str:
 
 
 def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
-                cfg: QuickConfig, strokes: np.ndarray | None = None) -> dict[str, Any]:
+                cfg: QuickConfig, strokes: np.ndarray | None = None,
+                forest_levels: str = "auto") -> dict[str, Any]:
     """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
 
-    With ``strokes`` and ``cfg.select_levels``, a forest-only head reads the levels that
+    ``forest_levels`` other than ``"auto"`` forces the levels (:func:`forced_forest_levels`);
+    else with ``strokes`` and ``cfg.select_levels``, a forest-only head reads the levels that
     :func:`choose_forest_levels` picks (its ``forest_levels`` option: the most levels a
     sub-forest reads; without, the levels it is set to read); a mix is equal sub-forests in
     one ensemble, which averages them.
@@ -380,8 +400,13 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
     head = model.head
     bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
     chosen, scores = (_bank_levels(head),), {}
+    forced = forced_forest_levels(forest_levels, _bank_levels(head))
+    if forced is not None and head.classifier is not None:
+        raise InputError(_NOT_FOREST_ONLY.format(forest_levels))
     if head.classifier is None:  # a forest-only head: reading fewer levels saves their filters
-        if cfg.select_levels and strokes is not None:
+        if forced is not None:
+            chosen = forced
+        elif cfg.select_levels and strokes is not None:
             chosen, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
                                                   head.bank_level_width, _bank_levels(head), cfg)
         else:  # the levels the head is set to read (every level unless forest_levels says)
@@ -399,6 +424,10 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
     head.forest.load_trees(trees)
     model.head_options.update(head.forest.shape_config)
     return {"sub_forests": list(chosen), "scores": scores}
+
+
+_NOT_FOREST_ONLY = ("forest levels {!r}: only a forest pixel head (classifier forest) reads "
+                    "levels by choice; this head has an MLP: leave forest levels at auto")
 
 
 def _describe_sub_forests(counts: Sequence[int], levels: Sequence[float]) -> str:
@@ -468,12 +497,12 @@ class QuickTrainer:
         self.cancel = cancel or CancelToken()
         model = _with_pixel_head_or_encoder(model)
         fresh_head = getattr(model, "head_type", None) is None
+        _check_quick_choices(model, pairs, cfg, fresh_head, provenance)
         self.trainer = Trainer(
             model, pairs, cfg, progress=self._trainer_progress, cancel=self.cancel, out=out,
             class_names=class_names, provenance=provenance, notes=notes,
         )
-        if fresh_head:
-            _filters_in_lab_for_rgb(self.trainer)
+        _apply_color_space(self.trainer, cfg.color_space, fresh_head)
         self._start = time.monotonic()
         self.quick_stats: dict[str, float] = {}
 
@@ -531,7 +560,8 @@ class QuickTrainer:
         if self.cancel.cancelled:
             return {}
         stats = quick_fit(t.model, np.concatenate(feats), np.concatenate(classes), cfg,
-                          self.cancel, strokes=np.concatenate(strokes))
+                          self.cancel, strokes=np.concatenate(strokes),
+                          forest_levels=t.config.forest_levels)
         stats["elapsed"] = time.monotonic() - self._start
         self.quick_stats = stats
         read = ""
@@ -540,6 +570,12 @@ class QuickTrainer:
             judged = ", ".join(f"{_short_name(name, len(t.model.levels))} {v:.3f}"
                                for name, v in stats["level_scores"].items())
             read = f"; the forest reads {forest} (held-out strokes, mean Dice: {judged})"
+        elif t.config.forest_levels != "auto" and "sub_forests" in stats:
+            forest = _describe_sub_forests(stats["sub_forests"], t.model.levels)
+            read = f"; the forest reads {forest} (forest levels: {t.config.forest_levels})"
+        if all(getattr(source, "rgb", False) for source, _ in t.pairs):
+            read += ("; filters on CIELAB" if t.model.head.color_space == "lab"
+                     else "; filters on R, G, B")
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)
@@ -573,18 +609,67 @@ class QuickTrainer:
         return history
 
 
-def _filters_in_lab_for_rgb(trainer: Trainer) -> None:
-    """A new forest head on RGB images filters CIELAB instead of R, G and B (its
-    ``color_space`` option): on the RGB test photograph of bench_scribbles, level-1 filters
-    scored 0.960 mDSC on Lab against 0.918 on RGB (docs/benchmarks.md)."""
+def _check_quick_choices(model: nn.Module, pairs: Sequence[tuple[Any, Any]],
+                         config: TrainConfig, fresh_head: bool,
+                         provenance: Mapping[str, Any] | None) -> None:
+    """Refuse ``config.forest_levels``/``color_space`` choices that cannot apply, before the
+    trainer touches the output folder."""
+    if config.color_space == "lab":
+        names = list((provenance or {}).get("images") or [])
+        for i, (source, _) in enumerate(pairs):
+            if not getattr(source, "rgb", False) or getattr(source, "channels", 3) != 3:
+                name = f"image {i + 1}" + (f" ({names[i]})" if i < len(names) and names[i] else "")
+                raise InputError(
+                    f"color space 'lab' needs RGB images; {name} is not RGB "
+                    f"({getattr(source, 'channels', '?')} channel(s)): use color space auto")
+    if config.forest_levels != "auto":
+        head = getattr(model, "head", None)
+        forest_only = (config.classifier == "forest" if fresh_head else
+                       getattr(head, "forest", None) is not None and head.classifier is None)
+        if not forest_only:
+            raise InputError(_NOT_FOREST_ONLY.format(config.forest_levels))
+
+
+def check_quick_options_apply(config: TrainConfig, quick_fit: bool, why: str) -> None:
+    """Refuse ``config.forest_levels``/``color_space`` other than ``auto`` when training does
+    not start with a quick fit (``why`` says what it does instead), rather than ignore them."""
+    if quick_fit:
+        return
+    forced = [f"{name.replace('_', ' ')} {value!r}" for name, value in
+              (("forest_levels", config.forest_levels), ("color_space", config.color_space))
+              if value != "auto"]
+    if forced:
+        verb, pronoun = ("apply", "them") if len(forced) > 1 else ("applies", "it")
+        raise InputError(f"{' and '.join(forced)} {verb} to the quick fit of a pixel head; "
+                         f"{why}: leave {pronoun} at auto")
+
+
+def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
+    """What the pixel head's filters see of RGB images (its ``color_space`` option).
+
+    ``"auto"``: a new forest head on RGB images filters CIELAB instead of R, G and B: on the
+    RGB test photograph of bench_scribbles, level-1 filters scored 0.960 mDSC on Lab against
+    0.918 on RGB (docs/benchmarks.md); any other head keeps what it has. ``"lab"``/``"rgb"``
+    set it (the quick fit refits the classifier on the new filters); recorded in the head
+    options and the history either way.
+    """
     model, head = trainer.model, trainer.model.head
     rgb = all(getattr(source, "rgb", False) for source, _ in trainer.pairs)
-    if not rgb or head.in_channels != 3 or getattr(head, "forest", None) is None:
+    if choice == "auto":
+        new_forest = fresh_head and getattr(head, "forest", None) is not None
+        if not new_forest or not rgb or head.in_channels != 3:
+            return
+        choice = "lab"
+    elif not rgb:  # "rgb" on other images: the filters see the channels as they come anyway
         return
-    head.color_space = "lab"
-    model.head_options["color_space"] = "lab"
-    trainer._event("color_space", "RGB images: the forest's filters see lightness and colour "
-                   "(CIELAB) instead of R, G, B")
+    head.color_space = "lab" if choice == "lab" else "channels"
+    model.head_options["color_space"] = head.color_space
+    set_by = "" if trainer.config.color_space == "auto" else f" (color space: {choice})"
+    if choice == "lab":
+        trainer._event("color_space", "RGB images: the filters see lightness and colour "
+                       f"(CIELAB) instead of R, G, B{set_by}")
+    else:
+        trainer._event("color_space", f"RGB images: the filters see R, G, B{set_by}")
 
 
 def starts_with_quick_fit(model: nn.Module, head: str) -> bool:

@@ -50,6 +50,7 @@ from napari_muvit.engine._models import (
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import autocast
 from napari_muvit.engine.predictor import Predictor
+from napari_muvit.engine.quick_choices import COLOR_SPACE_CHOICES, FOREST_LEVEL_CHOICES
 from napari_muvit.errors import InputError
 from napari_muvit.metrics import mean_dice
 
@@ -80,6 +81,11 @@ class TrainConfig(RunConfig):
     ``classifier`` of a new ``"pixel"`` head: ``"forest"`` (a random forest on the filter bank
     of every level, fitted in seconds; nothing to fine-tune) or ``"mlp"`` (an MLP on the
     level-1 filters and the encoder's features, then fine-tuning of the whole segmenter).
+    ``forest_levels`` (:data:`FOREST_LEVEL_CHOICES`) and ``color_space``
+    (:data:`COLOR_SPACE_CHOICES`) steer the quick fit of a pixel head
+    (:class:`~napari_muvit.engine.quicktrain.QuickTrainer` applies them): ``"auto"`` leaves the
+    choice to it (levels judged on held-out strokes; CIELAB filters for a new forest head on
+    RGB images), any other value forces it.
     """
 
     steps: int = 500
@@ -93,6 +99,8 @@ class TrainConfig(RunConfig):
     min_lr_factor: float = 0.01
     head: str = "unetr"
     classifier: str = "forest"
+    forest_levels: str = "auto"
+    color_space: str = "auto"
     dense: bool = False
     naive_bbox: bool = False
     freeze_encoder: bool = False
@@ -155,6 +163,12 @@ class TrainConfig(RunConfig):
             )
         if self.classifier not in ("forest", "mlp"):
             raise InputError(f"classifier: expected 'forest' or 'mlp', got {self.classifier!r}")
+        if self.forest_levels not in FOREST_LEVEL_CHOICES:
+            raise InputError(f"forest_levels: expected one of {', '.join(FOREST_LEVEL_CHOICES)}, "
+                             f"got {self.forest_levels!r}")
+        if self.color_space not in COLOR_SPACE_CHOICES:
+            raise InputError(f"color_space: expected one of {', '.join(COLOR_SPACE_CHOICES)}, "
+                             f"got {self.color_space!r}")
         if self.val_region is not None:
             region = np.asarray(self.val_region, dtype=np.float64)
             if region.shape != (2, 2) or np.any(region[1] <= region[0]):

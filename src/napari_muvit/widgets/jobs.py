@@ -27,7 +27,12 @@ from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.hardware import check_precision, describe_runtime
 from napari_muvit.engine.points import PointPredictor, PointTrainer, is_detector
 from napari_muvit.engine.predictor import Predictor
-from napari_muvit.engine.quicktrain import QuickConfig, QuickTrainer, starts_with_quick_fit
+from napari_muvit.engine.quicktrain import (
+    QuickConfig,
+    QuickTrainer,
+    check_quick_options_apply,
+    starts_with_quick_fit,
+)
 from napari_muvit.engine.stores import create_zarr_sink
 from napari_muvit.engine.threads import ThreadShares
 from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_model
@@ -526,6 +531,9 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
                                  QuickConfig(snapshot_every=0), on_snapshot=publish, **common)
             trainer = quick.trainer
         else:
+            head = getattr(model, "head_type", "unetr")
+            check_quick_options_apply(
+                req.config, False, f"the {head} head of the starting model is fine-tuned")
             trainer = Trainer(model, [(source, req.labels)], req.config, **common)
         job.trainer = trainer
         report.ready(trainer)
@@ -541,6 +549,8 @@ def train_config(state: Any, val_region: np.ndarray | None) -> Any:
     return TrainConfig(
         steps=steps,
         classifier=state.classifier,
+        forest_levels=state.forest_levels,
+        color_space=state.color_space,
         batch_size=int(state.batch_size),
         crop_size=int(state.crop_size) or None,
         lr=float(state.lr),

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, TypeVar
 from psygnal import evented
 
 from napari_muvit.engine.device import AMP_CHOICES
+from napari_muvit.engine.quick_choices import COLOR_SPACE_CHOICES, FOREST_LEVEL_CHOICES
 from napari_muvit.widgets._models import BUNDLED, FOLDER, SESSION, ModelChoice
 from napari_muvit.widgets._settings import load_section, save_section
 
@@ -273,7 +274,9 @@ class TrainState(PanelState):
     """The fine-tune panel: data, starting model, hyper-parameters and the running job."""
 
     SECTION: ClassVar[str] = "train"
-    PER_KIND: ClassVar[tuple[str, ...]] = ("start",)
+    # the colour space only means something for RGB images: "lab" chosen for an RGB slide must
+    # not follow the user to the next grayscale image
+    PER_KIND: ClassVar[tuple[str, ...]] = ("start", "color_space")
 
     image: str | None = None
     labels: str | None = None
@@ -286,6 +289,10 @@ class TrainState(PanelState):
     class_names: str = setting("")
     # a new head: "forest" answers in seconds; "mlp" is then fine-tuned with the encoder
     classifier: str = setting("forest", choices=("forest", "mlp"))
+    # the quick fit: which levels the forest reads, what the filters see of RGB ("auto": the
+    # engine chooses; see TrainConfig.forest_levels/color_space)
+    forest_levels: str = setting("auto", choices=FOREST_LEVEL_CHOICES)
+    color_space: str = setting("auto", choices=COLOR_SPACE_CHOICES)
     steps: int = setting(200)
     lr: float = setting(1e-4)
     batch_size: int = setting(4)

@@ -192,11 +192,7 @@ class TrainWidget(DockPanel):
         self.start_combo.currentIndexChanged.connect(self._on_start_combo)
         self.start_browse = form.row_with_button("Start from", self.start_combo, "Folder…")
         self.start_browse.clicked.connect(self._browse_start)
-        self.classifier_combo = form.combo(
-            "classifier", "New head",
-            "forest: a random forest on image filters of every level (the context), trained "
-            "in seconds, retrained at each Train; mlp: a classifier on the encoder's features, "
-            "then Steps of fine-tuning of the whole model")
+        self._build_head_row(form)
         self.steps_spin = form.spin("steps", "Steps", 1, 1_000_000)
         self.lr_spin = form.float_spin(
             "lr", "Learning rate", 1e-6, 1.0,
@@ -215,6 +211,58 @@ class TrainWidget(DockPanel):
             "The predict panel adds an uncertainty layer to its refreshed view: bright where "
             "the model hesitates between two classes, where a stroke teaches it the most")
         return box
+
+    def _build_head_row(self, form: Form) -> None:
+        """The new head's classifier, and behind its *Quick fit…* button (hidden until asked
+        for: the panel must stay short enough for the canvas of a small window) the quick
+        fit's choices of the forest's levels and the filters' colour space ("auto": the engine
+        chooses, as ``napari-muvit train --forest-levels/--color-space``)."""
+        unplaced = Form(self.state)
+        self.classifier_combo = unplaced.combo(
+            "classifier", "",
+            "forest: a random forest on image filters of every level (the context), trained "
+            "in seconds, retrained at each Train; mlp: a classifier on the encoder's features, "
+            "then Steps of fine-tuning of the whole model")
+        self.quick_fit_button = QPushButton("Quick fit…")
+        self.quick_fit_button.setToolTip(
+            "Show the quick fit's choices: the levels the forest reads, the colour space of "
+            "its filters on RGB images")
+        self.quick_fit_button.setCheckable(True)
+        self.forest_levels_combo = unplaced.combo(
+            "forest_levels", "",
+            "Levels the forest reads. auto: chosen from your strokes (judged on strokes held "
+            "out of the fit); level1: the pixel's own level; all: every level (the context); "
+            "mix: sub-forests on level 1, 1-2, … all levels, averaged")
+        self.color_space_combo = unplaced.combo(
+            "color_space", "",
+            "What the head's filters see of an RGB image. auto: CIELAB for a new forest head; "
+            "rgb: R, G, B as they come; lab: lightness and two colour axes (RGB images only)")
+        self.quick_fit_row = QWidget()
+        row = QHBoxLayout(self.quick_fit_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        for text, combo in (("levels", self.forest_levels_combo),
+                            ("colours", self.color_space_combo)):
+            combo.setMinimumContentsLength(6)  # the longest choice ("level1")
+            label = QLabel(text)
+            label.setToolTip(combo.toolTip())
+            row.addWidget(label)
+            row.addWidget(combo, 1)
+        # the hidden row inside the field (not a form row of its own): a hidden form row still
+        # takes the layout's spacing
+        field = QWidget()
+        column = QVBoxLayout(field)
+        column.setContentsMargins(0, 0, 0, 0)
+        top = QHBoxLayout()
+        top.addWidget(self.classifier_combo, 1)
+        top.addWidget(self.quick_fit_button)
+        column.addLayout(top)
+        column.addWidget(self.quick_fit_row)
+        form.layout.addRow("New head", field)
+        # shown when a choice differs from auto (a remembered choice must not hide)
+        shown = self.state.forest_levels != "auto" or self.state.color_space != "auto"
+        self.quick_fit_button.setChecked(shown)
+        self.quick_fit_row.setVisible(shown)
+        self.quick_fit_button.toggled.connect(self.quick_fit_row.setVisible)
 
     def _build_buttons(self) -> QHBoxLayout:
         row = QHBoxLayout()
