@@ -218,11 +218,15 @@ class ViewOutputs:
             target.painted.clear()
             target.pending = _PendingReset(loaded, plane, dtype, probabilities, uncertainty)
             return target
-        if probabilities and (target.confidence is None or target.confidence not in viewer.layers):
+        if probabilities and self._missing(target.confidence, target.conf_levels):
             self._add_confidence(target, image, plane)
-        if uncertainty and (target.uncertainty is None or target.uncertainty not in viewer.layers):
+        if uncertainty and self._missing(target.uncertainty, target.unc_levels):
             self._add_uncertainty(target, image, plane)
         return target
+
+    def _missing(self, layer: Any, levels: Any) -> bool:
+        """No such map: never made, or its layer was removed (one being built is not)."""
+        return levels is None or (layer is not None and layer not in self.viewer.layers)
 
     def _reset(self, target: ViewTarget) -> None:
         """Clear ``target`` for the model it is pending for (at its first painted tile)."""
@@ -259,7 +263,7 @@ class ViewOutputs:
                 layer.features = L.class_features(model.label_values, model.class_names)
             for old in (target.confidence, target.uncertainty):
                 if old is not None and old in viewer.layers:
-                    viewer.layers.remove(old)
+                    self._remove_later(old)
         else:
             levels = L.allocate_levels(plane, dtype)
             previous = viewer.layers.selection.active
@@ -279,6 +283,20 @@ class ViewOutputs:
                           label_levels=levels, label_values=list(model.label_values),
                           style=style)
 
+    def _remove_later(self, layer: Any) -> None:
+        """Hide ``layer`` now, remove it once the panel is quiet (removing a layer is one of
+        napari's long pieces of GUI work)."""
+        if not self.settled or self.defer is None:
+            self.viewer.layers.remove(layer)
+            return
+        layer.visible = False
+
+        def remove() -> None:
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+
+        self.defer(remove, settled=True)
+
     def _add_confidence(self, target: ViewTarget, image: Any, plane: L.LayerPlane) -> None:
         target.confidence, target.conf_levels = self._add_percent_layer(
             target, image, plane, "confidence")
@@ -289,8 +307,29 @@ class ViewOutputs:
 
     def _add_percent_layer(self, target: ViewTarget, image: Any, plane: L.LayerPlane,
                            what: str) -> tuple[Any, list[Any]]:
-        """An Image layer of percentages over ``image``'s plane (magma, additive)."""
+        """The levels of a map of percentages over ``image``'s plane, and its Image layer
+        (magma, additive).  With a panel that settles, the layer is made once it is quiet
+        (``None`` until then: tiles are written into the levels meanwhile); making a napari
+        layer is one of the longest pieces of GUI work, and a secondary map can wait."""
         levels = L.allocate_levels(plane, np.uint8)
+        target.writers.clear()
+        # Tiles already shown have no such map yet: let them be recomputed (cache hits).
+        target.painted.clear()
+        if not self.settled or self.defer is None:
+            return self._percent_layer(image, plane, what, levels), levels
+        attr, levels_attr = (("confidence", "conf_levels") if what == "confidence"
+                             else ("uncertainty", "unc_levels"))
+
+        def make() -> None:
+            if (self.is_current(target) and getattr(target, levels_attr) is levels
+                    and getattr(target, attr) is None and image in self.viewer.layers):
+                setattr(target, attr, self._percent_layer(image, plane, what, levels))
+
+        self.defer(make, settled=True)
+        return None, levels
+
+    def _percent_layer(self, image: Any, plane: L.LayerPlane, what: str,
+                       levels: list[Any]) -> Any:
         previous = self.viewer.layers.selection.active
         layer = L.add_image_in_steps(
             self.viewer, levels if plane.multiscale else levels[0], self.defer,
@@ -305,10 +344,7 @@ class ViewOutputs:
             **L.transform_kwargs(image, plane),
         )
         keep_painting(self.viewer, previous)
-        target.writers.clear()
-        # Tiles already shown have no such map yet: let them be recomputed (cache hits).
-        target.painted.clear()
-        return layer, levels
+        return layer
 
     def points_layer(self, image: Any) -> Any:
         """The Points layer of ``image``'s point detections (None before the first)."""
@@ -375,10 +411,12 @@ class ViewOutputs:
         if conf_writer is not None and res.probs is not None:
             conf = (np.asarray(res.probs, dtype=np.float32).max(axis=0) * 100).astype(np.uint8)
             conf_writer.write(core, conf)
-            out.dirty.append(target.confidence)
+            if target.confidence is not None:
+                out.dirty.append(target.confidence)
         if unc_writer is not None and res.probs is not None:
             unc_writer.write(core, uncertainty_percent(res.probs))
-            out.dirty.append(target.uncertainty)
+            if target.uncertainty is not None:
+                out.dirty.append(target.uncertainty)
         target.painted.add(key)
         out.painted = True
         layer = target.labels
