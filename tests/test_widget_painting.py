@@ -424,7 +424,7 @@ def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
 
 
 def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles(
-        make_napari_viewer, qtbot, model_dir):
+        make_napari_viewer, qtbot, model_dir, monkeypatch):
     """The view's output layers are in the layer list (hidden, not built yet) before its
     first tile is painted; they end built, shown, aligned with the image, the labels selected
     (once the view is done) unless the user is painting on another layer."""
@@ -450,16 +450,32 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
             first_tile.append((target.labels in viewer.layers, target.confidence is None
                                or target.confidence in viewer.layers,
                                viewer.layers.selection.active is target.labels,
-                               target.confidence is None))
+                               target.confidence is None,
+                               target.labels.visible and _built(viewer, target.labels)[0]))
         return paint(target, plane, res)
 
     widget.outputs.paint = painted
+    from napari_muvit.widgets.jobs import Job
+
+    answers: list = []  # (go, the new labels layer shown and its visual built) at the answer
+    answer = Job.answer
+
+    def answered(job, proceed):
+        if job.kind == "view":
+            out = widget.labels_layer(job.request.layer)
+            answers.append((bool(proceed), out is not None and out.visible
+                            and _built(viewer, out)[0]))
+        return answer(job, proceed)
+
+    monkeypatch.setattr(Job, "answer", answered)
     notes = viewer.add_labels(np.zeros((128, 128), np.uint8), name="notes",
                               scale=(0.5, 2.0), translate=(10.0, -4.0))
     notes.mode = "paint"  # the user is annotating: the selection stays on their layer
     _run_view(qtbot, widget, painting)
     out = widget.labels_layer(painting)
-    assert first_tile == [(True, True, False, True)]
+    # the worker starts its tiles once the new layer is shown (visual built, first drawn)
+    assert answers == [(True, True)]
+    assert first_tile == [(True, True, False, True, True)]
     assert [(la, visible, built) for la, visible, built in inserted
             if la is out] == [(out, False, (False, False))]
     assert viewer.layers.selection.active is notes
@@ -474,7 +490,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
     out, conf = widget.labels_layer(plain), widget.confidence_layer(plain)
     # selected only once the view is done: its controls wait for a quiet moment; the
     # confidence map's layer is made then too (its tiles are written into its levels)
-    assert first_tile == [(True, True, False, True)]
+    assert first_tile == [(True, True, False, True, True)]
     assert {la.name: (visible, built) for la, visible, built in inserted} == {
         out.name: (False, (False, False)), conf.name: (False, (False, False))}
     usual = Labels(np.zeros((2, 2), np.uint8))._overlays

@@ -815,6 +815,7 @@ class PredictWidget(DockPanel):
             self.set_status(f"detecting points in {job.total} tiles on {pred.device}…")
             job.answer(True)
             return
+        before = self.outputs.target(job.request.layer)
         try:
             target = self.outputs.prepare(job.request.layer, ready.loaded, ready.plane,
                                           job.request.probabilities, job.request.uncertainty)
@@ -844,7 +845,25 @@ class PredictWidget(DockPanel):
                 f"{live}predicting {len(new)} tiles{within} ({len(cells) - len(new)} already "
                 f"shown) on {pred.device}…"
             )
-        job.answer(bool(new) and far is None)
+        go = bool(new) and far is None
+        if go and (before is None or before.labels is not target.labels):
+            self._answer_when_shown(job, target.labels)
+        else:
+            job.answer(go)
+
+    def _answer_when_shown(self, job: Job, layer: Any, turns: int = 8) -> None:
+        """Let the worker start its tiles once the new output ``layer`` is shown (its visual
+        built and first drawn, a few turns of the event loop): napari's work on it then does
+        not compete with the worker for the GIL, which made it the first prediction's longest
+        stall.  At most ``turns`` turns, whatever happens to the layer."""
+        def answer(left: int = turns) -> None:
+            if (left <= 0 or layer.visible or layer not in self.viewer.layers
+                    or job.token.cancelled or not self.alive):
+                job.answer(True)
+            else:
+                self._defer(lambda: answer(left - 1))
+
+        self._defer(answer)
 
     def _live_budget(self, pred: Any) -> int:
         """New tiles one live view may compute: what fits in the time budget at the measured
