@@ -71,9 +71,11 @@ def time_segmenter(repeats: int) -> dict:
     forests = [m for m in model.modules() if isinstance(m, TreeEnsemble)]
 
     def run(compiled: bool):
-        for forest in forests:
-            forest._compiled_leaves = (TreeEnsemble._compiled_leaves.__get__(forest)
-                                       if compiled else (lambda x: None))
+        for forest in forests:  # the torch walk: no compiled leaves
+            if compiled:
+                forest.__dict__.pop("_compiled_leaves", None)
+            else:
+                forest._compiled_leaves = lambda x: None
         pred = Predictor(model, device="cpu")
         t0 = time.perf_counter()
         out = pred.predict(source, region=region)

@@ -435,9 +435,11 @@ def _finish(command: str, model: Any, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_CANCELLED
-    fitted = [e["message"] for e in history.get("events", []) if e.get("kind") == "quick_fit"]
+    from napari_muvit.engine.quicktrain import quick_fit_message
+
+    fitted = quick_fit_message(history)
     if not args.quiet:
-        summary = (f"{fitted[-1]}, nothing to fine-tune" if fitted and not step
+        summary = (f"{fitted}, nothing to fine-tune" if fitted and not step
                    else f"{step} steps, final loss {loss[-1]:.4f}")
         print(f"napari-muvit {command}: {summary}; model in {args.out}", file=sys.stderr)
     print(args.out)

@@ -42,7 +42,7 @@ from napari_muvit.errors import InputError
 
 __all__ = ["QuickConfig", "QuickTrainer", "check_quick_options_apply", "choose_forest_levels",
            "collect_features", "forced_forest_levels", "forest_level_candidates", "quick_fit",
-           "starts_with_quick_fit", "stroke_folds"]
+           "quick_fit_message", "starts_with_quick_fit", "stroke_folds"]
 
 Snapshot = Callable[[nn.Module, dict[str, Any]], Any]
 Progress = Callable[[dict[str, Any]], Any]
@@ -670,6 +670,12 @@ def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
                        f"(CIELAB) instead of R, G, B{set_by}")
     else:
         trainer._event("color_space", f"RGB images: the filters see R, G, B{set_by}")
+
+
+def quick_fit_message(history: Mapping[str, Any]) -> str | None:
+    """What the last quick fit recorded in a training ``history`` (None: there was none)."""
+    fitted = [e["message"] for e in history.get("events", []) if e.get("kind") == "quick_fit"]
+    return fitted[-1] if fitted else None
 
 
 def starts_with_quick_fit(model: nn.Module, head: str) -> bool:

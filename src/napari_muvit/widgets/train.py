@@ -48,6 +48,7 @@ from qtpy.QtWidgets import (
 
 from napari_muvit.data.points_io import PointTable
 from napari_muvit.engine.points import POINT_TRAIN_DEFAULTS
+from napari_muvit.engine.quicktrain import quick_fit_message
 from napari_muvit.errors import CancelledError, InputError, MuViTError
 from napari_muvit.widgets import _layers as L
 from napari_muvit.widgets._loss_plot import LossPlot
@@ -695,12 +696,11 @@ class TrainWidget(DockPanel):
         warnings = history.get("warnings") or []
         note = f" — note: {warnings[-1]}" if warnings else ""
         status = history.get("status", "finished")
-        fitted = [e["message"] for e in history.get("events", []) if e.get("kind") == "quick_fit"]
         if history.get("loss"):
             self.set_status(f"{status} after {history.get('step', 0)} steps in {dt:.0f} s: "
                             f"loss {history['loss'][-1]:.4f}{dice}{note}")
         else:  # a forest head: fitted, nothing to fine-tune
-            fit = fitted[-1] if fitted else "no fine-tuning steps"
+            fit = quick_fit_message(history) or "no fine-tuning steps"
             self.set_status(f"{status} in {dt:.0f} s: {fit}{dice}{note}")
 
     def _on_error(self, job: TrainJob, err: BaseException) -> None:
