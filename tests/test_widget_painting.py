@@ -222,13 +222,10 @@ def test_sliced_painting_equals_painting_on_arrival_centre_first(
     shown = np.asarray(widget.labels_layer(sliced_layer)._slice.image.raw)
     np.testing.assert_array_equal(shown, sliced)  # what is on screen is the data
     assert "view done: 64 tiles" in widget.status
-    # the output layer's tool overlays, created in later turns, end as napari's own
-    from napari.layers import Labels
-
-    expected = {n: o.visible for n, o in Labels(np.zeros((2, 2), np.uint8))._overlays.items()}
+    # the output layer's tool overlays are built when their tool is first switched on
     out = widget.labels_layer(sliced_layer)
-    qtbot.waitUntil(lambda: {n: o.visible for n, o in out._overlays.items()} == expected,
-                    timeout=10_000)
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is out, timeout=10_000)
+    _assert_tools_built_when_switched_on(viewer, out)
 
     # painting every message on arrival (as before time slicing): the same labels
     monkeypatch.setattr(predict, "PAINT_SLICE_S", None)
@@ -296,6 +293,26 @@ def _built(viewer, layer) -> tuple[bool, bool]:
     return (layer in qt_viewer.canvas.layer_to_visual, isinstance(controls, QtLayerControls))
 
 
+#: the Labels tools' overlays, drawn only while their tool is on
+TOOL_OVERLAYS = {"polygon": "polygon", "brush_stroke": "paint"}
+
+
+def _assert_tools_built_when_switched_on(viewer, layer) -> None:
+    """A tool's overlay (and its vispy visual, 30-70 ms of GUI thread) waits for its tool; then
+    it is napari's own: visible, built, and listening to the mouse on the layer."""
+    visuals = viewer.window._qt_viewer.canvas._layer_overlay_to_visual
+    for name in TOOL_OVERLAYS:
+        assert not layer._overlays[name].visible
+        assert layer._overlays[name] not in visuals.get(layer, {})
+    for name, mode in TOOL_OVERLAYS.items():
+        layer.mode = mode
+        assert layer._overlays[name].visible and layer._overlays[name].enabled
+        vispy_overlay = visuals[layer][layer._overlays[name]]
+        assert vispy_overlay._on_mouse_press in layer.mouse_drag_callbacks
+    layer.mode = "pan_zoom"
+    assert all(layer._overlays[name].visible for name in TOOL_OVERLAYS)  # as napari's
+
+
 def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_viewer):
     """The expensive pieces of adding a layer (visuals, controls, each tool overlay, the first
     draw, selecting it) run one per turn of the event loop; the end state is napari's."""
@@ -304,7 +321,7 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     viewer = make_napari_viewer()
     usual = viewer.add_labels(np.zeros((32, 32), np.uint8), name="usual")
     expected = {name: o.visible for name, o in usual._overlays.items()}
-    assert any(expected.values())  # napari shows some (the brush and polygon tools)
+    assert expected["polygon"] and expected["brush_stroke"]  # napari builds both at once
     assert _built(viewer, usual) == (True, True)
 
     steps: list = []
@@ -318,7 +335,8 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     assert _built(viewer, layer) == (False, False)
     assert not any(o.visible for o in layer._overlays.values())
     count = 0
-    overlays = sum(expected.values())
+    # shown now: the overlays napari shows that are not a tool's (none in napari 0.9)
+    overlays = sum(v for name, v in expected.items() if name not in TOOL_OVERLAYS)
     while steps:  # one piece per turn of the event loop
         steps.pop(0)()
         count += 1
@@ -326,13 +344,16 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
             assert _built(viewer, layer) == (True, False)  # the visuals first
         if count == 2:
             assert layer.visible and not any(o.visible for o in layer._overlays.values())
-        if count == 2 + overlays:
-            assert _built(viewer, layer) == (True, False)  # the tool overlays next
         if count == 3 + overlays:
+            # the controls are made, not yet in napari's table (two pieces of Qt work)
+            assert _built(viewer, layer) == (True, False)
+        if count == 4 + overlays:
             assert _built(viewer, layer) == (True, True)  # then the controls
-    assert count == 2 + overlays + 2  # visual, showing, each overlay, controls, selecting
-    assert {name: o.visible for name, o in layer._overlays.items()} == expected
+    # visual, showing, each overlay, making the controls, adding them, selecting
+    assert count == 2 + overlays + 3
     assert layer.visible and viewer.layers.selection.active is layer
+    _assert_tools_built_when_switched_on(viewer, layer)
+    assert {name: o.visible for name, o in layer._overlays.items()} == expected
     np.testing.assert_array_equal(layer.scale, (2.0, 3.0))
     np.testing.assert_array_equal(layer.translate, (5.0, -1.0))
     np.testing.assert_array_equal(layer._slice.image.raw, data)  # shown as it is
@@ -340,6 +361,33 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     plain = L.add_labels_in_steps(viewer, np.zeros((8, 8), np.uint8), name="plain")
     assert {name: o.visible for name, o in plain._overlays.items()} == expected
     assert plain.visible and viewer.layers.selection.active is plain
+
+
+def test_building_a_hidden_layers_visual_asks_for_no_frame(make_napari_viewer, qtbot):
+    """A frame costs as long as building the visual (software OpenGL): the hidden layer's
+    visual step draws nothing; showing it, in the next step, draws it."""
+    from napari_muvit.widgets import _layers as L
+
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(np.random.default_rng(0).random((64, 64), np.float32))
+    scene = viewer.window._qt_viewer.canvas._scene_canvas
+    draws: list = []
+    scene.events.draw.connect(lambda event: draws.append(1))
+    qtbot.waitUntil(lambda: bool(draws), timeout=5_000)  # the viewer draws at all
+    qtbot.wait(100)
+    steps: list = []
+    layer = L.add_image_in_steps(viewer, np.ones((64, 64), np.float32), steps.append,
+                                 select=False, name="map")
+    qtbot.wait(100)
+    draws.clear()
+    steps.pop(0)()  # the visual
+    assert layer in viewer.window._qt_viewer.canvas.layer_to_visual
+    qtbot.wait(200)
+    assert not draws
+    assert "update" not in vars(scene)  # the canvas asks for frames again
+    steps.pop(0)()  # showing it
+    qtbot.waitUntil(lambda: bool(draws), timeout=5_000)
+    assert layer.visible
 
 
 def test_a_layer_added_in_steps_leaves_overlays_controls_and_selection_for_a_quiet_moment(
@@ -364,11 +412,12 @@ def test_a_layer_added_in_steps_leaves_overlays_controls_and_selection_for_a_qui
         flags.append(settled)
         callback()
     overlays = sum(o.visible for o in layer._overlays.values())
-    assert overlays >= 1
-    # deferred: the visual, then showing it and each overlay, controls and selecting (quiet)
-    assert flags == [False, False] + [True] * (overlays + 2)
+    # deferred: the visual, then showing it; each overlay, controls (made, then added) and
+    # selecting wait for a quiet moment
+    assert flags == [False, False] + [True] * (overlays + 3)
     assert _built(viewer, layer) == (True, True) and layer.visible
     assert viewer.layers.selection.active is layer and image in viewer.layers
+    _assert_tools_built_when_switched_on(viewer, layer)
 
 
 def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
@@ -421,6 +470,31 @@ def test_a_layer_added_in_steps_can_be_selected_or_removed_before_the_last_step(
     viewer.layers.remove(ghost)
     assert ghost not in controls.widgets and controls.count() == count - 1
     assert viewer.layers.selection.active is quiet
+    # between making its controls and adding them: selecting it adds those very controls,
+    # removing it drops them (nothing left connected to the layer)
+    late = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                 name="made controls")
+    staged = steps[0].__self__
+    while staged.made is None:
+        steps.pop(0)()
+    made = staged.made
+    viewer.layers.selection.active = late
+    assert controls.widgets[late] is made and controls.currentWidget() is made
+    steps.clear()
+    gone = L.add_labels_in_steps(viewer, np.zeros((16, 16), np.uint8), steps.append,
+                                 name="removed with made controls")
+    staged = steps[0].__self__
+    while staged.made is None:
+        steps.pop(0)()
+    made, count = staged.made, controls.count()
+    closed: list = []
+    made.close = lambda: closed.append(True)
+    viewer.layers.remove(gone)
+    assert closed and staged.made is None and controls.indexOf(made) == -1
+    assert controls.count() == count - 1  # its placeholder went with it
+    while steps:
+        steps.pop(0)()
+    assert gone not in controls.widgets
 
 
 def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles(
@@ -498,8 +572,9 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
         assert layer.visible and _built(viewer, layer) == (True, True)
         np.testing.assert_array_equal(layer.scale, plain.scale)
         np.testing.assert_array_equal(layer.translate, plain.translate)
-    assert {n: o.visible for n, o in out._overlays.items()} == {
-        n: o.visible for n, o in usual.items()}
+    assert not any(out._overlays[name].visible for name in TOOL_OVERLAYS)
+    assert {n: o.visible for n, o in out._overlays.items() if n not in TOOL_OVERLAYS} == {
+        n: o.visible for n, o in usual.items() if n not in TOOL_OVERLAYS}
     np.testing.assert_array_equal(out._slice.image.raw, np.asarray(out.data))  # shown
     assert np.count_nonzero(np.asarray(out.data)) > 0
     # the confidence tiles written before its layer was made are in it

@@ -27,10 +27,10 @@ event loop for a few hundred ms.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -572,17 +572,20 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
     first draw, which compiles its shaders.  With ``defer`` (called with a callback to run in
     a later turn of the event loop) the layer is in ``viewer.layers`` when this returns, but
     hidden and unselected, its visuals and controls not built yet; each of those pieces then
-    runs in a turn of its own: the visuals, showing it (the first draw), each tool overlay,
+    runs in a turn of its own: the visuals, showing it (the first draw), each shown overlay,
     the controls (only if it is to be selected: else when it is first selected), and last
     selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
-    end state is napari's own ``add_layer``.  With ``settled`` (True) the overlays, controls
-    and selection are deferred with ``defer(callback, settled=True)``: the caller runs them
-    once it has settled (e.g. no prediction running); ``settled="all"``: every step (a
-    secondary layer, e.g. a confidence map, built once the tiles are in).  A Labels layer's controls and polygon
-    overlay are the longest single pieces of GUI work (30–80 ms each with a worker competing
-    for the GIL), so they wait for a quiet moment instead of lengthening a stall while tiles
-    stream in.  Removing or selecting the layer before then
-    finishes the remaining steps at once (napari's handlers need them).
+    end state is napari's own ``add_layer``, except that the overlays of the Labels tools
+    (brush, polygon), which are drawn only while their tool is on, are made visible, and
+    their visuals built, when their tool is first switched on.  With ``settled`` (True) the
+    overlays, controls and selection are deferred with ``defer(callback, settled=True)``: the
+    caller runs them once it has settled (e.g. no prediction running); ``settled="all"``:
+    every step (a secondary layer, e.g. a confidence map, built once the tiles are in).  A
+    Labels layer's controls and polygon overlay are the longest single pieces of GUI work
+    (30–80 ms each with a worker competing for the GIL), so they wait for a quiet moment, or
+    the user's choice of tool, instead of lengthening a stall while tiles stream in.
+    Removing or selecting the layer before then finishes the remaining steps at once
+    (napari's handlers need them).
 
     Uses napari internals defensively: any surprise adds the layer the ordinary way (logged
     once).  Without ``defer`` this is ``viewer.add_layer(layer)``.
@@ -629,9 +632,13 @@ class _StagedAdd:
         self.visual = qt_viewer._on_add_layer_change  # napari's vispy visual of a new layer
         self.controls = None
         self.placeholder = None
+        self.made: Any = None  # the controls, made but not yet in napari's table
         if not get_settings().experimental.dynamic_layer_controls:
+            from napari._qt.layer_controls import qt_layer_controls_container
+
             self.controls = qt_viewer.controls
             self.placeholder = QFrame()
+            self.create_controls = qt_layer_controls_container.create_qt_layer_controls
         self.overlays = [o for o in layer._overlays.values() if o.visible]
         self.visible = bool(layer.visible)
         self.steps: list[Any] = []
@@ -666,10 +673,15 @@ class _StagedAdd:
             self.controls.addWidget(self.placeholder)
             self.controls.widgets[self.layer] = self.placeholder
         # the tool overlays (brush, polygon: vispy visuals of their own) and the controls
-        # serve a user working on the layer: they can wait for a quiet moment (``settled``)
-        shown = [lambda: self.visual(self.event), self._show]
-        quiet = [*(lambda o=o: setattr(o, "visible", True) for o in self.overlays),
-                 self._controls_if_selected, self._select]
+        # serve a user working on the layer: they can wait for a quiet moment (``settled``);
+        # a tool's overlay is only drawn while its tool is on, so it waits for that
+        for overlay in self.overlays:
+            if getattr(overlay, "enabled", True) is False:
+                _show_when_enabled(overlay)
+        quiet = [*(lambda o=o: setattr(o, "visible", True) for o in self.overlays
+                   if getattr(o, "enabled", True) is not False),
+                 self._make_controls_if_selected, self._controls_if_selected, self._select]
+        shown = [self._build_visual, self._show]
         self.steps = shown + quiet
         self.quiet_steps = list(self.steps) if self.settled == "all" else quiet
         # strong references (napari holds bound methods weakly): this object lives as long as
@@ -681,8 +693,26 @@ class _StagedAdd:
         self.connected = True
         self._defer_next()
 
+    def _build_visual(self) -> None:
+        # the layer is hidden: nothing on screen changes, but napari asks for a frame (as
+        # long as building the visual, 40-60 ms with software OpenGL) in the same turn;
+        # showing the layer, a turn later, draws it
+        scene = getattr(self.viewer.window._qt_viewer.canvas, "_scene_canvas", None)
+        if scene is None or self.layer.visible:
+            self.visual(self.event)
+            return
+        with _no_redraw(scene):
+            self.visual(self.event)
+
     def _wanted(self) -> bool:
         return bool(self.select() if callable(self.select) else self.select)
+
+    def _make_controls_if_selected(self) -> None:
+        # making the widgets and putting them in napari's table (Qt's layout and style work)
+        # are two pieces of 10-30 ms each: one turn each
+        if self._wanted() and self.placeholder is not None and self.made is None:
+            self.made = self.create_controls(self.layer)
+            self.made.ndisplay = self.viewer.dims.ndisplay
 
     def _controls_if_selected(self) -> None:
         if self._wanted():
@@ -692,9 +722,20 @@ class _StagedAdd:
         if self.placeholder is None or self.layer not in self.viewer.layers:
             return
         placeholder, self.placeholder = self.placeholder, None
-        self.controls._add(self.event)  # napari's controls replace the placeholder
+        made, self.made = self.made, None
+        if made is None:
+            self.controls._add(self.event)  # napari's controls replace the placeholder
+        else:  # what napari's ``_add`` does with controls it made
+            self.controls.addWidget(made)
+            self.controls.widgets[self.layer] = made
         self.controls.removeWidget(placeholder)
         placeholder.deleteLater()
+
+    def _drop_made_controls(self) -> None:
+        made, self.made = self.made, None
+        if made is not None:
+            made.close()
+            made.deleteLater()
 
     def _show(self) -> None:
         if self.visible:
@@ -730,7 +771,8 @@ class _StagedAdd:
         """Run every remaining step now (not selecting: the caller is choosing)."""
         while self.steps:
             step = self.steps.pop(0)
-            if step not in (self._select, self._controls_if_selected):
+            if step not in (self._select, self._controls_if_selected,
+                            self._make_controls_if_selected):
                 self._run(step)
 
     # ------------------------------------------------------------------ napari's events
@@ -741,6 +783,7 @@ class _StagedAdd:
         if isinstance(index, int) and 0 <= index < len(layers) and layers[index] is self.layer:
             self.finish()  # napari removes the visual and the placeholder (or controls)
             self.placeholder = None
+            self._drop_made_controls()
             self._disconnect()
 
     def _on_selection(self, event: Any = None) -> None:
@@ -759,6 +802,34 @@ class _StagedAdd:
         layers = self.viewer.layers
         layers.events.removing.disconnect(self._removing)
         layers.selection.events.changed.disconnect(self._selected)
+
+
+@contextlib.contextmanager
+def _no_redraw(scene_canvas: Any) -> Iterator[None]:
+    """Drop the requests for a frame of ``scene_canvas`` (a vispy ``SceneCanvas``) made in
+    the body."""
+    had_own = "update" in vars(scene_canvas)
+    own = vars(scene_canvas).get("update")
+    scene_canvas.update = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        if had_own:
+            scene_canvas.update = own
+        else:
+            del scene_canvas.update
+
+
+def _show_when_enabled(overlay: Any) -> None:
+    """Make a layer's tool overlay visible (napari then builds its vispy visual, 30-70 ms of
+    GUI thread for the polygon tool) when its tool is first switched on, not before."""
+
+    def on_enabled(event: Any = None) -> None:
+        if overlay.enabled:
+            overlay.events.enabled.disconnect(on_enabled)
+            overlay.visible = True
+
+    overlay.events.enabled.connect(on_enabled)
 
 
 _LOGGED: set[str] = set()
