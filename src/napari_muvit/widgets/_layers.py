@@ -675,11 +675,13 @@ class _StagedAdd:
         # the tool overlays (brush, polygon: vispy visuals of their own) and the controls
         # serve a user working on the layer: they can wait for a quiet moment (``settled``);
         # a tool's overlay is only drawn while its tool is on, so it waits for that
+        others = []
         for overlay in self.overlays:
             if getattr(overlay, "enabled", True) is False:
                 _show_when_enabled(overlay)
-        quiet = [*(lambda o=o: setattr(o, "visible", True) for o in self.overlays
-                   if getattr(o, "enabled", True) is not False),
+            else:
+                others.append(overlay)
+        quiet = [*(lambda o=o: setattr(o, "visible", True) for o in others),
                  self._make_controls_if_selected, self._controls_if_selected, self._select]
         shown = [self._build_visual, self._show]
         self.steps = shown + quiet
@@ -710,9 +712,15 @@ class _StagedAdd:
     def _make_controls_if_selected(self) -> None:
         # making the widgets and putting them in napari's table (Qt's layout and style work)
         # are two pieces of 10-30 ms each: one turn each
-        if self._wanted() and self.placeholder is not None and self.made is None:
+        if self._wanted() and self.placeholder is not None:
+            self._make_controls()
+
+    def _make_controls(self) -> Any:
+        """The layer's controls as napari's ``_add`` makes them (made once)."""
+        if self.made is None:
             self.made = self.create_controls(self.layer)
             self.made.ndisplay = self.viewer.dims.ndisplay
+        return self.made
 
     def _controls_if_selected(self) -> None:
         if self._wanted():
@@ -722,12 +730,10 @@ class _StagedAdd:
         if self.placeholder is None or self.layer not in self.viewer.layers:
             return
         placeholder, self.placeholder = self.placeholder, None
-        made, self.made = self.made, None
-        if made is None:
-            self.controls._add(self.event)  # napari's controls replace the placeholder
-        else:  # what napari's ``_add`` does with controls it made
-            self.controls.addWidget(made)
-            self.controls.widgets[self.layer] = made
+        made, self.made = self._make_controls(), None
+        # what napari's ``_add`` does with the controls: they replace the placeholder
+        self.controls.addWidget(made)
+        self.controls.widgets[self.layer] = made
         self.controls.removeWidget(placeholder)
         placeholder.deleteLater()
 
@@ -808,16 +814,11 @@ class _StagedAdd:
 def _no_redraw(scene_canvas: Any) -> Iterator[None]:
     """Drop the requests for a frame of ``scene_canvas`` (a vispy ``SceneCanvas``) made in
     the body."""
-    had_own = "update" in vars(scene_canvas)
-    own = vars(scene_canvas).get("update")
-    scene_canvas.update = lambda *args, **kwargs: None
+    scene_canvas.update = lambda *args, **kwargs: None  # shadows vispy's method
     try:
         yield
     finally:
-        if had_own:
-            scene_canvas.update = own
-        else:
-            del scene_canvas.update
+        del scene_canvas.update
 
 
 def _show_when_enabled(overlay: Any) -> None:
