@@ -159,8 +159,8 @@ def test_cli_reads_zarr_and_tiff_images(files, kind, capsys) -> None:
     np.testing.assert_array_equal(labels, ref)
 
 
-@pytest.mark.parametrize("name", ["pred.npy", "pred.TIF", "pred.png"])
-def test_cli_refuses_a_file_format_name_for_a_zarr_store(files, capsys, name) -> None:
+@pytest.mark.parametrize("name", ["pred.jpg", "pred.NPZ", "pred.h5"])
+def test_cli_refuses_a_file_format_it_cannot_write(files, capsys, name) -> None:
     out = files["root"] / name
     code = main(["predict", str(files["image"]), "--model", str(files["model"]), "--out",
                  str(out), "--quiet"])

@@ -164,6 +164,11 @@ def test_import_graph_layers_are_acyclic_and_free_of_gui() -> None:
         upward = sorted(d for d in graph[module]
                         if d.startswith("napari_muvit.") and d.split(".")[1] in above)
         assert not upward, f"{module} imports {upward}"
+    # data/ reads pixels and knows no model: it imports nothing of the project but these
+    for module in (m for m in core if m.split(".")[1] == "data"):
+        foreign = sorted(d for d in graph[module] if d.startswith("napari_muvit.")
+                         and d.split(".")[1] not in ("data", "errors", "files"))
+        assert not foreign, f"{module} imports {foreign}"
 
 
 def test_the_cycle_finder_finds_cycles() -> None:

@@ -7,8 +7,10 @@ Examples::
     napari-muvit predict big.zarr --out big_labels.zarr --workers 4      # Dask LocalCluster
     napari-muvit predict big.zarr --out big_labels.zarr --scheduler tcp://10.0.0.1:8786
     napari-muvit predict slide.ome.zarr --into-source --labels-name muvit   # slide.ome.zarr/labels/muvit
+    napari-muvit predict snapshot.jpg --model my_model/ --out snapshot_labels.tif    # one file
 
-Re-running the same command after an interruption resumes the unfinished store.
+Re-running the same command after an interruption resumes the unfinished store (a one-file
+output is written once, when every tile is done).
 """
 
 from __future__ import annotations
@@ -106,13 +108,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("image", metavar="IMAGE", help="OME-Zarr/zarr group or array, TIFF or .npy")
+    p.add_argument("image", metavar="IMAGE", help="OME-Zarr/zarr group or array, TIFF, .npy, or a PNG/JPEG picture")
     p.add_argument("--model", metavar="FOLDER", default=None,
                    help="segmenter folder (default: the bundled model)")
     # --- where the labels go: a new store (--out) or the source OME-Zarr (--into-source)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", metavar="OUT.zarr",
-                        help="output OME-Zarr store (a point detector: a .csv table y,x,class,score)")
+                        help="output OME-Zarr store (resumable), or one .tif/.png/.npy label "
+                             "file for images up to 64 Mpx (a point detector: a .csv table "
+                             "y,x,class,score)")
     target.add_argument("--into-source", action="store_true",
                         help="write the labels into IMAGE (an OME-Zarr 0.4/0.5 image) as "
                              "labels/NAME; the image itself is not modified")
@@ -198,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
     if not image.exists():
         raise InputError(f"IMAGE {args.image!r} does not exist")
     if args.out is not None and not str(args.out).strip():
-        raise InputError("--out: expected the path of an output .zarr store, got an empty string")
+        raise InputError("--out: expected the path of an output .zarr store or label file, got "
+                         "an empty string")
     if args.out is not None and Path(args.out).suffix.lower() == ".csv":
         return _run_points(args)
     region = parse_region(args.region) if args.region else None

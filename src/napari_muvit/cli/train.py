@@ -209,14 +209,14 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument(
-        "images", nargs="+", metavar="IMAGE", help="OME-Zarr/zarr, TIFF or .npy image(s)"
+        "images", nargs="+", metavar="IMAGE", help="OME-Zarr/zarr, TIFF, .npy or PNG/JPEG image(s)"
     )
     t.add_argument(
         "--labels",
         nargs="+",
         default=None,
         metavar="LABELS",
-        help="one label image per IMAGE (.npy, TIFF, zarr); 0 = not annotated",
+        help="one label image per IMAGE (.npy, TIFF, PNG, zarr); 0 = not annotated",
     )
     _add_points_options(t)
     _common(t)
@@ -289,7 +289,8 @@ def register(subparsers: Any) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="OME-Zarr/zarr, TIFF or .npy")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="OME-Zarr/zarr, TIFF, .npy or PNG/JPEG")
     _common(p)
     p.add_argument(
         "--mask-ratio",

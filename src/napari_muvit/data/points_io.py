@@ -20,15 +20,17 @@ work on point annotations of gigapixel images unchanged.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from napari_muvit.errors import InputError
+from napari_muvit.files import replace_file
 
 __all__ = [
     "PointRaster",
@@ -312,13 +314,15 @@ def write_points_csv(path: str | os.PathLike[str], table: PointTable | dict) -> 
     else:
         cols = {k: np.asarray(table[k]) for k in ("y", "x", "class", "score") if k in table}
     names = list(cols)
-    tmp = path.parent / f".{path.name}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+    def write(handle: BinaryIO) -> None:
+        fh = io.TextIOWrapper(handle, encoding="utf-8", newline="")
         fh.write(",".join(names) + "\n")
         for row in zip(*(cols[n] for n in names)):
             fh.write(",".join(_cell(n, v) for n, v in zip(names, row)) + "\n")
-    os.replace(tmp, path)
-    return path
+        fh.flush()
+        fh.detach()  # replace_file fsyncs and closes the handle itself
+
+    return replace_file(path, write)
 
 
 def _cell(column: str, value: Any) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from napari_muvit.data.normalization import Normalization, compute_normalization
+from napari_muvit.data.picture_files import is_picture, read_picture
 from napari_muvit.errors import InputError
 
 __all__ = ["PyramidSource", "input_fingerprint", "open_image"]
@@ -886,7 +887,8 @@ def open_image(path_or_array: Any, **kwargs: Any) -> PyramidSource:
 
     Accepts an OME-Zarr / zarr group (v2 or v3, multiscales metadata or arrays named
     ``0, 1, ...``), a zarr array, a (pyramidal) TIFF (lazy via ``tifffile``'s zarr store for
-    files over 128 MB), a ``.npy`` file (memory-mapped), a numpy/dask/zarr array, a list of
+    files over 128 MB), a ``.npy`` file (memory-mapped), a PNG/JPEG/BMP/GIF/WebP picture (read
+    as napari reads it), a numpy/dask/zarr array, a list of
     arrays (pyramid), or an existing :class:`PyramidSource` (returned as is). Keyword
     arguments go to :class:`PyramidSource` (``channel_axis``, ``rgb``, ``normalization`` ...).
     """
@@ -931,6 +933,8 @@ def _open_path(path: Path, **kwargs: Any) -> PyramidSource:
                 f"image {str(path)!r}: cannot read this TIFF ({type(err).__name__}: {err}); it "
                 "is damaged or not a TIFF"
             ) from None
+    if is_picture(path):
+        return _named(PyramidSource([read_picture(path)], **kwargs), path)
     if path.is_dir() or name.endswith(".zarr"):
         import zarr
 
@@ -945,13 +949,15 @@ def _open_path(path: Path, **kwargs: Any) -> PyramidSource:
         return _named(PyramidSource([z], **kwargs), path)
     if name.endswith(".npz"):
         raise InputError(
-            f"path: expected .npy (not .npz), a TIFF or a zarr folder, got {str(path)!r}"
+            f"path: expected .npy (not .npz), a TIFF, a PNG/JPEG or a zarr folder, got "
+            f"{str(path)!r}"
         )
     try:  # other formats: let tifffile try (it detects TIFF by content)
         return _named(_open_tiff(path, **kwargs), path)
     except Exception as e:
         raise InputError(
-            f"path: expected an OME-Zarr/zarr folder, a TIFF or a .npy file, got {str(path)!r}"
+            f"path: expected an OME-Zarr/zarr folder, a TIFF, a .npy file or a PNG/JPEG "
+            f"picture, got {str(path)!r}"
         ) from e
 
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from napari_muvit.data import open_image
+from napari_muvit.data.picture_files import write_label_picture
 from napari_muvit.engine import _checkpointing
 from napari_muvit.engine._loop import StepProgress
 from napari_muvit.engine.cancel import CancelToken
@@ -44,7 +45,13 @@ from napari_muvit.engine.quicktrain import (
     check_quick_options_apply,
     starts_with_quick_fit,
 )
-from napari_muvit.engine.stores import create_zarr_sink, output_path, source_labels_target
+from napari_muvit.engine.stores import (
+    check_label_file_output,
+    create_zarr_sink,
+    is_label_file,
+    output_path,
+    source_labels_target,
+)
 from napari_muvit.engine.trainer import (
     TrainConfig,
     Trainer,
@@ -88,7 +95,7 @@ def predict(
     Parameters
     ----------
     image_or_source
-        A path (OME-Zarr/zarr, TIFF, ``.npy``), an array, a list of pyramid levels or a
+        A path (OME-Zarr/zarr, TIFF, ``.npy``, PNG/JPEG), an array, a list of pyramid levels or a
         :class:`~napari_muvit.data.PyramidSource`.
     model
         A ``MuViTSegmenter``, a model folder, or ``None`` for the bundled default model.
@@ -96,7 +103,9 @@ def predict(
         World bbox ``[[y0, x0], [y1, x1]]`` (default: the whole image).
     out
         ``None``: return the labels as numpy (``(labels, probs)`` with ``probabilities``).
-        A path: write a resumable OME-Zarr there and return its path.
+        A ``.zarr`` path: write a resumable OME-Zarr there and return its path. A ``.png``,
+        ``.tif``/``.tiff`` or ``.npy`` path: write the region's labels as one file (at most
+        64 Mpx; written once every tile is predicted) and return its path.
     scheduler, workers
         Run on Dask (a scheduler address, or a ``LocalCluster`` with ``workers`` processes);
         needs ``out``.
@@ -133,6 +142,12 @@ def predict(
     # ---
     if overlap is None:
         overlap = default_overlap(tile_size_of(resolved, tile_size))
+    to_file = not into_source and is_label_file(out)
+    if to_file and (scheduler is not None or workers is not None or probabilities):
+        raise InputError(
+            f"out {str(out)!r}: a one-file output is written by one process and holds labels "
+            "only; write a .zarr store for Dask (scheduler/workers) or probabilities"
+        )
     if out is not None and (scheduler is not None or workers is not None):
         return predict_distributed(
             image_or_source, model, out, scheduler=scheduler, workers=workers, region=region,
@@ -143,14 +158,19 @@ def predict(
     if out is not None and not into_source:
         out = output_path(out)
     source = open_image(image_or_source)
+    if to_file:
+        check_label_file_output(source, out, region, overwrite)
     seg = resolved
+    in_memory = out is None or to_file
     pred = Predictor(seg, device=device, batch_size=batch_size, amp=amp, overlap=overlap,
-                     skip_empty=skip_empty, cache_tiles=0 if out is not None else 512,
+                     skip_empty=skip_empty, cache_tiles=512 if in_memory else 0,
                      tile_size=tile_size, threads=threads)
     pred.check_source(source)
-    if out is None:
+    if in_memory:
         sink = pred.predict(source, region, probabilities=probabilities, progress=progress,
                             cancel=cancel)
+        if to_file:  # nothing is written unless every tile was predicted (cancel raises)
+            return write_label_picture(out, sink.labels, overwrite=overwrite)
         return (sink.labels, sink.probs) if probabilities else sink.labels
     sink = create_zarr_sink(pred, source, out, region=region, probabilities=probabilities,
                             overwrite=overwrite)

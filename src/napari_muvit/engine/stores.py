@@ -1,4 +1,5 @@
-"""Where a prediction is written: the resumable zarr store of a :class:`Predictor` run.
+"""Where a prediction is written: the resumable zarr store of a :class:`Predictor` run, or one
+small label file (:func:`check_label_file_output`).
 
 :func:`create_zarr_sink` creates (or resumes) the :class:`~napari_muvit.engine.sinks.ZarrSink`
 of a run: a new ``.zarr`` store, or the labels inside the source OME-Zarr
@@ -15,14 +16,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from napari_muvit.data.geometry import clip_region
+from napari_muvit.data.picture_files import LABEL_FILE_SUFFIXES
 from napari_muvit.data.pyramid import input_fingerprint
 from napari_muvit.engine import ome_labels
 from napari_muvit.engine.predictor import Predictor, model_digest
 from napari_muvit.engine.sinks import ZarrSink
 from napari_muvit.errors import InputError
 
-__all__ = ["create_zarr_sink", "output_path", "prediction_fingerprint", "source_labels_target"]
+__all__ = ["check_label_file_output", "create_zarr_sink", "is_label_file", "output_path",
+           "prediction_fingerprint", "source_labels_target"]
 
 
 def source_labels_target(image: Any, out: Any, into_source: bool | str) -> Any:
@@ -101,17 +106,46 @@ def output_path(out: Any) -> Path:
     if isinstance(out, (str, Path)) and str(out).strip() or hasattr(out, "__fspath__"):
         path = Path(out)
         if path.suffix.lower() in _FILE_FORMATS:
-            # a zarr store is a folder: "pred.npy/" would surprise whoever opens it
+            # a zarr store is a folder: "pred.jpg/" would surprise whoever opens it
             raise InputError(
                 f"out {path.name!r}: predictions are written as a zarr store (a folder, OME-Zarr "
-                f"labels), not as {path.suffix}; name it e.g. {path.stem}.zarr (a point "
-                "detector also writes .csv)"
+                f"labels) or as one {', '.join(LABEL_FILE_SUFFIXES)} file, not as "
+                f"{path.suffix}; name it e.g. {path.stem}.zarr or {path.stem}.tif"
             )
         return path
     raise InputError(f"out: expected the path of an output .zarr store, got {out!r}")
 
 
-_FILE_FORMATS = (".npy", ".npz", ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".h5", ".hdf5")
+def is_label_file(out: Any) -> bool:
+    """True if ``out`` names a one-file labels output (.png, .tif/.tiff, .npy)."""
+    return (isinstance(out, (str, os.PathLike)) and bool(str(out).strip())
+            and Path(out).suffix.lower() in LABEL_FILE_SUFFIXES)
+
+
+#: a one-file output holds the whole labels (and the predictor's blending buffers) in memory
+LABEL_FILE_MAX_PIXELS = 8192 * 8192
+
+
+def check_label_file_output(source: Any, out: Path, region: Any, overwrite: bool) -> None:
+    """Refuse, before any tile is computed, a one-file output that cannot or must not be
+    written: too large for memory, the input image itself, or an existing file."""
+    box = clip_region(region, source.shape)
+    pixels = int(np.prod(box[1] - box[0]))
+    if pixels > LABEL_FILE_MAX_PIXELS:
+        raise InputError(
+            f"out {str(out)!r}: a one-file output holds all {pixels / 1e6:.0f} Mpx in memory "
+            f"(at most {LABEL_FILE_MAX_PIXELS / 1e6:.0f}); write a resumable .zarr store instead"
+        )
+    _refuse_input_as_output(source, out)
+    if out.exists() and (out.is_dir() or not overwrite):
+        raise InputError(
+            f"out {str(out)!r}: "
+            + ("a folder of that name exists; choose a file name" if out.is_dir()
+               else "the file exists; pass --overwrite (overwrite=True) to replace it")
+        )
+
+
+_FILE_FORMATS = (".npz", ".jpg", ".jpeg", ".h5", ".hdf5", ".bmp", ".gif", ".webp")
 
 
 def _source_paths(source: Any) -> list[Path]:

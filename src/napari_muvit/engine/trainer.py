@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from napari_muvit.data.picture_files import is_picture, read_label_picture
 from napari_muvit.engine._labels import LabelIndex
 from napari_muvit.engine._loop import (
     RunConfig,
@@ -180,7 +181,7 @@ class TrainConfig(RunConfig):
 
 # ============================================================================ labels
 def open_labels(labels: Any) -> Any:
-    """Labels as a 2-D integer array: numpy/zarr/dask as is, or a path (.npy, TIFF, zarr).
+    """Labels as a 2-D integer array: numpy/zarr/dask as is, or a path (.npy, TIFF, PNG, zarr).
 
     Large files stay lazy (memory-mapped .npy, zarr); napari multiscale labels give level 0.
     """
@@ -200,12 +201,14 @@ def open_labels(labels: Any) -> Any:
         import tifffile
 
         return tifffile.imread(path)
+    if is_picture(path):
+        return read_label_picture(path)
     import zarr
 
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as err:  # zarr raises several types for non-zarr folders
-        raise InputError(f"labels: expected .npy, TIFF or zarr, got {path} ({err})") from err
+        raise InputError(f"labels: expected .npy, TIFF, PNG or zarr, got {path} ({err})") from err
     if hasattr(node, "array_keys"):  # a group (e.g. OME-Zarr labels): its first array
         keys = sorted(node.array_keys())
         if not keys:

@@ -23,18 +23,17 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
-import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 import yaml
 
 from napari_muvit.errors import InputError
+from napari_muvit.files import replace_file
 
 __all__ = ["PAPER_CITATION", "export_bioimageio", "pick_tile"]
 
@@ -446,17 +445,14 @@ def _add_hashes(node: Any, files: dict[str, bytes]) -> None:
 
 def _write_zip(out: Path, files: dict[str, bytes]) -> Path:
     """Write the zip atomically (a temporary sibling renamed into place)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as err:
-        raise InputError(f"out {str(out)!r}: cannot write there ({err})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as archive:
+
+    def write(handle: BinaryIO) -> None:
+        with zipfile.ZipFile(handle, "w", zipfile.ZIP_DEFLATED) as archive:
             for member, data in files.items():
                 archive.writestr(member, data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return replace_file(out, write)
+    except PermissionError as err:
+        raise InputError(f"out {str(out)!r}: cannot write there ({err})") from None

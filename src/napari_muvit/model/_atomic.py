@@ -35,6 +35,7 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from napari_muvit.errors import CheckpointError
+from napari_muvit.files import fsync_dir as _fsync_dir
 
 __all__ = [
     "JOURNAL",
@@ -57,16 +58,6 @@ def is_temporary(name: str) -> bool:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make renames inside ``folder`` durable (a no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # Free space below which a failed write is taken for a full disk: libraries wrap ENOSPC in
