@@ -27,6 +27,13 @@ Data sets (all ship offline):
     napari-convpaint wheel for its tests (``_tests/test_imgs/0000_img.png``, 384×512): the RGB
     stand-in for the issue's H&E image (none with ground truth ships offline).
 
+``he-nuclei``
+    Real H&E: 512² RGB tiles of glioblastoma at 40× with expert nucleus contours (GBM40, Kong
+    et al., ISBI 2016; the ``data/GBM40`` folder of github.com/pengyzhang/cell_seg_matlab:
+    ``raw_image/NN.tif``, ``contour_annotation_xml/NN_data.xml``), as two classes: elsewhere,
+    nucleus. Stroke seed *k* uses tile ``HE_TILES[k % 9]``. Found in ``$GBM40_DIR``; not
+    shipped (no licence is stated), so download it to run this set.
+
 A data set whose files are missing is skipped with a message saying what to install.
 
 Methods:
@@ -35,10 +42,14 @@ Methods:
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
     with the random-forest pixel head on the filter bank of the levels' crops (levels 1, 4, 16
     of the bundled encoder), the levels it reads chosen on held-out strokes
-    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), on CIELAB for RGB images,
-    fitted in seconds; nothing to fine-tune.
+    (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), and for RGB images its
+    filters on CIELAB or on the stain densities, also chosen on held-out strokes; fitted in
+    seconds; nothing to fine-tune.
 ``muvit-all-levels``
     The same forest always on every level (the default before the level choice).
+``muvit-lab``, ``muvit-hed``
+    The same forest with its filters always on CIELAB, or always on the stain densities
+    (haematoxylin, eosin, DAB), instead of the better of the two on held-out strokes.
 ``muvit-level1``
     The same forest on level 1 only (the bundled encoder restricted to level 1): what the
     coarse levels' context adds.
@@ -90,7 +101,7 @@ from napari_muvit.engine.trainer import TrainConfig, Trainer, prepare_start_mode
 
 
 # ------------------------------------------------------------------------------ data
-def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """``(image, truth, pyramid levels)`` of a data set (truth values 0..K-1)."""
     if name == "context":
         from napari_muvit.data.synthetic import synthetic_field
@@ -113,10 +124,14 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         return _vesicles()
     if name == "food":
         return _food()
+    if name == "he-nuclei":
+        return _he_nuclei(seed)
     raise SystemExit(f"unknown data set {name!r} ({', '.join(DATASETS)})")
 
 
-DATASETS = ("context", "nuclei", "vesicles", "food")
+DATASETS = ("context", "nuclei", "vesicles", "food", "he-nuclei")
+#: GBM40 tiles used by ``he-nuclei`` (stroke seed k -> HE_TILES[k % len])
+HE_TILES = ("03", "20", "06", "10", "17", "21", "26", "30", "33")
 #: where R keeps the spatstat.data package (Debian's r-cran-spatstat.data, or CRAN's install)
 SPATSTAT_DATA = [Path(p) / "spatstat.data" for p in (
     "/usr/lib/R/site-library", "/usr/local/lib/R/site-library", "/usr/lib/R/library")]
@@ -166,6 +181,31 @@ def _food() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     return image, truth, [image]
 
 
+def _he_nuclei(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A GBM40 H&E tile and its nucleus mask, rasterised from the expert's contour polygons."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+    from skimage.draw import polygon
+
+    folder = Path(os.environ.get("GBM40_DIR", "data/GBM40"))
+    tile = HE_TILES[seed % len(HE_TILES)]
+    image_path = folder / "raw_image" / f"{tile}.tif"
+    contours = folder / "contour_annotation_xml" / f"{tile}_data.xml"
+    if not (image_path.is_file() and contours.is_file()):
+        raise DatasetMissing(
+            "he-nuclei: set GBM40_DIR to the data/GBM40 folder of "
+            "https://github.com/pengyzhang/cell_seg_matlab (raw_image/, contour_annotation_xml/)")
+    image = np.ascontiguousarray(tifffile.imread(image_path)[..., :3])
+    truth = np.zeros(image.shape[:2], np.int32)
+    for shape in ET.parse(contours).getroot().iter("Shape"):
+        yx = [(float(p.get("Y")), float(p.get("X"))) for p in shape.iter("Point")]
+        if len(yx) >= 3:
+            rows, cols = polygon(*np.asarray(yx).T, truth.shape)
+            truth[rows, cols] = 1
+    return image, truth, [image]
+
+
 class DatasetMissing(Exception):
     """A data set's files are not installed (the run skips it with this message)."""
 
@@ -177,6 +217,8 @@ MUVIT_METHODS: dict[str, dict[str, Any]] = {
     "muvit-all-levels": {"quick": True, "classifier": "forest", "levels": None,
                          "select_levels": False},
     "muvit-level1": {"quick": True, "classifier": "forest", "levels": "1"},
+    "muvit-lab": {"quick": True, "classifier": "forest", "levels": None, "color_space": "lab"},
+    "muvit-hed": {"quick": True, "classifier": "forest", "levels": None, "color_space": "hed"},
     "muvit-mlp": {"quick": True, "classifier": "mlp", "levels": None},
     "muvit-unetr": {"quick": False, "classifier": "forest", "levels": None},
 }
@@ -203,7 +245,7 @@ def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int)
             cancel.cancel()
 
     cfg = TrainConfig(steps=100_000, device="cpu", checkpoint_every=1e9,
-                      classifier=spec["classifier"])
+                      classifier=spec["classifier"], color_space=spec.get("color_space", "auto"))
     if spec["quick"]:
         quick = QuickConfig(snapshot_every=snapshot_every,
                             select_levels=spec.get("select_levels", True))
@@ -301,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for ds, seed in ((d, s) for d in args.datasets for s in args.seeds):
         try:
-            image, truth, pyramid = load_dataset(ds)
+            image, truth, pyramid = load_dataset(ds, seed)
         except DatasetMissing as missing:
             print(f"[{ds}] skipped: {missing}", flush=True)
             result.setdefault("skipped", {})[ds] = str(missing)
@@ -310,9 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         painted = {int(v): int(n) for v, n in enumerate(np.bincount(strokes.ravel())) if v and n}
         print(f"[{ds}] seed {seed}: image {image.shape}, painted pixels per label {painted}",
               flush=True)
+        tile = {"tile": HE_TILES[seed % len(HE_TILES)]} if ds == "he-nuclei" else {}
         for method in args.methods:
             run: dict[str, Any] = {"dataset": ds, "method": method, "seed": seed,
-                                   "painted": painted, "curve": []}
+                                   "painted": painted, "curve": [], **tile}
             if method == "convpaint":
                 seconds, wall, seg, setting = run_convpaint(image, strokes, "catboost")
                 score = mean_dice(seg, truth + 1)

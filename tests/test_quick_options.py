@@ -35,7 +35,7 @@ def test_each_choice_names_one_candidate_of_the_automatic_choice():
 def test_the_config_refuses_unknown_choices():
     with pytest.raises(InputError, match="forest_levels: expected one of auto, level1, all, mix"):
         TrainConfig(forest_levels="coarse")
-    with pytest.raises(InputError, match="color_space: expected one of auto, rgb, lab, got 'hsv'"):
+    with pytest.raises(InputError, match="color_space: expected one of auto, rgb, lab, hed, got 'hsv'"):
         TrainConfig(color_space="hsv")
     assert (TrainConfig().forest_levels, TrainConfig().color_space) == ("auto", "auto")
 

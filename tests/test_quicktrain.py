@@ -371,6 +371,18 @@ def test_lab_conversion_matches_scikit_image():
     np.testing.assert_allclose(ours, color.rgb2lab(rgb), atol=0.02)
 
 
+def test_stain_densities_match_scikit_image():
+    from skimage import color
+
+    from napari_muvit.model.heads import rgb_to_hed
+
+    rng = np.random.default_rng(0)
+    rgb = rng.random((6, 9, 3)).astype(np.float32)
+    rgb[0, 0], rgb[0, 1] = 0.0, 1.0  # black and white
+    ours = rgb_to_hed(torch.from_numpy(np.moveaxis(rgb, -1, 0))[None])[0].numpy()
+    np.testing.assert_allclose(np.moveaxis(ours, 0, -1), color.rgb2hed(rgb), atol=1e-6)
+
+
 def _colour_discs(size: int = 128) -> tuple[np.ndarray, np.ndarray]:
     """Red and green discs of equal lightness on grey: the class is the hue."""
     rng = np.random.default_rng(0)
@@ -401,6 +413,65 @@ def test_a_new_forest_head_on_rgb_filters_lab_and_reloads_the_same(tmp_path):
     assert load_model(tmp_path / "old").head.color_space == "channels"
 
 
+@pytest.mark.parametrize("winner", ["hed", "lab", "tie"])
+def test_auto_colours_are_chosen_on_held_out_strokes(monkeypatch, tmp_path, winner):
+    """A new forest head on RGB scores CIELAB and the stain densities on held-out strokes and
+    keeps the better (CIELAB on a tie); the choice is recorded and reloads the same."""
+    from napari_muvit.engine import quicktrain
+
+    real = quicktrain.choose_forest_levels
+    judged = []
+
+    def scored(bank, classes, strokes, width, levels, cfg):
+        chosen, scores = real(bank, classes, strokes, width, levels, cfg)
+        space = qt.model.head.color_space
+        judged.append(space)
+        return chosen, {k: (0.7 if space == winner else 0.6) if winner != "tie" else 0.65
+                        for k in scores}
+
+    monkeypatch.setattr(quicktrain, "choose_forest_levels", scored)
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    qt = QuickTrainer(_tiny(), [(PyramidSource([image]), strokes)], _quick_cfg(head="pixel"),
+                      QuickConfig(snapshot_every=0), fine_tune=False, out=tmp_path / "m")
+    qt.run()
+    expected = "hed" if winner == "hed" else "lab"
+    assert judged[:2] == ["lab", "hed"]  # each candidate's features were judged
+    assert qt.model.head.color_space == expected
+    assert qt.model.head_options["color_space"] == expected
+    events = {e["kind"]: e["message"] for e in qt.trainer.history["events"]}
+    name = "stain densities" if expected == "hed" else "CIELAB"
+    assert name in events["color_space"] and name in events["quick_fit"]
+    scores = "CIELAB 0.650, stain densities 0.650" if winner == "tie" else (
+        "CIELAB 0.600, stain densities 0.700" if winner == "hed" else
+        "CIELAB 0.700, stain densities 0.600")
+    assert f"held-out strokes, mean Dice: {scores}" in events["color_space"]
+    labels = predict(image, qt.model, device="cpu")
+    assert mean_dice(labels, truth + 1) > 0.9
+    again = load_model(tmp_path / "m")
+    assert again.head.color_space == expected
+    np.testing.assert_array_equal(predict(image, again, device="cpu"), labels)
+
+
+def test_forced_stain_densities_need_rgb_and_skip_the_choice(tmp_path):
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg(color_space="hed"))
+    from napari_muvit.model import load_history
+
+    assert model.head.color_space == "hed"
+    assert load_model(tmp_path / "m").head.color_space == "hed"
+    said = [e["message"] for e in load_history(tmp_path / "m")["events"]
+            if e["kind"] == "color_space"]
+    assert said == ["RGB images: the filters see stain densities (haematoxylin, eosin, DAB) "
+                    "(color space: hed)"]  # set, not chosen: no held-out scores
+    grey, grey_truth = _discs(96)
+    grey_strokes = simulate_strokes(grey_truth, strokes_per_class=3, length=20, seed=0)
+    with pytest.raises(InputError, match="color space 'hed' needs RGB images"):
+        train(grey, grey_strokes, init=_tiny(), head="pixel", config=_quick_cfg(color_space="hed"))
+
+
 def test_grey_images_keep_their_channels_and_lab_needs_three():
     from napari_muvit.model.heads import PixelHead
 
@@ -408,7 +479,8 @@ def test_grey_images_keep_their_channels_and_lab_needs_three():
     qt = _quick_levels(image, truth, (1, 4))
     assert qt.model.head.color_space == "channels"
     assert "color_space" not in qt.model.head_options
-    with pytest.raises(ValueError, match="3 input channels"):
-        PixelHead(8, 1, 8, 2, color_space="lab")
+    for space in ("lab", "hed"):
+        with pytest.raises(ValueError, match="3 input channels"):
+            PixelHead(8, 1, 8, 2, color_space=space)
     with pytest.raises(ValueError, match="color_space"):
         PixelHead(8, 3, 8, 2, color_space="hsv")

@@ -44,7 +44,7 @@ def test_quick_fit_row_passes_the_choices_and_remembers_them(make_napari_viewer,
     viewer, train, grey = _panel(make_napari_viewer, rings)
     levels, colours = train.forest_levels_combo, train.color_space_combo
     assert [levels.itemText(i) for i in range(levels.count())] == ["auto", "level1", "all", "mix"]
-    assert [colours.itemText(i) for i in range(colours.count())] == ["auto", "rgb", "lab"]
+    assert [colours.itemText(i) for i in range(colours.count())] == ["auto", "rgb", "lab", "hed"]
     assert (levels.currentText(), colours.currentText()) == ("auto", "auto")
     # behind the New head row's button until asked for
     assert train.quick_fit_row.isHidden()

@@ -248,9 +248,11 @@ def register(subparsers: Any) -> None:
         "--color-space",
         choices=COLOR_SPACE_CHOICES,
         default="auto",
-        help="what the pixel head's filters see of an RGB image: auto (default): CIELAB for a "
-        "new forest head; rgb: R, G, B as they come; lab: lightness and two colour axes "
-        "(CIELAB; RGB images only)",
+        help="what the pixel head's filters see of an RGB image: auto (default): for a new "
+        "forest head CIELAB or the stain densities, whichever predicts held-out strokes "
+        "better; rgb: R, G, B as they come; lab: lightness and two colour axes (CIELAB); hed: "
+        "haematoxylin, eosin and DAB densities (colour deconvolution, for stained histology); "
+        "lab and hed need RGB images",
     )
     t.add_argument(
         "--encoder-lr-factor",

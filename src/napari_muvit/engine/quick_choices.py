@@ -11,6 +11,7 @@ from __future__ import annotations
 #: the first 1, 2, … all levels, their probabilities averaged)
 FOREST_LEVEL_CHOICES = ("auto", "level1", "all", "mix")
 #: what a pixel head's filters see of an RGB image (``TrainConfig.color_space``): ``auto``
-#: (CIELAB for a new forest head, else what the head had), ``rgb`` (R, G, B as they come),
-#: ``lab`` (CIELAB: lightness and two colour axes)
-COLOR_SPACE_CHOICES = ("auto", "rgb", "lab")
+#: (for a new forest head CIELAB or the stain densities, whichever predicts held-out strokes
+#: better; else what the head had), ``rgb`` (R, G, B as they come), ``lab`` (CIELAB: lightness
+#: and two colour axes), ``hed`` (haematoxylin, eosin and DAB densities: colour deconvolution)
+COLOR_SPACE_CHOICES = ("auto", "rgb", "lab", "hed")

@@ -201,6 +201,7 @@ def quick_fit(
     cancel: CancelToken | None = None,
     strokes: np.ndarray | None = None,
     forest_levels: str = "auto",
+    level_choice: tuple[tuple[int, ...], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Fit ``model.head`` (a :class:`PixelHead`) on cached features, in place.
 
@@ -208,7 +209,8 @@ def quick_fit(
     classifier with class-balanced cross-entropy (every class counts equally, however many
     pixels were painted). A forest is fitted instead, on the levels chosen by
     :func:`choose_forest_levels` from the ``strokes`` (stroke index of every row; without them,
-    every level), or on those ``forest_levels`` forces (:func:`forced_forest_levels`). Returns
+    every level), or on those ``forest_levels`` forces (:func:`forced_forest_levels`);
+    ``level_choice`` is that function's answer for these very features, when already known. Returns
     ``{"loss", "train_accuracy", "pixels", "seconds"}``, and for a forest
     ``"forest_levels"`` (levels its filters are computed on), ``"sub_forests"`` (the level
     counts of its sub-forests) and the stroke-validated ``"level_scores"``.
@@ -227,7 +229,7 @@ def quick_fit(
         head.feature_mean.copy_(x.mean(0))
         head.feature_std.copy_(x.std(0).clamp_min(1e-3))
     if getattr(head, "forest", None) is not None:
-        fitted = _fit_forest(model, features, classes, cfg, strokes, forest_levels)
+        fitted = _fit_forest(model, features, classes, cfg, strokes, forest_levels, level_choice)
         with torch.no_grad():
             acc = float((head.classify(x[:, :, None, None])[:, :, 0, 0].argmax(1) == y)
                         .float().mean())
@@ -385,7 +387,9 @@ def _candidate_name(counts: Sequence[int]) -> str:
 
 def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
                 cfg: QuickConfig, strokes: np.ndarray | None = None,
-                forest_levels: str = "auto") -> dict[str, Any]:
+                forest_levels: str = "auto",
+                level_choice: tuple[tuple[int, ...], dict[str, float]] | None = None,
+                ) -> dict[str, Any]:
     """Fit the head's random forest on the filter-bank columns of ``features`` (in place).
 
     ``forest_levels`` other than ``"auto"`` forces the levels (:func:`forced_forest_levels`);
@@ -407,8 +411,9 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
         if forced is not None:
             chosen = forced
         elif cfg.select_levels and strokes is not None:
-            chosen, scores = choose_forest_levels(bank, classes, np.asarray(strokes),
-                                                  head.bank_level_width, _bank_levels(head), cfg)
+            chosen, scores = level_choice or choose_forest_levels(
+                bank, classes, np.asarray(strokes), head.bank_level_width, _bank_levels(head),
+                cfg)
         else:  # the levels the head is set to read (every level unless forest_levels says)
             chosen = (head.forest_levels or _bank_levels(head),)
         head.forest_levels = max(chosen)
@@ -502,7 +507,7 @@ class QuickTrainer:
             model, pairs, cfg, progress=self._trainer_progress, cancel=self.cancel, out=out,
             class_names=class_names, provenance=provenance, notes=notes,
         )
-        _apply_color_space(self.trainer, cfg.color_space, fresh_head)
+        self._color_candidates = _apply_color_space(self.trainer, cfg.color_space, fresh_head)
         self._start = time.monotonic()
         self.quick_stats: dict[str, float] = {}
 
@@ -542,26 +547,24 @@ class QuickTrainer:
         rng = np.random.default_rng(cfg.seed)
         mapping = t.label_mapping
         per_class = max(1, cfg.max_pixels // max(1, len(mapping)))
-        feats, classes, strokes = [], [], []
-        for source, labels in t.pairs:
+        points, classes, strokes = [], [], []
+        for _, labels in t.pairs:
             pts, cls, stroke = _points_of_pair(labels, mapping, per_class, rng)
             # strokes of different images are different strokes
             strokes.append(stroke + sum(int(s.max(initial=-1)) + 1 for s in strokes))
-            if self.cancel.cancelled:
-                break
-
-            def report(done: int, total: int) -> None:
-                self._emit({"stage": "features", "done": done, "total": total})
-
-            feats.append(collect_features(
-                t.model, source, pts, t.crop_size, cfg.tile_batch, self.cancel, report
-            ))
+            points.append(pts)
             classes.append(cls)
+        classes, strokes = np.concatenate(classes), np.concatenate(strokes)
+        color_note, level_choice = "", None
+        if len(self._color_candidates) > 1:
+            features, level_choice, color_note = self._choose_color_space(points, classes,
+                                                                          strokes)
+        else:
+            features = self._painted_features(points)
         if self.cancel.cancelled:
             return {}
-        stats = quick_fit(t.model, np.concatenate(feats), np.concatenate(classes), cfg,
-                          self.cancel, strokes=np.concatenate(strokes),
-                          forest_levels=t.config.forest_levels)
+        stats = quick_fit(t.model, features, classes, cfg, self.cancel, strokes=strokes,
+                          forest_levels=t.config.forest_levels, level_choice=level_choice)
         stats["elapsed"] = time.monotonic() - self._start
         self.quick_stats = stats
         read = ""
@@ -574,8 +577,7 @@ class QuickTrainer:
             forest = _describe_sub_forests(stats["sub_forests"], t.model.levels)
             read = f"; the forest reads {forest} (forest levels: {t.config.forest_levels})"
         if all(getattr(source, "rgb", False) for source, _ in t.pairs):
-            read += ("; filters on CIELAB" if t.model.head.color_space == "lab"
-                     else "; filters on R, G, B")
+            read += f"; filters on {_COLOR_NAMES[t.model.head.color_space]}{color_note}"
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)
@@ -585,6 +587,55 @@ class QuickTrainer:
         self.trainer.checkpoint()
         self._snapshot("quick")
         return stats
+
+    def _painted_features(self, points: Sequence[np.ndarray]) -> np.ndarray:
+        """:func:`collect_features` of the painted pixels of every image, one array."""
+        t = self.trainer
+
+        def report(done: int, total: int) -> None:
+            self._emit({"stage": "features", "done": done, "total": total})
+
+        feats = []
+        for (source, _), pts in zip(t.pairs, points):
+            if self.cancel.cancelled:
+                break
+            feats.append(collect_features(t.model, source, pts, t.crop_size,
+                                          self.quick.tile_batch, self.cancel, report))
+        width = t.model.head.num_features
+        return np.concatenate(feats) if feats else np.zeros((0, width), np.float32)
+
+    def _choose_color_space(self, points: Sequence[np.ndarray], classes: np.ndarray,
+                            strokes: np.ndarray) -> tuple[np.ndarray, Any, str]:
+        """Set the colour space of the head's filters that predicts held-out strokes best.
+
+        Each candidate's features are scored as :func:`choose_forest_levels` scores levels
+        (its best level candidate); the first candidate within ``select_margin`` of the best
+        wins. Returns the chosen features, their level choice (for the fit) and a note for the
+        fit's message.
+        """
+        head, cfg = self.trainer.model.head, self.quick
+        scored: dict[str, tuple[float, np.ndarray, Any]] = {}
+        for space in self._color_candidates:
+            head.color_space = space
+            features = self._painted_features(points)
+            if self.cancel.cancelled:
+                return features, None, ""
+            bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
+            levels = choose_forest_levels(bank, classes, strokes, head.bank_level_width,
+                                          _bank_levels(head), cfg)
+            scored[space] = (max(levels[1].values(), default=float("nan")), features, levels)
+        best = max(score for score, _, _ in scored.values())
+        chosen = next((space for space, (score, _, _) in scored.items()
+                       if score >= best - cfg.select_margin), self._color_candidates[0])
+        head.color_space = chosen
+        self.trainer.model.head_options["color_space"] = chosen
+        judged = ", ".join(f"{_COLOR_NAMES[space].split(' (')[0]} {score:.3f}"
+                           for space, (score, _, _) in scored.items() if score == score)
+        note = f" (held-out strokes, mean Dice: {judged})" if judged else ""
+        self.trainer._event("color_space", f"RGB images: the filters see "
+                            f"{_COLOR_NAMES[chosen]}{note}")
+        _, features, levels = scored[chosen]
+        return features, (levels if levels[1] else None), note
 
     def run(self) -> dict[str, Any]:
         """Both stages; returns the trainer's history (``status`` as for ``Trainer.run``)."""
@@ -614,13 +665,13 @@ def _check_quick_choices(model: nn.Module, pairs: Sequence[tuple[Any, Any]],
                          provenance: Mapping[str, Any] | None) -> None:
     """Refuse ``config.forest_levels``/``color_space`` choices that cannot apply, before the
     trainer touches the output folder."""
-    if config.color_space == "lab":
+    if config.color_space in ("lab", "hed"):
         names = list((provenance or {}).get("images") or [])
         for i, (source, _) in enumerate(pairs):
             if not getattr(source, "rgb", False) or getattr(source, "channels", 3) != 3:
                 name = f"image {i + 1}" + (f" ({names[i]})" if i < len(names) and names[i] else "")
                 raise InputError(
-                    f"color space 'lab' needs RGB images; {name} is not RGB "
+                    f"color space {config.color_space!r} needs RGB images; {name} is not RGB "
                     f"({getattr(source, 'channels', '?')} channel(s)): use color space auto")
     if config.forest_levels != "auto":
         head = getattr(model, "head", None)
@@ -644,32 +695,40 @@ def check_quick_options_apply(config: TrainConfig, quick_fit: bool, why: str) ->
                          f"{why}: leave {pronoun} at auto")
 
 
-def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> None:
+def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> tuple[str, ...]:
     """What the pixel head's filters see of RGB images (its ``color_space`` option).
 
-    ``"auto"``: a new forest head on RGB images filters CIELAB instead of R, G and B: on the
-    RGB test photograph of bench_scribbles, level-1 filters scored 0.960 mDSC on Lab against
-    0.918 on RGB (docs/benchmarks.md); any other head keeps what it has. ``"lab"``/``"rgb"``
-    set it (the quick fit refits the classifier on the new filters); recorded in the head
-    options and the history either way.
+    ``"auto"``: a new forest head on RGB images filters CIELAB or the stain densities
+    (haematoxylin, eosin, DAB), whichever predicts held-out strokes better: returns those
+    candidates for :meth:`QuickTrainer.fit_quick` to choose from (CIELAB until then). On the
+    RGB photograph of bench_scribbles, level-1 filters scored 0.960 mDSC on Lab against 0.918
+    on RGB; on real H&E, stain densities beat Lab (docs/benchmarks.md). Any other head keeps
+    what it has. ``"lab"``/``"hed"``/``"rgb"`` set it (the quick fit refits the classifier on
+    the new filters); recorded in the head options and the history either way.
     """
     model, head = trainer.model, trainer.model.head
     rgb = all(getattr(source, "rgb", False) for source, _ in trainer.pairs)
+    candidates: tuple[str, ...] = ()
     if choice == "auto":
         new_forest = fresh_head and getattr(head, "forest", None) is not None
         if not new_forest or not rgb or head.in_channels != 3:
-            return
-        choice = "lab"
+            return ()
+        choice, candidates = "lab", AUTO_COLOR_SPACES
     elif not rgb:  # "rgb" on other images: the filters see the channels as they come anyway
-        return
-    head.color_space = "lab" if choice == "lab" else "channels"
+        return ()
+    head.color_space = choice if choice in ("lab", "hed") else "channels"
     model.head_options["color_space"] = head.color_space
-    set_by = "" if trainer.config.color_space == "auto" else f" (color space: {choice})"
-    if choice == "lab":
-        trainer._event("color_space", "RGB images: the filters see lightness and colour "
-                       f"(CIELAB) instead of R, G, B{set_by}")
-    else:
-        trainer._event("color_space", f"RGB images: the filters see R, G, B{set_by}")
+    if not candidates:  # an automatic choice is recorded once it is made
+        set_by = "" if trainer.config.color_space == "auto" else f" (color space: {choice})"
+        trainer._event("color_space", "RGB images: the filters see "
+                       f"{_COLOR_NAMES[head.color_space]}{set_by}")
+    return candidates
+
+
+#: what ``color_space="auto"`` chooses from for a new forest head on RGB images
+AUTO_COLOR_SPACES = ("lab", "hed")
+_COLOR_NAMES = {"lab": "CIELAB (lightness and two colour axes)",
+                "hed": "stain densities (haematoxylin, eosin, DAB)", "channels": "R, G, B"}
 
 
 def quick_fit_message(history: Mapping[str, Any]) -> str | None:

@@ -376,7 +376,10 @@ class PixelHead(nn.Module):
     ``color_space="lab"``: a 3-channel crop (RGB scaled to [0, 1]) is converted to CIELAB
     before the filters, so lightness and the two colour axes get their own filters instead of
     three correlated channels (``"channels"``, the default of models saved before the option:
-    the filters see the channels as they come). The quick fit sets it for RGB images.
+    the filters see the channels as they come). ``color_space="hed"``: the crop is unmixed into
+    the optical densities of haematoxylin, eosin and DAB (:func:`rgb_to_hed`, colour
+    deconvolution), what separates nuclei from cytoplasm and stroma in stained histology. The
+    quick fit sets one of them for RGB images.
     """
 
     def __init__(
@@ -405,8 +408,9 @@ class PixelHead(nn.Module):
             raise ValueError(f"bank: expected one of {BANKS}, got {bank!r}")
         if color_space not in COLOR_SPACES:
             raise ValueError(f"color_space: expected one of {COLOR_SPACES}, got {color_space!r}")
-        if color_space == "lab" and int(in_channels) != 3:
-            raise ValueError(f"color_space 'lab' needs 3 input channels, got {in_channels}")
+        if color_space in COLOR_CONVERSIONS and int(in_channels) != 3:
+            raise ValueError(f"color_space {color_space!r} needs 3 input channels, got "
+                             f"{in_channels}")
         self.color_space = color_space
         if classifier not in ("mlp", "forest"):
             raise ValueError(f"classifier: expected 'mlp' or 'forest', got {classifier!r}")
@@ -466,8 +470,8 @@ class PixelHead(nn.Module):
     def image_features(self, image: Tensor) -> Tensor:
         """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W)."""
         image = image.float()
-        if self.color_space == "lab":
-            image = srgb_to_lab(image)
+        if self.color_space in COLOR_CONVERSIONS:
+            image = COLOR_CONVERSIONS[self.color_space](image)
         feats = [image]
         for i in range(len(self.sigmas)):
             g = self._blur(image, getattr(self, f"gauss{i}"))
@@ -591,7 +595,7 @@ class PixelHead(nn.Module):
 
 
 #: what :class:`PixelHead`'s filters see of the input channels (``color_space``)
-COLOR_SPACES = ("channels", "lab")
+COLOR_SPACES = ("channels", "lab", "hed")
 # sRGB (D65) -> XYZ, and the D65 white point
 _RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169),
                (0.019334, 0.119193, 0.950227))
@@ -610,6 +614,29 @@ def srgb_to_lab(rgb: Tensor) -> Tensor:
     lightness = 116 * f[:, 1] - 16
     return torch.stack((lightness / 100, 500 * (f[:, 0] - f[:, 1]) / 128,
                         200 * (f[:, 1] - f[:, 2]) / 128), 1)
+
+
+# Ruifrok & Johnston's haematoxylin, eosin and DAB colours (rows: optical density of R, G, B),
+# as scikit-image's ``rgb_from_hed``; unmixing multiplies by the inverse
+_RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+_HED_FLOOR = 1e-6
+
+
+def rgb_to_hed(rgb: Tensor) -> Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> stain densities (B, 3, H, W): haematoxylin, eosin, DAB.
+
+    Colour deconvolution (Ruifrok & Johnston 2001): optical density ``log(rgb) / log(1e-6)``
+    unmixed by the inverse of the stains' colour matrix, negative amounts clipped to 0.
+    Matches ``skimage.color.rgb2hed``.
+    """
+    x = rgb.float().clamp(_HED_FLOOR, 1.0)
+    density = torch.log(x) / math.log(_HED_FLOOR)
+    unmix = torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64)).to(x)
+    return torch.einsum("ji,bjhw->bihw", unmix, density).clamp_min(0.0)
+
+
+#: colour spaces of :data:`COLOR_SPACES` that convert a 3-channel crop before the filters
+COLOR_CONVERSIONS = {"lab": srgb_to_lab, "hed": rgb_to_hed}
 
 
 #: filter-bank layouts of :class:`PixelHead` and their default sigmas (level-1 pixels of each

@@ -236,8 +236,10 @@ class TrainWidget(DockPanel):
             "mix: sub-forests on level 1, 1-2, … all levels, averaged")
         self.color_space_combo = unplaced.combo(
             "color_space", "",
-            "What the head's filters see of an RGB image. auto: CIELAB for a new forest head; "
-            "rgb: R, G, B as they come; lab: lightness and two colour axes (RGB images only)")
+            "What the head's filters see of an RGB image. auto: CIELAB or the stain densities "
+            "for a new forest head, whichever predicts strokes held out of the fit better; "
+            "rgb: R, G, B as they come; lab: lightness and two colour axes; hed: haematoxylin, "
+            "eosin and DAB densities (stained histology); lab and hed: RGB images only")
         self.quick_fit_row = QWidget()
         row = QHBoxLayout(self.quick_fit_row)
         row.setContentsMargins(0, 0, 0, 0)
