@@ -466,6 +466,10 @@ def test_forced_stain_densities_need_rgb_and_skip_the_choice(tmp_path):
             if e["kind"] == "color_space"]
     assert said == ["RGB images: the filters see stain densities (haematoxylin, eosin, DAB) "
                     "(color space: hed)"]  # set, not chosen: no held-out scores
+    history = load_history(tmp_path / "m")
+    # the forest never reads the 1-channel encoder adapted to RGB: recorded, not a warning
+    assert [e["kind"] for e in history["events"]].count("channel_adaptation") == 1
+    assert not any("channel adaptation" in w for w in history["warnings"])
     grey, grey_truth = _discs(96)
     grey_strokes = simulate_strokes(grey_truth, strokes_per_class=3, length=20, seed=0)
     with pytest.raises(InputError, match="color space 'hed' needs RGB images"):

@@ -443,8 +443,10 @@ class Trainer(TrainingLoop):
         """``model`` adapted to the images' channels (noted in the history), its levels checked
         against every image."""
         model, notes = adapt_channels(model, self.pairs[0][0].channels)
+        # a forest on the filter bank never reads the encoder: its adaptation is only a record
+        encoder_unused = self.config.head == "pixel" and self.config.classifier == "forest"
         for note in notes:
-            self._event("channel_adaptation", note, warning=True)
+            self._event("channel_adaptation", note, warning=not encoder_unused)
         for src, *_ in self.pairs:
             src.check_levels(model.levels)
             self._check_level_extent(src, model)
