@@ -72,7 +72,10 @@ Usage::
     python benchmarks/bench_scribbles.py --plot docs/images/scribbles.png docs/data/scribbles_context.json docs/data/scribbles_nuclei.json
 
 Prints one line per snapshot; runs torch on ``--threads`` threads (default 2) and records the
-machine's load average.
+machine's load average. Snapshots are scored unblended (overlap 0); ``--cli-defaults`` also
+scores the quick fit's and the final model as ``napari-muvit predict`` runs them by default
+(blended overlap of an eighth of the tile) with their tile-seam ratio
+(:func:`napari_muvit.metrics.seam_ratio`; the issue asks for at most 1.5).
 """
 
 from __future__ import annotations
@@ -315,6 +318,19 @@ def evaluate(model: Any, pyramid, truth: np.ndarray) -> float:
     return mean_dice(lab, truth + 1)
 
 
+def evaluate_at_cli_defaults(model: Any, pyramid, truth: np.ndarray) -> dict[str, float]:
+    """mDSC and tile seams of the prediction ``napari-muvit predict`` makes by default
+    (blended overlap of an eighth of the tile): ``{"mdsc", "seam_ratio", "overlap"}``."""
+    from napari_muvit.engine.predictor import default_overlap, tile_size_of
+    from napari_muvit.metrics import seam_ratio
+
+    tile = tile_size_of(model, None)
+    overlap = default_overlap(tile)
+    lab = predict(PyramidSource(pyramid), model, device="cpu", overlap=overlap)
+    return {"mdsc": round(mean_dice(lab, truth + 1), 4), "overlap": overlap,
+            "seam_ratio": round(seam_ratio(lab, tile - overlap)["ratio"], 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=["context", "nuclei"], choices=DATASETS)
@@ -325,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="stroke seeds")
     p.add_argument("--snapshot-every", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cli-defaults", action="store_true",
+                   help="also score the trained model as `napari-muvit predict` runs it (blended "
+                        "overlap) and its tile seams (border/interior label-change ratio)")
     p.add_argument("--json", type=Path)
     p.add_argument("--plot", type=Path, help="write a PNG of the curves in the given JSON files")
     p.add_argument("inputs", nargs="*", type=Path, help="JSON files for --plot")
@@ -373,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
                     point = {"seconds": round(seconds, 2), "wall": round(wall, 2),
                              "stage": stage, "mdsc": round(score, 4),
                              "predict_cpu_s": round(predict_cpu, 2)}
+                    if args.cli_defaults and stage in ("quick", "final"):
+                        point["cli_defaults"] = evaluate_at_cli_defaults(model, pyramid, truth)
+                        print(f"[{ds}] {method} {stage} at the CLI's default overlap: "
+                              f"{point['cli_defaults']}", flush=True)
                     read = model.head_options.get("forest_levels")
                     if read is not None:  # the levels the forest chose to read
                         point["forest_levels"] = list(model.levels)[:read]

@@ -214,3 +214,11 @@ def test_cli_export(tmp_path, capsys) -> None:
 def test_export_refuses_bad_input(tmp_path) -> None:
     with pytest.raises(InputError, match="channels"):
         export_bioimageio(tiny_segmenter(in_channels=2), tmp_path / "x.zip")
+
+
+def test_export_where_nothing_can_be_written_is_one_line(tmp_path) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the package's folder would be")
+    with pytest.raises(InputError, match="cannot write there"):
+        export_bioimageio(tiny_segmenter(), blocker / "x.zip", torchscript=False)
+    assert blocker.read_text().startswith("a file")

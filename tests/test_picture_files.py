@@ -65,9 +65,15 @@ def test_a_damaged_picture_or_an_animation_is_one_clear_error(tmp_path: Path) ->
     with pytest.raises(InputError, match=r"broken.png.*cannot read this .png file"):
         open_image(broken)
     frames = tmp_path / "movie.gif"
-    iio.imwrite(frames, np.zeros((3, 16, 16, 3), np.uint8), extension=".gif")
+    moving = np.zeros((3, 16, 16, 3), np.uint8)
+    for k in range(3):
+        moving[k, :, 5 * k : 5 * k + 4] = 255  # distinct frames (identical ones are merged)
+    iio.imwrite(frames, moving, extension=".gif")
     with pytest.raises(InputError, match="an animation or a stack"):
         open_image(frames)
+    still = tmp_path / "still.gif"
+    iio.imwrite(still, np.full((16, 24, 3), 200, np.uint8), extension=".gif")
+    assert open_image(still).shape == (16, 24)  # one frame comes as a stack of one
 
 
 def test_label_pictures_give_class_values(tmp_path: Path) -> None:
@@ -80,6 +86,11 @@ def test_label_pictures_give_class_values(tmp_path: Path) -> None:
     assert iio.imread(tmp_path / "palette.png").ndim == 3  # imageio would give colours
     iio.imwrite(tmp_path / "grey_as_rgb.png", np.repeat(values[..., None], 3, -1))
     np.testing.assert_array_equal(read_label_picture(tmp_path / "grey_as_rgb.png"), values)
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[..., :3] = 255  # transparent white: what an unpainted pixel may hold
+    rgba[values > 0] = np.c_[np.repeat(values[values > 0, None], 3, 1), np.full((values > 0).sum(), 255)]
+    iio.imwrite(tmp_path / "rgba.png", rgba)
+    np.testing.assert_array_equal(read_label_picture(tmp_path / "rgba.png"), values)
     wide = values.astype(np.uint16) * 300
     iio.imwrite(tmp_path / "sixteen.png", wide)
     np.testing.assert_array_equal(open_labels(tmp_path / "sixteen.png"), wide)
@@ -167,7 +178,22 @@ def test_predict_writes_the_labels_it_would_return(segmenter, tmp_path: Path) ->
         predict(image, model=model, device="cpu", out=tmp_path / "p.png", probabilities=True)
     with pytest.raises(InputError, match=r"not as \.jpg.*p\.zarr or p\.tif"):
         predict(image, model=model, device="cpu", out=tmp_path / "p.jpg")
+    with pytest.raises(InputError, match="the folder .*missing.* does not exist"):
+        predict(image, model=model, device="cpu", out=tmp_path / "missing" / "p.tif")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.tif", "rings.png"]
+
+
+def test_a_zarr_store_is_never_named_like_a_file(segmenter, tmp_path: Path) -> None:
+    """The predict panel's whole-image store and Dask write folders: a .tif name is refused
+    before anything is created, not turned into a folder called labels.tif."""
+    from napari_muvit.engine.predictor import Predictor
+    from napari_muvit.engine.stores import create_zarr_sink
+
+    model, _, _ = segmenter
+    source = open_image(np.asarray(rings(64)[0]))
+    with pytest.raises(InputError, match=r"a zarr store is a folder, not a \.tif file.*labels\.zarr"):
+        create_zarr_sink(Predictor(model, device="cpu"), source, tmp_path / "labels.tif")
+    assert not (tmp_path / "labels.tif").exists()
 
 
 def test_a_one_file_output_refuses_an_image_too_large_for_memory(segmenter, tmp_path: Path,
@@ -178,7 +204,7 @@ def test_a_one_file_output_refuses_an_image_too_large_for_memory(segmenter, tmp_
     monkeypatch.setattr(stores, "LABEL_FILE_MAX_PIXELS", 64 * 64)
     image = tmp_path / "big.npy"
     np.save(image, np.zeros((96, 96), np.float32))
-    with pytest.raises(InputError, match=r"holds all 0 Mpx in memory.*resumable \.zarr"):
+    with pytest.raises(InputError, match=r"holds all 0.0 Mpx in memory.*resumable \.zarr"):
         predict(image, model=model, device="cpu", out=tmp_path / "big.png")
     assert predict(image, model=model, device="cpu", out=tmp_path / "crop.png",
                    region=(0, 0, 64, 64)).is_file()

@@ -453,6 +453,45 @@ def test_auto_colours_are_chosen_on_held_out_strokes(monkeypatch, tmp_path, winn
     np.testing.assert_array_equal(predict(image, again, device="cpu"), labels)
 
 
+def test_a_cancel_during_the_colour_choice_keeps_head_and_options_consistent():
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    cancel = CancelToken()
+    qt = QuickTrainer(_tiny(), [(PyramidSource([image]), strokes)], _quick_cfg(head="pixel"),
+                      QuickConfig(snapshot_every=0), fine_tune=False, cancel=cancel)
+    seen = []
+
+    def cancel_in_the_second_pass(info):
+        seen.append(qt.model.head.color_space)
+        if info.get("stage") == "features" and qt.model.head.color_space == "hed":
+            cancel.cancel()
+
+    qt.progress = cancel_in_the_second_pass
+    qt.run()
+    assert "hed" in seen  # the second colour space was being computed
+    assert qt.model.head.color_space == qt.model.head_options["color_space"] == "lab"
+
+
+def test_forced_levels_judge_the_colours_on_those_levels(monkeypatch):
+    from napari_muvit.engine import quicktrain
+
+    def scores_favouring(bank, classes, strokes, width, levels, cfg):
+        space = qt.model.head.color_space
+        # hed wins on the best candidate, lab on level 1 alone (the forced one)
+        table = {"lab": {"1+2": 0.7, "1": 0.9, "2": 0.6}, "hed": {"1+2": 0.95, "1": 0.8, "2": 0.6}}
+        return (1,), table[space]
+
+    monkeypatch.setattr(quicktrain, "choose_forest_levels", scores_favouring)
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    qt = QuickTrainer(_tiny(), [(PyramidSource([image]), strokes)],
+                      _quick_cfg(head="pixel", forest_levels="level1"),
+                      QuickConfig(snapshot_every=0), fine_tune=False)
+    qt.run()
+    assert qt.model.head.color_space == "lab"
+    assert qt.model.head_options["forest_sub_levels"] == [1]
+
+
 def test_forced_stain_densities_need_rgb_and_skip_the_choice(tmp_path):
     image, truth = _colour_discs()
     strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)

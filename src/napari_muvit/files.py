@@ -8,13 +8,14 @@ of ``data/``, the bioimage.io zips of ``export/``, and the journal of
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["fsync_dir", "replace_file"]
+__all__ = ["fsync_dir", "process_umask", "replace_file"]
 
 
 def fsync_dir(folder: Path) -> None:
@@ -27,6 +28,15 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+@functools.cache
+def process_umask() -> int:
+    """The process's umask, read once: reading it means setting it, which would race with
+    files created meanwhile by other threads (jobs run in worker threads)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def replace_file(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
     """Write one file atomically: ``write(handle)`` fills a hidden temporary sibling, which is
     fsync'ed and renamed over ``path``.
@@ -36,10 +46,9 @@ def replace_file(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     goes through :func:`napari_muvit.model._atomic.commit_files`.)
     """
     path = Path(path)
+    umask = process_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)  # reopened by name: writers such as tifffile want a handle with a file name
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         with open(tmp, "wb") as handle:
             write(handle)

@@ -168,10 +168,14 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         if _is_disk_full(err):
+            from napari_muvit.data.picture_files import LABEL_FILE_SUFFIXES
+
+            one_file = Path(str(args.out or "")).suffix.lower() in LABEL_FILE_SUFFIXES
+            kept = ("nothing was written" if one_file else
+                    "rerun the same command to resume (the tiles written so far are kept)")
             raise MuViTError(
                 f"no space left on the disk of {args.out or args.image}: free some space and "
-                "rerun the same "
-                "command to resume (the tiles written so far are kept)"
+                f"{kept}"
             ) from None
         raise MuViTError(
             f"{type(err).__name__}: {err} (set {DEBUG_ENV}=1 for the traceback)"

@@ -57,6 +57,8 @@ def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
             f"image {str(path)!r}: cannot read this {path.suffix} file ({type(err).__name__}: "
             f"{err}); it is damaged or not a {path.suffix.lstrip('.').upper()} picture"
         ) from None
+    if array.ndim in (3, 4) and array.shape[0] == 1 and array.shape[-1] in (3, 4):
+        array = array[0]  # a one-frame GIF comes as a stack of one
     if array.ndim == 3 and array.shape[-1] in (3, 4) or array.ndim == 2:
         return array
     raise InputError(
@@ -69,8 +71,9 @@ def read_label_picture(path: str | os.PathLike[str]) -> np.ndarray:
     """A label picture's class values (0 = not annotated) as a 2-D integer array.
 
     A palette PNG gives its palette indices; a grey picture its grey values; an RGB picture
-    whose three channels are equal (grey saved as colour) its first channel. Coloured RGB and
-    JPEG files are refused with a message saying how to save labels.
+    whose three channels are equal (grey saved as colour) its first channel; fully transparent
+    pixels count as not annotated. Coloured RGB and JPEG files are refused with a message
+    saying how to save labels.
     """
     from PIL import Image
 
@@ -88,8 +91,9 @@ def read_label_picture(path: str | os.PathLike[str]) -> np.ndarray:
             f"labels {str(path)!r}: cannot read this {path.suffix} file ({type(err).__name__}: "
             f"{err})"
         ) from None
-    if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha, RGBA: drop the alpha
-        array = array[..., :-1]
+    if array.ndim == 3 and array.shape[-1] in (2, 4):  # grey+alpha, RGBA
+        transparent = array[..., -1] == 0  # an unpainted pixel of a layer saved with alpha
+        array = np.where(transparent[..., None], 0, array[..., :-1])
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] == 3:

@@ -156,7 +156,7 @@ def predict(
             tile_size=tile_size, amp=amp, torch_threads=threads,
         )
     if out is not None and not into_source:
-        out = output_path(out)
+        out = output_path(out, label_file=to_file)
     source = open_image(image_or_source)
     if to_file:
         check_label_file_output(source, out, region, overwrite)
@@ -202,15 +202,15 @@ def train(
     """Train a segmenter on images and their (sparse or dense) labels; returns the segmenter.
 
     ``images``/``labels``: one or a list of each (paths, arrays or PyramidSources; labels as
-    arrays or .npy/TIFF/zarr paths).  ``init``/``levels``/``preset``: see
+    arrays or .npy/TIFF/PNG/zarr paths).  ``init``/``levels``/``preset``: see
     :func:`~napari_muvit.engine.trainer.prepare_start_model`; ``head`` overrides ``config.head`` (default ``"unetr"``).
     With ``out``, checkpoints are written there; an existing ``out`` is resumed with
     ``resume=True``, replaced with ``overwrite=True`` and otherwise refused (a folder that is
     not a napari-muvit model is never written to).
     ``forest_levels`` (``"auto"``, ``"level1"``, ``"all"``, ``"mix"``) and ``color_space``
-    (``"auto"``, ``"rgb"``, ``"lab"``) override ``config``'s: what the quick fit of a pixel head
-    reads (see :class:`~napari_muvit.engine.trainer.TrainConfig`); a value other than
-    ``"auto"`` that cannot apply (``"lab"`` on a grey image, a head without quick fit) raises
+    (``"auto"``, ``"rgb"``, ``"lab"``, ``"hed"``) override ``config``'s: what the quick fit of a
+    pixel head reads (see :class:`~napari_muvit.engine.trainer.TrainConfig`); a value other than
+    ``"auto"`` that cannot apply (``"lab"``/``"hed"`` on a grey image, a head without quick fit) raises
     :class:`~napari_muvit.errors.InputError`.
     """
     config = config or TrainConfig()

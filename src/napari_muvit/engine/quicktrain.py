@@ -588,12 +588,16 @@ class QuickTrainer:
         self._snapshot("quick")
         return stats
 
-    def _painted_features(self, points: Sequence[np.ndarray]) -> np.ndarray:
-        """:func:`collect_features` of the painted pixels of every image, one array."""
+    def _painted_features(self, points: Sequence[np.ndarray], rounds: tuple[int, int] = (0, 1),
+                          ) -> np.ndarray:
+        """:func:`collect_features` of the painted pixels of every image, one array; progress
+        counts ``rounds = (this round, of rounds)`` feature passes as one."""
         t = self.trainer
+        done_before, passes = rounds
 
         def report(done: int, total: int) -> None:
-            self._emit({"stage": "features", "done": done, "total": total})
+            self._emit({"stage": "features", "done": done_before * total + done,
+                        "total": passes * total})
 
         feats = []
         for (source, _), pts in zip(t.pairs, points):
@@ -608,25 +612,37 @@ class QuickTrainer:
                             strokes: np.ndarray) -> tuple[np.ndarray, Any, str]:
         """Set the colour space of the head's filters that predicts held-out strokes best.
 
-        Each candidate's features are scored as :func:`choose_forest_levels` scores levels
-        (its best level candidate); the first candidate within ``select_margin`` of the best
-        wins. Returns the chosen features, their level choice (for the fit) and a note for the
-        fit's message.
+        Each candidate's features are scored as :func:`choose_forest_levels` scores levels:
+        the score of the levels the forest is forced to read, else of the best level
+        candidate; the first candidate within ``select_margin`` of the best wins. When the
+        strokes cannot be judged (fewer than two folds, one level) the first candidate is kept
+        without computing the others. Returns the chosen features, their level choice (for
+        the fit) and a note for the fit's message. A cancel keeps the first candidate, as the
+        head options say.
         """
-        head, cfg = self.trainer.model.head, self.quick
+        head, cfg, first = self.trainer.model.head, self.quick, self._color_candidates[0]
+        forced = forced_forest_levels(self.trainer.config.forest_levels, _bank_levels(head))
         scored: dict[str, tuple[float, np.ndarray, Any]] = {}
-        for space in self._color_candidates:
+        for k, space in enumerate(self._color_candidates):
             head.color_space = space
-            features = self._painted_features(points)
+            features = self._painted_features(points, (k, len(self._color_candidates)))
             if self.cancel.cancelled:
+                head.color_space = first
                 return features, None, ""
             bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
             levels = choose_forest_levels(bank, classes, strokes, head.bank_level_width,
                                           _bank_levels(head), cfg)
-            scored[space] = (max(levels[1].values(), default=float("nan")), features, levels)
+            if not levels[1]:  # nothing to judge the colours by: keep the first
+                head.color_space = first
+                self.trainer._event("color_space", "RGB images: the filters see "
+                                    f"{_COLOR_NAMES[first]} (too few strokes to compare)")
+                return (features if space == first else self._painted_features(points)), None, ""
+            score = (levels[1].get(_candidate_name(forced), float("nan")) if forced
+                     else max(levels[1].values()))
+            scored[space] = (score, features, levels)
         best = max(score for score, _, _ in scored.values())
         chosen = next((space for space, (score, _, _) in scored.items()
-                       if score >= best - cfg.select_margin), self._color_candidates[0])
+                       if score >= best - cfg.select_margin), first)
         head.color_space = chosen
         self.trainer.model.head_options["color_space"] = chosen
         judged = ", ".join(f"{_COLOR_NAMES[space].split(' (')[0]} {score:.3f}"

@@ -101,12 +101,20 @@ def create_zarr_sink(
     return sink
 
 
-def output_path(out: Any) -> Path:
-    """``out`` as a path, or a one-line :class:`InputError` for anything else."""
+def output_path(out: Any, label_file: bool = False) -> Path:
+    """``out`` as the path of a zarr store (or, with ``label_file``, of a one-file output), or a
+    one-line :class:`InputError` for anything else."""
     if isinstance(out, (str, Path)) and str(out).strip() or hasattr(out, "__fspath__"):
         path = Path(out)
-        if path.suffix.lower() in _FILE_FORMATS:
-            # a zarr store is a folder: "pred.jpg/" would surprise whoever opens it
+        suffix = path.suffix.lower()
+        if suffix in LABEL_FILE_SUFFIXES and not label_file:
+            # a zarr store is a folder: "pred.tif/" would surprise whoever opens it
+            raise InputError(
+                f"out {path.name!r}: a zarr store is a folder, not a {suffix} file; name it "
+                f"{path.stem}.zarr (`napari-muvit predict` and predict() write one "
+                f"{suffix} file for images up to 64 Mpx)"
+            )
+        if suffix in _FILE_FORMATS:
             raise InputError(
                 f"out {path.name!r}: predictions are written as a zarr store (a folder, OME-Zarr "
                 f"labels) or as one {', '.join(LABEL_FILE_SUFFIXES)} file, not as "
@@ -124,17 +132,19 @@ def is_label_file(out: Any) -> bool:
 
 #: a one-file output holds the whole labels (and the predictor's blending buffers) in memory
 LABEL_FILE_MAX_PIXELS = 8192 * 8192
+_MEGA = 1 << 20
 
 
 def check_label_file_output(source: Any, out: Path, region: Any, overwrite: bool) -> None:
     """Refuse, before any tile is computed, a one-file output that cannot or must not be
-    written: too large for memory, the input image itself, or an existing file."""
+    written: too large for memory, the input image itself, an existing file, a folder that is
+    missing or not writable."""
     box = clip_region(region, source.shape)
     pixels = int(np.prod(box[1] - box[0]))
     if pixels > LABEL_FILE_MAX_PIXELS:
         raise InputError(
-            f"out {str(out)!r}: a one-file output holds all {pixels / 1e6:.0f} Mpx in memory "
-            f"(at most {LABEL_FILE_MAX_PIXELS / 1e6:.0f}); write a resumable .zarr store instead"
+            f"out {str(out)!r}: a one-file output holds all {pixels / _MEGA:.1f} Mpx in memory "
+            f"(at most {LABEL_FILE_MAX_PIXELS // _MEGA}); write a resumable .zarr store instead"
         )
     _refuse_input_as_output(source, out)
     if out.exists() and (out.is_dir() or not overwrite):
@@ -143,6 +153,11 @@ def check_label_file_output(source: Any, out: Path, region: Any, overwrite: bool
             + ("a folder of that name exists; choose a file name" if out.is_dir()
                else "the file exists; pass --overwrite (overwrite=True) to replace it")
         )
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"out {str(out)!r}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"out {str(out)!r}: the folder {str(folder)!r} is not writable")
 
 
 _FILE_FORMATS = (".npz", ".jpg", ".jpeg", ".h5", ".hdf5", ".bmp", ".gif", ".webp")

@@ -85,8 +85,8 @@ class TrainConfig(RunConfig):
     ``forest_levels`` (:data:`FOREST_LEVEL_CHOICES`) and ``color_space``
     (:data:`COLOR_SPACE_CHOICES`) steer the quick fit of a pixel head
     (:class:`~napari_muvit.engine.quicktrain.QuickTrainer` applies them): ``"auto"`` leaves the
-    choice to it (levels judged on held-out strokes; CIELAB filters for a new forest head on
-    RGB images), any other value forces it.
+    choice to it (levels, and for a new forest head on RGB images CIELAB or stain-density
+    filters, judged on held-out strokes), any other value forces it.
     """
 
     steps: int = 500

@@ -21,6 +21,7 @@ not needed to write it.
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import io
 import warnings
@@ -454,5 +455,12 @@ def _write_zip(out: Path, files: dict[str, bytes]) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return replace_file(out, write)
-    except PermissionError as err:
+    except OSError as err:
+        if err.errno not in _NOT_WRITABLE:
+            raise
         raise InputError(f"out {str(out)!r}: cannot write there ({err})") from None
+
+
+# where the package cannot be written at all (as opposed to a disk that fills up on the way)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT,
+                 errno.EEXIST, errno.EISDIR)

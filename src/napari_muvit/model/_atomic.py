@@ -36,6 +36,7 @@ from pathlib import Path
 
 from napari_muvit.errors import CheckpointError
 from napari_muvit.files import fsync_dir as _fsync_dir
+from napari_muvit.files import process_umask
 
 __all__ = [
     "JOURNAL",
@@ -180,8 +181,7 @@ def commit_files(
     recover_files(folder)
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     temps = {name: f".{name}.tmp-{token}" for name in writers}
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = process_umask()
     try:
         for name, write in writers.items():
             path = folder / temps[name]
