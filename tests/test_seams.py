@@ -203,12 +203,8 @@ def test_level1_filters_read_past_the_tile_edge_from_the_coarser_crop():
     assert head.halo == 16  # sigma 5: kernel radius 15, plus the finite differences
 
 
-def test_forest_heads_blend_a_quarter_of_the_tile_and_keep_their_edge_option(tmp_path):
-    from napari_muvit.engine.predictor import Predictor, default_overlap
-
+def test_forest_heads_keep_their_edge_option(tmp_path):
     forest = _forest_segmenter(True)
-    assert default_overlap(64, forest) == 16 and default_overlap(64, _segmenter("replicate")) == 8
-    assert Predictor(forest, device="cpu", tile_size=32, overlap=None).overlap == 8
     forest.save(tmp_path / "f")
     assert load_model(tmp_path / "f").head.edge_context is True
     # a forest head saved before the option keeps its replicated edges (same predictions)
