@@ -57,8 +57,8 @@ def test_forest_levels_force_what_the_forest_reads(tmp_path, choice, sub_forests
     assert reads_coarse == (choice != "level1")
     disc = truth > 0
     accuracy = float((predict(image, model, device="cpu")[disc] == truth[disc] + 1).mean())
-    if choice == "level1":  # identical discs at level 1: a guess but near the bar (0.84)
-        assert accuracy < 0.9
+    if choice == "level1":  # identical discs at level 1: a guess
+        assert accuracy < 0.8
     else:
         assert accuracy >= 0.9
     # recorded: the fit's event (no held-out scores: nothing was chosen), the saved head and

@@ -247,16 +247,14 @@ def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
     image, truth = _bar_context()
     qt = _quick_levels(image, truth, (1, 4))
     scores = qt.quick_stats["level_scores"]
-    # every level (alone or in the mix: level 1's filters see a little past the tile's edge)
-    assert qt.quick_stats["sub_forests"] in ([2], [1, 2])
-    assert qt.model.head_options["forest_levels"] == 2
-    # measured 0.947 vs 0.845, mix 0.948 (background, a third of the score, is easy at all)
-    assert scores["2"] > scores["1"] + 0.05 and scores["1+2"] > scores["1"] + 0.05
+    assert qt.quick_stats["sub_forests"] == [2] and qt.model.head_options["forest_levels"] == 2
+    # measured 0.949 vs 0.811, mix 0.928 (background, a third of the score, is easy at all)
+    assert scores["2"] > scores["1"] + 0.05 and scores["2"] > scores["1+2"] + 0.01
     disc = truth > 0
     labels = predict(image, qt.model, device="cpu")
     assert float((labels[disc] == truth[disc] + 1).mean()) >= 0.95
     events = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "quick_fit"]
-    assert "1, 4 (held-out strokes, mean Dice: mix 0.9" in events[0]
+    assert "the forest reads levels 1, 4 (held-out strokes, mean Dice: mix 0.9" in events[0]
 
 
 def test_choose_forest_levels_on_known_columns():

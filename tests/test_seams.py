@@ -157,58 +157,18 @@ def test_cli_predict_blends_by_default(tmp_path):
     assert read_store_info(out)["overlap"] == 4  # 32 // 8
 
 
-# ------------------------------------------------------------------------------ forest heads
-def _forest_segmenter(edge_context: bool) -> MuViTSegmenter:
+def test_forest_heads_blend_a_quarter_of_the_tile():
+    """A forest's image filters see replicated pixels at a tile's edge: its default blending
+    overlap is a quarter of the tile (an eighth for heads on the encoder's features)."""
     import napari_muvit.engine._models as models
+    from napari_muvit.engine.predictor import Predictor, default_overlap
 
     torch.manual_seed(0)
     enc = fresh_encoder("tiny", 1, (1, 4))
-    enc.meta = {"crop_size": 32}
-    options = dict(models.NEW_PIXEL_HEAD_OPTIONS, edge_context=edge_context)
-    return MuViTSegmenter(enc, head="pixel", num_classes=2, head_options=options).eval()
-
-
-def _textured(size: int = 256) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:size, :size]
-    smooth = np.sin(yy / 9.0) + np.cos(xx / 13.0) + 0.5 * np.sin((yy + xx) / 5.0)
-    return (smooth + 0.2 * rng.normal(size=smooth.shape)).astype(np.float32)
-
-
-def _level1_edge_error(model: MuViTSegmenter, source: PyramidSource) -> tuple[float, float]:
-    """Mean |level-1 filter response in a 32-px tile − in a 96-px tile| (in units of each
-    filter's spread) for pixels on a 32-px tile's edge, and for pixels 8+ px inside."""
-    from napari_muvit.engine.quicktrain import collect_features
-
-    yy, xx = np.mgrid[96:160, 96:160]
-    points = np.c_[yy.ravel(), xx.ravel()]
-    small = collect_features(model, source, points, 32)
-    large = collect_features(model, source, points, 96)
-    width = model.head.bank_level_width
-    error = np.abs(small[:, :width] - large[:, :width]) / (large[:, :width].std(0) + 1e-6)
-    row, col = points[:, 0] % 32, points[:, 1] % 32
-    edge = np.minimum(np.minimum(row, 31 - row), np.minimum(col, 31 - col))
-    return float(error[edge == 0].mean()), float(error[edge >= 8].mean())
-
-
-def test_level1_filters_read_past_the_tile_edge_from_the_coarser_crop():
-    """New forest heads take a halo for the level-1 filters from the level-2 crop: at a
-    tile's edge their responses stay close to those of a larger tile (no replicated edge)."""
-    source = PyramidSource([_textured()])
-    replicated, _ = _level1_edge_error(_forest_segmenter(False), source)
-    extended, inside = _level1_edge_error(_forest_segmenter(True), source)
-    assert extended < 0.35 * replicated, (extended, replicated)
-    assert inside < 0.02  # inside the tile the two tiles agree anyway
-    head = _forest_segmenter(True).head
-    assert head.halo == 16  # sigma 5: kernel radius 15, plus the finite differences
-
-
-def test_forest_heads_keep_their_edge_option(tmp_path):
-    forest = _forest_segmenter(True)
-    forest.save(tmp_path / "f")
-    assert load_model(tmp_path / "f").head.edge_context is True
-    # a forest head saved before the option keeps its replicated edges (same predictions)
-    old = _forest_segmenter(True)
-    old.head_options.pop("edge_context")
-    old.save(tmp_path / "old")
-    assert load_model(tmp_path / "old").head.edge_context is False
+    forest = MuViTSegmenter(enc, head="pixel", num_classes=2,
+                            head_options=dict(models.NEW_PIXEL_HEAD_OPTIONS)).eval()
+    unetr = _segmenter("replicate")
+    assert default_overlap(64, forest) == 16 and default_overlap(64, unetr) == 8
+    assert default_overlap(64) == 8
+    assert Predictor(forest, device="cpu", tile_size=32, overlap=None).overlap == 8
+    assert Predictor(unetr, device="cpu", tile_size=32, overlap=None).overlap == 4

@@ -128,8 +128,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=None, metavar="N",
                    help="tiles per batch (default: adapted to free memory)")
     p.add_argument("--overlap", type=non_negative_int, default=None, metavar="PX",
-                   help="tile overlap in pixels, blended smoothly (default: tile size / 8, "
-                   "which removes tile seams; 0 is faster)")
+                   help="tile overlap in pixels, blended smoothly (default: tile size / 8, / 4 for "
+                   "a forest head, which removes tile seams; 0 is faster)")
     p.add_argument("--tile-size", type=positive_int, default=None, metavar="PX",
                    help="tile size (default: the model's training crop size)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),

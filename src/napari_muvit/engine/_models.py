@@ -59,9 +59,6 @@ NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate
 # the quick fit on held-out strokes (QuickConfig.select_levels), not fixed here.
 NEW_PIXEL_HEAD_OPTIONS: dict[str, object] = {
     "bank": "levels", "classifier": "forest", "encoder_features": False,
-    # the level-1 filters read past the tile's edge (from the level-2 crop): no tile seams
-    # from replicated edges (benchmarks/bench_scribbles.py --cli-defaults, docs/benchmarks.md)
-    "edge_context": True,
 }
 
 

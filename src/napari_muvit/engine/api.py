@@ -119,7 +119,7 @@ def predict(
         torch CPU threads (default: torch's, i.e. every core); with Dask, threads per worker
         (default: cores // workers on a local cluster).
     overlap
-        Blending overlap in pixels; ``None``: :func:`default_overlap` of the tile size (no tile
+        Blending overlap in pixels; ``None``: :func:`default_overlap` of the tile and model (no tile
         seams, about 1.5× the time of ``0``; the CLI's default).
 
     The other arguments are those of :class:`Predictor`. Bad input raises
@@ -141,7 +141,7 @@ def predict(
         )
     # ---
     if overlap is None:
-        overlap = default_overlap(tile_size_of(resolved, tile_size))
+        overlap = default_overlap(tile_size_of(resolved, tile_size), resolved)
     to_file = not into_source and is_label_file(out)
     if to_file and (scheduler is not None or workers is not None or probabilities):
         raise InputError(

@@ -72,18 +72,22 @@ CPU_BATCH = 4  # best or within 5% of best on CPU (docs/benchmarks.md, bench_pre
 MAX_AUTO_BATCH = 64
 
 
-def default_overlap(tile_size: int) -> int:
-    """The blending overlap used when none is given: ``tile_size // 8`` (8 px for 64² tiles).
+def default_overlap(tile_size: int, model: Any = None) -> int:
+    """The blending overlap used when none is given: ``tile_size // 8`` (8 px for 64² tiles),
+    ``tile_size // 4`` for a filter-bank head that does not use the encoder (a forest).
 
     Without overlap, tile borders showed as seams: labels changed 1.7× (the bundled model) to
     6–11× (models trained for a minute on strokes) more often across tile borders than inside
     tiles; with ``tile_size // 8`` px of raised-cosine blending the ratio was 0.94–1.01 at
-    1.5–1.8× the prediction time (``benchmarks/bench_seams.py``, docs/benchmarks.md). For a
-    forest head whose level-1 filters read past the tile's edge (``edge_context``), labels
-    next to a seam then differ from a prediction in 4× larger tiles at 0.08 % of the pixels
-    (0.33 % with replicated edges; ``benchmarks/bench_scribbles.py --cli-defaults``).
+    1.5–1.8× the prediction time (``benchmarks/bench_seams.py``, docs/benchmarks.md). A forest
+    reads image filters (σ up to 5 px) whose responses at a tile's edge see replicated pixels:
+    on a real RGB photograph, labels within 2 px of a seam then differed from a prediction in
+    4× larger tiles at 0.33 % of the pixels with an eighth, 0.06 % with a quarter
+    (``benchmarks/bench_scribbles.py --cli-defaults``, docs/benchmarks.md).
     """
-    return max(0, int(tile_size) // 8)
+    head = getattr(model, "head", None)
+    filter_bank = head is not None and not getattr(head, "uses_encoder", True)
+    return max(0, int(tile_size) // (4 if filter_bank else 8))
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,7 +291,7 @@ class Predictor:
                 "predicted at full resolution)"
             )
         if overlap is None:
-            overlap = default_overlap(self.tile_size)
+            overlap = default_overlap(self.tile_size, model)
         self.overlap = int(overlap)
         if self.overlap != overlap or not 0 <= self.overlap < self.tile_size // 2 + 1:
             raise InputError(

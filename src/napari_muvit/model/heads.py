@@ -380,11 +380,6 @@ class PixelHead(nn.Module):
     the optical densities of haematoxylin, eosin and DAB (:func:`rgb_to_hed`, colour
     deconvolution), what separates nuclei from cytoplasm and stroma in stained histology. The
     quick fit sets one of them for RGB images.
-
-    ``edge_context=True`` (new heads): the level-1 filters run on the crop extended by
-    :attr:`halo` pixels of the level-2 crop (bilinearly upsampled), so a pixel at a tile's edge
-    gets nearly the responses it gets inside a tile; with replicated edges (``False``, models
-    saved before the option) every tile border showed in the labels of large smooth regions.
     """
 
     def __init__(
@@ -406,7 +401,6 @@ class PixelHead(nn.Module):
         forest_levels: int | None = None,
         forest_sub_levels: Sequence[int] | None = None,
         color_space: str = "channels",
-        edge_context: bool = False,
         **_: object,
     ):
         super().__init__()
@@ -418,7 +412,6 @@ class PixelHead(nn.Module):
             raise ValueError(f"color_space {color_space!r} needs 3 input channels, got "
                              f"{in_channels}")
         self.color_space = color_space
-        self.edge_context = bool(edge_context)
         if classifier not in ("mlp", "forest"):
             raise ValueError(f"classifier: expected 'mlp' or 'forest', got {classifier!r}")
         self.skips = list(skips)
@@ -498,44 +491,6 @@ class PixelHead(nn.Module):
         return torch.cat(feats, 1)
 
     @property
-    def halo(self) -> int:
-        """Pixels around the level-1 crop that its widest filter reads (kernel radius, plus
-        one for the finite differences)."""
-        return max(getattr(self, f"gauss{i}").numel() // 2 for i in range(len(self.sigmas))) + 1
-
-    def level1_features(self, image: Tensor, nest: Tensor | None = None,
-                        coords: Tensor | None = None) -> Tensor:
-        """The filter bank of the level-1 crop ``image`` (B, C, H, W); with ``edge_context``
-        (and the level-2 crop in ``nest``) computed on the crop extended by :attr:`halo` pixels
-        of the level-2 crop, then cut back to (H, W)."""
-        if not (self.edge_context and nest is not None and coords is not None
-                and nest.shape[1] > 1):
-            return self.image_features(image)
-        m = self.halo
-        H, W = image.shape[-2:]
-        return self.image_features(self._extended_crop(image, nest, coords, m))[
-            ..., m : m + H, m : m + W]
-
-    def _extended_crop(self, image: Tensor, nest: Tensor, coords: Tensor, m: int) -> Tensor:
-        """The level-1 crop with a margin of ``m`` pixels sampled from the level-2 crop at
-        their world positions (B, C, H + 2m, W + 2m)."""
-        B, _, C, H, W = nest.shape
-        P = self.patch_size
-        dev = coords.device
-        py = torch.arange(-m, H + m, device=dev, dtype=torch.float32) + 0.5 - H / 2
-        px = torch.arange(-m, W + m, device=dev, dtype=torch.float32) + 0.5 - W / 2
-        ty, tx = _token_index_of_offsets(coords, 1, H // P, W // P, py, px)
-        coarse = nest[:, 1].float()
-        gy = ((ty + 0.5) * P - 0.5) * (2 / max(coarse.shape[-2] - 1, 1)) - 1
-        gx = ((tx + 0.5) * P - 0.5) * (2 / max(coarse.shape[-1] - 1, 1)) - 1
-        h, w = gy.shape[1], gx.shape[1]
-        grid = torch.stack((gx[:, None, :].expand(B, h, w), gy[:, :, None].expand(B, h, w)), -1)
-        out = F.grid_sample(coarse, grid, mode="bilinear", padding_mode="border",
-                            align_corners=True)
-        out[..., m : m + H, m : m + W] = image.float()
-        return out
-
-    @property
     def bank_level_width(self) -> int:
         """Filter-bank columns of one level (the bank's layout is level after level)."""
         return self.num_image_features // (self.num_levels if self.bank == "levels" else 1)
@@ -545,7 +500,7 @@ class PixelHead(nn.Module):
         """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W), or of
         the first ``levels`` levels only (B, levels·F_img/L, H, W)."""
         B, L, C, H, W = nest.shape
-        parts = [self.level1_features(nest[:, 0], nest, coords)]
+        parts = [self.image_features(nest[:, 0])]
         for lv in range(1, self.num_levels if levels is None else int(levels)):
             parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
         return torch.cat(parts, 1)
@@ -587,7 +542,7 @@ class PixelHead(nn.Module):
         size = image.shape[-2:]
         read = None if all_levels or self.classifier is not None else self.forest_levels
         if read == 1:
-            return self.level1_features(image, nest, coords)
+            return self.image_features(image)
         needs_context = self.num_levels > 1 and (self.encoder_features or self.bank == "levels")
         if needs_context and coords is None:
             raise ValueError("PixelHead.features: coords are needed for the coarse levels")
@@ -596,7 +551,7 @@ class PixelHead(nn.Module):
                 raise ValueError("PixelHead.features: the crops of all levels (nest) are needed")
             parts = [self.level_bank_features(nest, coords, read)]
         else:
-            parts = [self.level1_features(image, nest, coords)]
+            parts = [self.image_features(image)]
         if not self.encoder_features:
             return parts[0]
         parts += [
@@ -696,21 +651,13 @@ def _token_index_of_level1_pixels(
     """Fractional (row, col) token index in level ``lv``'s grid of the centre of every cell of
     a ``stride``-pixel grid on the level-1 crop (every pixel for ``stride=1``): (B, H/stride)
     and (B, W/stride), from the tokens' centred world coordinates."""
+    B = coords.shape[0]
+    n = h * w
     s = int(stride)
+    grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
     # cell centres relative to the level-1 crop centre (the coords' origin)
     py = torch.arange(H // s, device=coords.device, dtype=torch.float32) * s + s / 2 - H / 2
     px = torch.arange(W // s, device=coords.device, dtype=torch.float32) * s + s / 2 - W / 2
-    return _token_index_of_offsets(coords, lv, h, w, py, px)
-
-
-def _token_index_of_offsets(coords: Tensor, lv: int, h: int, w: int, py: Tensor,
-                            px: Tensor) -> tuple[Tensor, Tensor]:
-    """Fractional (row, col) token index in level ``lv``'s ``h × w`` token grid of world
-    offsets ``py`` (rows) and ``px`` (cols) from the level-1 crop centre: (B, len(py)) and
-    (B, len(px))."""
-    B = coords.shape[0]
-    n = h * w
-    grid_c = coords[:, lv * n : (lv + 1) * n].reshape(B, h, w, 2).float()
     y0, x0 = grid_c[:, 0, 0, 0], grid_c[:, 0, 0, 1]
     dy = (grid_c[:, -1, 0, 0] - y0) / max(h - 1, 1)
     dx = (grid_c[:, 0, -1, 1] - x0) / max(w - 1, 1)

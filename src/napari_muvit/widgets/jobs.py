@@ -64,7 +64,7 @@ class PredictorOptions:
 
     device: str = "auto"
     precision: str = "auto"
-    overlap: int = -1  # automatic: the engine's blending default (tile size / 8)
+    overlap: int = -1  # automatic: the engine's blending default (tile size / 8, / 4 for a forest)
     batch_size: int = 0  # 0 = automatic
 
     @classmethod

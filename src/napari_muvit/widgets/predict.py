@@ -243,7 +243,7 @@ class PredictWidget(DockPanel):
         self.overlap_spin = form.spin(
             "overlap", "Tile overlap", -1, 256,
             "Pixels shared by neighbouring tiles, blended so that tile borders leave no seams "
-            "(auto: an eighth of the tile; 0: none, fastest)", special="auto")
+            "(auto: an eighth of the tile, a quarter for a forest head; 0: none, fastest)", special="auto")
         self.batch_spin = form.spin("batch_size", "Batch size", 0, 512, special="auto")
         return box
 

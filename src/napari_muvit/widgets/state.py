@@ -234,7 +234,7 @@ class PredictState(PanelState):
     tile_cap: int = setting(64)  # live: new tiles per view until a tile time is measured
     live_seconds: int = setting(5)  # live: time budget per view (centre first), seconds
     threads: int = setting(0)  # torch threads shared by the panels' jobs (0 = cores - 1)
-    overlap: int = setting(-1)  # auto: blended, tile size / 8 (no seams; docs/benchmarks.md)
+    overlap: int = setting(-1)  # auto: blended, tile size / 8 (/ 4 for a forest): no seams (docs/benchmarks.md)
     batch_size: int = setting(0)  # 0 = automatic
     output: str = ""  # whole-image store ("" = a default next to the image)
     output_dir: str = setting(str(Path.home() / "napari-muvit"))
