@@ -445,7 +445,8 @@ def test_auto_colours_are_chosen_on_held_out_strokes(monkeypatch, tmp_path, winn
     scores = "CIELAB 0.650, stain densities 0.650" if winner == "tie" else (
         "CIELAB 0.600, stain densities 0.700" if winner == "hed" else
         "CIELAB 0.700, stain densities 0.600")
-    assert f"held-out strokes, mean Dice: {scores}" in events["color_space"]
+    assert f"held-out strokes: {scores}" in events["color_space"]
+    assert f"; filters on {name}" in events["quick_fit"]
     labels = predict(image, qt.model, device="cpu")
     assert mean_dice(labels, truth + 1) > 0.9
     again = load_model(tmp_path / "m")

@@ -577,7 +577,8 @@ class QuickTrainer:
             forest = _describe_sub_forests(stats["sub_forests"], t.model.levels)
             read = f"; the forest reads {forest} (forest levels: {t.config.forest_levels})"
         if all(getattr(source, "rgb", False) for source, _ in t.pairs):
-            read += f"; filters on {_COLOR_NAMES[t.model.head.color_space]}{color_note}"
+            # short: the fine-tune panel shows this line under its form
+            read += f"; filters on {_short_color(t.model.head.color_space)}{color_note}"
         t._event("quick_fit", f"pixel head fitted on {stats['pixels']} painted pixels in "
                  f"{stats['seconds']:.1f} s (train accuracy {stats['train_accuracy']:.3f})"
                  + read)
@@ -645,9 +646,9 @@ class QuickTrainer:
                        if score >= best - cfg.select_margin), first)
         head.color_space = chosen
         self.trainer.model.head_options["color_space"] = chosen
-        judged = ", ".join(f"{_COLOR_NAMES[space].split(' (')[0]} {score:.3f}"
+        judged = ", ".join(f"{_short_color(space)} {score:.3f}"
                            for space, (score, _, _) in scored.items() if score == score)
-        note = f" (held-out strokes, mean Dice: {judged})" if judged else ""
+        note = f" (held-out strokes: {judged})" if judged else ""
         self.trainer._event("color_space", f"RGB images: the filters see "
                             f"{_COLOR_NAMES[chosen]}{note}")
         _, features, levels = scored[chosen]
@@ -743,6 +744,11 @@ def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> tuple
 
 #: what ``color_space="auto"`` chooses from for a new forest head on RGB images
 AUTO_COLOR_SPACES = ("lab", "hed")
+def _short_color(space: str) -> str:
+    """A colour space of :data:`_COLOR_NAMES` in a word or two ("CIELAB")."""
+    return _COLOR_NAMES[space].split(" (")[0]
+
+
 _COLOR_NAMES = {"lab": "CIELAB (lightness and two colour axes)",
                 "hed": "stain densities (haematoxylin, eosin, DAB)", "channels": "R, G, B"}
 
