@@ -222,3 +222,21 @@ def test_export_where_nothing_can_be_written_is_one_line(tmp_path) -> None:
     with pytest.raises(InputError, match="cannot write there"):
         export_bioimageio(tiny_segmenter(), blocker / "x.zip", torchscript=False)
     assert blocker.read_text().startswith("a file")
+
+
+def test_a_stain_density_forest_exports_and_reloads_the_same(tmp_path) -> None:
+    """A forest whose filters run on haematoxylin/eosin/DAB densities (RGB histology) keeps
+    them in its package: the same labels after the round trip."""
+    from test_quicktrain import _colour_discs, _quick_cfg, _tiny
+
+    from napari_muvit.data.strokes import simulate_strokes
+    from napari_muvit.engine.api import train
+
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, init=_tiny(), head="pixel", config=_quick_cfg(color_space="hed"))
+    package = export_bioimageio(model, tmp_path / "hed.zip", image=image, torchscript=False)
+    back = load_model(package)
+    assert back.head.color_space == "hed"
+    np.testing.assert_array_equal(predict(image, back, device="cpu"),
+                                  predict(image, model, device="cpu"))
