@@ -76,6 +76,17 @@ def test_a_damaged_picture_or_an_animation_is_one_clear_error(tmp_path: Path) ->
     assert open_image(still).shape == (16, 24)  # one frame comes as a stack of one
 
 
+def test_a_picture_too_large_for_pillow_says_what_to_convert_to(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    iio.imwrite(path, np.zeros((64, 64), np.uint8))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64² is then a "bomb" (> 2×)
+    with pytest.raises(InputError, match="too large for a picture reader.*tiled TIFF or an OME-Zarr"):
+        open_image(path)
+
+
 def test_label_pictures_give_class_values(tmp_path: Path) -> None:
     values = np.zeros((20, 30), np.uint8)
     values[2:5, 3:9], values[10:12, 4:20] = 1, 3

@@ -53,6 +53,11 @@ def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         array = np.asarray(iio.imread(path))
     except Exception as err:  # imageio/Pillow raise many types for damaged files
+        if type(err).__name__ == "DecompressionBombError":  # Pillow's guard, above ~179 Mpx
+            raise InputError(
+                f"image {str(path)!r}: too large for a picture reader ({err}); convert it to a "
+                "tiled TIFF or an OME-Zarr, which are read tile by tile"
+            ) from None
         raise InputError(
             f"image {str(path)!r}: cannot read this {path.suffix} file ({type(err).__name__}: "
             f"{err}); it is damaged or not a {path.suffix.lstrip('.').upper()} picture"
