@@ -96,3 +96,30 @@ def test_colour_space_is_remembered_per_image_kind(make_napari_viewer, qtbot, ri
     train.image_layer = grey
     qtbot.waitUntil(lambda: train.color_space_combo.currentText() == "auto", timeout=5_000)
     assert TrainState.restored().by_kind["rgb"]["color_space"] == "lab"
+
+
+def test_an_rgb_slide_gets_its_colours_chosen_and_said_in_one_line(make_napari_viewer, qtbot,
+                                                                   folders, rings):
+    """On an RGB layer the panel's automatic colours compare CIELAB with the stain densities
+    on held-out strokes; the status says the outcome on one line."""
+    from napari_muvit.data.strokes import simulate_strokes
+
+    viewer, train, _ = _panel(make_napari_viewer, rings)
+    tint = np.array([0.9, 0.6, 1.0])  # a purple, stain-like rendering of the rings
+    slide = viewer.add_image((rings.image[..., None] * tint).astype(np.uint8), name="slide",
+                             rgb=True)
+    train.image_layer = slide
+    labels = train.create_annotation_layer()
+    labels.data[:] = simulate_strokes(rings.labels, strokes_per_class=3, length=15, seed=0)
+    labels.refresh()
+    train.set_start_model(folders["encoder"])
+    train.device_combo.setCurrentText("cpu")
+    assert train.color_space_combo.currentText() == "auto"
+    job = _train_and_wait(train, qtbot)
+    assert job.history is not None and job.history["status"] == "finished", train.status
+    chosen = [e["message"] for e in job.history["events"] if e["kind"] == "color_space"]
+    assert len(chosen) == 1 and "held-out strokes: CIELAB 0." in chosen[0], chosen
+    space = job.trainer.model.head.color_space
+    assert space in ("lab", "hed")
+    said = "CIELAB" if space == "lab" else "stain densities"
+    assert f"filters on {said}" in train.status and "\n" not in train.status
