@@ -384,7 +384,9 @@ class Predictor:
         if source.channels != self.model.in_channels:
             raise IncompatibleModelError(
                 f"image has {source.channels} channel(s) but the model expects "
-                f"{self.model.in_channels}; pick a matching model or image"
+                f"{self.model.in_channels}; pick a matching model or image, or fit one on a few "
+                "strokes in seconds (the fine-tune panel, or napari-muvit train IMAGE --labels "
+                "STROKES --out MODEL)"
             )
         source.check_levels(self.levels)
         if hasattr(source, "check_finite"):
