@@ -473,6 +473,31 @@ def test_a_cancel_during_the_colour_choice_keeps_head_and_options_consistent():
     assert qt.model.head.color_space == qt.model.head_options["color_space"] == "lab"
 
 
+def test_colours_are_not_compared_when_the_strokes_cannot_judge(monkeypatch):
+    """One level (or too few strokes for two folds): nothing to judge by, so CIELAB is kept and
+    the stain densities are not even computed."""
+    from napari_muvit.engine import quicktrain
+
+    passes = []
+    real = quicktrain.collect_features
+
+    def counted(model, *args, **kwargs):
+        passes.append(model.head.color_space)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(quicktrain, "collect_features", counted)
+    image, truth = _colour_discs()
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    qt = QuickTrainer(_tiny((1,)), [(PyramidSource([image]), strokes)], _quick_cfg(head="pixel"),
+                      QuickConfig(snapshot_every=0), fine_tune=False)
+    qt.run()
+    assert passes == ["lab"]
+    assert qt.model.head.color_space == qt.model.head_options["color_space"] == "lab"
+    said = [e["message"] for e in qt.trainer.history["events"] if e["kind"] == "color_space"]
+    assert said == ["RGB images: the filters see CIELAB (lightness and two colour axes) (too few "
+                    "strokes or levels to compare)"]
+
+
 def test_forced_levels_judge_the_colours_on_those_levels(monkeypatch):
     from napari_muvit.engine import quicktrain
 

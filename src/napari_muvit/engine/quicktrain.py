@@ -636,7 +636,7 @@ class QuickTrainer:
             if not levels[1]:  # nothing to judge the colours by: keep the first
                 head.color_space = first
                 self.trainer._event("color_space", "RGB images: the filters see "
-                                    f"{_COLOR_NAMES[first]} (too few strokes to compare)")
+                                    f"{_COLOR_NAMES[first]} (too few strokes or levels to compare)")
                 return (features if space == first else self._painted_features(points)), None, ""
             score = (levels[1].get(_candidate_name(forced), float("nan")) if forced
                      else max(levels[1].values()))
