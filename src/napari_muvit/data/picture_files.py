@@ -52,7 +52,7 @@ def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
     path = Path(path)
     try:
         array = np.asarray(iio.imread(path))
-    except Exception as err:  # imageio/Pillow raise many types for damaged files
+    except Exception as err:  # noqa: BLE001 - imageio/Pillow raise many types for damaged files
         if type(err).__name__ == "DecompressionBombError":  # Pillow's guard, above ~179 Mpx
             raise InputError(
                 f"image {str(path)!r}: too large for a picture reader ({err}); convert it to a "
@@ -91,7 +91,7 @@ def read_label_picture(path: str | os.PathLike[str]) -> np.ndarray:
     try:
         with Image.open(path) as picture:
             array = np.asarray(picture)
-    except Exception as err:  # Pillow raises many types for damaged files
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for damaged files
         raise InputError(
             f"labels {str(path)!r}: cannot read this {path.suffix} file ({type(err).__name__}: "
             f"{err})"

@@ -23,6 +23,7 @@ No Qt here: progress is a callback receiving dicts, cancellation a
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -647,7 +648,7 @@ class QuickTrainer:
         head.color_space = chosen
         self.trainer.model.head_options["color_space"] = chosen
         judged = ", ".join(f"{_short_color(space)} {score:.3f}"
-                           for space, (score, _, _) in scored.items() if score == score)
+                           for space, (score, _, _) in scored.items() if not math.isnan(score))
         note = f" (held-out strokes: {judged})" if judged else ""
         self.trainer._event("color_space", f"RGB images: the filters see "
                             f"{_COLOR_NAMES[chosen]}{note}")
