@@ -258,7 +258,7 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
     assert first.head.forest.num_trees > 0
     shown = np.asarray(predict.labels_layer().data)
     source = PyramidSource.from_layer_data(image.data, multiscale=False, rgb=False)
-    # the panel's default overlap (auto: blended, tile / 8)
+    # the panel's default overlap (auto: blended, a quarter of the tile for a forest)
     expected = Predictor(first, device="cpu", overlap=None).predict(source).labels
     visible = shown > 0
     assert visible.mean() > 0.5, "the view shows the forest's answer"
