@@ -168,10 +168,9 @@ def run(args: argparse.Namespace) -> int:
         if os.environ.get(DEBUG_ENV):
             raise
         if _is_disk_full(err):
-            from napari_muvit.data.picture_files import LABEL_FILE_SUFFIXES
+            from napari_muvit.data.picture_files import is_label_file
 
-            one_file = Path(str(args.out or "")).suffix.lower() in LABEL_FILE_SUFFIXES
-            kept = ("nothing was written" if one_file else
+            kept = ("nothing was written" if is_label_file(args.out) else
                     "rerun the same command to resume (the tiles written so far are kept)")
             raise MuViTError(
                 f"no space left on the disk of {args.out or args.image}: free some space and "

@@ -27,6 +27,8 @@ from napari_muvit.files import replace_file
 __all__ = [
     "LABEL_FILE_SUFFIXES",
     "PICTURE_SUFFIXES",
+    "check_label_file_target",
+    "is_label_file",
     "is_picture",
     "read_label_picture",
     "read_picture",
@@ -128,16 +130,31 @@ def write_label_picture(path: str | os.PathLike[str], labels: np.ndarray,
     if suffix not in LABEL_FILE_SUFFIXES:
         raise InputError(f"out {str(path)!r}: expected a .zarr store or a "
                          f"{', '.join(LABEL_FILE_SUFFIXES)} file")
+    check_label_file_target(path, overwrite)
+    array = _smallest_unsigned(np.asarray(labels), path)
+    replace_file(path, _writer(suffix, array))
+    return path
+
+
+def is_label_file(out: Any) -> bool:
+    """True if ``out`` names a one-file labels output (:data:`LABEL_FILE_SUFFIXES`)."""
+    return (isinstance(out, (str, os.PathLike)) and bool(str(out).strip())
+            and Path(out).suffix.lower() in LABEL_FILE_SUFFIXES)
+
+
+def check_label_file_target(path: Path, overwrite: bool) -> None:
+    """Refuse writing a label file at ``path``: a folder of that name, an existing file
+    without ``overwrite``, a folder to write in that is missing or not writable."""
     if path.is_dir():
         raise InputError(f"out {str(path)!r}: a folder of that name exists; choose a file name")
     if path.exists() and not overwrite:
         raise InputError(f"out {str(path)!r}: the file exists; pass --overwrite "
                          "(overwrite=True) to replace it")
-    if not path.parent.is_dir():
-        raise InputError(f"out {str(path)!r}: the folder {str(path.parent)!r} does not exist")
-    array = _smallest_unsigned(np.asarray(labels), path)
-    replace_file(path, _writer(suffix, array))
-    return path
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"out {str(path)!r}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"out {str(path)!r}: the folder {str(folder)!r} is not writable")
 
 
 def _smallest_unsigned(labels: np.ndarray, path: Path) -> np.ndarray:

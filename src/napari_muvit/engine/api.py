@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from napari_muvit.data import open_image
-from napari_muvit.data.picture_files import write_label_picture
+from napari_muvit.data.picture_files import is_label_file, write_label_picture
 from napari_muvit.engine import _checkpointing
 from napari_muvit.engine._loop import StepProgress
 from napari_muvit.engine.cancel import CancelToken
@@ -48,7 +48,6 @@ from napari_muvit.engine.quicktrain import (
 from napari_muvit.engine.stores import (
     check_label_file_output,
     create_zarr_sink,
-    is_label_file,
     output_path,
     source_labels_target,
 )

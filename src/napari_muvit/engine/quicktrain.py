@@ -745,6 +745,8 @@ def _apply_color_space(trainer: Trainer, choice: str, fresh_head: bool) -> tuple
 
 #: what ``color_space="auto"`` chooses from for a new forest head on RGB images
 AUTO_COLOR_SPACES = ("lab", "hed")
+
+
 def _short_color(space: str) -> str:
     """A colour space of :data:`_COLOR_NAMES` in a word or two ("CIELAB")."""
     return _COLOR_NAMES[space].split(" (")[0]

@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 
 from napari_muvit.data.geometry import clip_region
-from napari_muvit.data.picture_files import LABEL_FILE_SUFFIXES
+from napari_muvit.data.picture_files import LABEL_FILE_SUFFIXES, check_label_file_target
 from napari_muvit.data.pyramid import input_fingerprint
 from napari_muvit.engine import ome_labels
 from napari_muvit.engine.predictor import Predictor, model_digest
 from napari_muvit.engine.sinks import ZarrSink
 from napari_muvit.errors import InputError
 
-__all__ = ["check_label_file_output", "create_zarr_sink", "is_label_file", "output_path",
+__all__ = ["check_label_file_output", "create_zarr_sink", "output_path",
            "prediction_fingerprint", "source_labels_target"]
 
 
@@ -124,12 +124,6 @@ def output_path(out: Any, label_file: bool = False) -> Path:
     raise InputError(f"out: expected the path of an output .zarr store, got {out!r}")
 
 
-def is_label_file(out: Any) -> bool:
-    """True if ``out`` names a one-file labels output (.png, .tif/.tiff, .npy)."""
-    return (isinstance(out, (str, os.PathLike)) and bool(str(out).strip())
-            and Path(out).suffix.lower() in LABEL_FILE_SUFFIXES)
-
-
 #: a one-file output holds the whole labels (and the predictor's blending buffers) in memory
 LABEL_FILE_MAX_PIXELS = 8192 * 8192
 _MEGA = 1 << 20
@@ -147,17 +141,7 @@ def check_label_file_output(source: Any, out: Path, region: Any, overwrite: bool
             f"(at most {LABEL_FILE_MAX_PIXELS // _MEGA}); write a resumable .zarr store instead"
         )
     _refuse_input_as_output(source, out)
-    if out.exists() and (out.is_dir() or not overwrite):
-        raise InputError(
-            f"out {str(out)!r}: "
-            + ("a folder of that name exists; choose a file name" if out.is_dir()
-               else "the file exists; pass --overwrite (overwrite=True) to replace it")
-        )
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"out {str(out)!r}: the folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"out {str(out)!r}: the folder {str(folder)!r} is not writable")
+    check_label_file_target(out, overwrite)
 
 
 _FILE_FORMATS = (".npz", ".jpg", ".jpeg", ".h5", ".hdf5", ".bmp", ".gif", ".webp")

@@ -619,6 +619,7 @@ def srgb_to_lab(rgb: Tensor) -> Tensor:
 # Ruifrok & Johnston's haematoxylin, eosin and DAB colours (rows: optical density of R, G, B),
 # as scikit-image's ``rgb_from_hed``; unmixing multiplies by the inverse
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
+_HED_FROM_RGB = torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64))
 _HED_FLOOR = 1e-6
 
 
@@ -631,8 +632,7 @@ def rgb_to_hed(rgb: Tensor) -> Tensor:
     """
     x = rgb.float().clamp(_HED_FLOOR, 1.0)
     density = torch.log(x) / math.log(_HED_FLOOR)
-    unmix = torch.linalg.inv(torch.tensor(_RGB_FROM_HED, dtype=torch.float64)).to(x)
-    return torch.einsum("ji,bjhw->bihw", unmix, density).clamp_min(0.0)
+    return torch.einsum("ji,bjhw->bihw", _HED_FROM_RGB.to(x), density).clamp_min(0.0)
 
 
 #: colour spaces of :data:`COLOR_SPACES` that convert a 3-channel crop before the filters
