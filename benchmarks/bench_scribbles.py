@@ -34,17 +34,32 @@ Data sets (all ship offline):
     nucleus. Stroke seed *k* uses tile ``HE_TILES[k % 9]``. Found in ``$GBM40_DIR``; not
     shipped (no licence is stated), so download it to run this set.
 
+``skin``
+    Real H&E tissue layers: scikit-image's ``skin`` section (960×1280 RGB; the Wikimedia
+    Commons file Normal_Epidermis_and_Dermis_with_Intradermal_Nevus_10x.JPG, public domain,
+    resized from 2048×1536), the issue's image, as four classes: background, stratum corneum,
+    epidermis, dermis. The layer map is derived from the image by :func:`skin_layers`
+    (colour thresholds, checked by eye: ``--truth-figure``), not drawn by an expert. Found
+    through ``$SKIN_IMAGE`` (the JPEG) or scikit-image's download cache.
+
 A data set whose files are missing is skipped with a message saying what to install.
 
 Methods:
 
 ``muvit``
     The defaults of ``napari-muvit train``: :class:`~napari_muvit.engine.quicktrain.QuickTrainer`
-    with the random-forest pixel head on the filter bank of the levels' crops (levels 1, 4, 16
+    with the forest pixel head (extremely randomised trees) on the filter bank of the levels' crops (levels 1, 4, 16
     of the bundled encoder), the levels it reads chosen on held-out strokes
     (:func:`~napari_muvit.engine.quicktrain.choose_forest_levels`), and for RGB images its
     filters on CIELAB or on the stain densities, also chosen on held-out strokes; fitted in
     seconds; nothing to fine-tune.
+``muvit-rf``
+    The same with Breiman's random forest instead of extremely randomised trees
+    (:func:`napari_muvit.engine.forests.random_forest`).
+``muvit-no-wide``
+    The same without the coarse levels' wide filters (head option ``context_sigmas``).
+``muvit-stop23``
+    The default before stop 24: a random forest without the wide filters.
 ``muvit-all-levels``
     The same forest always on every level (the default before the level choice).
 ``muvit-lab``, ``muvit-hed``
@@ -129,10 +144,12 @@ def load_dataset(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, list
         return _food()
     if name == "he-nuclei":
         return _he_nuclei(seed)
+    if name == "skin":
+        return _skin()
     raise SystemExit(f"unknown data set {name!r} ({', '.join(DATASETS)})")
 
 
-DATASETS = ("context", "nuclei", "vesicles", "food", "he-nuclei")
+DATASETS = ("context", "nuclei", "vesicles", "food", "he-nuclei", "skin")
 #: GBM40 tiles used by ``he-nuclei`` (stroke seed k -> HE_TILES[k % len])
 HE_TILES = ("03", "20", "06", "10", "17", "21", "26", "30", "33")
 #: where R keeps the spatstat.data package (Debian's r-cran-spatstat.data, or CRAN's install)
@@ -209,6 +226,66 @@ def _he_nuclei(seed: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     return image, truth, [image]
 
 
+def _skin() -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """scikit-image's H&E skin section (960×1280) and its 4-layer map (:func:`skin_layers`)."""
+    path = os.environ.get("SKIN_IMAGE")
+    if path:
+        from PIL import Image
+
+        with Image.open(path) as picture:  # the 2048×1536 original is 1.6× scikit-image's
+            image = np.asarray(picture.convert("RGB").resize((1280, 960), Image.LANCZOS))
+    else:
+        try:
+            from skimage.data import skin
+
+            image = skin()
+        except Exception as missing:  # noqa: BLE001 - offline, pooch cannot download it
+            raise DatasetMissing(
+                "skin: set SKIN_IMAGE to Normal_Epidermis_and_Dermis_with_Intradermal_Nevus_"
+                "10x.JPG (Wikimedia Commons, public domain), or cache skimage.data.skin() "
+                f"({type(missing).__name__})") from None
+    image = np.ascontiguousarray(image[..., :3])
+    return image, skin_layers(image), [image]
+
+
+def skin_layers(image: np.ndarray) -> np.ndarray:
+    """A layer map of the skin section: 0 background, 1 stratum corneum, 2 epidermis, 3 dermis.
+
+    Not an expert's drawing (none ships offline): derived from the image and checked by eye
+    against it (docs/images/skin_layers.jpg). Background: unsaturated bright pixels connected
+    to the top edge, once the corneum's basket weave is closed (disk of 9 px). Epidermis: the
+    largest region whose CIELAB a* smoothed at σ 6 px exceeds 29 (the valley between the
+    epidermis's mode, 36, and the dermis's, 19), holes filled, opened by a disk of 4 px.
+    Stratum corneum: tissue above the epidermis in each column. Dermis: the rest.
+    """
+    from scipy import ndimage as ndi
+    from skimage import color, filters, measure, morphology
+
+    rgb = image.astype(np.float64) / 255
+    white = (rgb.mean(-1) > 0.6) & (np.ptp(rgb, axis=-1) < 0.09)
+    tissue = morphology.opening(morphology.closing(~white, morphology.disk(9)),
+                                morphology.disk(3))
+    gaps = measure.label(~tissue)
+    background = np.isin(gaps, [v for v in np.unique(gaps[0]) if v])
+
+    def largest(mask: np.ndarray) -> np.ndarray:
+        regions = measure.label(mask)
+        sizes = np.bincount(regions.ravel())
+        sizes[0] = 0
+        return regions == sizes.argmax()
+
+    redness = filters.gaussian(color.rgb2lab(image)[..., 1], 6)
+    epidermis = ndi.binary_fill_holes(largest((redness > 29) & ~background))
+    epidermis = largest(morphology.opening(epidermis, morphology.disk(4)))
+    top_of_epidermis = np.where(epidermis.any(0), epidermis.argmax(0), image.shape[0])
+    above = np.arange(image.shape[0])[:, None] < top_of_epidermis[None, :]
+    truth = np.full(image.shape[:2], 3, np.int32)
+    truth[above & ~background] = 1
+    truth[epidermis] = 2
+    truth[background] = 0
+    return truth
+
+
 class DatasetMissing(Exception):
     """A data set's files are not installed (the run skips it with this message)."""
 
@@ -222,6 +299,11 @@ MUVIT_METHODS: dict[str, dict[str, Any]] = {
     "muvit-level1": {"quick": True, "classifier": "forest", "levels": "1"},
     "muvit-lab": {"quick": True, "classifier": "forest", "levels": None, "color_space": "lab"},
     "muvit-hed": {"quick": True, "classifier": "forest", "levels": None, "color_space": "hed"},
+    "muvit-rf": {"quick": True, "classifier": "forest", "levels": None, "tree_kind": "random"},
+    "muvit-no-wide": {"quick": True, "classifier": "forest", "levels": None,
+                      "head_options": {"context_sigmas": []}},
+    "muvit-stop23": {"quick": True, "classifier": "forest", "levels": None, "tree_kind": "random",
+                     "head_options": {"context_sigmas": []}},
     "muvit-mlp": {"quick": True, "classifier": "mlp", "levels": None},
     "muvit-unetr": {"quick": False, "classifier": "forest", "levels": None},
 }
@@ -232,6 +314,26 @@ def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int)
     spec = MUVIT_METHODS[method]
     source = PyramidSource(pyramid)
     model, _ = prepare_start_model(levels=spec["levels"])
+    with _new_pixel_head_options(spec.get("head_options", {})):
+        return _run_muvit(model, source, strokes, budget, spec, snapshot_every)
+
+
+@contextlib.contextmanager
+def _new_pixel_head_options(changes: dict[str, Any]):
+    """A method's own options for the new pixel head (ablations of the default)."""
+    from napari_muvit.engine import _models
+
+    saved = dict(_models.NEW_PIXEL_HEAD_OPTIONS)
+    _models.NEW_PIXEL_HEAD_OPTIONS.update(changes)
+    try:
+        yield
+    finally:
+        _models.NEW_PIXEL_HEAD_OPTIONS.clear()
+        _models.NEW_PIXEL_HEAD_OPTIONS.update(saved)
+
+
+def _run_muvit(model, source, strokes, budget: float, spec: dict[str, Any],
+               snapshot_every: int) -> list:
     cancel = CancelToken()
     snaps: list[tuple[float, float, str, Any]] = []
     start, wall = time.process_time(), time.monotonic()
@@ -251,7 +353,8 @@ def run_muvit(pyramid, strokes, budget: float, method: str, snapshot_every: int)
                       classifier=spec["classifier"], color_space=spec.get("color_space", "auto"))
     if spec["quick"]:
         quick = QuickConfig(snapshot_every=snapshot_every,
-                            select_levels=spec.get("select_levels", True))
+                            select_levels=spec.get("select_levels", True),
+                            tree_kind=spec.get("tree_kind", QuickConfig.tree_kind))
         QuickTrainer(model, [(source, strokes)], cfg, quick, on_snapshot=keep,
                      cancel=cancel).run()
     else:
@@ -368,11 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cli-overlap", type=int, default=None, metavar="PX",
                    help="with --cli-defaults: this overlap instead of the CLI's default")
     p.add_argument("--json", type=Path)
+    p.add_argument("--truth-figure", type=Path, metavar="PNG",
+                   help="write the first data set's image with its ground truth's borders "
+                        "(green) at half size, and exit")
     p.add_argument("--plot", type=Path, help="write a PNG of the curves in the given JSON files")
     p.add_argument("inputs", nargs="*", type=Path, help="JSON files for --plot")
     args = p.parse_args(argv)
     if args.plot:
         plot([json.loads(f.read_text()) for f in args.inputs], args.plot)
+        return 0
+    if args.truth_figure:
+        image, truth, _ = load_dataset(args.datasets[0])
+        write_truth_figure(image, truth, args.truth_figure)
         return 0
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {
@@ -436,6 +546,18 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1))
     return 0
+
+
+def write_truth_figure(image: np.ndarray, truth: np.ndarray, out: Path) -> None:
+    """The image (RGB or grey) with the borders of its ground truth's regions in green."""
+    import imageio.v3 as iio
+    from skimage.segmentation import find_boundaries
+
+    rgb = np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
+    rgb = np.array(rgb, np.uint8)
+    rgb[find_boundaries(truth, mode="thick")] = (0, 220, 0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    iio.imwrite(out, rgb[::2, ::2])
 
 
 def plot(results: list[dict], out: Path) -> None:

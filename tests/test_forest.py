@@ -78,3 +78,35 @@ def test_the_compiled_cpu_walk_equals_the_torch_walk_and_follows_new_tables():
         np.testing.assert_allclose(a2(rows).numpy(), shallow.predict_proba(rows.numpy()),
                                    atol=1e-6)
     assert not torch.equal(before, b(rows))
+
+
+@pytest.mark.parametrize("kind", ["random", "extra"])
+def test_grown_tree_tables_answer_as_the_scikit_learn_forest_of_their_kind(kind):
+    from sklearn.ensemble import ExtraTreesClassifier
+
+    from napari_muvit.engine.forests import fit_tree_arrays
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(800, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(int) + 2 * (x[:, 3] > 0.5)  # classes 0-3; class 4 never painted
+    ensemble = TreeEnsemble(12, 5)
+    ensemble.load_trees(fit_tree_arrays(x, y, 5, trees=10, depth=8, seed=3, kind=kind))
+    common = {"n_estimators": 10, "max_depth": 8, "class_weight": "balanced", "random_state": 3}
+    reference = (ExtraTreesClassifier(max_features=0.5, **common) if kind == "extra"
+                 else RandomForestClassifier(**common)).fit(x, y)
+    test = rng.normal(size=(2000, 12)).astype(np.float32)
+    got = ensemble(torch.from_numpy(test)).numpy()
+    assert np.all(got[:, 4] == 0)  # the class nobody painted keeps a zero column
+    np.testing.assert_allclose(got[:, [0, 1, 2, 3]], reference.predict_proba(test), atol=1e-6)
+
+
+def test_an_unknown_tree_kind_is_refused_by_name():
+    from napari_muvit.engine.forests import random_forest
+    from napari_muvit.engine.quicktrain import QuickConfig
+    from napari_muvit.errors import InputError
+
+    assert QuickConfig().tree_kind == "extra"
+    with pytest.raises(ValueError, match="kind"):
+        random_forest(kind="boosted")
+    with pytest.raises(InputError, match="tree_kind.*random, extra"):
+        QuickConfig(tree_kind="boosted")

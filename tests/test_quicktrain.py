@@ -257,6 +257,31 @@ def test_the_forest_reads_the_coarse_levels_when_the_class_is_in_the_context():
     assert "the forest reads levels 1, 4 (held-out strokes, mean Dice: mix 0.9" in events[0]
 
 
+@pytest.mark.parametrize("kind", [None, "random"])
+def test_the_quick_fit_grows_and_chooses_with_the_configured_tree_kind(monkeypatch, kind):
+    from napari_muvit.engine import quicktrain
+
+    grown, judged = [], []
+    real_fit, real_forest = quicktrain.fit_tree_arrays, quicktrain.random_forest
+
+    def fit(*args, **kw):
+        grown.append(args[6])
+        return real_fit(*args, **kw)
+
+    def forest(trees, depth, seed, tree_kind):
+        judged.append(tree_kind)
+        return real_forest(trees, depth, seed, tree_kind)
+
+    monkeypatch.setattr(quicktrain, "fit_tree_arrays", fit)
+    monkeypatch.setattr(quicktrain, "random_forest", forest)
+    image, truth = _discs(96)
+    qt = _quick_levels(image, truth, (1, 4), **({} if kind is None else {"tree_kind": kind}))
+    expected = kind or "extra"  # extremely randomised trees unless asked otherwise
+    assert grown and set(grown) == {expected}
+    assert judged and set(judged) == {expected}  # the level choice judges the same kind
+    assert mean_dice(predict(image, qt.model, device="cpu"), truth + 1) > 0.9
+
+
 def test_choose_forest_levels_on_known_columns():
     from napari_muvit.engine.quicktrain import choose_forest_levels
 
@@ -318,6 +343,71 @@ def test_a_head_reading_fewer_levels_computes_only_their_filters():
         torch.testing.assert_close(head.classify(read), head.classify(full))
 
 
+def test_wide_context_filters_run_on_the_coarse_levels_only():
+    from napari_muvit.model.heads import PixelHead
+
+    common = {"dim": 16, "in_channels": 1, "patch_size": 8, "num_classes": 2, "num_levels": 3,
+              "bank": "levels", "classifier": "forest", "encoder_features": False}
+    plain, wide = PixelHead(**common), PixelHead(**common, context_sigmas=[10.0, 20.0])
+    level1 = plain.bank_level_width
+    assert wide.bank_level_width == level1  # level 1 keeps its scales: no wide tile edges
+    coarse = wide.bank_columns(2) - level1
+    assert coarse == level1 + 2 * 5  # two more scales of 5 filters on one channel
+    assert wide.num_image_features == wide.bank_columns(3) == level1 + 2 * coarse
+    torch.manual_seed(0)
+    nest = torch.rand(1, 3, 1, 32, 32)
+    bb = torch.from_numpy(centered_nested_bboxes((64, 64), 32, (1, 4, 16)))[None]
+    seg = MuViTSegmenter(_tiny((1, 4, 16)), head="pixel", num_classes=2, head_dim=8,
+                         label_values=[1, 2])
+    with torch.no_grad():
+        _, _, coords, _ = seg.encode(nest, bb)
+        a = plain.level_bank_features(nest, coords)
+        b = wide.level_bank_features(nest, coords)
+        two = wide.level_bank_features(nest, coords, levels=2)
+    assert b.shape[1] == wide.num_image_features and two.shape[1] == wide.bank_columns(2)
+    torch.testing.assert_close(b[:, :level1], a[:, :level1])  # level 1 unchanged
+    # a coarse level's block: the usual scales first, then the wide ones
+    torch.testing.assert_close(b[:, level1 : 2 * level1], a[:, level1 : 2 * level1])
+    assert not torch.allclose(b[:, 2 * level1 : level1 + coarse].std(), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="context_sigmas"):
+        PixelHead(**{**common, "bank": "level1"}, context_sigmas=[10.0])
+
+
+@pytest.mark.parametrize("wide", [[], [10.0, 20.0]])
+def test_coarse_levels_filter_only_the_window_they_are_read_in_with_the_same_answer(wide):
+    from napari_muvit.model.heads import PixelHead
+
+    head = PixelHead(16, 3, 8, 2, num_levels=3, bank="levels", classifier="forest",
+                     encoder_features=False, context_sigmas=wide, color_space="lab")
+    seg = MuViTSegmenter(_tiny((1, 4, 16)), head="pixel", num_classes=2, head_dim=8,
+                         label_values=[1, 2])
+    torch.manual_seed(1)
+    nest = torch.rand(2, 3, 3, 32, 32)
+    bb = torch.from_numpy(np.stack([centered_nested_bboxes(c, 32, (1, 4, 16))
+                                    for c in ((40, 40), (1000, 77))]))
+    with torch.no_grad():
+        _, _, coords, _ = seg.encode(nest[:, :, :1], bb)
+        got = head.level_bank_features(nest, coords)
+        # the reference: every coarse crop filtered whole, then sampled
+        full = [head.image_features(nest[:, 0])] + [
+            head._sample_level(head.image_features(nest[:, lv], context=True), coords, lv, 32, 32)
+            for lv in (1, 2)]
+    torch.testing.assert_close(got, torch.cat(full, 1), atol=2e-5, rtol=1e-5)
+
+
+def test_a_new_forest_head_filters_the_coarse_levels_wider_and_reloads_so(tmp_path):
+    image, truth = _discs(96)
+    strokes = simulate_strokes(truth, strokes_per_class=3, length=20, seed=0)
+    model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
+                  config=_quick_cfg())
+    assert model.head_options["context_sigmas"] == [10.0, 20.0]
+    again = load_model(tmp_path / "m")
+    assert again.head.context_sigmas == [10.0, 20.0]
+    assert again.head.num_image_features == model.head.num_image_features
+    np.testing.assert_array_equal(predict(image, again, device="cpu"),
+                                  predict(image, model, device="cpu"))
+
+
 def test_a_forest_saved_without_forest_levels_reads_every_level(tmp_path):
     # a forest head saved before the option existed: no forest_levels in its config
     image, truth = _bar_context(128)
@@ -342,7 +432,7 @@ def test_a_forest_saved_without_forest_levels_reads_every_level(tmp_path):
     head = refit.model.head
     chosen = refit.quick_stats["forest_levels"]
     assert refit.model.head_options["forest_levels"] == chosen == head.forest_levels
-    assert int(head.forest.feature.max()) < chosen * head.bank_level_width
+    assert int(head.forest.feature.max()) < head.bank_columns(chosen)
 
 
 def test_the_level_choice_keeps_blended_predictions_free_of_tile_seams():

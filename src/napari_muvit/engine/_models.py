@@ -57,8 +57,11 @@ NEW_HEAD_OPTIONS: dict[str, object] = {"taper": True, "padding_mode": "replicate
 # levels' filters carry the context: benchmarks/bench_scribbles.py, docs/benchmarks.md).
 # Which levels the forest reads (its forest_levels/forest_sub_levels options) is chosen by
 # the quick fit on held-out strokes (QuickConfig.select_levels), not fixed here.
+# The coarse levels' crops are also filtered at 10 and 20 px (160 and 320 level-1 pixels on
+# level 16): where a pixel lies in a tissue's layers (benchmarks/bench_scribbles.py, skin).
 NEW_PIXEL_HEAD_OPTIONS: dict[str, object] = {
     "bank": "levels", "classifier": "forest", "encoder_features": False,
+    "context_sigmas": [10.0, 20.0],
 }
 
 

@@ -15,17 +15,32 @@ import torch
 
 from napari_muvit.model.forest import TreeArrays, TreeEnsemble
 
-__all__ = ["fit_ensemble", "fit_tree_arrays", "random_forest"]
+__all__ = ["TREE_KINDS", "fit_ensemble", "fit_tree_arrays", "random_forest"]
 
 
-def random_forest(trees: int = 100, depth: int | None = 20, seed: int = 0) -> Any:
-    """An unfitted class-balanced scikit-learn forest using torch's thread count."""
-    from sklearn.ensemble import RandomForestClassifier
+#: tree kinds of :func:`random_forest`
+TREE_KINDS = ("random", "extra")
 
-    return RandomForestClassifier(
-        n_estimators=int(trees), max_depth=depth, class_weight="balanced",
-        random_state=int(seed), n_jobs=max(1, torch.get_num_threads()),
-    )
+
+def random_forest(trees: int = 100, depth: int | None = 20, seed: int = 0,
+                  kind: str = "random") -> Any:
+    """An unfitted class-balanced scikit-learn forest using torch's thread count.
+
+    ``kind="random"``: Breiman's random forest (best split among √F features on a bootstrap
+    sample). ``kind="extra"``: extremely randomised trees (a random threshold per feature,
+    best of half the features, every sample): smoother class boundaries in feature space,
+    which generalise better from a few strokes to the unpainted image
+    (benchmarks/bench_scribbles.py, docs/benchmarks.md "Extra trees").
+    """
+    from sklearn.ensemble import ExtraTreesClassifier, RandomForestClassifier
+
+    common = {"n_estimators": int(trees), "max_depth": depth, "class_weight": "balanced",
+              "random_state": int(seed), "n_jobs": max(1, torch.get_num_threads())}
+    if kind == "extra":
+        return ExtraTreesClassifier(max_features=0.5, **common)
+    if kind != "random":
+        raise ValueError(f"kind: expected one of {TREE_KINDS}, got {kind!r}")
+    return RandomForestClassifier(**common)
 
 
 def fit_tree_arrays(
@@ -35,12 +50,14 @@ def fit_tree_arrays(
     trees: int = 100,
     depth: int | None = 20,
     seed: int = 0,
+    kind: str = "random",
 ) -> list[TreeArrays]:
-    """Grow a class-balanced random forest on ``features`` (N, F) for class indices
-    ``classes`` (N,) in ``[0, num_classes)``; a class without samples keeps a zero column."""
+    """Grow a class-balanced forest of ``kind`` (:func:`random_forest`) on ``features`` (N, F)
+    for class indices ``classes`` (N,) in ``[0, num_classes)``; a class without samples keeps
+    a zero column."""
     rows = np.ascontiguousarray(features, np.float32)
     present = np.unique(classes)
-    forest = random_forest(trees, depth, seed).fit(rows, classes)
+    forest = random_forest(trees, depth, seed, kind).fit(rows, classes)
     out = []
     for estimator in forest.estimators_:
         t = estimator.tree_

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from napari_muvit.data.geometry import centered_nested_bboxes, grid_cells_of_pixels, plan_tiles
 from napari_muvit.engine.cancel import CancelToken
-from napari_muvit.engine.forests import fit_tree_arrays, random_forest
+from napari_muvit.engine.forests import TREE_KINDS, fit_tree_arrays, random_forest
 from napari_muvit.engine.quick_choices import FOREST_LEVEL_CHOICES
 from napari_muvit.engine.trainer import TrainConfig, Trainer
 from napari_muvit.errors import InputError
@@ -54,7 +54,9 @@ class QuickConfig:
     """Settings of the quick fit (stage 1).
 
     ``max_pixels`` painted pixels at most (class-balanced random subset) feed the fit; a
-    forest head gets ``trees`` trees of depth ``tree_depth`` at most, on the filters of the
+    forest head gets ``trees`` trees of depth ``tree_depth`` at most (``tree_kind``: extremely
+    randomised trees, or ``"random"``, Breiman's forest: see
+    :func:`~napari_muvit.engine.forests.random_forest`), on the filters of the
     levels that ``select_levels`` chooses (see :func:`choose_forest_levels`: ``select_folds``
     stroke folds drawn ``select_repeats`` times, ``select_trees`` trees per trial forest, the
     first candidate within
@@ -67,6 +69,7 @@ class QuickConfig:
     max_pixels: int = 20_000
     trees: int = 100
     tree_depth: int = 20
+    tree_kind: str = "extra"
     iterations: int = 300
     lr: float = 3e-3
     weight_decay: float = 1e-3
@@ -84,6 +87,9 @@ class QuickConfig:
                      "select_folds", "select_repeats", "select_trees"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name}: expected a positive integer, got {getattr(self, name)!r}")
+        if self.tree_kind not in TREE_KINDS:
+            raise InputError(f"tree_kind: expected one of {', '.join(TREE_KINDS)}, "
+                             f"got {self.tree_kind!r}")
         if not self.lr > 0 or self.weight_decay < 0 or self.snapshot_every < 0:
             raise InputError("lr must be > 0, weight_decay and snapshot_every >= 0")
 
@@ -281,7 +287,7 @@ def _bank_levels(head: nn.Module) -> int:
 
 def _forest(trees: int, cfg: QuickConfig) -> Any:
     # class-balanced: a class painted with few pixels counts as much as one painted with many
-    return random_forest(trees, cfg.tree_depth, cfg.seed)
+    return random_forest(trees, cfg.tree_depth, cfg.seed, cfg.tree_kind)
 
 
 def stroke_folds(classes: np.ndarray, strokes: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
@@ -333,8 +339,8 @@ def _dice_of_classes(predicted: np.ndarray, classes: np.ndarray) -> float:
 
 
 def choose_forest_levels(
-    bank: np.ndarray, classes: np.ndarray, strokes: np.ndarray, level_width: int,
-    num_levels: int, cfg: QuickConfig,
+    bank: np.ndarray, classes: np.ndarray, strokes: np.ndarray,
+    level_width: int | Callable[[int], int], num_levels: int, cfg: QuickConfig,
 ) -> tuple[tuple[int, ...], dict[str, float]]:
     """Which levels' filters the forest should read, judged on strokes it did not see.
 
@@ -346,9 +352,10 @@ def choose_forest_levels(
     split to tell anything) and predicts the held-out strokes; its score is the mean Dice over
     classes of those predictions, averaged over ``cfg.select_repeats`` draws of the folds (one
     draw depends much on which strokes fall together). The first candidate within
-    ``cfg.select_margin`` of the best wins. Returns ``(level counts of the sub-forests,
-    {"1+2+3": score, ...})``; every level without scores when fewer than two folds can be
-    formed.
+    ``cfg.select_margin`` of the best wins. ``level_width``: the bank columns of one level, or
+    a function giving those of the first *n* levels (:meth:`PixelHead.bank_columns`). Returns
+    ``(level counts of the sub-forests, {"1+2+3": score, ...})``; every level without scores
+    when fewer than two folds can be formed.
     """
     candidates = forest_level_candidates(num_levels)
     folds = min(int(cfg.select_folds), len(np.unique(strokes)))
@@ -368,7 +375,7 @@ def choose_forest_levels(
                 continue
             judged |= test
             for n in counts:
-                cols = bank[:, : n * level_width]
+                cols = bank[:, : _columns_of_levels(level_width, n)]
                 forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
                 columns = np.searchsorted(present, forest.classes_)
                 held_out[n][np.ix_(test, columns)] = forest.predict_proba(cols[test])
@@ -380,6 +387,12 @@ def choose_forest_levels(
     best = max(scores.values())
     chosen = next(c for c in candidates if scores[_candidate_name(c)] >= best - cfg.select_margin)
     return chosen, scores
+
+
+def _columns_of_levels(level_width: int | Callable[[int], int], levels: int) -> int:
+    """Bank columns of the first ``levels`` levels: ``levels`` equal widths, or what the
+    head's :meth:`~napari_muvit.model.heads.PixelHead.bank_columns` says."""
+    return level_width(levels) if callable(level_width) else levels * int(level_width)
 
 
 def _candidate_name(counts: Sequence[int]) -> str:
@@ -413,7 +426,7 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
             chosen = forced
         elif cfg.select_levels and strokes is not None:
             chosen, scores = level_choice or choose_forest_levels(
-                bank, classes, np.asarray(strokes), head.bank_level_width, _bank_levels(head),
+                bank, classes, np.asarray(strokes), head.bank_columns, _bank_levels(head),
                 cfg)
         else:  # the levels the head is set to read (every level unless forest_levels says)
             chosen = (head.forest_levels or _bank_levels(head),)
@@ -424,9 +437,9 @@ def _fit_forest(model: nn.Module, features: np.ndarray, classes: np.ndarray,
     trees = []
     per_forest = max(1, cfg.trees // len(chosen))
     for n in chosen:
-        cols = bank[:, : n * head.bank_level_width]
+        cols = bank[:, : head.bank_columns(n)]
         trees += fit_tree_arrays(cols, classes, model.num_classes, per_forest, cfg.tree_depth,
-                                 cfg.seed)
+                                 cfg.seed, cfg.tree_kind)
     head.forest.load_trees(trees)
     model.head_options.update(head.forest.shape_config)
     return {"sub_forests": list(chosen), "scores": scores}
@@ -632,7 +645,7 @@ class QuickTrainer:
                 head.color_space = first
                 return features, None, ""
             bank = np.ascontiguousarray(features[:, : head.num_image_features], np.float32)
-            levels = choose_forest_levels(bank, classes, strokes, head.bank_level_width,
+            levels = choose_forest_levels(bank, classes, strokes, head.bank_columns,
                                           _bank_levels(head), cfg)
             if not levels[1]:  # nothing to judge the colours by: keep the first
                 head.color_space = first

@@ -373,6 +373,11 @@ class PixelHead(nn.Module):
     ``forest_sub_levels`` records how the fit built the forest (the level counts of its
     equal-sized sub-forests, e.g. ``[1, 2, 3]`` for a mix); prediction does not need it.
 
+    ``context_sigmas`` (``bank="levels"``): more, wider Gaussian scales for the coarse levels
+    only (e.g. 10 and 20 px of a level-16 crop: 160 and 320 level-1 pixels, where a tissue
+    layer lies relative to the surface). Level 1 keeps ``sigmas``: wide filters on a
+    prediction tile would mostly see its replicated edge, and tiles would disagree.
+
     ``color_space="lab"``: a 3-channel crop (RGB scaled to [0, 1]) is converted to CIELAB
     before the filters, so lightness and the two colour axes get their own filters instead of
     three correlated channels (``"channels"``, the default of models saved before the option:
@@ -401,6 +406,7 @@ class PixelHead(nn.Module):
         forest_levels: int | None = None,
         forest_sub_levels: Sequence[int] | None = None,
         color_space: str = "channels",
+        context_sigmas: Sequence[float] = (),
         **_: object,
     ):
         super().__init__()
@@ -420,13 +426,19 @@ class PixelHead(nn.Module):
         self.classifier_type = classifier
         self.encoder_features = bool(encoder_features)
         self.sigmas = [float(s) for s in (sigmas if sigmas is not None else BANKS[bank])]
+        self.context_sigmas = [float(s) for s in context_sigmas]
+        if self.context_sigmas and bank != "levels":
+            raise ValueError("context_sigmas: only the 'levels' bank filters the coarse levels")
         self.in_channels = int(in_channels)
         self.patch_size = int(patch_size)
-        for i, s in enumerate(self.sigmas):
+        for i, s in enumerate(self.sigmas + self.context_sigmas):
             self.register_buffer(f"gauss{i}", _gaussian_kernel(s), persistent=False)
         per_sigma = 2 if bank == "level1" else 5
+        self._level1_width = self.in_channels * (1 + per_sigma * len(self.sigmas))
+        self._context_width = self.in_channels * (
+            1 + per_sigma * (len(self.sigmas) + len(self.context_sigmas)))
         bank_levels = 1 if bank == "level1" else self.num_levels
-        self.num_image_features = self.in_channels * (1 + per_sigma * len(self.sigmas)) * bank_levels
+        self.num_image_features = self.bank_columns(bank_levels)
         # skip maps of level 1, plus the final tokens of every coarser level at the pixel
         encoder_count = dim * (len(self.skips) + self.num_levels - 1) if self.encoder_features else 0
         self.num_features = self.num_image_features + encoder_count
@@ -458,24 +470,41 @@ class PixelHead(nn.Module):
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
 
-    def _blur(self, x: Tensor, kernel: Tensor) -> Tensor:
+    def _blur(self, x: Tensor, kernel: Tensor,
+              region: tuple[int, int, int, int] | None = None) -> Tensor:
+        """Separable Gaussian blur of ``x`` (replicate padding), only rows ``[r0, r1)`` and
+        columns ``[c0, c1)`` of ``region`` (default: all): equal to slicing the full blur."""
         c = x.shape[1]
         r = kernel.numel() // 2
         k = kernel.to(x.dtype)
-        x = F.pad(x, (r, r, 0, 0), mode="replicate")
+        height, width = x.shape[-2:]
+        r0, r1, c0, c1 = region or (0, height, 0, width)
+        rows = torch.arange(r0 - r, r1 + r, device=x.device).clamp_(0, height - 1)
+        cols = torch.arange(c0 - r, c1 + r, device=x.device).clamp_(0, width - 1)
+        x = x.index_select(-2, rows).index_select(-1, cols)
         x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-        x = F.pad(x, (0, 0, r, r), mode="replicate")
         return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
-    def image_features(self, image: Tensor) -> Tensor:
-        """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W)."""
+    def image_features(self, image: Tensor, context: bool = False,
+                       window: tuple[int, int, int, int] | None = None) -> Tensor:
+        """(B, C, H, W) -> filter responses (B, C·(1 + per-sigma filters·len(sigmas)), H, W);
+        ``context``: a coarse level's crop, also filtered at ``context_sigmas``; ``window``
+        ``(r0, r1, c0, c1)``: only those rows and columns of the responses (the filters still
+        see the whole crop: equal to slicing the full responses, at a fraction of the cost)."""
         image = image.float()
         if self.color_space in COLOR_CONVERSIONS:
             image = COLOR_CONVERSIONS[self.color_space](image)
-        feats = [image]
-        for i in range(len(self.sigmas)):
-            g = self._blur(image, getattr(self, f"gauss{i}"))
-            gp = F.pad(g, (1, 1, 1, 1), mode="replicate")
+        height, width = image.shape[-2:]
+        r0, r1, c0, c1 = window or (0, height, 0, width)
+        # one more row and column each side for the derivatives; replicated at the crop's edge
+        around = (max(r0 - 1, 0), min(r1 + 1, height), max(c0 - 1, 0), min(c1 + 1, width))
+        edge = (int(c0 == 0), int(c1 == width), int(r0 == 0), int(r1 == height))
+        feats = [image[..., r0:r1, c0:c1]]
+        scales = len(self.sigmas) + (len(self.context_sigmas) if context else 0)
+        for i in range(scales):
+            gp = self._blur(image, getattr(self, f"gauss{i}"), around)
+            gp = F.pad(gp, edge, mode="replicate") if any(edge) else gp
+            g = gp[..., 1:-1, 1:-1]
             gy = (gp[..., 2:, 1:-1] - gp[..., :-2, 1:-1]) / 2
             gx = (gp[..., 1:-1, 2:] - gp[..., 1:-1, :-2]) / 2
             feats += [g, torch.sqrt(gy * gy + gx * gx + 1e-12)]
@@ -492,33 +521,47 @@ class PixelHead(nn.Module):
 
     @property
     def bank_level_width(self) -> int:
-        """Filter-bank columns of one level (the bank's layout is level after level)."""
-        return self.num_image_features // (self.num_levels if self.bank == "levels" else 1)
+        """Filter-bank columns of level 1 (the bank's layout is level after level)."""
+        return self._level1_width
+
+    def bank_columns(self, levels: int) -> int:
+        """Filter-bank columns of the first ``levels`` levels (a coarse level also has the
+        ``context_sigmas`` filters)."""
+        return self._level1_width + (int(levels) - 1) * self._context_width
 
     def level_bank_features(self, nest: Tensor, coords: Tensor,
                             levels: int | None = None) -> Tensor:
         """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W), or of
         the first ``levels`` levels only (B, levels·F_img/L, H, W)."""
-        B, L, C, H, W = nest.shape
+        H, W = nest.shape[-2:]
         parts = [self.image_features(nest[:, 0])]
         for lv in range(1, self.num_levels if levels is None else int(levels)):
-            parts.append(self._sample_level(self.image_features(nest[:, lv]), coords, lv, H, W))
+            parts.append(self._coarse_level_features(nest[:, lv], coords, lv, H, W))
         return torch.cat(parts, 1)
+
+    def _coarse_level_features(self, crop: Tensor, coords: Tensor, lv: int, H: int,
+                               W: int) -> Tensor:
+        """Filter responses of level ``lv``'s crop (B, C, S, S) bilinearly sampled at the
+        level-1 pixels of the crop (B, F, H, W). Only the window of the crop that the level-1
+        pixels fall in is filtered (its centre: 1/4 of a level-4 crop's side, 1/16 of a
+        level-16 one's), the filters still reading the whole crop."""
+        py, px = self._coarse_pixels(coords, lv, H, W)
+        (r0, r1), (c0, c1) = _window_around(py, crop.shape[-2]), _window_around(px, crop.shape[-1])
+        fmap = self.image_features(crop, context=True, window=(r0, r1, c0, c1))
+        return _sample_bilinear(fmap, py - r0, px - c0)
 
     def _sample_level(self, fmap: Tensor, coords: Tensor, lv: int, H: int, W: int) -> Tensor:
         """``fmap`` (B, F, S, S) of level ``lv``'s crop sampled at the level-1 pixels of the
         crop (B, F, H, W)."""
-        B = fmap.shape[0]
+        return _sample_bilinear(fmap, *self._coarse_pixels(coords, lv, H, W))
+
+    def _coarse_pixels(self, coords: Tensor, lv: int, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """Fractional pixel (row, column) in level ``lv``'s crop of the level-1 pixels' rows
+        (B, H) and columns (B, W)."""
         P = self.patch_size
         ty, tx = _token_index_of_level1_pixels(coords, lv, self.num_levels, H // P, W // P,
                                                H, W, P)
-        # token index -> pixel index of the coarse crop -> [-1, 1] (align_corners)
-        gy = ((ty + 0.5) * P - 0.5) * (2 / max(fmap.shape[-2] - 1, 1)) - 1
-        gx = ((tx + 0.5) * P - 0.5) * (2 / max(fmap.shape[-1] - 1, 1)) - 1
-        h, w = gy.shape[1], gx.shape[1]
-        grid = torch.stack((gx[:, None, :].expand(B, h, w), gy[:, :, None].expand(B, h, w)), -1)
-        return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border",
-                             align_corners=True)
+        return (ty + 0.5) * P - 0.5, (tx + 0.5) * P - 0.5
 
     def context_features(self, tokens: Tensor, coords: Tensor, size: Sequence[int]) -> Tensor:
         """Final tokens of every coarser level, bilinearly sampled at each level-1 pixel's world
@@ -642,6 +685,27 @@ COLOR_CONVERSIONS = {"lab": srgb_to_lab, "hed": rgb_to_hed}
 #: filter-bank layouts of :class:`PixelHead` and their default sigmas (level-1 pixels of each
 #: level's crop); "levels" is ilastik's default set
 BANKS: dict[str, tuple[float, ...]] = {"level1": (1.0, 2.0, 4.0), "levels": (0.7, 1.6, 3.5, 5.0)}
+
+
+def _sample_bilinear(fmap: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``fmap`` (B, F, h, w) at fractional pixel ``rows`` (B, H) × ``cols`` (B, W), clamped to
+    its border: (B, F, H, W)."""
+    gy = rows * (2 / max(fmap.shape[-2] - 1, 1)) - 1  # -> [-1, 1] (align_corners)
+    gx = cols * (2 / max(fmap.shape[-1] - 1, 1)) - 1
+    B, h, w = fmap.shape[0], gy.shape[1], gx.shape[1]
+    grid = torch.stack((gx[:, None, :].expand(B, h, w), gy[:, :, None].expand(B, h, w)), -1)
+    return F.grid_sample(fmap, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def _window_around(positions: Tensor, size: int) -> tuple[int, int]:
+    """``[start, stop)`` of the pixels of an axis of ``size`` that bilinear sampling at
+    ``positions`` (clamped to the axis, as ``padding_mode="border"``) reads; 2 pixels at least
+    where the axis has them, so that the window's normalisation is the full axis's."""
+    lo = int(torch.floor(positions.min().clamp(0, size - 1)))
+    hi = int(torch.ceil(positions.max().clamp(0, size - 1))) + 1
+    if hi - lo < 2 and size >= 2:
+        lo, hi = (lo, lo + 2) if lo + 2 <= size else (size - 2, size)
+    return lo, hi
 
 
 def _token_index_of_level1_pixels(
