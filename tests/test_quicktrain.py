@@ -371,6 +371,7 @@ def test_wide_context_filters_run_on_the_coarse_levels_only():
     assert not torch.allclose(b[:, 2 * level1 : level1 + coarse].std(), torch.tensor(0.0))
     with pytest.raises(ValueError, match="context_sigmas"):
         PixelHead(**{**common, "bank": "level1"}, context_sigmas=[10.0])
+    assert PixelHead(**common, context_sigmas=None).num_image_features == plain.num_image_features
 
 
 @pytest.mark.parametrize("wide", [[], [10.0, 20.0]])
@@ -401,6 +402,11 @@ def test_a_new_forest_head_filters_the_coarse_levels_wider_and_reloads_so(tmp_pa
     model = train(image, strokes, out=tmp_path / "m", init=_tiny(), head="pixel",
                   config=_quick_cfg())
     assert model.head_options["context_sigmas"] == [10.0, 20.0]
+    from napari_muvit.engine._models import NEW_PIXEL_HEAD_OPTIONS
+
+    model.head_options["context_sigmas"].append(40.0)  # a model's options are its own
+    assert NEW_PIXEL_HEAD_OPTIONS["context_sigmas"] == [10.0, 20.0]
+    model.head_options["context_sigmas"].pop()
     again = load_model(tmp_path / "m")
     assert again.head.context_sigmas == [10.0, 20.0]
     assert again.head.num_image_features == model.head.num_image_features

@@ -9,6 +9,7 @@ the caller records in the training history: nothing is adapted silently.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -277,8 +278,8 @@ def new_segmenter(
         class_names=names,
         label_values=list(label_values),
         meta={k: v for k, v in getattr(encoder, "meta", {}).items() if k in ("init", "crop_size")},
-        head_options={**NEW_HEAD_OPTIONS, **(
-            NEW_PIXEL_HEAD_OPTIONS if head == "pixel" and classifier == "forest" else {})},
+        head_options=copy.deepcopy({**NEW_HEAD_OPTIONS, **(
+            NEW_PIXEL_HEAD_OPTIONS if head == "pixel" and classifier == "forest" else {})}),
     )
 
 

@@ -406,7 +406,7 @@ class PixelHead(nn.Module):
         forest_levels: int | None = None,
         forest_sub_levels: Sequence[int] | None = None,
         color_space: str = "channels",
-        context_sigmas: Sequence[float] = (),
+        context_sigmas: Sequence[float] | None = (),
         **_: object,
     ):
         super().__init__()
@@ -426,7 +426,7 @@ class PixelHead(nn.Module):
         self.classifier_type = classifier
         self.encoder_features = bool(encoder_features)
         self.sigmas = [float(s) for s in (sigmas if sigmas is not None else BANKS[bank])]
-        self.context_sigmas = [float(s) for s in context_sigmas]
+        self.context_sigmas = [float(s) for s in context_sigmas or ()]
         if self.context_sigmas and bank != "levels":
             raise ValueError("context_sigmas: only the 'levels' bank filters the coarse levels")
         self.in_channels = int(in_channels)
@@ -532,7 +532,7 @@ class PixelHead(nn.Module):
     def level_bank_features(self, nest: Tensor, coords: Tensor,
                             levels: int | None = None) -> Tensor:
         """The filter bank of every level's crop at each level-1 pixel (B, F_img, H, W), or of
-        the first ``levels`` levels only (B, levels·F_img/L, H, W)."""
+        the first ``levels`` levels only (B, bank_columns(levels), H, W)."""
         H, W = nest.shape[-2:]
         parts = [self.image_features(nest[:, 0])]
         for lv in range(1, self.num_levels if levels is None else int(levels)):
@@ -700,7 +700,7 @@ def _sample_bilinear(fmap: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 def _window_around(positions: Tensor, size: int) -> tuple[int, int]:
     """``[start, stop)`` of the pixels of an axis of ``size`` that bilinear sampling at
     ``positions`` (clamped to the axis, as ``padding_mode="border"``) reads; 2 pixels at least
-    where the axis has them, so that the window's normalisation is the full axis's."""
+    where the axis has them (a 1-pixel window would need its own normalisation)."""
     lo = int(torch.floor(positions.min().clamp(0, size - 1)))
     hi = int(torch.ceil(positions.max().clamp(0, size - 1))) + 1
     if hi - lo < 2 and size >= 2:
