@@ -17,6 +17,25 @@ import torch  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """The module of ``benchmarks/<name>.py`` (scripts, not a package), for tests of their
+    helpers."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO_ROOT / "benchmarks"
+                                                  / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and the like look their module up
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
 # Checkpoints and reference outputs saved by the official muvit 0.1.0 (see their README):
 # kept in the repository so that a fresh clone runs the parity tests.
 OFFICIAL_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "muvit-official"

@@ -8,23 +8,13 @@ attention term.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 
 
 def _script():
-    path = REPO_ROOT / "benchmarks" / "model_size.py"
-    spec = importlib.util.spec_from_file_location("model_size", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["model_size"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("model_size", None)
-    return module
+    return load_benchmark("model_size")
 
 
 def test_counts_match_the_analytic_flops_and_the_doc_rows(tmp_path) -> None:

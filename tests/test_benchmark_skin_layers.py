@@ -8,23 +8,12 @@ included.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import numpy as np
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 
 
 def _script():
-    path = REPO_ROOT / "benchmarks" / "bench_scribbles.py"
-    spec = importlib.util.spec_from_file_location("bench_scribbles_for_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scribbles_for_test"] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop("bench_scribbles_for_test", None)
-    return module
+    return load_benchmark("bench_scribbles")
 
 
 def _drawn_section(h: int = 240, w: int = 320) -> tuple[np.ndarray, np.ndarray]:
