@@ -291,19 +291,20 @@ def test_choose_forest_levels_on_known_columns():
     signal = classes[:, None] + rng.normal(0, 0.3, (600, 1))
     noise = rng.normal(0, 1, (600, 3))
     cfg = QuickConfig(select_trees=10)
+    two_per_level = lambda levels: 2 * levels  # noqa: E731 - bank columns of the first levels
     # level 1 tells the classes apart, level 2 is noise: not level 2's forest alone
     chosen, scores = choose_forest_levels(
         np.hstack([signal, noise[:, :1], noise[:, 1:]]).astype(np.float32), classes, strokes,
-        2, 2, cfg)
+        two_per_level, 2, cfg)
     assert chosen in ((1, 2), (1,)) and scores["1"] > 0.9
     # only level 2 tells them apart: the forest on both levels alone
     chosen, scores = choose_forest_levels(
         np.hstack([noise[:, :2], signal, noise[:, 2:]]).astype(np.float32), classes, strokes,
-        2, 2, cfg)
+        two_per_level, 2, cfg)
     assert chosen == (2,) and scores["2"] > 0.9 > 0.7 > scores["1"]
     # one stroke: nothing to hold out, every level
     assert choose_forest_levels(signal.astype(np.float32), classes, np.zeros(600, np.int64),
-                                1, 1, cfg) == ((1,), {})
+                                lambda levels: levels, 1, cfg) == ((1,), {})
 
 
 def test_stroke_folds_keep_strokes_whole_and_spread_every_class():

@@ -340,7 +340,7 @@ def _dice_of_classes(predicted: np.ndarray, classes: np.ndarray) -> float:
 
 def choose_forest_levels(
     bank: np.ndarray, classes: np.ndarray, strokes: np.ndarray,
-    level_width: int | Callable[[int], int], num_levels: int, cfg: QuickConfig,
+    columns_of_levels: Callable[[int], int], num_levels: int, cfg: QuickConfig,
 ) -> tuple[tuple[int, ...], dict[str, float]]:
     """Which levels' filters the forest should read, judged on strokes it did not see.
 
@@ -352,8 +352,8 @@ def choose_forest_levels(
     split to tell anything) and predicts the held-out strokes; its score is the mean Dice over
     classes of those predictions, averaged over ``cfg.select_repeats`` draws of the folds (one
     draw depends much on which strokes fall together). The first candidate within
-    ``cfg.select_margin`` of the best wins. ``level_width``: the bank columns of one level, or
-    a function giving those of the first *n* levels (:meth:`PixelHead.bank_columns`). Returns
+    ``cfg.select_margin`` of the best wins. ``columns_of_levels(n)``: the bank columns of the
+    first *n* levels (:meth:`PixelHead.bank_columns`). Returns
     ``(level counts of the sub-forests, {"1+2+3": score, ...})``; every level without scores
     when fewer than two folds can be formed.
     """
@@ -375,7 +375,7 @@ def choose_forest_levels(
                 continue
             judged |= test
             for n in counts:
-                cols = bank[:, : _columns_of_levels(level_width, n)]
+                cols = bank[:, : columns_of_levels(n)]
                 forest = _forest(cfg.select_trees, cfg).fit(cols[train], classes[train])
                 columns = np.searchsorted(present, forest.classes_)
                 held_out[n][np.ix_(test, columns)] = forest.predict_proba(cols[test])
@@ -387,12 +387,6 @@ def choose_forest_levels(
     best = max(scores.values())
     chosen = next(c for c in candidates if scores[_candidate_name(c)] >= best - cfg.select_margin)
     return chosen, scores
-
-
-def _columns_of_levels(level_width: int | Callable[[int], int], levels: int) -> int:
-    """Bank columns of the first ``levels`` levels: ``levels`` equal widths, or what the
-    head's :meth:`~napari_muvit.model.heads.PixelHead.bank_columns` says."""
-    return level_width(levels) if callable(level_width) else levels * int(level_width)
 
 
 def _candidate_name(counts: Sequence[int]) -> str:
