@@ -11,8 +11,9 @@ through the panels' public methods only (``PredictWidget.predict_view()``, ``set
 * ``idle``: nothing running (the machine's own noise);
 * ``first predict``: a fresh predict panel, bundled model not yet loaded, ``predict_view()``
   of a ~0.8 Mpx view of the 2048² sample (scaled and translated layer), until done;
-* ``live panning``: ``set_live(True)``, then the camera pans by a fifth of the view every
-  300 ms, ten times, until the last view is done;
+* ``panning, no job``: the camera pans by a fifth of the view every 300 ms, ten times, with
+  nothing running: napari's own frames, the baseline of the next phase on the same load;
+* ``live panning``: ``set_live(True)``, then the same pans, until the last view is done;
 * ``model switch``: ``set_model()`` to another model folder (a copy of the bundled model,
   not loaded yet), then ``predict_view()`` of the same view, until done;
 * ``switch back``: ``set_model()`` back to the bundled model and ``predict_view()``: its
@@ -66,9 +67,10 @@ import napari_muvit  # noqa: F401  (first: sets the OpenMP wait policy before to
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _load import busy_cores, machine  # noqa: E402  (a sibling module of this script)
+from _load import LOADS, load_context, machine  # noqa: E402  (a sibling module of this script)
 
 HEARTBEAT_MS = 10
+BASELINE = "panning, no job"  # napari's own frames on the same load: the ratios' baseline
 SAMPLE = 2048
 
 
@@ -88,13 +90,16 @@ class Heartbeat:
         self.timer.timeout.connect(self._tick)
         self.ticks: list[float] = []
         self.cpu: list[float] = []
+        self.queued: list[float] = []
 
     def _tick(self) -> None:
         self.ticks.append(time.perf_counter())
         self.cpu.append(time.thread_time())
+        self.queued.append(runqueue_wait_s())
 
     def __enter__(self) -> Heartbeat:
-        self.ticks, self.cpu = [time.perf_counter()], [time.thread_time()]
+        self.ticks, self.cpu, self.queued = [], [], []
+        self._tick()
         self.timer.start()
         return self
 
@@ -105,7 +110,9 @@ class Heartbeat:
     def summary(self) -> dict[str, float]:
         gaps = np.maximum(np.diff(np.asarray(self.ticks)) * 1000 - HEARTBEAT_MS, 0.0)
         cpu = np.diff(np.asarray(self.cpu)) * 1000  # GUI-thread CPU time within each gap
+        queued = np.diff(np.asarray(self.queued)) * 1000  # runnable, waiting for a core
         longest = int(np.argmax(gaps)) if gaps.size else 0
+        interval = gaps[longest] + HEARTBEAT_MS if gaps.size else 0.0
         return {"max_ms": float(gaps.max()) if gaps.size else 0.0,
                 "p99_ms": float(np.percentile(gaps, 99)) if gaps.size else 0.0,
                 "over_100ms": int((gaps > 100).sum()),
@@ -113,8 +120,23 @@ class Heartbeat:
                 "cpu_in_max_gap_ms": float(cpu[longest]) if cpu.size else 0.0,
                 "max_cpu_ms": float(cpu.max()) if cpu.size else 0.0,
                 "p99_cpu_ms": float(np.percentile(cpu, 99)) if cpu.size else 0.0,
+                # the rest of the longest gap: waiting for a core (the OS ran another thread),
+                # and blocked (the GIL, the OpenGL driver's threads, the event loop's own wait)
+                "core_wait_in_max_gap_ms": float(queued[longest]) if queued.size else 0.0,
+                "blocked_in_max_gap_ms": float(max(0.0, interval - cpu[longest]
+                                                   - queued[longest])) if queued.size else 0.0,
                 "ticks": len(self.ticks),
                 "seconds": self.ticks[-1] - self.ticks[0], "loadavg": list(os.getloadavg())}
+
+
+def runqueue_wait_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a core (Linux schedstat; 0
+    where the kernel does not report it)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 class StackSampler:
@@ -252,6 +274,13 @@ def until_idle(timeout: float, *panels: Any) -> bool:
     return done
 
 
+def pan(cam: Any, centre: np.ndarray) -> None:
+    """Pan the camera by a fifth of the view every 300 ms, ten times (a user browsing)."""
+    for i in range(10):
+        spin(300)
+        cam.center = tuple(centre + (i + 1) * np.array([40.0, 60.0]))
+
+
 def run_phases(seconds: float, timeout: float, other_model: Path,
                classifier: str = "forest") -> dict[str, Any]:
     """All phases in this process's viewer; returns their gap summaries."""
@@ -292,12 +321,18 @@ def run_phases(seconds: float, timeout: float, other_model: Path,
                                            (int(np.count_nonzero(np.asarray(labels.data)))
                                             if labels is not None else 0))
 
+    centre = np.asarray(cam.center[-2:], dtype=float)
+    with Heartbeat() as hb:  # the baseline of the next phase: napari's own frames, no job
+        pan(cam, centre)
+        spin(100)
+    out[BASELINE] = hb.summary()
+    profiled(BASELINE, hb)
+    cam.center = tuple(centre)
+    spin(300)
+
     with Heartbeat() as hb:
         predict.set_live(True)
-        centre = np.asarray(cam.center[-2:], dtype=float)
-        for i in range(10):
-            spin(300)
-            cam.center = tuple(centre + (i + 1) * np.array([40.0, 60.0]))
+        pan(cam, centre)
         done = until_idle(timeout, predict)
         predict.set_live(False)
     out["live panning"] = {**hb.summary(), "finished": done, "status": predict.status}
@@ -397,13 +432,9 @@ def child(load: str, seconds: float, timeout: float, painting: str,
         other = copy_of_bundled_model(Path(tmp))
         if profile:
             PROFILE = StackSampler().__enter__()
-        if load == "busy":
-            with busy_cores() as pids:
-                phases = run_phases(seconds, timeout, other, classifier)
-            busy = len(pids)
-        else:
+        with load_context(load) as pids:
             phases = run_phases(seconds, timeout, other, classifier)
-            busy = 0
+        busy = len(pids)
         if PROFILE is not None:
             PROFILE.__exit__(None, None, None)
             print("\n".join(PROFILE_LINES), file=sys.stderr)
@@ -414,7 +445,9 @@ def child(load: str, seconds: float, timeout: float, painting: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loads", nargs="+", choices=("idle", "busy"), default=["idle", "busy"])
+    parser.add_argument("--loads", nargs="+", choices=LOADS, default=["idle", "busy"],
+                        help="busy: one busy process per core in this session; desktop: the "
+                             "same, each in a session of its own (see benchmarks/_load.py)")
     parser.add_argument("--seconds", type=float, default=8.0,
                         help="how long whole-image prediction and training run")
     parser.add_argument("--timeout", type=float, default=300.0,
@@ -436,7 +469,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--summarize", type=Path, default=None,
                         help="only (re)write the summary tables of this result file")
-    parser.add_argument("--child", choices=("idle", "busy"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=LOADS, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.seconds, args.timeout,
@@ -469,8 +502,9 @@ def medians(results: list[dict[str, Any]]) -> dict[tuple[str, str, str], dict[st
     for row in results:
         for name, phase in row["phases"].items():
             groups.setdefault((row["load"], row["painting"], name), []).append(phase)
-    keys = ("max_ms", "p99_ms", "max_cpu_ms", "p99_cpu_ms", "cpu_in_max_gap_ms")
-    return {group: {k: float(np.median([p[k] for p in phases])) for k in keys}
+    keys = ("max_ms", "p99_ms", "max_cpu_ms", "p99_cpu_ms", "cpu_in_max_gap_ms",
+            "core_wait_in_max_gap_ms", "blocked_in_max_gap_ms")
+    return {group: {k: float(np.median([p.get(k, np.nan) for p in phases])) for k in keys}
             for group, phases in groups.items()}
 
 
@@ -484,7 +518,9 @@ def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
         loads = [ph["loadavg"][0] for r in results if r["load"] == load
                  for ph in r["phases"].values()]
         rows = [["phase", "max gap ms", "p99 ms", "gaps > 100 ms",
-                 "GUI-thread CPU in the longest gap ms", "most GUI-thread CPU in one gap ms",
+                 "GUI-thread CPU in the longest gap ms",
+                 "its wait for a core / blocked ms", "most GUI-thread CPU in one gap ms",
+                 f"max gap / {BASELINE}",
                  *(["on arrival: most GUI-thread CPU in one gap ms",
                     "max gap: on arrival / sliced"] if compared else ["s"]),
                  "load"]]
@@ -501,9 +537,14 @@ def summary_tables(results: list[dict[str, Any]]) -> dict[str, list[list[str]]]:
                          else f"{direct['max_ms'] / max(sliced['max_ms'], 1e-3):.2f}"]
             else:
                 extra = [f"{float(np.median([ph['seconds'] for ph in runs])):.1f}"]
+            waits = ("" if np.isnan(sliced["core_wait_in_max_gap_ms"]) else
+                     f"{sliced['core_wait_in_max_gap_ms']:.0f} / "
+                     f"{sliced['blocked_in_max_gap_ms']:.0f}")
+            base = med.get((load, painting, BASELINE), {}).get("max_ms")
             rows.append([name, f"{sliced['max_ms']:.0f}", f"{sliced['p99_ms']:.0f}",
-                         f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}",
-                         f"{sliced['max_cpu_ms']:.0f}", *extra,
+                         f"{count:g}", f"{sliced['cpu_in_max_gap_ms']:.0f}", waits,
+                         f"{sliced['max_cpu_ms']:.0f}",
+                         f"{sliced['max_ms'] / base:.2f}" if base else "", *extra,
                          f"{min(loads):.1f}–{max(loads):.1f}"])
         tables[load] = rows
     return tables
@@ -549,10 +590,15 @@ def run_child(load: str, painting: str, args: argparse.Namespace) -> dict[str, A
     print(f"\n-- {load}, painting {painting}: {m['model']} ({m['isa']}, native bf16 "
           f"{m['native_bf16']}), {m['cores']} cores, load avg at the end {m['loadavg'][0]:.1f}")
     print(f"{'phase':<16}{'max gap ms':>11}{'p99 ms':>8}{'>100 ms':>8}{'max CPU':>8}"
-          f"{'p99 CPU':>8}{'s':>7}{'done':>6}{'load':>6}  status")
+          f"{'p99 CPU':>8}{'longest: CPU/core wait/blocked':>32}{'max / ' + BASELINE:>24}"
+          f"{'s':>7}{'done':>6}{'load':>6}  status")
+    base = row["phases"].get(BASELINE, {}).get("max_ms")
     for name, ph in row["phases"].items():
+        ratio = f"{ph['max_ms'] / base:.2f}" if base else ""
+        split = (f"{ph['cpu_in_max_gap_ms']:.0f}/{ph['core_wait_in_max_gap_ms']:.0f}/"
+                 f"{ph['blocked_in_max_gap_ms']:.0f}")
         print(f"{name:<16}{ph['max_ms']:>11.0f}{ph['p99_ms']:>8.0f}{ph['over_100ms']:>8}"
-              f"{ph['max_cpu_ms']:>8.0f}{ph['p99_cpu_ms']:>8.0f}"
+              f"{ph['max_cpu_ms']:>8.0f}{ph['p99_cpu_ms']:>8.0f}{split:>32}{ratio:>24}"
               f"{ph['seconds']:>7.1f}{str(ph.get('finished', '')):>6}"
               f"{ph['loadavg'][0]:>6.1f}  {ph.get('status', '')[:60]}", flush=True)
     return row

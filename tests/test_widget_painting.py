@@ -334,6 +334,7 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     assert not layer.visible and viewer.layers.selection.active is usual
     assert _built(viewer, layer) == (False, False)
     assert not any(o.visible for o in layer._overlays.values())
+    staged = steps[0].__self__
     count = 0
     # shown now: the overlays napari shows that are not a tool's (none in napari 0.9)
     overlays = sum(v for name, v in expected.items() if name not in TOOL_OVERLAYS)
@@ -341,16 +342,20 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
         steps.pop(0)()
         count += 1
         if count == 1:
-            assert _built(viewer, layer) == (True, False)  # the visuals first
+            # the visuals first: made, then placed in the scene graph
+            assert _built(viewer, layer) == (False, False) and staged.made_visual is not None
         if count == 2:
+            assert _built(viewer, layer) == (True, False) and staged.made_visual is None
+        if count == 3:
             assert layer.visible and not any(o.visible for o in layer._overlays.values())
-        if count == 3 + overlays:
+        if count == 5 + overlays:
             # the controls are made, not yet in napari's table (two pieces of Qt work)
             assert _built(viewer, layer) == (True, False)
-        if count == 4 + overlays:
+        if count == 6 + overlays:
             assert _built(viewer, layer) == (True, True)  # then the controls
-    # visual, showing, each overlay, making the controls, adding them, selecting
-    assert count == 2 + overlays + 3
+    # the visual made, placed; showing, the first draw, each overlay, making the controls,
+    # adding them, selecting
+    assert count == 4 + overlays + 3
     assert layer.visible and viewer.layers.selection.active is layer
     _assert_tools_built_when_switched_on(viewer, layer)
     assert {name: o.visible for name, o in layer._overlays.items()} == expected
@@ -363,9 +368,11 @@ def test_a_new_layer_is_added_in_steps_ending_as_napari_adds_it(make_napari_view
     assert plain.visible and viewer.layers.selection.active is plain
 
 
-def test_building_a_hidden_layers_visual_asks_for_no_frame(make_napari_viewer, qtbot):
+def test_building_a_hidden_layers_visual_and_showing_it_ask_for_no_frame(make_napari_viewer,
+                                                                        qtbot):
     """A frame costs as long as building the visual (software OpenGL): the hidden layer's
-    visual step draws nothing; showing it, in the next step, draws it."""
+    visual step draws nothing, nor does showing it (napari slices its data then); the step
+    after draws it."""
     from napari_muvit.widgets import _layers as L
 
     viewer = make_napari_viewer(show=True)
@@ -380,14 +387,19 @@ def test_building_a_hidden_layers_visual_asks_for_no_frame(make_napari_viewer, q
                                  select=False, name="map")
     qtbot.wait(100)
     draws.clear()
-    steps.pop(0)()  # the visual
+    steps.pop(0)()  # the visual made
+    steps.pop(0)()  # and placed in the scene graph
     assert layer in viewer.window._qt_viewer.canvas.layer_to_visual
     qtbot.wait(200)
     assert not draws
     assert "update" not in vars(scene)  # the canvas asks for frames again
     steps.pop(0)()  # showing it
-    qtbot.waitUntil(lambda: bool(draws), timeout=5_000)
     assert layer.visible
+    qtbot.wait(200)
+    assert not draws
+    assert "update" not in vars(scene)
+    steps.pop(0)()  # its first draw
+    qtbot.waitUntil(lambda: bool(draws), timeout=5_000)
 
 
 def test_a_layer_added_in_steps_leaves_overlays_controls_and_selection_for_a_quiet_moment(
@@ -412,9 +424,9 @@ def test_a_layer_added_in_steps_leaves_overlays_controls_and_selection_for_a_qui
         flags.append(settled)
         callback()
     overlays = sum(o.visible for o in layer._overlays.values())
-    # deferred: the visual, then showing it; each overlay, controls (made, then added) and
-    # selecting wait for a quiet moment
-    assert flags == [False, False] + [True] * (overlays + 3)
+    # deferred: the visual (made, placed), showing it, its first draw; each overlay, controls
+    # (made, then added) and selecting wait for a quiet moment
+    assert flags == [False] * 4 + [True] * (overlays + 3)
     assert _built(viewer, layer) == (True, True) and layer.visible
     assert viewer.layers.selection.active is layer and image in viewer.layers
     _assert_tools_built_when_switched_on(viewer, layer)
@@ -529,6 +541,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
         return paint(target, plane, res)
 
     widget.outputs.paint = painted
+    from napari_muvit.widgets import _layers as L
     from napari_muvit.widgets.jobs import Job
 
     answers: list = []  # (go, the new labels layer shown and its visual built) at the answer
@@ -538,7 +551,7 @@ def test_the_predict_panel_adds_its_output_layers_in_steps_before_painting_tiles
         if job.kind == "view":
             out = widget.labels_layer(job.request.layer)
             answers.append((bool(proceed), out is not None and out.visible
-                            and _built(viewer, out)[0]))
+                            and _built(viewer, out)[0] and not L.first_draw_pending(out)))
         return answer(job, proceed)
 
     monkeypatch.setattr(Job, "answer", answered)

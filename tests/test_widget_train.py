@@ -278,6 +278,34 @@ def test_default_forest_head_answers_at_once_and_refits_on_new_strokes(
     assert fitted and f"{painted} painted pixels" in fitted[-1]["message"]
 
 
+def test_the_panel_is_busy_until_the_end_of_training_reached_it(
+    make_napari_viewer, qtbot, folders, rings
+):
+    """The worker ends a moment before the panel handles its end: a script that waits for
+    ``busy`` to fall reads the final status (never a stale step report)."""
+    from napari_muvit.data.strokes import simulate_strokes
+    from napari_muvit.widgets import TrainWidget
+
+    viewer = make_napari_viewer()
+    image = viewer.add_image(rings.image, name="rings")
+    train = TrainWidget(viewer)
+    viewer.window.add_dock_widget(train, name="MuViT fine-tune")
+    train.image_layer = image
+    labels = train.create_annotation_layer()
+    labels.data[:] = simulate_strokes(rings.labels, strokes_per_class=2, length=15, seed=0)
+    labels.refresh()
+    train.set_start_model(folders["encoder"])
+    train.device_combo.setCurrentText("cpu")
+    assert train.train() is not None and train.busy
+    # no event processed: the worker finishes, its end waits in the event queue
+    assert train.job.done.wait(60), "the training worker did not finish"
+    assert train.busy and not train.job.ended
+    assert not train.status.startswith("finished")
+    qtbot.waitUntil(lambda: not train.busy, timeout=30_000)
+    assert train.job.ended and train.status.startswith("finished in ")
+    assert train.train_button.isEnabled() and not train.stop_button.isEnabled()
+
+
 def test_train_save_and_errors(make_napari_viewer, qtbot, folders, rings, tmp_path):
     from napari_muvit.widgets import TrainWidget
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -572,12 +573,13 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
     first draw, which compiles its shaders.  With ``defer`` (called with a callback to run in
     a later turn of the event loop) the layer is in ``viewer.layers`` when this returns, but
     hidden and unselected, its visuals and controls not built yet; each of those pieces then
-    runs in a turn of its own: the visuals, showing it (the first draw), each shown overlay,
-    the controls (only if it is to be selected: else when it is first selected), and last
-    selecting it when ``select`` (a bool, or a callable asked at that moment) says so.  The
-    end state is napari's own ``add_layer``, except that the overlays of the Labels tools
-    (brush, polygon), which are drawn only while their tool is on, are made visible, and
-    their visuals built, when their tool is first switched on.  With ``settled`` (True) the
+    runs in a turn of its own: making the visuals, placing them in the scene graph, showing
+    it (napari slices its data), its first draw (which compiles its shaders), each shown
+    overlay, the controls (only if it is to be selected: else when it is first selected),
+    and last selecting it when ``select`` (a bool, or a callable asked at that moment) says
+    so.  The end state is napari's own ``add_layer``, except that the overlays of the Labels
+    tools (brush, polygon), which are drawn only while their tool is on, are made visible,
+    and their visuals built, when their tool is first switched on.  With ``settled`` (True) the
     overlays, controls and selection are deferred with ``defer(callback, settled=True)``: the
     caller runs them once it has settled (e.g. no prediction running); ``settled="all"``:
     every step (a secondary layer, e.g. a confidence map, built once the tiles are in).  A
@@ -601,6 +603,15 @@ def add_layer_in_steps(viewer: Any, layer: Any, defer: Any = None, select: Any =
         return layer
     staged.start()
     return layer
+
+
+# layers added in steps that are to be shown and whose first draw has not come yet
+_FIRST_DRAW_PENDING: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def first_draw_pending(layer: Any) -> bool:
+    """Whether ``layer`` is being added in steps and has not been drawn yet."""
+    return layer in _FIRST_DRAW_PENDING
 
 
 class _Inserted:
@@ -633,6 +644,7 @@ class _StagedAdd:
         self.controls = None
         self.placeholder = None
         self.made: Any = None  # the controls, made but not yet in napari's table
+        self.made_visual: Any = None  # the visual, made but not yet in the scene graph
         if not get_settings().experimental.dynamic_layer_controls:
             from napari._qt.layer_controls import qt_layer_controls_container
 
@@ -667,6 +679,8 @@ class _StagedAdd:
             for handler in handlers:
                 inserted.unblock(handler)
         self.event = _Inserted(layers.index(self.layer), self.layer)
+        if self.visible:
+            _FIRST_DRAW_PENDING.add(self.layer)
         if self.controls is not None:
             # napari's own selection handler runs before any plugin's: until the controls are
             # built, selecting the layer shows the placeholder (never a KeyError)
@@ -683,7 +697,7 @@ class _StagedAdd:
                 others.append(overlay)
         quiet = [*(lambda o=o: setattr(o, "visible", True) for o in others),
                  self._make_controls_if_selected, self._controls_if_selected, self._select]
-        shown = [self._build_visual, self._show]
+        shown = [self._build_visual, self._place_visual, self._show, self._draw]
         self.steps = shown + quiet
         self.quiet_steps = list(self.steps) if self.settled == "all" else quiet
         # strong references (napari holds bound methods weakly): this object lives as long as
@@ -695,16 +709,35 @@ class _StagedAdd:
         self.connected = True
         self._defer_next()
 
+    def _scene(self) -> Any:
+        return getattr(self.viewer.window._qt_viewer.canvas, "_scene_canvas", None)
+
     def _build_visual(self) -> None:
-        # the layer is hidden: nothing on screen changes, but napari asks for a frame (as
-        # long as building the visual, 40-60 ms with software OpenGL) in the same turn;
-        # showing the layer, a turn later, draws it
-        scene = getattr(self.viewer.window._qt_viewer.canvas, "_scene_canvas", None)
-        if scene is None or self.layer.visible:
-            self.visual(self.event)
+        # napari makes a layer's visual (for an image: image, tiled-image and volume nodes)
+        # and then puts it in the scene graph; one turn each (25-40 and 10-15 ms of GUI thread
+        # here, twice that with every core busy).  The layer is hidden: nothing on screen
+        # changes, but napari asks for a frame (40-60 ms with software OpenGL) in the same
+        # turn; showing the layer, later, draws it
+        with self._quiet_canvas():
+            try:
+                self.made_visual = _make_visual(self.viewer, self.layer)
+            except Exception as err:  # noqa: BLE001 - private napari API: napari's own way
+                _log_once("making a layer's visual before placing it", err)
+                self.made_visual = None
+                self.visual(self.event)
+
+    def _place_visual(self) -> None:
+        made, self.made_visual = self.made_visual, None
+        if made is None:
             return
-        with _no_redraw(scene):
-            self.visual(self.event)
+        with self._quiet_canvas():
+            _place_visual(self.viewer, self.layer, made)
+
+    def _quiet_canvas(self) -> Any:
+        scene = self._scene()
+        if scene is None or self.layer.visible:
+            return contextlib.nullcontext()
+        return _no_redraw(scene)
 
     def _wanted(self) -> bool:
         return bool(self.select() if callable(self.select) else self.select)
@@ -744,8 +777,20 @@ class _StagedAdd:
             made.deleteLater()
 
     def _show(self) -> None:
-        if self.visible:
+        # napari slices the layer's data when it is shown (10-20 ms): that turn asks for no
+        # frame; the next turn's draws the layer (its first frame compiles its shaders and
+        # costs 1.5-2 plain frames with software OpenGL), so the two never add up to one stall
+        if not self.visible:
+            return
+        scene = self._scene()
+        with contextlib.nullcontext() if scene is None else _no_redraw(scene):
             self.layer.visible = True
+
+    def _draw(self) -> None:
+        _FIRST_DRAW_PENDING.discard(self.layer)
+        scene = self._scene()
+        if scene is not None and self.layer.visible and self.layer in self.viewer.layers:
+            scene.update()
 
     def _select(self) -> None:
         if self._wanted() and self.layer in self.viewer.layers:
@@ -808,6 +853,28 @@ class _StagedAdd:
         layers = self.viewer.layers
         layers.events.removing.disconnect(self._removing)
         layers.selection.events.changed.disconnect(self._selected)
+
+
+def _make_visual(viewer: Any, layer: Any) -> Any:
+    """The first half of napari's ``QtViewer._add_layer``: the layer's vispy visual."""
+    from napari._vispy import create_vispy_layer
+
+    canvas = viewer.window._qt_viewer.canvas
+    font_info = getattr(canvas, "font_info", None)
+    if font_info is None:
+        return create_vispy_layer(layer)
+    return create_vispy_layer(layer, font_info=font_info())
+
+
+def _place_visual(viewer: Any, layer: Any, vispy_layer: Any) -> None:
+    """The second half of napari's ``QtViewer._add_layer``: the visual in the scene graph."""
+    qt_viewer = viewer.window._qt_viewer
+    poll = getattr(qt_viewer, "_qt_poll", None)
+    if poll is not None:  # napari's experimental polling, as napari connects it
+        poll.events.poll.connect(vispy_layer._on_poll)
+        if vispy_layer.events is not None:
+            vispy_layer.events.loaded.connect(poll.wake_up)
+    qt_viewer.canvas.add_layer_visual_mapping(layer, vispy_layer)
 
 
 @contextlib.contextmanager

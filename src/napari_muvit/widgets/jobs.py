@@ -445,6 +445,7 @@ class TrainJob:
     regions_sent: int = 0
     snapshots_published: int = 0
     started: float = field(default_factory=time.perf_counter)
+    ended: bool = False  # its end reached the panel: the status and buttons are final
 
     @property
     def running(self) -> bool:

@@ -857,7 +857,7 @@ class PredictWidget(DockPanel):
         not compete with the worker for the GIL, which made it the first prediction's longest
         stall.  At most ``turns`` turns, whatever happens to the layer."""
         def answer(left: int = turns) -> None:
-            if (left <= 0 or layer.visible or layer not in self.viewer.layers
+            if (left <= 0 or not L.first_draw_pending(layer) or layer not in self.viewer.layers
                     or job.token.cancelled or not self.alive):
                 job.answer(True)
             else:

@@ -303,6 +303,14 @@ class TrainWidget(DockPanel):
         return self.state.job
 
     @property
+    def busy(self) -> bool:
+        """A training runs, or its end has not reached the panel yet (the worker is done a
+        moment before the panel shows how it ended: the status and buttons are final once
+        this is False)."""
+        job = self.job
+        return self.running or (job is not None and not job.ended)
+
+    @property
     def model(self) -> Any:
         """The latest published snapshot of the model being trained."""
         return self.state.model
@@ -727,6 +735,7 @@ class TrainWidget(DockPanel):
     def _on_finished(self, job: TrainJob) -> None:
         self._close_activity()
         job.done.set()
+        job.ended = True
         self._ui_timer.stop()
         self.state.progress = (job.steps_seen, self.state.progress[1])
         self._unwatch_paint()
