@@ -43,7 +43,6 @@ Run: ``python benchmarks/bench_predict.py [--section throughput|seams|precision|
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -70,7 +69,7 @@ from napari_muvit.engine.threads import wait_policy
 from napari_muvit.model import MuViTEncoder, MuViTSegmenter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _load import busy_cores, cores  # noqa: E402  (a sibling module of this script)
+from _load import LOADS, cores, load_context  # noqa: E402  (a sibling module of this script)
 
 LEVELS = (1, 8, 32)
 TILE = 128
@@ -524,16 +523,22 @@ def section_profile(args: argparse.Namespace) -> dict[str, Any]:
 # contention
 # --------------------------------------------------------------------------------------------
 
-# name: (environment, torch threads or None for the default). GOMP_SPINCOUNT=300000 is what GNU
-# OpenMP does when no policy is set (~3 ms of spinning per wait): torch's behaviour before this
-# package set a passive policy.
-CONTENTION_CONFIGS: dict[str, tuple[dict[str, str], int | None]] = {
+# name: (environment, torch threads: None for the default, "all" for every core as a fixed
+# count). GOMP_SPINCOUNT=300000 is what GNU OpenMP does when no policy is set (~3 ms of spinning
+# per wait): torch's behaviour before this package set a passive policy. Every setting but the
+# default fixes its count (a "simple setting"); the default lets the engine tune it.
+CONTENTION_CONFIGS: dict[str, tuple[dict[str, str], int | str | None]] = {
     "default": ({}, None),
-    "spin (GNU OpenMP default)": ({"GOMP_SPINCOUNT": "300000"}, None),
-    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, None),
-    "short spin (GOMP_SPINCOUNT=10000)": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "spin (GNU OpenMP default)": ({"GOMP_SPINCOUNT": "300000"}, "all"),
+    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, "all"),
+    "short spin (GOMP_SPINCOUNT=10000)": ({"GOMP_SPINCOUNT": "10000"}, "all"),
     "1 thread (spin)": ({"GOMP_SPINCOUNT": "300000"}, 1),
     "1 thread, passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+}
+# candidate defaults (--candidates): another wait policy with the engine's tuned thread count
+CANDIDATE_CONFIGS: dict[str, tuple[dict[str, str], int | str | None]] = {
+    "tuned, short spin": ({"GOMP_SPINCOUNT": "10000"}, None),
+    "tuned, spin": ({"GOMP_SPINCOUNT": "300000"}, None),
 }
 POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
@@ -610,30 +615,33 @@ def _child(argv: list[str], env_extra: dict[str, str]) -> dict[str, Any]:
 
 def section_contention(args: argparse.Namespace) -> dict[str, Any]:
     side = args.contention_region
-    names = list(CONTENTION_CONFIGS)
+    configs = {**CONTENTION_CONFIGS, **(CANDIDATE_CONFIGS if args.candidates else {})}
+    names = list(configs)
     out: dict[str, Any] = {"region": side, "cores": cores(), "loads": {}}
     print(f"\n{hardware_line()}")
     print(f"contention: bundled model, {side}² region of the sample, {cores()} cores; each "
           f"setting in a fresh process, {args.contention_rounds} rounds round-robin")
     for load in args.loads:
         runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        ctx = busy_cores() if load == "busy" else contextlib.nullcontext()
+        ctx = load_context(load)
         with ctx:
             for rnd in range(args.contention_rounds):
                 order = names[rnd % len(names):] + names[:rnd % len(names)]
                 for name in order:
-                    env, threads = CONTENTION_CONFIGS[name]
+                    env, threads = configs[name]
                     argv = ["--contention-child", str(side), "--min-seconds", str(args.min_seconds)]
                     if threads is not None:
-                        argv += ["--child-threads", str(threads)]
+                        argv += ["--child-threads", str(cores() if threads == "all" else threads)]
                     runs[name].append(_child(argv, env))
             workers = None
             if not args.no_workers:
                 workers = _child(["--workers-child", str(args.workers_region)], {})
         med = {n: float(np.median([r["seconds"] for r in rs])) for n, rs in runs.items()}
         best = min(med.values())
-        simple_best = min(v for n, v in med.items() if n != "default")
-        print(f"-- {load}: {'one busy process per core' if load == 'busy' else 'nothing started'}")
+        simple_best = min(v for n, v in med.items() if n in CONTENTION_CONFIGS and n != "default")
+        started = {"idle": "nothing started", "busy": "one busy process per core",
+                   "desktop": "one busy process per core, each in a session of its own"}
+        print(f"-- {load}: {started[load]}")
         print(f"{'setting':<36}{'threads':>8}{'median s':>10}{'Mpx/s':>8}{'vs best':>9}  load avg")
         rows = {}
         for n in names:
@@ -759,7 +767,7 @@ def main() -> None:
     parser.add_argument("--section", choices=("throughput", "seams", "precision", "profile", "contention", "rss",
                                  "all"),
                         default="all")
-    parser.add_argument("--loads", nargs="+", choices=("idle", "busy"), default=["idle", "busy"],
+    parser.add_argument("--loads", nargs="+", choices=LOADS, default=["idle", "busy"],
                         help="contention: without / with one busy process per core")
     parser.add_argument("--contention-region", type=int, default=512)
     parser.add_argument("--contention-rounds", type=int, default=2)
@@ -768,6 +776,8 @@ def main() -> None:
     parser.add_argument("--workers-region", type=int, default=2048,
                         help="contention: region side for the --workers 2 comparison")
     parser.add_argument("--no-workers", action="store_true", help="skip the --workers 2 row")
+    parser.add_argument("--candidates", action="store_true",
+                        help="contention: also time other wait policies with the tuned count")
     parser.add_argument("--profile-repeats", type=int, default=5)
     parser.add_argument("--precision-side", type=int, default=None,
                         help="precision: predict only a central square of this side")

@@ -24,6 +24,7 @@ from napari_muvit.engine.hardware import (
 from napari_muvit.engine.predictor import Predictor
 from napari_muvit.engine.threads import (
     ThreadShares,
+    ThreadTuner,
     configure_wait_policy,
     thread_budget,
     worker_threads,
@@ -212,6 +213,70 @@ def test_predictor_runs_with_its_thread_budget_and_restores_the_callers() -> Non
     assert set(seen) == {1, 2}  # a share is re-read before every batch
     with pytest.raises(Exception, match="threads"):
         Predictor(model, device="cpu", threads=0)
+
+
+def _tuned_counts(tuner: ThreadTuner, budget: int, seconds_per_item: dict[int, float],
+                  batches: int) -> list[int]:
+    """The counts a tuner chooses over ``batches`` batches of 4 items on a machine where each
+    count takes the given seconds per item."""
+    chosen = []
+    for _ in range(batches):
+        n = tuner.choose(budget)
+        tuner.record(n, 4 * seconds_per_item[n], 4)
+        chosen.append(n)
+    return chosen
+
+
+def test_thread_tuner_uses_the_fastest_count_and_follows_a_change_of_load() -> None:
+    assert ThreadTuner.candidates(1) == [1]
+    assert ThreadTuner.candidates(2) == [2, 1]
+    assert ThreadTuner.candidates(8) == [8, 4, 1]
+    tuner = ThreadTuner(explore_every=10)
+    assert tuner.choose(1) == 1 and tuner.best() is None
+    # a quiet machine: the whole budget is fastest
+    quiet = {8: 0.05, 4: 0.08, 1: 0.2}
+    chosen = _tuned_counts(tuner, 8, quiet, 200)
+    assert chosen[:4] == [8, 8, 4, 1]  # the warm-up batch (not counted), then each count once
+    assert tuner.best() == 8 and chosen[4:].count(8) >= 0.88 * len(chosen[4:])
+    assert {4, 1} <= set(chosen[4:])  # the others are tried again now and then
+    # every core becomes busy: one thread is fastest now; the tuner follows within a few
+    # rounds of exploring, and then spends at most one batch in ten elsewhere
+    busy = {8: 0.6, 4: 0.3, 1: 0.1}
+    chosen = _tuned_counts(tuner, 8, busy, 200)
+    assert tuner.best() == 1
+    switched = chosen.index(1)
+    assert switched <= 2 * 10 * 2
+    assert chosen[switched:].count(1) >= 0.88 * len(chosen[switched:])
+    # the budget shrinks (another job started): only counts within it
+    assert set(_tuned_counts(tuner, 2, {2: 0.1, 1: 0.1}, 30)) <= {1, 2}
+
+
+def test_an_adaptive_predictor_times_its_candidates_and_keeps_fixed_counts_fixed() -> None:
+    model = tiny_segmenter()
+    source = rings_source(160)
+    fixed = Predictor(model, device="cpu", threads=2, batch_size=2, cache_tiles=0)
+    expected = fixed.predict(source, probabilities=True).probs
+    assert not fixed.thread_tuner.seconds_per_item  # an explicit count is the user's
+    seen: list[int] = []
+    model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    tuned = Predictor(model, device="cpu", threads=2, adapt_threads=True, batch_size=2,
+                      cache_tiles=0)
+    result = tuned.predict(source, probabilities=True)
+    assert set(tuned.thread_tuner.seconds_per_item) == {1, 2} and set(seen) == {1, 2}
+    assert torch.get_num_threads() == before
+    np.testing.assert_allclose(result.probs, expected, atol=1e-5)
+    # no count given: the calling thread's is the budget, tuned; a share is tuned unless the
+    # user set the Threads count
+    assert Predictor(model, device="cpu")._adaptive()
+    pool = ThreadShares(threads=None, cores=lambda: 4)
+    with pool.job("view") as share:
+        assert share.adaptive and Predictor(model, device="cpu", threads=share)._adaptive()
+    pool.threads = 3
+    with pool.job("view") as share:
+        assert not share.adaptive
+    with pool.job("view", threads=2) as share:
+        assert not share.adaptive
 
 
 def test_predictor_estimates_seconds_per_tile() -> None:

@@ -83,6 +83,26 @@ def test_loss_decreases_on_tiny_overfit(pair) -> None:
     assert (pred[painted] == labels[:32, :32][painted]).mean() > 0.8
 
 
+def test_a_tuned_training_tries_each_thread_count_and_restores_the_callers(pair) -> None:
+    """With ``tune_threads`` each step's count is chosen by speed within the budget; the
+    calling thread's count is back when the run ends; without it the count stays fixed."""
+    source, labels = pair
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=8))
+    trainer.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    trainer.tune_threads(2)
+    history = trainer.run()
+    assert history["status"] == "finished" and np.isfinite(history["loss"]).all()
+    assert set(trainer.thread_tuner.seconds_per_item) == {1, 2} and {1, 2} <= set(seen)
+    assert torch.get_num_threads() == before
+    seen.clear()
+    fixed = Trainer(tiny_encoder(), [(source, labels)], config(steps=3))
+    fixed.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    fixed.run()
+    assert fixed.thread_tuner is None and set(seen) == {before}
+
+
 def test_fresh_head_classes_and_metadata(pair) -> None:
     source, labels = pair
     trainer = Trainer(

@@ -137,8 +137,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "natively, float32 elsewhere; bf16 also speeds up CPUs with native "
                         "bfloat16 (AVX512-BF16/AMX) and warns where it is emulated (slower)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: every core; with --workers: per "
-                        "worker, default cores / workers)")
+                   help="CPU threads for torch, exactly N (default: up to every core, fewer "
+                        "when that is measured faster, e.g. with other programs busy; with "
+                        "--workers: per worker, default cores / workers)")
     p.add_argument("--skip-empty", action="store_true",
                    help="skip tiles whose coarse context is flat background (label 0)")
     dist = p.add_mutually_exclusive_group()

@@ -185,7 +185,8 @@ def _common(p: argparse.ArgumentParser) -> None:
         "on CPU); a choice the hardware emulates warns how much slower it measured",
     )
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for torch (default: every core)")
+                   help="CPU threads for torch, exactly N (default: up to every core, fewer "
+                        "when that is measured faster, e.g. with other programs busy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--resume",
@@ -398,6 +399,7 @@ def _train(args: argparse.Namespace) -> int:
             args.images, args.labels, out=args.out, init=args.init, levels=args.levels,
             preset=args.preset, config=config, progress=progress, cancel=cancel,
             resume=args.resume, overwrite=args.overwrite,
+            tune_threads=getattr(args, "threads", None) is None,  # --threads N: exactly N
         ),
         quiet=args.quiet,
     )

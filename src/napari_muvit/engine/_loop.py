@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from napari_muvit.engine import _checkpointing as ckpt
 from napari_muvit.engine.cancel import CancelToken
 from napari_muvit.engine.device import resolve_amp, resolve_device
+from napari_muvit.engine.threads import ThreadTuner
 from napari_muvit.errors import InputError, MuViTError
 
 # Training progress: one dict per step ({step, steps, loss, lr, elapsed, ...}); prediction
@@ -128,6 +129,9 @@ class TrainingLoop:
         self._last_ckpt_time = time.monotonic()
         self._step_lock = threading.Lock()  # held during each optimisation step
         self._holds_lock = False  # whether run() holds the output folder's advisory lock
+        # with a tuner (see tune_threads) each step's torch thread count is chosen by speed
+        self.thread_tuner: ThreadTuner | None = None
+        self._thread_budget: Callable[[], int] | None = None
         prov = {"napari_muvit": __version__, "started": now(), **dict(provenance or {})}
         self.history: dict[str, Any] = {
             "status": "created",
@@ -196,6 +200,27 @@ class TrainingLoop:
         self._event("diverged", msg, warning=True)
         return TrainingDivergedError(msg)
 
+    def tune_threads(self, budget: Callable[[], int] | int | None = None) -> None:
+        """Choose each step's torch thread count on the CPU by measured speed, at most
+        ``budget`` (a count, a callable re-read every step, or ``None``: the calling thread's
+        count when :meth:`run` starts). See :class:`~napari_muvit.engine.threads.ThreadTuner`."""
+        if self.device.type != "cpu":
+            return
+        self.thread_tuner = ThreadTuner()
+        if callable(budget) or budget is None:
+            self._thread_budget = budget
+        else:
+            fixed = max(1, int(budget))
+            self._thread_budget = lambda: fixed
+
+    def _tuned_threads(self, budget: int) -> int | None:
+        if self.thread_tuner is None:
+            return None
+        n = self.thread_tuner.choose(self._thread_budget() if self._thread_budget else budget)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
+
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
         """Train until ``config.steps`` (or cancellation); returns the history dict.
@@ -215,6 +240,19 @@ class TrainingLoop:
         self.history["status"] = "running"
         start = time.monotonic()
         self._last_ckpt_time = start
+        threads_before = torch.get_num_threads()
+        try:
+            self._steps(steps, start, threads_before)
+        finally:
+            if torch.get_num_threads() != threads_before:
+                torch.set_num_threads(threads_before)
+        self._elapsed_before += time.monotonic() - start
+        self._after_run()
+        self.checkpoint()
+        self._report(final=True)
+        return self.history
+
+    def _steps(self, steps: int, start: float, threads_before: int) -> None:
         while self.step < steps:
             if self.cancel.cancelled:
                 self.history["status"] = "cancelled"
@@ -224,20 +262,19 @@ class TrainingLoop:
             # BatchNorm statistics change in the forward pass, before the NaN guard can act:
             # keep them so a diverged step can be undone completely
             batch = self._batch(self.step)
+            tuned = self._tuned_threads(threads_before)
             with self._step_lock:
                 self._buffers = [b.detach().clone() for b in self.model.buffers()]
+                t_step = time.perf_counter()
                 stats = self.train_step(batch)
+                if tuned is not None:
+                    self.thread_tuner.record(tuned, time.perf_counter() - t_step, 1)
                 self.step += 1
             self._record(stats, self._elapsed_before + time.monotonic() - start)
             if self._checkpoint_due():
                 self.checkpoint()
         else:
             self.history["status"] = "finished"
-        self._elapsed_before += time.monotonic() - start
-        self._after_run()
-        self.checkpoint()
-        self._report(final=True)
-        return self.history
 
     def _record(self, stats: Mapping[str, float], elapsed: float) -> None:
         h = self.history

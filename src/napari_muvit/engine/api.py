@@ -197,6 +197,7 @@ def train(
     class_names: Mapping[int, str] | None = None,
     forest_levels: str | None = None,
     color_space: str | None = None,
+    tune_threads: bool = True,
 ) -> nn.Module:
     """Train a segmenter on images and their (sparse or dense) labels; returns the segmenter.
 
@@ -211,6 +212,9 @@ def train(
     pixel head reads (see :class:`~napari_muvit.engine.trainer.TrainConfig`); a value other than
     ``"auto"`` that cannot apply (``"lab"``/``"hed"`` on a grey image, a head without quick fit) raises
     :class:`~napari_muvit.errors.InputError`.
+    ``tune_threads``: on the CPU, choose each step's torch thread count by measured speed (at
+    most the calling thread's count; see :class:`~napari_muvit.engine.threads.ThreadTuner`);
+    ``False`` keeps the calling thread's count.
     """
     config = config or TrainConfig()
     overrides = {"head": head, "forest_levels": forest_levels, "color_space": color_space}
@@ -253,6 +257,8 @@ def train(
                 model, list(zip(sources, labels)), config, progress=progress, cancel=cancel,
                 out=out, class_names=class_names, provenance=provenance, notes=notes,
             )
+            if tune_threads:
+                quick.trainer.tune_threads()
             quick.run()
             return quick.model
         trainer = Trainer(
@@ -267,5 +273,7 @@ def train(
             provenance=provenance,
             notes=notes,
         )
+        if tune_threads:
+            trainer.tune_threads()
         trainer.run()
     return trainer.model

@@ -54,6 +54,7 @@ from napari_muvit.engine.device import (
     resolve_device,
 )
 from napari_muvit.engine.sinks import MemorySink, TileResult, ZarrSink, label_dtype
+from napari_muvit.engine.threads import ThreadTuner
 from napari_muvit.errors import IncompatibleModelError, InputError, MuViTError
 
 __all__ = [
@@ -253,6 +254,11 @@ class Predictor:
         after): an int, a callable re-read before every batch (a
         :class:`~napari_muvit.engine.threads.ThreadShares` job share), or ``None`` (default)
         to keep the calling thread's count. See :mod:`napari_muvit.engine.threads`.
+    adapt_threads
+        On the CPU, let :class:`~napari_muvit.engine.threads.ThreadTuner` choose each batch's
+        count from the measured time per tile, at most the count above (fewer threads are
+        faster when other programs keep every core busy). ``None`` (default): unless
+        ``threads`` fixes a count (an int, or a share whose count the user set).
 
     :attr:`seconds_per_tile` is a running estimate of the time one computed tile costs here
     (read + model), for budgets expressed in seconds (:meth:`tiles_within`).
@@ -270,6 +276,7 @@ class Predictor:
         tile_size: int | None = None,
         prefetch: bool | None = None,
         threads: int | Callable[[], int] | None = None,
+        adapt_threads: bool | None = None,
     ) -> None:
         _check_segmenter(model)
         self.device = resolve_device(device)
@@ -281,6 +288,8 @@ class Predictor:
                 int(threads) != threads or threads < 1):
             raise InputError(f"threads: expected a positive integer, got {threads!r}")
         self.threads = threads
+        self.adapt_threads = adapt_threads
+        self.thread_tuner = ThreadTuner()
         self.seconds_per_tile: float | None = None
         self.model = model.to(self.device)
         self.tile_size = tile_size_of(model, tile_size)
@@ -349,6 +358,22 @@ class Predictor:
         n = self._thread_count()
         if n and n != torch.get_num_threads():
             torch.set_num_threads(int(n))
+
+    def _adaptive(self) -> bool:
+        if self.device.type != "cpu":
+            return False
+        if self.adapt_threads is not None:
+            return bool(self.adapt_threads)
+        return bool(getattr(self.threads, "adaptive", self.threads is None))
+
+    def _tuned_threads(self, budget: int) -> int | None:
+        """Set the next batch's thread count chosen by the tuner (None: not tuned)."""
+        if not self._adaptive():
+            return None
+        n = self.thread_tuner.choose(self._thread_count() or budget)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
 
     def _update_tile_time(self, seconds: float, tiles: int) -> None:
         """Running mean (recent batches weigh more) of read + model seconds per tile."""
@@ -676,11 +701,14 @@ class Predictor:
                 self.stats["read_s"] += batch.read_s
                 pending = self._submit(pool, reader, next(batches, None))
                 if batch.needs:
+                    tuned = self._tuned_threads(threads_before)
                     t_compute = time.perf_counter()
                     outputs = self._compute(batch, tile_probs)
                     computed = int(len(batch.needs) - batch.empty.sum())
-                    self._update_tile_time(time.perf_counter() - t_compute + batch.read_s,
-                                           computed)
+                    compute_s = time.perf_counter() - t_compute
+                    if tuned is not None:
+                        self.thread_tuner.record(tuned, compute_s, computed)
+                    self._update_tile_time(compute_s + batch.read_s, computed)
                 else:
                     outputs = []
                 for need, out in outputs:

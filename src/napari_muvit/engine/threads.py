@@ -16,6 +16,12 @@ Two problems make PyTorch slow on a desktop whose cores are also used by other p
   anywhere at their first parallel op). So each job sets its own count in its own thread:
   :func:`thread_budget` for a fixed count, :class:`ThreadShares` to divide the cores among jobs
   that run at the same time, leaving the GUI thread a core.
+* **Teams that wait for a descheduled member.** Even with passive waiting, a team of *n*
+  threads finishes an operation only when its slowest member does; with another program busy
+  on every core each member keeps losing its core, and one thread was up to 2x faster than two
+  (docs/benchmarks.md, stop 25). On a quiet machine two are faster. So a job that was given no
+  explicit count measures its batches: :class:`ThreadTuner` tries the budget, half of it and
+  one thread, uses the fastest, and tries the others again now and then as the load changes.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ThreadShares",
+    "ThreadTuner",
     "available_cores",
     "configure_wait_policy",
     "default_threads",
@@ -172,6 +179,61 @@ def thread_budget(threads: int | None) -> Iterator[int]:
             torch.set_num_threads(before)
 
 
+class ThreadTuner:
+    """The torch thread count of a job's next batch (or step), from measured speed.
+
+    Candidates for a budget of *n* threads: *n*, *n* // 2 and 1. Each is tried once (the
+    job's very first measurement is a warm-up and not counted), then the one with the least
+    time per tile (a running mean, recent batches weigh half) is used; every
+    ``explore_every``-th batch tries one of the others again, so a change of load is noticed
+    within a few dozen batches at a cost of one batch in ``explore_every``.
+    """
+
+    def __init__(self, explore_every: int = 16) -> None:
+        self.explore_every = max(2, int(explore_every))
+        self.seconds_per_item: dict[int, float] = {}
+        self._chosen = 0
+        self._warm = False
+
+    @staticmethod
+    def candidates(budget: int) -> list[int]:
+        """The counts tried for ``budget`` threads, largest first."""
+        budget = max(1, int(budget))
+        return sorted({budget, max(1, budget // 2), 1}, reverse=True)
+
+    def choose(self, budget: int) -> int:
+        """The count for the next batch (at most ``budget``)."""
+        options = self.candidates(budget)
+        if len(options) == 1:
+            return options[0]
+        untried = [n for n in options if n not in self.seconds_per_item]
+        if untried:
+            return untried[0]
+        best = min(options, key=self.seconds_per_item.__getitem__)
+        self._chosen += 1
+        if self._chosen % self.explore_every:
+            return best
+        others = [n for n in options if n != best]
+        return others[(self._chosen // self.explore_every) % len(others)]
+
+    def record(self, threads: int, seconds: float, items: int) -> None:
+        """A batch of ``items`` took ``seconds`` with ``threads`` threads."""
+        if items <= 0 or seconds <= 0:
+            return
+        if not self._warm:  # the first batch builds kernels and thread teams: not a speed
+            self._warm = True
+            return
+        per_item = seconds / items
+        old = self.seconds_per_item.get(threads)
+        self.seconds_per_item[threads] = per_item if old is None else 0.5 * (old + per_item)
+
+    def best(self) -> int | None:
+        """The fastest count measured so far (None before any)."""
+        if not self.seconds_per_item:
+            return None
+        return min(self.seconds_per_item, key=self.seconds_per_item.__getitem__)
+
+
 class JobThreads:
     """One job's share of a :class:`ThreadShares` pool; call it for the current share."""
 
@@ -182,6 +244,11 @@ class JobThreads:
 
     def __call__(self) -> int:
         return self.fixed if self.fixed is not None else self._pool.share()
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the count may be tuned by speed (no count fixed by the job or the user)."""
+        return self.fixed is None and not self._pool.threads
 
     def apply(self) -> int:
         """Set the current share as the calling thread's torch thread count; return it."""

@@ -539,6 +539,8 @@ def train_job(job: TrainJob, report: TrainCallbacks) -> dict[str, Any]:
         job.trainer = trainer
         report.ready(trainer)
         with GUI_THREADS.job("train") as share:
+            if share.adaptive:
+                trainer.tune_threads(share)
             return (quick or trainer).run()
     finally:
         job.done.set()
