@@ -59,6 +59,32 @@ def test_distributed_is_bit_exact_and_loads_model_once_per_worker(tmp_path) -> N
     assert seen[-1] == (80, 80)
 
 
+def test_workers_tune_their_thread_count_unless_the_user_gave_one(tmp_path, monkeypatch) -> None:
+    """``predict_distributed(torch_threads=N)`` is exact in every worker; without it each
+    worker tunes within its share of the cores."""
+    import os
+
+    from napari_muvit.engine import distributed
+
+    folder = str(tiny_segmenter().save(tmp_path / "model"))
+    monkeypatch.setattr(distributed, "_PROCESS_CACHE", {})
+    for adapt in (True, False):
+        options = {"device": "cpu", "adapt_threads": adapt, "torch_threads": None,
+                   "client_pid": os.getpid()}
+        assert distributed._worker_predictor(folder, options)._adaptive() is adapt
+    image = tmp_path / "image.npy"
+    np.save(image, np.asarray(rings((128, 128), seed=3)[0]))
+    made: list = []
+    real = distributed._worker_predictor
+    monkeypatch.setattr(distributed, "_worker_predictor",
+                        lambda spec, options: made.append(dict(options)) or real(spec, options))
+    for threads, adapt in ((1, False), (None, True)):
+        made.clear()
+        predict_distributed(image, folder, tmp_path / f"out{threads}.zarr", workers=1,
+                            processes=False, device="cpu", chunk_size=64, torch_threads=threads)
+        assert made and all(o["adapt_threads"] is adapt for o in made)
+
+
 @pytest.fixture(scope="module")
 def client():
     from distributed import Client, LocalCluster

@@ -86,16 +86,30 @@ def test_loss_decreases_on_tiny_overfit(pair) -> None:
 def test_a_tuned_training_tries_each_thread_count_and_restores_the_callers(pair) -> None:
     """With ``tune_threads`` each step's count is chosen by speed within the budget; the
     calling thread's count is back when the run ends; without it the count stays fixed."""
+    from napari_muvit.engine import trainer as trainer_module
+
     source, labels = pair
     before = torch.get_num_threads()
     seen: list[int] = []
-    trainer = Trainer(tiny_encoder(), [(source, labels)], config(steps=8))
+    validations: list[tuple] = []
+
+    class Recorded(trainer_module.Predictor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            validations.append((kwargs.get("threads"), self._adaptive()))
+
+    trainer = Trainer(tiny_encoder(), [(source, labels)],
+                      config(steps=8, val_region=[[0, 0], [64, 64]], val_every=4))
     trainer.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
     trainer.tune_threads(2)
-    history = trainer.run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "Predictor", Recorded)
+        history = trainer.run()
     assert history["status"] == "finished" and np.isfinite(history["loss"]).all()
     assert set(trainer.thread_tuner.seconds_per_item) == {1, 2} and {1, 2} <= set(seen)
     assert torch.get_num_threads() == before
+    # validation predicts at the run's budget, never tuned (it is no training step)
+    assert validations and set(validations) == {(2, False)}
     seen.clear()
     fixed = Trainer(tiny_encoder(), [(source, labels)], config(steps=3))
     fixed.model.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))

@@ -755,11 +755,19 @@ def test_precision_is_checked_against_the_hardware_and_jobs_share_the_cores(
     assert warned and "remembered precision 'bf16' not used" in warned[-1]
     qtbot.waitUntil(lambda: "float32" in again.model_info.text(), timeout=30_000)
 
-    # the Threads setting is the budget all jobs of the panels share
+    # the Threads setting is the budget all jobs of the panels share, used as set; without
+    # it, a view's count is tuned within the share
     again.threads_spin.setValue(1)
     assert GUI_THREADS.threads == 1 and GUI_THREADS.share() == 1
     assert "1 thread," in again.model_info.text()
-    again.threads_spin.setValue(0)
+    again.image_layer = _layer
+    for threads, tuned in ((1, False), (0, True)):
+        again.threads_spin.setValue(threads)
+        if again.labels_layer() is not None:  # every tile is new again
+            viewer.layers.remove(again.labels_layer())
+        _wait_worker(qtbot, again.predict_view())
+        _wait_idle(qtbot, again)
+        assert again.predictor.adapt_threads is tuned and again.predictor._adaptive() is tuned
     assert GUI_THREADS.threads is None
     again.close_widget()
     again.deleteLater()

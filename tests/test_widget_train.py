@@ -304,6 +304,11 @@ def test_the_panel_is_busy_until_the_end_of_training_reached_it(
     qtbot.waitUntil(lambda: not train.busy, timeout=30_000)
     assert train.job.ended and train.status.startswith("finished in ")
     assert train.train_button.isEnabled() and not train.stop_button.isEnabled()
+    # a panel closed before its run's end arrived is not busy (that end never will arrive)
+    train.job.ended = False
+    assert train.busy
+    train.close_widget()
+    assert not train.busy
 
 
 def test_train_save_and_errors(make_napari_viewer, qtbot, folders, rings, tmp_path):

@@ -132,6 +132,7 @@ class TrainingLoop:
         # with a tuner (see tune_threads) each step's torch thread count is chosen by speed
         self.thread_tuner: ThreadTuner | None = None
         self._thread_budget: Callable[[], int] | None = None
+        self._run_threads: int | None = None  # the calling thread's count while run() runs
         prov = {"napari_muvit": __version__, "started": now(), **dict(provenance or {})}
         self.history: dict[str, Any] = {
             "status": "created",
@@ -213,6 +214,14 @@ class TrainingLoop:
             fixed = max(1, int(budget))
             self._thread_budget = lambda: fixed
 
+    @property
+    def run_threads(self) -> int | None:
+        """The thread budget of the run (what work between steps, e.g. validation, uses):
+        ``None`` outside :meth:`run` (the calling thread's count)."""
+        if self._run_threads is None:
+            return None
+        return self._thread_budget() if self._thread_budget else self._run_threads
+
     def _tuned_threads(self, budget: int) -> int | None:
         if self.thread_tuner is None:
             return None
@@ -240,10 +249,11 @@ class TrainingLoop:
         self.history["status"] = "running"
         start = time.monotonic()
         self._last_ckpt_time = start
-        threads_before = torch.get_num_threads()
+        threads_before = self._run_threads = torch.get_num_threads()
         try:
             self._steps(steps, start, threads_before)
         finally:
+            self._run_threads = None
             if torch.get_num_threads() != threads_before:
                 torch.set_num_threads(threads_before)
         self._elapsed_before += time.monotonic() - start

@@ -336,6 +336,8 @@ def predict_distributed(
         total = sink.remaining()
         sink.expect_external_writes()
         norm = pred._reading_source(source)[1].normalization.to_dict()
+        # a count the user gave is exact; a default one is a budget the workers tune within
+        options["adapt_threads"] = torch_threads is None
         if scheduler is None and torch_threads is None and processes:
             # N torch processes on one machine divide its cores (no oversubscription)
             torch_threads = worker_threads(workers or _default_workers())

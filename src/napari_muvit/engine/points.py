@@ -389,6 +389,7 @@ class PointTrainer(Trainer):
         pred = PointPredictor(
             self.model, device=self.device, cache_tiles=0, tile_size=self.crop_size,
             amp="off" if self.amp_dtype is None else "auto",
+            threads=self.run_threads, adapt_threads=False,
         )
         found = pred.predict_table(source, region)
         self.model.train(was_training)

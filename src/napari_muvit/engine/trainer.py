@@ -808,7 +808,8 @@ class Trainer(TrainingLoop):
         cfg = self.config
         source, labels = self.pairs[cfg.val_pair]
         predictor = Predictor(
-            self.model, device=self.device, amp=cfg.amp, cache_tiles=0, tile_size=self.crop_size
+            self.model, device=self.device, amp=cfg.amp, cache_tiles=0, tile_size=self.crop_size,
+            threads=self.run_threads, adapt_threads=False,
         )
         sink = predictor.predict(source, cfg.val_region)
         (y0, x0), (y1, x1) = sink.region

@@ -327,7 +327,9 @@ def view_job(
             while not previous.done.wait(0.05):
                 if job.token.cancelled:
                     return
-        with GUI_THREADS.job("predict view"):
+        with GUI_THREADS.job("predict view") as share:
+            # tuned within the panel's share, unless the user set Threads
+            loaded.predictor.adapt_threads = share.adaptive
             if is_detector(loaded.model):
                 # points are decoded and de-duplicated over the whole region, then shown at once
                 table = loaded.predictor.predict_table(source, region, cancel=job.token)

@@ -308,7 +308,7 @@ class TrainWidget(DockPanel):
         moment before the panel shows how it ended: the status and buttons are final once
         this is False)."""
         job = self.job
-        return self.running or (job is not None and not job.ended)
+        return self.running or (job is not None and not job.ended and self.alive)
 
     @property
     def model(self) -> Any:
@@ -524,7 +524,7 @@ class TrainWidget(DockPanel):
 
     def train(self) -> Any:
         """Start fine-tuning; returns the worker (None if it could not start: see status)."""
-        if self.running:
+        if self.busy:  # also while the last run's end is on its way to the panel
             self.set_status("training is already running (Stop it first)")
             return None
         try:
@@ -733,9 +733,14 @@ class TrainWidget(DockPanel):
             self.activity = None
 
     def _on_finished(self, job: TrainJob) -> None:
+        try:
+            self._show_finished(job)
+        finally:
+            job.ended = True
+
+    def _show_finished(self, job: TrainJob) -> None:
         self._close_activity()
         job.done.set()
-        job.ended = True
         self._ui_timer.stop()
         self.state.progress = (job.steps_seen, self.state.progress[1])
         self._unwatch_paint()
