@@ -222,13 +222,10 @@ class TrainingLoop:
             return None
         return self._thread_budget() if self._thread_budget else self._run_threads
 
-    def _tuned_threads(self, budget: int) -> int | None:
-        if self.thread_tuner is None:
+    def _tuned_threads(self) -> int | None:
+        if self.thread_tuner is None or self._run_threads is None:
             return None
-        n = self.thread_tuner.choose(self._thread_budget() if self._thread_budget else budget)
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
-        return n
+        return self.thread_tuner.apply(self.run_threads)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
@@ -251,7 +248,7 @@ class TrainingLoop:
         self._last_ckpt_time = start
         threads_before = self._run_threads = torch.get_num_threads()
         try:
-            self._steps(steps, start, threads_before)
+            self._steps(steps, start)
         finally:
             self._run_threads = None
             if torch.get_num_threads() != threads_before:
@@ -262,7 +259,7 @@ class TrainingLoop:
         self._report(final=True)
         return self.history
 
-    def _steps(self, steps: int, start: float, threads_before: int) -> None:
+    def _steps(self, steps: int, start: float) -> None:
         while self.step < steps:
             if self.cancel.cancelled:
                 self.history["status"] = "cancelled"
@@ -272,7 +269,7 @@ class TrainingLoop:
             # BatchNorm statistics change in the forward pass, before the NaN guard can act:
             # keep them so a diverged step can be undone completely
             batch = self._batch(self.step)
-            tuned = self._tuned_threads(threads_before)
+            tuned = self._tuned_threads()
             with self._step_lock:
                 self._buffers = [b.detach().clone() for b in self.model.buffers()]
                 t_step = time.perf_counter()

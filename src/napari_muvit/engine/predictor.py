@@ -370,10 +370,7 @@ class Predictor:
         """Set the next batch's thread count chosen by the tuner (None: not tuned)."""
         if not self._adaptive():
             return None
-        n = self.thread_tuner.choose(self._thread_count() or budget)
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
-        return n
+        return self.thread_tuner.apply(self._thread_count() or budget)
 
     def _update_tile_time(self, seconds: float, tiles: int) -> None:
         """Running mean (recent batches weigh more) of read + model seconds per tile."""

@@ -216,6 +216,15 @@ class ThreadTuner:
         others = [n for n in options if n != best]
         return others[(self._chosen // self.explore_every) % len(others)]
 
+    def apply(self, budget: int) -> int:
+        """Set the calling thread's torch count to :meth:`choose`'s; return it."""
+        import torch
+
+        n = self.choose(budget)
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
+
     def record(self, threads: int, seconds: float, items: int) -> None:
         """A batch of ``items`` took ``seconds`` with ``threads`` threads."""
         if items <= 0 or seconds <= 0:
